@@ -1,0 +1,478 @@
+//! `meterd bench`: throughput, CPU and memory measured against the targets, on this machine.
+//!
+//! The simulator runs as a separate `meterd simulate` process wherever meterd's own CPU or memory is
+//! measured, so the figures are meterd's alone. CPU is read from `/proc/<pid>/stat` (utime + stime in
+//! USER_HZ = 100 ticks/s, the fixed Linux ABI) and memory from `VmRSS`/`VmHWM` in `/proc/<pid>/status`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, ValueEnum};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::daemon::Engine;
+use crate::modbus::bus::BusStatus;
+use crate::modbus::timing;
+use crate::reading::Quality;
+use crate::sim;
+
+/// Which benchmark to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Which {
+    /// 1,000 meters × 4 floats over Modbus TCP: readings/s and CPU (target ≥ 20,000 readings/s).
+    TcpReadings,
+    /// 100,000 float points/s from 20 TCP endpoints: CPU ≤ 25 % of a core, RSS ≤ 30 MiB.
+    Points,
+    /// RS485 at 9600 8E1 emulated on a pty: transactions/s ≥ 90 % of the line's theoretical maximum.
+    Rtu,
+    /// Resident memory of `meterd run` polling 1,000 devices (target ≤ 30 MiB).
+    Memory,
+    /// All of the above.
+    All,
+}
+
+/// `meterd bench`
+#[derive(Debug, Args)]
+pub struct BenchCmd {
+    #[arg(value_enum, default_value = "all")]
+    pub which: Which,
+    /// Length of each measurement window.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub measure: Duration,
+}
+
+impl BenchCmd {
+    /// Runs the chosen benchmark(s) and prints figure, target and verdict.
+    pub async fn execute(self) -> Result<()> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        println!(
+            "meterd bench on {cores} core(s); measurement window {:?}",
+            self.measure
+        );
+        let all = self.which == Which::All;
+        let wants = |w: Which| all || self.which == w;
+        let mut failed = Vec::new();
+        if wants(Which::TcpReadings) && !tcp_readings(self.measure).await? {
+            failed.push("tcp-readings");
+        }
+        if wants(Which::Points) && !points(self.measure).await? {
+            failed.push("points");
+        }
+        if wants(Which::Rtu) && !rtu(self.measure).await? {
+            failed.push("rtu");
+        }
+        if wants(Which::Memory) && !memory(self.measure).await? {
+            failed.push("memory");
+        }
+        if !failed.is_empty() {
+            bail!("targets missed: {}", failed.join(", "));
+        }
+        Ok(())
+    }
+}
+
+/// CPU seconds used so far by a process.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// (VmRSS, VmHWM) of a process in KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+/// A scratch directory with a building, profiles and a config; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("meterd-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("profiles"))?;
+        Ok(Scratch(dir))
+    }
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A profile of `n` contiguous float32 input registers from address 0.
+fn float_profile(name: &str, n: usize) -> String {
+    let mut s = format!("[profile]\nname = \"{name}\"\nsource = \"synthetic benchmark block\"\nfunction = \"input\"\ntype = \"f32\"\n");
+    let quantities = ["voltage_v", "current_a", "power_w", "energy_kwh"];
+    for i in 0..n {
+        let q = quantities.get(i).filter(|_| n <= 4).unwrap_or(&"other");
+        let _ = write!(
+            s,
+            "[[register]]\nname = \"p{i}\"\nquantity = \"{q}\"\naddress = {}\n",
+            i * 2
+        );
+    }
+    s
+}
+
+fn building(endpoints: usize, units: usize, profile: &str, kind: &str) -> String {
+    let mut s = String::from("[building]\nname = \"bench\"\n");
+    for e in 0..endpoints {
+        let _ = write!(s, "[[endpoint]]\nname = \"ep{e}\"\nkind = \"{kind}\"\n");
+        for u in 1..=units {
+            let _ = write!(s, "[[unit]]\nendpoint = \"ep{e}\"\nunit = {u}\nprofile = \"{profile}\"\nload_w = 1000.0\n");
+        }
+    }
+    s
+}
+
+/// Config polling `endpoints × units` devices; bus `epN` is rewritten to the simulator's address.
+fn config_text(
+    endpoints: usize,
+    units: usize,
+    profile: &str,
+    interval: &str,
+    concurrency: usize,
+    addrs: &HashMap<String, String>,
+) -> String {
+    let mut s = format!("[gateway]\nid = \"bench\"\nsite = \"bench\"\ntimezone = \"UTC\"\n[poll]\ninterval = \"{interval}\"\ntimeout = \"2s\"\nmax_gap = 8\n");
+    for e in 0..endpoints {
+        let name = format!("ep{e}");
+        let (host, port) = addrs
+            .get(&name)
+            .and_then(|a| a.rsplit_once(':'))
+            .unwrap_or(("127.0.0.1", "502"));
+        let _ = write!(s, "[[bus]]\nname = \"{name}\"\nkind = \"tcp\"\nhost = \"{host}\"\nport = {port}\nmax_concurrent = {concurrency}\n");
+        for u in 1..=units {
+            let _ = write!(s, "[[device]]\nname = \"{name}-u{u}\"\nbus = \"{name}\"\nunit = {u}\nprofile = \"{profile}\"\n");
+        }
+    }
+    s
+}
+
+/// Starts `meterd simulate` on a building file and returns the endpoint addresses it printed.
+fn spawn_simulator(building: &Path) -> Result<(ChildGuard, HashMap<String, String>)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["--log-level", "warn", "simulate", "--building"])
+        .arg(building)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meterd simulate")?;
+    let stdout = child.stdout.take().context("simulator stdout")?;
+    let guard = ChildGuard(child);
+    let mut addrs = HashMap::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line.starts_with("serving") {
+            return Ok((guard, addrs));
+        }
+        // "endpoint ep0 modbus tcp 127.0.0.1:40123"
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() >= 5 && parts[0] == "endpoint" {
+            addrs.insert(parts[1].to_string(), parts[parts.len() - 1].to_string());
+        }
+    }
+    bail!("the simulator exited before serving")
+}
+
+/// Kills a child process when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the engine for `warmup + window`, counting good readings and polls in the window.
+async fn measure_engine(
+    config: &Config,
+    warmup: Duration,
+    window: Duration,
+    sim_pid: Option<u32>,
+) -> Result<Measured> {
+    let me = std::process::id();
+    let mut engine = Engine::start(config);
+    let t_start = Instant::now();
+    let mut counting = false;
+    let (mut readings, mut cpu0, mut sim0, mut t0) = (0u64, 0.0, 0.0, t_start);
+    let mut polls0 = 0;
+    let mut rss_max = 0;
+    let mut sample = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            batch = engine.readings.recv() => {
+                let Some(batch) = batch else { bail!("engine stopped") };
+                if counting {
+                    readings += batch.iter().filter(|r| r.quality == Quality::Good).count() as u64;
+                }
+            }
+            _ = sample.tick() => {
+                let now = Instant::now();
+                if counting {
+                    rss_max = rss_max.max(memory_kib(me)?.0);
+                    if now - t0 >= window {
+                        let wall = (now - t0).as_secs_f64();
+                        let cpu = cpu_seconds(me)? - cpu0;
+                        let sim_cpu = match sim_pid { Some(p) => cpu_seconds(p)? - sim0, None => 0.0 };
+                        let polls = polls_ok(&engine.status) - polls0;
+                        engine.stop();
+                        return Ok(Measured {
+                            readings_per_s: readings as f64 / wall,
+                            polls_per_s: polls as f64 / wall,
+                            cpu_pct: cpu / wall * 100.0,
+                            sim_cpu_pct: sim_cpu / wall * 100.0,
+                            rss_kib: rss_max,
+                            missed: missed(&engine.status),
+                        });
+                    }
+                } else if now - t_start >= warmup {
+                    counting = true;
+                    t0 = now;
+                    cpu0 = cpu_seconds(me)?;
+                    sim0 = match sim_pid { Some(p) => cpu_seconds(p)?, None => 0.0 };
+                    polls0 = polls_ok(&engine.status);
+                }
+            }
+        }
+    }
+}
+
+fn polls_ok(status: &[std::sync::Arc<BusStatus>]) -> u64 {
+    status
+        .iter()
+        .flat_map(|s| s.snapshot())
+        .map(|d| d.polls_ok)
+        .sum()
+}
+
+fn missed(status: &[std::sync::Arc<BusStatus>]) -> u64 {
+    status
+        .iter()
+        .flat_map(|s| s.snapshot())
+        .map(|d| d.missed_deadlines)
+        .sum()
+}
+
+struct Measured {
+    readings_per_s: f64,
+    polls_per_s: f64,
+    cpu_pct: f64,
+    sim_cpu_pct: f64,
+    rss_kib: u64,
+    missed: u64,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+async fn tcp_readings(window: Duration) -> Result<bool> {
+    let (endpoints, units) = (10, 100);
+    let scratch = Scratch::new("tcp")?;
+    scratch.write("profiles/bench_4f.toml", &float_profile("bench_4f", 4))?;
+    let b = scratch.write(
+        "building.toml",
+        &building(endpoints, units, "bench_4f", "tcp"),
+    )?;
+    let (sim_child, addrs) = spawn_simulator(&b)?;
+    let sim_pid = sim_child.0.id();
+    println!("\n[1] request-bound, Modbus TCP: {} meters x 4 float32 values on {endpoints} loopback endpoints (simulator in its own process)", endpoints * units);
+    let mut pass = true;
+    for (label, interval) in [
+        ("at the target rate (200 ms interval)", "200ms"),
+        ("saturated (10 ms interval)", "10ms"),
+    ] {
+        let text = config_text(endpoints, units, "bench_4f", interval, 4, &addrs);
+        let config = Config::from_str_at(&text, "bench", &scratch.0)?;
+        let m = measure_engine(&config, Duration::from_secs(3), window, Some(sim_pid)).await?;
+        let ok = m.readings_per_s >= 20_000.0;
+        if label.starts_with("saturated") {
+            pass &= ok;
+        }
+        println!(
+            "    {label}: {:.0} readings/s ({:.0} polls/s), meterd CPU {:.1}% of one core, simulator CPU {:.1}%, meterd RSS {:.1} MiB{}",
+            m.readings_per_s,
+            m.polls_per_s,
+            m.cpu_pct,
+            m.sim_cpu_pct,
+            m.rss_kib as f64 / 1024.0,
+            if label.starts_with("saturated") { format!("  (target >= 20000 readings/s: {})", verdict(ok)) } else { String::new() }
+        );
+    }
+    drop(sim_child);
+    Ok(pass)
+}
+
+async fn points(window: Duration) -> Result<bool> {
+    let endpoints = 20;
+    let scratch = Scratch::new("points")?;
+    scratch.write("profiles/bulk_5000.toml", &float_profile("bulk_5000", 5000))?;
+    let b = scratch.write("building.toml", &building(endpoints, 1, "bulk_5000", "tcp"))?;
+    let (sim_child, addrs) = spawn_simulator(&b)?;
+    let text = config_text(endpoints, 1, "bulk_5000", "1s", 1, &addrs);
+    let config = Config::from_str_at(&text, "bench", &scratch.0)?;
+    let requests: usize = config.devices.iter().map(|d| d.plan.requests.len()).sum();
+    println!("\n[2] point-bound (cf. EMQ Neuron 3.2.1: 100,000 points/s used 30% of a 4-core Xeon, 497 MB): {endpoints} TCP endpoints x 5,000 contiguous float32 at 1 s = 100,000 points/s, {requests} requests/s");
+    let m = measure_engine(
+        &config,
+        Duration::from_secs(3),
+        window,
+        Some(sim_child.0.id()),
+    )
+    .await?;
+    let (rss, hwm) = memory_kib(std::process::id())?;
+    let cpu_ok = m.cpu_pct <= 25.0;
+    let mem_ok = m.rss_kib as f64 / 1024.0 <= 30.0;
+    let rate_ok = m.readings_per_s >= 95_000.0;
+    println!(
+        "    points/s: {:.0} (target 100000: {}), missed deadlines {}",
+        m.readings_per_s,
+        verdict(rate_ok),
+        m.missed
+    );
+    println!(
+        "    meterd CPU: {:.1}% of one core (target <= 25%: {})",
+        m.cpu_pct,
+        verdict(cpu_ok)
+    );
+    println!(
+        "    meterd RSS: {:.1} MiB peak during the window (now {:.1}, high-water {:.1}) (target <= 30 MiB: {})",
+        m.rss_kib as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        verdict(mem_ok)
+    );
+    println!("    simulator CPU: {:.1}%", m.sim_cpu_pct);
+    Ok(cpu_ok && mem_ok && rate_ok)
+}
+
+async fn rtu(window: Duration) -> Result<bool> {
+    let baud = 9600;
+    let turnaround = Duration::from_millis(5);
+    let units = 4;
+    let mut text = format!("[building]\nname = \"rtu bench\"\n[[endpoint]]\nname = \"line\"\nkind = \"rtu\"\nbaud = {baud}\nparity = \"even\"\nresponse_delay = \"5ms\"\n");
+    for u in 1..=units {
+        let _ = write!(
+            text,
+            "[[unit]]\nendpoint = \"line\"\nunit = {u}\nprofile = \"bench_4f\"\nload_w = 500.0\n"
+        );
+    }
+    let scratch = Scratch::new("rtu")?;
+    scratch.write("profiles/bench_4f.toml", &float_profile("bench_4f", 4))?;
+    let profiles = crate::config::load_profiles(&scratch.0.join("profiles"))
+        .map_err(|i| anyhow::anyhow!("{i:?}"))?;
+    let b = sim::Building::from_str_named(&text, "rtu bench")?;
+    let running = sim::start(&b, &profiles).await?;
+    let Some(sim::EndpointAddr::Pty(path)) = running.addr("line").cloned() else {
+        bail!("no pty")
+    };
+    let mut cfg = format!(
+        "[gateway]\nid = \"bench\"\nsite = \"bench\"\ntimezone = \"UTC\"\n[poll]\ninterval = \"10ms\"\n[[bus]]\nname = \"line\"\nkind = \"rtu\"\ndevice = \"{}\"\nbaud = {baud}\nparity = \"even\"\ntimeout = \"1s\"\n",
+        path.display()
+    );
+    for u in 1..=units {
+        let _ = write!(
+            cfg,
+            "[[device]]\nname = \"m{u}\"\nbus = \"line\"\nunit = {u}\nprofile = \"bench_4f\"\n"
+        );
+    }
+    let config = Config::from_str_at(&cfg, "bench", &scratch.0)?;
+    let count = config.devices[0].plan.requests[0].count as usize;
+    let (req, resp) = (8usize, 5 + 2 * count);
+    let t35 = timing::t35(baud);
+    let tx = timing::wire_time(req + resp, baud, 11) + 2 * t35 + turnaround;
+    let theoretical = 1.0 / tx.as_secs_f64();
+    println!("\n[3] RTU bus efficiency, {baud} baud 8E1 emulated on a pty ({units} meters, 1 request of {count} registers each)");
+    println!("    transaction = (request {req} B + response {resp} B) x 11 / {baud} + 2 x t3.5 ({:.3} ms) + turnaround ({} ms) = {:.3} ms", t35.as_secs_f64() * 1000.0, turnaround.as_millis(), tx.as_secs_f64() * 1000.0);
+    let m = measure_engine(&config, Duration::from_secs(2), window, None).await?;
+    let ratio = m.polls_per_s / theoretical;
+    let ok = ratio >= 0.9;
+    println!(
+        "    theoretical {theoretical:.2} transactions/s; achieved {:.2} transactions/s = {:.1}% (target >= 90%: {})",
+        m.polls_per_s,
+        ratio * 100.0,
+        verdict(ok)
+    );
+    drop(running);
+    Ok(ok)
+}
+
+async fn memory(window: Duration) -> Result<bool> {
+    let (endpoints, units) = (10, 100);
+    let scratch = Scratch::new("mem")?;
+    scratch.write("profiles/bench_4f.toml", &float_profile("bench_4f", 4))?;
+    let b = scratch.write(
+        "building.toml",
+        &building(endpoints, units, "eastron_sdm630", "tcp"),
+    )?;
+    let (_sim, addrs) = spawn_simulator(&b)?;
+    let cfg = scratch.write(
+        "meterd.toml",
+        &config_text(endpoints, units, "eastron_sdm630", "1s", 2, &addrs),
+    )?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args(["--log-level", "warn", "run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting meterd run")?;
+    let run = ChildGuard(child);
+    let pid = run.0.id();
+    println!("\n[4] resident memory of `meterd run` polling {} Eastron SDM630 devices (11 values each) at 1 s over TCP", endpoints * units);
+    let settle = Duration::from_secs(3);
+    tokio::time::sleep(settle).await;
+    let end = Instant::now() + window;
+    let mut peak = 0;
+    while Instant::now() < end {
+        peak = peak.max(memory_kib(pid)?.0);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (rss, hwm) = memory_kib(pid)?;
+    let cpu = cpu_seconds(pid)?;
+    let ok = (hwm as f64) / 1024.0 <= 30.0;
+    println!(
+        "    RSS {:.1} MiB now, {:.1} MiB peak sampled, high-water mark {:.1} MiB since start (target <= 30 MiB: {}); CPU time so far {:.1} s",
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        verdict(ok),
+        cpu
+    );
+    Ok(ok)
+}

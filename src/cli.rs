@@ -1,0 +1,1050 @@
+//! The field engineer's command line. Each subcommand is one type with one `execute`.
+//!
+//! Exit codes (stable, documented in the README): 0 success; 1 a runtime failure (bus, device, I/O);
+//! 2 bad usage (clap); 3 the configuration is invalid; 4 a device answered with a Modbus exception.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::{self, Config, ConfigError, Transport};
+use crate::modbus::bus::{self, DeviceStatus};
+use crate::modbus::decode::{self, ByteOrder, DataType, WordOrder};
+use crate::modbus::link::{Data, Link, LinkError};
+use crate::modbus::plan::ReadRequest;
+use crate::modbus::profile::Function;
+use crate::reading::{Quality, Reading};
+use crate::{daemon, sim};
+
+/// Exit code: the configuration is invalid.
+pub const EXIT_CONFIG: i32 = 3;
+/// Exit code: the device answered with a Modbus exception.
+pub const EXIT_EXCEPTION: i32 = 4;
+
+/// meterd: Modbus meter polling at the edge of a building.
+#[derive(Debug, Parser)]
+#[command(name = "meterd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace or a tracing directive); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: poll every configured device.
+    Run(RunCmd),
+    /// Validate a configuration and list every problem.
+    Check(CheckCmd),
+    /// Read one device now and print its decoded values.
+    Read(ReadCmd),
+    /// Find which unit ids answer on a bus.
+    Scan(ScanCmd),
+    /// Read or write registers and coils by address (like mbpoll).
+    Raw(RawCmd),
+    /// List the device profiles, or show one.
+    Profiles(ProfilesCmd),
+    /// Serve a virtual building over Modbus TCP and RTU (pty).
+    Simulate(SimulateCmd),
+    /// Run the simulator and the daemon together on the built-in sample building.
+    Demo(DemoCmd),
+    /// Measure throughput, CPU and memory against the targets.
+    Bench(crate::bench::BenchCmd),
+}
+
+/// `--config` shared by the commands that need one.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<Config> {
+        Config::from_path(&self.config).map_err(config_failure)
+    }
+}
+
+/// Marks a config error so `main` exits with [`EXIT_CONFIG`].
+#[derive(Debug)]
+pub struct InvalidConfig(pub ConfigError);
+
+impl std::fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for InvalidConfig {}
+
+fn config_failure(e: ConfigError) -> anyhow::Error {
+    anyhow::Error::new(InvalidConfig(e))
+}
+
+/// Marks a Modbus exception so `main` exits with [`EXIT_EXCEPTION`].
+#[derive(Debug)]
+pub struct DeviceException(pub LinkError);
+impl std::fmt::Display for DeviceException {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for DeviceException {}
+
+fn link_failure(e: LinkError) -> anyhow::Error {
+    if e.device_answered() {
+        anyhow::Error::new(DeviceException(e))
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+/// Writes to stdout; a closed pipe (`meterd read … | head`) ends the process quietly.
+pub fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// An aligned text table: the human output of every read command.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(c.chars().count());
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut s = line(headers.to_vec());
+    s += &line(
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|x| x.as_str())
+            .collect(),
+    );
+    for r in rows {
+        s += &line(r.iter().map(|c| c.as_str()).collect());
+    }
+    s
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
+fn fmt_value(r: &Reading) -> String {
+    match r.value {
+        None => "-".into(),
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+// ---- run ----------------------------------------------------------------------------------------
+
+/// `meterd run`
+#[derive(Debug, Args)]
+pub struct RunCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+impl RunCmd {
+    /// Loads the config (refusing an invalid one) and polls until SIGINT/SIGTERM.
+    pub async fn execute(self) -> Result<()> {
+        let config = self.config.load()?;
+        tracing::info!(config = %config.source, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, "meterd starting");
+        let mut engine = daemon::Engine::start(&config);
+        let mut summary = tokio::time::interval(Duration::from_secs(60));
+        summary.tick().await;
+        let mut count: u64 = 0;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                batch = engine.readings.recv() => {
+                    let Some(batch) = batch else { break };
+                    count += batch.len() as u64;
+                    for r in &batch {
+                        tracing::trace!(device = %r.device, register = %r.register, value = ?r.value, quality = ?r.quality, "reading");
+                    }
+                }
+                _ = summary.tick() => {
+                    let (ok, failed, offline) = totals(&engine.status.iter().flat_map(|s| s.snapshot()).collect::<Vec<_>>());
+                    tracing::info!(readings = count, polls_ok = ok, polls_failed = failed, offline, "polling summary");
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+        tracing::info!("meterd stopping");
+        engine.stop();
+        Ok(())
+    }
+}
+
+fn totals(devices: &[DeviceStatus]) -> (u64, u64, usize) {
+    (
+        devices.iter().map(|d| d.polls_ok).sum(),
+        devices.iter().map(|d| d.polls_failed).sum(),
+        devices.iter().filter(|d| d.offline_since.is_some()).count(),
+    )
+}
+
+// ---- check --------------------------------------------------------------------------------------
+
+/// `meterd check`
+#[derive(Debug, Args)]
+pub struct CheckCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+impl CheckCmd {
+    /// Prints a summary of a valid config; an invalid one fails with every problem listed.
+    pub fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let requests: usize = c.devices.iter().map(|d| d.plan.requests.len()).sum();
+        out(&format!(
+            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s)\n",
+            c.source,
+            c.gateway.id,
+            c.gateway.timezone,
+            c.buses.len(),
+            c.devices.len(),
+            requests,
+            c.profiles.len()
+        ));
+        Ok(())
+    }
+}
+
+// ---- read ---------------------------------------------------------------------------------------
+
+/// `meterd read DEVICE`
+#[derive(Debug, Args)]
+pub struct ReadCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Device name from the configuration.
+    pub device: String,
+    /// Read again every interval until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Interval for --watch.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReadCmd {
+    /// Polls the device with its profile's plan and prints every register.
+    pub async fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let dev = c
+            .device(&self.device)
+            .with_context(|| {
+                format!(
+                    "no device {:?} in {}; `meterd check` lists the configuration",
+                    self.device, c.source
+                )
+            })?
+            .clone();
+        let mut link = Link::new(&c.buses[dev.bus]);
+        loop {
+            let r = bus::poll_device(&mut link, &dev).await;
+            if let Some(e) = r.failure {
+                return Err(link_failure(e)).with_context(|| {
+                    format!(
+                        "device {} (bus {}, unit {})",
+                        dev.name, c.buses[dev.bus].name, dev.unit
+                    )
+                });
+            }
+            if self.json {
+                out(&json(&r.readings)?);
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .readings
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.register.to_string(),
+                            x.quantity.to_string(),
+                            fmt_value(x),
+                            x.unit.to_string(),
+                            format!("{:?}", x.quality).to_lowercase(),
+                            x.raw
+                                .as_slice()
+                                .iter()
+                                .map(|w| format!("{w:04X}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            x.error.as_deref().unwrap_or("").to_string(),
+                        ]
+                    })
+                    .collect();
+                out(&format!(
+                    "{} ({}, unit {} on {}) at {} in {:.1} ms\n",
+                    dev.name,
+                    dev.profile.name,
+                    dev.unit,
+                    c.buses[dev.bus].name,
+                    r.readings
+                        .first()
+                        .map(|x| x.ts.to_rfc3339())
+                        .unwrap_or_default(),
+                    r.latency.as_secs_f64() * 1000.0
+                ));
+                out(&table(
+                    &[
+                        "register", "quantity", "value", "unit", "quality", "raw", "error",
+                    ],
+                    &rows,
+                ));
+            }
+            if !self.watch {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+}
+
+// ---- scan ---------------------------------------------------------------------------------------
+
+/// `meterd scan --bus B --units 1-247`
+#[derive(Debug, Args)]
+pub struct ScanCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Bus name from the configuration.
+    #[arg(long)]
+    pub bus: String,
+    /// Unit ids to try: `1-247`, `1,2,10-20`.
+    #[arg(long, default_value = "1-247", value_parser = parse_units)]
+    pub units: UnitRange,
+    /// Time to wait for each unit.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Register probed on each unit (holding table).
+    #[arg(long, default_value_t = 0, value_parser = parse_u16)]
+    pub register: u16,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A list of unit ids.
+#[derive(Debug, Clone)]
+pub struct UnitRange(pub Vec<u8>);
+
+fn parse_units(s: &str) -> Result<UnitRange, String> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: u8 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: expected a unit id 0-255 or a range like 1-247"))?;
+        let b: u8 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: expected a unit id 0-255 or a range like 1-247"))?;
+        if a > b {
+            return Err(format!("{part:?}: range runs backwards"));
+        }
+        v.extend(a..=b);
+    }
+    Ok(UnitRange(v))
+}
+
+fn parse_u16(s: &str) -> Result<u16, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?}: expected a number 0-65535 (decimal or 0x hex)"))
+}
+
+/// One unit's answer during a scan.
+#[derive(Debug, Serialize)]
+pub struct ScanHit {
+    pub unit: u8,
+    /// `ok` or the exception it answered with (any answer proves a device is there).
+    pub answer: String,
+    pub latency_ms: f64,
+}
+
+impl ScanCmd {
+    /// Probes every unit id once; shows progress and an ETA on a terminal.
+    pub async fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let bi = c.bus_index(&self.bus).with_context(|| {
+            format!(
+                "no bus {:?} in {}; buses: {:?}",
+                self.bus,
+                c.source,
+                c.buses.iter().map(|b| &b.name).collect::<Vec<_>>()
+            )
+        })?;
+        let bus = &c.buses[bi];
+        let mut link = Link::new(bus);
+        let mut hits = Vec::new();
+        let total = self.units.0.len();
+        let started = Instant::now();
+        let tty = std::io::stderr().is_terminal();
+        for (i, unit) in self.units.0.iter().copied().enumerate() {
+            let t0 = Instant::now();
+            let req = ReadRequest {
+                function: Function::Holding,
+                address: self.register,
+                count: 1,
+            };
+            let r = link.read(unit, req, self.timeout, Duration::ZERO).await;
+            let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            match r {
+                Ok(_) => hits.push(ScanHit {
+                    unit,
+                    answer: "ok".into(),
+                    latency_ms,
+                }),
+                // 0x0A/0x0B come from a TCP gateway saying nobody is there.
+                Err(LinkError::Exception { code, .. }) if code != 0x0A && code != 0x0B => hits
+                    .push(ScanHit {
+                        unit,
+                        answer: format!("exception {code:#04x}"),
+                        latency_ms,
+                    }),
+                Err(e @ (LinkError::OpenSerial { .. } | LinkError::Connect { .. })) => {
+                    return Err(e.into())
+                }
+                Err(_) => {}
+            }
+            if tty {
+                let done = i + 1;
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta = elapsed / done as f64 * (total - done) as f64;
+                let width = 30;
+                let filled = width * done / total.max(1);
+                eprint!(
+                    "\r[{}{}] {done}/{total} unit {unit:>3}  found {}  ETA {eta:>4.0}s ",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    hits.len()
+                );
+            }
+        }
+        if tty {
+            eprintln!();
+        }
+        if self.json {
+            out(&json(&hits)?);
+        } else {
+            let rows: Vec<Vec<String>> = hits
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.unit.to_string(),
+                        h.answer.clone(),
+                        format!("{:.1}", h.latency_ms),
+                    ]
+                })
+                .collect();
+            out(&format!(
+                "bus {}: {} of {} unit id(s) answered in {:.1} s\n",
+                bus.name,
+                hits.len(),
+                total,
+                started.elapsed().as_secs_f64()
+            ));
+            out(&table(&["unit", "answer", "latency_ms"], &rows));
+        }
+        Ok(())
+    }
+}
+
+// ---- raw ----------------------------------------------------------------------------------------
+
+/// `meterd raw`
+#[derive(Debug, Args)]
+pub struct RawCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Bus name from the configuration.
+    #[arg(long)]
+    pub bus: String,
+    /// Unit id.
+    #[arg(long)]
+    pub unit: u8,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub op: RawOp,
+}
+
+/// Object tables as named on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Table {
+    Coil,
+    Discrete,
+    Holding,
+    Input,
+}
+
+impl From<Table> for Function {
+    fn from(t: Table) -> Function {
+        match t {
+            Table::Coil => Function::Coil,
+            Table::Discrete => Function::DiscreteInput,
+            Table::Holding => Function::Holding,
+            Table::Input => Function::Input,
+        }
+    }
+}
+
+/// Byte layouts as field engineers name them.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Layout {
+    Abcd,
+    Cdab,
+    Badc,
+    Dcba,
+}
+
+impl Layout {
+    fn orders(self) -> (WordOrder, ByteOrder) {
+        match self {
+            Layout::Abcd => (WordOrder::Big, ByteOrder::Big),
+            Layout::Cdab => (WordOrder::Little, ByteOrder::Big),
+            Layout::Badc => (WordOrder::Big, ByteOrder::Little),
+            Layout::Dcba => (WordOrder::Little, ByteOrder::Little),
+        }
+    }
+}
+
+/// Value types on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TypeArg {
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F32,
+    F64,
+}
+
+impl From<TypeArg> for DataType {
+    fn from(t: TypeArg) -> DataType {
+        match t {
+            TypeArg::U16 => DataType::U16,
+            TypeArg::I16 => DataType::I16,
+            TypeArg::U32 => DataType::U32,
+            TypeArg::I32 => DataType::I32,
+            TypeArg::U64 => DataType::U64,
+            TypeArg::I64 => DataType::I64,
+            TypeArg::F32 => DataType::F32,
+            TypeArg::F64 => DataType::F64,
+        }
+    }
+}
+
+/// A raw operation.
+#[derive(Debug, Subcommand)]
+pub enum RawOp {
+    /// Read COUNT registers or bits from ADDRESS.
+    Read {
+        table: Table,
+        #[arg(value_parser = parse_u16)]
+        address: u16,
+        #[arg(default_value_t = 1)]
+        count: u16,
+        /// Also decode the registers as this type, value by value.
+        #[arg(long = "type")]
+        ty: Option<TypeArg>,
+        #[arg(long, default_value = "abcd")]
+        order: Layout,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a coil (on/off) or holding register value(s).
+    Write {
+        table: Table,
+        #[arg(value_parser = parse_u16)]
+        address: u16,
+        /// `on`/`off` for a coil; one or more numbers for holding registers.
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// Use FC16 even for one register (meters that ignore FC06).
+        #[arg(long)]
+        multiple: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// One decoded row of `raw read`.
+#[derive(Debug, Serialize)]
+struct RawRow {
+    address: u16,
+    raw: Vec<u16>,
+    value: Option<f64>,
+}
+
+impl RawCmd {
+    /// Reads or writes by address.
+    pub async fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let bi = c
+            .bus_index(&self.bus)
+            .with_context(|| format!("no bus {:?} in {}", self.bus, c.source))?;
+        let mut link = Link::new(&c.buses[bi]);
+        let unit = self.unit;
+        match self.op {
+            RawOp::Read {
+                table: t,
+                address,
+                count,
+                ty,
+                order,
+                json: as_json,
+            } => {
+                let req = ReadRequest {
+                    function: t.into(),
+                    address,
+                    count,
+                };
+                let data = link
+                    .read(unit, req, self.timeout, Duration::ZERO)
+                    .await
+                    .map_err(link_failure)?;
+                let rows: Vec<RawRow> = match data {
+                    Data::Bits(bits) => bits
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| RawRow {
+                            address: address + i as u16,
+                            raw: vec![u16::from(*b)],
+                            value: Some(f64::from(u8::from(*b))),
+                        })
+                        .collect(),
+                    Data::Words(words) => {
+                        let ty: DataType = ty.map(Into::into).unwrap_or(DataType::U16);
+                        let (wo, bo) = order.orders();
+                        let n = usize::from(ty.words());
+                        words
+                            .chunks(n)
+                            .enumerate()
+                            .map(|(i, w)| RawRow {
+                                address: address + (i * n) as u16,
+                                raw: w.to_vec(),
+                                value: decode::decode(w, ty, wo, bo).ok().map(|v| v.as_f64()),
+                            })
+                            .collect()
+                    }
+                };
+                if as_json {
+                    out(&json(&rows)?);
+                } else {
+                    let rows: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                format!("{:#06x}", r.address),
+                                r.address.to_string(),
+                                r.raw
+                                    .iter()
+                                    .map(|w| format!("{w:04X}"))
+                                    .collect::<Vec<_>>()
+                                    .join(" "),
+                                r.value
+                                    .map(|v| v.to_string())
+                                    .unwrap_or_else(|| "(incomplete)".into()),
+                            ]
+                        })
+                        .collect();
+                    out(&table(&["address", "decimal", "raw", "value"], &rows));
+                }
+            }
+            RawOp::Write {
+                table: t,
+                address,
+                values,
+                multiple,
+                yes,
+            } => {
+                let what = format!(
+                    "bus {} unit {unit}: write {:?} {address:#06x} = {}",
+                    self.bus,
+                    t,
+                    values.join(" ")
+                );
+                if !yes && !confirm(&what)? {
+                    bail!("not confirmed; nothing written (pass --yes to skip the question)");
+                }
+                match t {
+                    Table::Coil => {
+                        let on = match values.as_slice() {
+                            [v] if v == "on" || v == "1" => true,
+                            [v] if v == "off" || v == "0" => false,
+                            _ => bail!("a coil takes exactly one value: on or off"),
+                        };
+                        link.write_coil(unit, address, on, self.timeout)
+                            .await
+                            .map_err(link_failure)?;
+                    }
+                    Table::Holding => {
+                        let words: Vec<u16> = values
+                            .iter()
+                            .map(|v| parse_u16(v).map_err(anyhow::Error::msg))
+                            .collect::<Result<_>>()?;
+                        link.write_registers(unit, address, &words, multiple, self.timeout)
+                            .await
+                            .map_err(link_failure)?;
+                    }
+                    Table::Discrete | Table::Input => {
+                        bail!("{t:?} is read-only in Modbus: write a coil or a holding register")
+                    }
+                }
+                out(&format!("{what}: done\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn confirm(what: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "{what}: refusing to write without confirmation on a non-interactive input; pass --yes"
+        );
+    }
+    eprint!("{what}\nProceed? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+// ---- profiles -----------------------------------------------------------------------------------
+
+/// `meterd profiles [NAME]`
+#[derive(Debug, Args)]
+pub struct ProfilesCmd {
+    /// Directory of site profiles in addition to the built-in ones.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Show this profile's register table.
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ProfilesCmd {
+    /// Lists or shows profiles.
+    pub fn execute(self) -> Result<()> {
+        let dir = self
+            .dir
+            .unwrap_or_else(|| Path::new(config::DEFAULT_PATH).with_file_name("profiles"));
+        let lib =
+            config::load_profiles(&dir).map_err(|i| config_failure(ConfigError::Invalid(i)))?;
+        match self.name {
+            None => {
+                if self.json {
+                    out(&json(
+                        &lib.values().map(|p| p.as_ref()).collect::<Vec<_>>(),
+                    )?);
+                } else {
+                    let rows: Vec<Vec<String>> = lib
+                        .values()
+                        .map(|p| {
+                            vec![
+                                p.name.clone(),
+                                p.registers.len().to_string(),
+                                p.description.clone(),
+                            ]
+                        })
+                        .collect();
+                    out(&table(&["profile", "registers", "description"], &rows));
+                }
+            }
+            Some(n) => {
+                let p = lib
+                    .get(&n)
+                    .with_context(|| format!("no profile {n:?}; `meterd profiles` lists them"))?;
+                if self.json {
+                    out(&json(p.as_ref())?);
+                } else {
+                    out(&format!(
+                        "{}: {}\nsource: {}\n",
+                        p.name, p.description, p.source
+                    ));
+                    if let Some(c) = &p.commissioning {
+                        out(&format!("commissioning: {c}\n"));
+                    }
+                    let rows: Vec<Vec<String>> = p
+                        .registers
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.name.to_string(),
+                                r.quantity.to_string(),
+                                r.function.to_string(),
+                                format!("{:#06x}", r.address),
+                                format!("{:?}", r.ty).to_lowercase(),
+                                r.scale.to_string(),
+                                r.unit.to_string(),
+                            ]
+                        })
+                        .collect();
+                    out(&table(
+                        &[
+                            "register", "quantity", "table", "address", "type", "scale", "unit",
+                        ],
+                        &rows,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- simulate -----------------------------------------------------------------------------------
+
+/// `meterd simulate --building F`
+#[derive(Debug, Args)]
+pub struct SimulateCmd {
+    /// Building description (TOML); profiles are also read from `profiles/` next to it.
+    #[arg(long)]
+    pub building: PathBuf,
+}
+
+impl SimulateCmd {
+    /// Serves the building until interrupted; prints where each endpoint listens.
+    pub async fn execute(self) -> Result<()> {
+        let (building, profiles) = sim::load(&self.building)?;
+        let running = sim::start(&building, &profiles).await?;
+        for (name, addr) in &running.endpoints {
+            out(&format!("endpoint {name} {addr}\n"));
+        }
+        out(&format!(
+            "serving {} unit(s); Ctrl-C to stop\n",
+            building.unit.len()
+        ));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+}
+
+// ---- demo ---------------------------------------------------------------------------------------
+
+/// The sample building and the config that polls it, compiled in so the demo needs no files.
+pub const DEMO_BUILDING: &str = include_str!("../config/building.toml");
+/// Config of the demo; its buses are pointed at the simulator's endpoints of the same name.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+/// `meterd demo`
+#[derive(Debug, Args)]
+pub struct DemoCmd {
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Refresh the table this often.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+}
+
+/// Starts the embedded sample building and returns a config whose buses point at it.
+pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
+    let building = sim::Building::from_str_named(DEMO_BUILDING, "<builtin>/config/building.toml")?;
+    let profiles: BTreeMap<_, _> = crate::modbus::profile::builtin()
+        .map_err(|e| anyhow::anyhow!("built-in profiles: {e:?}"))?
+        .into_iter()
+        .map(|(k, v)| (k, std::sync::Arc::new(v)))
+        .collect();
+    let running = sim::start(&building, &profiles).await?;
+    let mut config = Config::from_str_at(
+        DEMO_CONFIG,
+        "<builtin>/config/demo.toml",
+        Path::new("/nonexistent"),
+    )
+    .map_err(config_failure)?;
+    point_buses_at(&mut config, &running);
+    Ok((running, config))
+}
+
+/// Rewrites each bus whose name matches a simulator endpoint to that endpoint's address.
+pub fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
+    for b in &mut config.buses {
+        match (sim.addr(&b.name), &mut b.transport) {
+            (Some(sim::EndpointAddr::Tcp(a)), Transport::Tcp { host, port, .. })
+            | (Some(sim::EndpointAddr::RtuOverTcp(a)), Transport::RtuOverTcp { host, port, .. }) => {
+                *host = a.ip().to_string();
+                *port = a.port();
+            }
+            (Some(sim::EndpointAddr::Pty(p)), Transport::Rtu(s)) => {
+                s.device = p.display().to_string()
+            }
+            _ => {}
+        }
+    }
+}
+
+impl DemoCmd {
+    /// Runs the sample building and the engine, printing a live table.
+    pub async fn execute(self) -> Result<()> {
+        let (running, config) = start_demo_building().await?;
+        for (name, addr) in &running.endpoints {
+            out(&format!("simulator endpoint {name}: {addr}\n"));
+        }
+        out(&format!(
+            "polling {} device(s) on {} bus(es) of \"{}\"; Ctrl-C to stop\n",
+            config.devices.len(),
+            config.buses.len(),
+            config.gateway.site
+        ));
+        let mut engine = daemon::Engine::start(&config);
+        let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
+        let deadline = self.duration.map(|d| Instant::now() + d);
+        let mut tick = tokio::time::interval(self.every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                batch = engine.readings.recv() => {
+                    let Some(batch) = batch else { break };
+                    for r in batch {
+                        latest.insert((r.device.to_string(), r.register.to_string()), r);
+                    }
+                }
+                _ = tick.tick() => {
+                    out(&demo_table(&config, &latest, &engine));
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        engine.stop();
+        Ok(())
+    }
+}
+
+fn demo_table(
+    config: &Config,
+    latest: &BTreeMap<(String, String), Reading>,
+    engine: &daemon::Engine,
+) -> String {
+    use crate::modbus::profile::Quantity as Q;
+    let status: BTreeMap<String, DeviceStatus> = engine
+        .status
+        .iter()
+        .flat_map(|s| s.snapshot())
+        .map(|d| (d.name.clone(), d))
+        .collect();
+    let rows: Vec<Vec<String>> = config
+        .devices
+        .iter()
+        .map(|d| {
+            let get = |q: Q| {
+                latest
+                    .values()
+                    .find(|r| *r.device == *d.name && r.quantity == q)
+                    .map(|r| {
+                        if r.quality == Quality::Good {
+                            fmt_value(r)
+                        } else {
+                            format!("({:?})", r.quality).to_lowercase()
+                        }
+                    })
+                    .unwrap_or_else(|| "".into())
+            };
+            let relays: String = latest
+                .values()
+                .filter(|r| *r.device == *d.name && r.quantity == Q::RelayState)
+                .map(|r| if r.value == Some(1.0) { '1' } else { '0' })
+                .collect();
+            let s = status.get(&*d.name).cloned().unwrap_or_default();
+            vec![
+                d.name.to_string(),
+                config.buses[d.bus].name.clone(),
+                d.unit.to_string(),
+                get(Q::EnergyKwh),
+                get(Q::PowerW),
+                get(Q::WaterM3),
+                relays,
+                format!("{}/{}", s.polls_ok, s.polls_failed),
+                if s.offline_since.is_some() {
+                    "OFFLINE".into()
+                } else {
+                    String::new()
+                },
+                s.last_error.unwrap_or_default().chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    format!(
+        "\n{}\n{}",
+        chrono::Utc::now()
+            .with_timezone(&config.gateway.timezone)
+            .format("%Y-%m-%d %H:%M:%S %Z"),
+        table(
+            &[
+                "device",
+                "bus",
+                "unit",
+                "energy_kwh",
+                "power_w",
+                "water_m3",
+                "relays",
+                "ok/failed",
+                "state",
+                "last error"
+            ],
+            &rows
+        )
+    )
+}

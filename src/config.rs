@@ -1,0 +1,971 @@
+//! The site configuration: one TOML file, parsed into a raw form, validated as a whole (every problem
+//! collected, each naming the file, the key path and what is expected), then built into typed values.
+//!
+//! A broken config is rejected before anything starts: the daemon never runs half a config.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::modbus::plan::{self, Limits, Need, Plan};
+use crate::modbus::profile::{self, Profile};
+use crate::modbus::schedule::PollPolicy;
+use crate::modbus::timing;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// File the problem is in (the config or a profile file).
+    pub file: String,
+    /// Key path inside it, e.g. `device[3] (kitchen).unit`.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (pass another file with --config PATH)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), .0.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Issue>),
+}
+
+/// Site identity and the timezone used for billing boundaries and display (UTC everywhere else).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    pub id: String,
+    pub site: String,
+    pub timezone: chrono_tz::Tz,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Physical line settings of an RS485 port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Serial {
+    pub device: String,
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: u8,
+    pub stop_bits: u8,
+}
+
+/// How a bus reaches its devices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// RS485 through a local serial port: one transaction at a time.
+    Rtu(Serial),
+    /// Modbus TCP: `max_concurrent` connections to the endpoint, one transaction in flight on each.
+    Tcp {
+        host: String,
+        port: u16,
+        max_concurrent: u16,
+        connect_timeout: Duration,
+    },
+    /// A serial gateway (Moxa, USR) passing raw RTU frames over TCP: one transaction at a time.
+    RtuOverTcp {
+        host: String,
+        port: u16,
+        connect_timeout: Duration,
+    },
+}
+
+/// One bus: a transport plus the timing every device on it shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bus {
+    pub name: String,
+    pub transport: Transport,
+    /// Response timeout unless a device overrides it.
+    pub timeout: Duration,
+    /// Silence between the end of one transaction and the next request (≥ t3.5 on serial lines).
+    pub gap: Duration,
+}
+
+impl Bus {
+    /// Transactions that may be in flight at once: 1 on any RS485 line.
+    pub fn concurrency(&self) -> usize {
+        match &self.transport {
+            Transport::Tcp { max_concurrent, .. } => usize::from(*max_concurrent),
+            _ => 1,
+        }
+    }
+}
+
+/// One polled device with everything resolved: its profile, read plan and poll policy.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub name: Arc<str>,
+    /// Index into [`Config::buses`].
+    pub bus: usize,
+    pub unit: u8,
+    pub profile: Arc<Profile>,
+    /// Computed once at load; reused for every poll.
+    pub plan: Plan,
+    pub policy: PollPolicy,
+    pub timeout: Duration,
+    /// Extra silence this device needs before each request (profile quirk or config).
+    pub pause: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`<inline>` for strings).
+    pub source: String,
+    pub gateway: Gateway,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+impl Config {
+    /// Reads and validates a config file; profile files are looked up next to it.
+    pub fn from_path(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_str_at(&text, &path.display().to_string(), base)
+    }
+
+    /// Validates config text; `file` names it in errors, `base` resolves relative paths.
+    pub fn from_str_at(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            file: file.to_string(),
+            issues: Vec::new(),
+        };
+        let config = v.build(text, base);
+        match config {
+            Some(c) if v.issues.is_empty() => Ok(c),
+            _ => Err(ConfigError::Invalid(v.issues)),
+        }
+    }
+
+    /// Looks a device up by name.
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| &*d.name == name)
+    }
+
+    /// Looks a bus up by name.
+    pub fn bus_index(&self, name: &str) -> Option<usize> {
+        self.buses.iter().position(|b| b.name == name)
+    }
+}
+
+// ---- raw form ---------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    id: String,
+    site: String,
+    timezone: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoll {
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    backoff: Option<Duration>,
+    offline_after: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    probe_interval: Option<Duration>,
+    /// Unused registers the planner may read through to merge two requests.
+    max_gap: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProfiles {
+    /// Directory of user profile files (`*.toml`), relative to the config file.
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum BusKind {
+    Rtu,
+    Tcp,
+    RtuOverTcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    name: String,
+    kind: BusKind,
+    // rtu
+    device: Option<String>,
+    baud: Option<u32>,
+    parity: Option<Parity>,
+    data_bits: Option<u8>,
+    stop_bits: Option<u8>,
+    // tcp, rtu_over_tcp
+    host: Option<String>,
+    port: Option<u32>,
+    max_concurrent: Option<u16>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    // all
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    gap: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    bus: String,
+    unit: u32,
+    profile: String,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pause: Option<Duration>,
+}
+
+/// Top-level keys this version understands; anything else is a typo or a newer config.
+const SECTIONS: &[&str] = &["gateway", "poll", "profiles", "bus", "device"];
+
+struct Validator {
+    file: String,
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(Issue {
+            file: self.file.clone(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one value, recording a typed error at `key` instead of stopping.
+    fn typed<T: DeserializeOwned>(&mut self, key: &str, value: toml::Value) -> Option<T> {
+        match T::deserialize(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.push(key, e.to_string().trim_end().to_string());
+                None
+            }
+        }
+    }
+
+    fn array(&mut self, table: &mut toml::Table, key: &str) -> Vec<toml::Value> {
+        match table.remove(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => {
+                self.push(key, format!("expected an array of tables: write [[{key}]]"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn build(&mut self, text: &str, base: &Path) -> Option<Config> {
+        let mut table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                self.push("", format!("not valid TOML: {}", e.to_string().trim_end()));
+                return None;
+            }
+        };
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                let k = key.clone();
+                self.push(
+                    k,
+                    format!("unknown section; expected one of: {}", SECTIONS.join(", ")),
+                );
+            }
+        }
+        let gateway = match table.remove("gateway") {
+            None => {
+                self.push(
+                    "gateway",
+                    "missing: add [gateway] with id, site and timezone",
+                );
+                None
+            }
+            Some(v) => self.typed::<RawGateway>("gateway", v),
+        };
+        let poll: RawPoll = table
+            .remove("poll")
+            .and_then(|v| self.typed("poll", v))
+            .unwrap_or_default();
+        let profiles_cfg: RawProfiles = table
+            .remove("profiles")
+            .and_then(|v| self.typed("profiles", v))
+            .unwrap_or_default();
+        let raw_buses: Vec<(String, Option<RawBus>)> = self
+            .array(&mut table, "bus")
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let key = format!("bus[{i}]{}", name_hint(&v));
+                let b = self.typed(&key, v);
+                (key, b)
+            })
+            .collect();
+        let raw_devices: Vec<(String, Option<RawDevice>)> = self
+            .array(&mut table, "device")
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let key = format!("device[{i}]{}", name_hint(&v));
+                let d = self.typed(&key, v);
+                (key, d)
+            })
+            .collect();
+
+        let gateway = gateway.and_then(|g| self.gateway(g));
+        let profiles = self.profiles(&profiles_cfg, base);
+        let defaults = self.poll_defaults(&poll);
+        let buses = self.buses(&raw_buses);
+        let devices = self.devices(&raw_devices, &buses, &profiles, &defaults);
+        Some(Config {
+            source: self.file.clone(),
+            gateway: gateway?,
+            buses: buses.into_iter().map(|(_, b)| b).collect(),
+            devices,
+            profiles,
+        })
+    }
+
+    fn gateway(&mut self, g: RawGateway) -> Option<Gateway> {
+        if g.id.trim().is_empty() || g.id.contains(['/', '+', '#']) {
+            self.push(
+                "gateway.id",
+                "must be non-empty and contain no '/', '+' or '#' (it becomes an MQTT topic level)",
+            );
+        }
+        let tz = match chrono_tz::Tz::from_str(&g.timezone) {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                self.push(
+                    "gateway.timezone",
+                    format!("{:?} is not an IANA timezone name (e.g. \"Asia/Shanghai\", \"Europe/London\")", g.timezone),
+                );
+                None
+            }
+        };
+        Some(Gateway {
+            id: g.id,
+            site: g.site,
+            timezone: tz?,
+        })
+    }
+
+    fn profiles(&mut self, cfg: &RawProfiles, base: &Path) -> BTreeMap<String, Arc<Profile>> {
+        self.profiles_opt(cfg, base, cfg.dir.is_some())
+    }
+
+    fn profiles_opt(
+        &mut self,
+        cfg: &RawProfiles,
+        base: &Path,
+        must_exist: bool,
+    ) -> BTreeMap<String, Arc<Profile>> {
+        let mut out: BTreeMap<String, Arc<Profile>> = BTreeMap::new();
+        match profile::builtin() {
+            Ok(lib) => out.extend(lib.into_iter().map(|(k, v)| (k, Arc::new(v)))),
+            Err(errs) => {
+                for (file, i) in errs {
+                    self.issues.push(Issue {
+                        file,
+                        key: i.key,
+                        message: i.message,
+                    });
+                }
+            }
+        }
+        let dir = base.join(cfg.dir.as_deref().unwrap_or(Path::new("profiles")));
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                if must_exist {
+                    self.push(
+                        "profiles.dir",
+                        format!("cannot read directory {}: {e}", dir.display()),
+                    );
+                }
+                return out;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let file = path.display().to_string();
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    vec![profile::ProfileIssue {
+                        key: String::new(),
+                        message: format!("cannot read: {e}"),
+                    }]
+                })
+                .and_then(|t| Profile::from_toml(&t));
+            match parsed {
+                Ok(p) => {
+                    if out.contains_key(&p.name) {
+                        self.issues.push(Issue {
+                            file,
+                            key: "profile.name".into(),
+                            message: format!("{:?} is already defined (built-in or another file): give the site profile its own name", p.name),
+                        });
+                    } else {
+                        out.insert(p.name.clone(), Arc::new(p));
+                    }
+                }
+                Err(issues) => self.issues.extend(issues.into_iter().map(|i| Issue {
+                    file: file.clone(),
+                    key: i.key,
+                    message: i.message,
+                })),
+            }
+        }
+        out
+    }
+
+    fn poll_defaults(&mut self, p: &RawPoll) -> Defaults {
+        let d = Defaults {
+            interval: p.interval.unwrap_or(Duration::from_secs(10)),
+            timeout: p.timeout,
+            retries: p.retries.unwrap_or(1),
+            backoff: p.backoff.unwrap_or(Duration::from_millis(200)),
+            offline_after: p.offline_after.unwrap_or(3),
+            probe_interval: p.probe_interval.unwrap_or(Duration::from_secs(60)),
+            max_gap: p.max_gap.unwrap_or(8),
+        };
+        if d.interval < Duration::from_millis(10) {
+            self.push("poll.interval", "must be at least 10ms");
+        }
+        if d.offline_after == 0 {
+            self.push("poll.offline_after", "must be at least 1 failed attempt");
+        }
+        if d.probe_interval.is_zero() {
+            self.push("poll.probe_interval", "must be greater than zero");
+        }
+        d
+    }
+
+    fn buses(&mut self, raw: &[(String, Option<RawBus>)]) -> Vec<(String, Bus)> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (key, b) in raw {
+            let Some(b) = b else { continue };
+            if b.name.trim().is_empty() {
+                self.push(format!("{key}.name"), "must not be empty");
+            } else if !seen.insert(b.name.clone()) {
+                self.push(
+                    format!("{key}.name"),
+                    format!("duplicate bus name {:?}: bus names must be unique", b.name),
+                );
+            }
+            let timeout = b.timeout.unwrap_or(Duration::from_millis(1000));
+            if timeout.is_zero() {
+                self.push(format!("{key}.timeout"), "must be greater than zero");
+            }
+            let misplaced = |v: &mut Self, present: bool, field: &str, kind: &str| {
+                if present {
+                    v.push(
+                        format!("{key}.{field}"),
+                        format!("not used by a {kind} bus: remove it"),
+                    );
+                }
+            };
+            let (transport, floor) = match b.kind {
+                BusKind::Rtu => {
+                    misplaced(self, b.host.is_some(), "host", "rtu");
+                    misplaced(self, b.port.is_some(), "port", "rtu");
+                    misplaced(self, b.max_concurrent.is_some(), "max_concurrent", "rtu");
+                    let device = match &b.device {
+                        Some(d) if !d.trim().is_empty() => d.clone(),
+                        _ => {
+                            self.push(format!("{key}.device"), "missing: the serial port path, e.g. \"/dev/ttyUSB0\" or \"/dev/serial/by-id/...\"");
+                            String::new()
+                        }
+                    };
+                    let baud = b.baud.unwrap_or(9600);
+                    if !timing::STANDARD_BAUDS.contains(&baud) {
+                        self.push(
+                            format!("{key}.baud"),
+                            format!("{baud} is not a serial speed a meter supports; expected one of {:?}", timing::STANDARD_BAUDS),
+                        );
+                    }
+                    let data_bits = b.data_bits.unwrap_or(8);
+                    if data_bits != 8 {
+                        self.push(format!("{key}.data_bits"), format!("{data_bits}: Modbus RTU needs 8 data bits (7 is Modbus ASCII, not supported)"));
+                    }
+                    let stop_bits = b.stop_bits.unwrap_or(1);
+                    if !matches!(stop_bits, 1 | 2) {
+                        self.push(
+                            format!("{key}.stop_bits"),
+                            format!("{stop_bits}: expected 1 or 2"),
+                        );
+                    }
+                    let parity = b.parity.unwrap_or(Parity::None);
+                    (
+                        Transport::Rtu(Serial {
+                            device,
+                            baud,
+                            parity,
+                            data_bits,
+                            stop_bits,
+                        }),
+                        timing::t35(baud),
+                    )
+                }
+                BusKind::Tcp | BusKind::RtuOverTcp => {
+                    let kind = if matches!(b.kind, BusKind::Tcp) {
+                        "tcp"
+                    } else {
+                        "rtu_over_tcp"
+                    };
+                    misplaced(self, b.device.is_some(), "device", kind);
+                    misplaced(self, b.parity.is_some(), "parity", kind);
+                    misplaced(self, b.data_bits.is_some(), "data_bits", kind);
+                    misplaced(self, b.stop_bits.is_some(), "stop_bits", kind);
+                    let host = match &b.host {
+                        Some(h) if !h.trim().is_empty() => h.clone(),
+                        _ => {
+                            self.push(
+                                format!("{key}.host"),
+                                "missing: the IP address or name of the Modbus TCP endpoint",
+                            );
+                            String::new()
+                        }
+                    };
+                    let port = match b.port {
+                        Some(p @ 1..=65535) => p as u16,
+                        None => 502,
+                        Some(p) => {
+                            self.push(
+                                format!("{key}.port"),
+                                format!("{p} is not a TCP port (1..=65535)"),
+                            );
+                            502
+                        }
+                    };
+                    let connect_timeout = b.connect_timeout.unwrap_or(Duration::from_secs(3));
+                    if matches!(b.kind, BusKind::Tcp) {
+                        misplaced(self, b.baud.is_some(), "baud", kind);
+                        let max_concurrent = b.max_concurrent.unwrap_or(1);
+                        if !(1..=32).contains(&max_concurrent) {
+                            self.push(format!("{key}.max_concurrent"), format!("{max_concurrent}: expected 1..=32 (most meters and gateways serve 1-4 connections)"));
+                        }
+                        (
+                            Transport::Tcp {
+                                host,
+                                port,
+                                max_concurrent,
+                                connect_timeout,
+                            },
+                            Duration::ZERO,
+                        )
+                    } else {
+                        misplaced(self, b.max_concurrent.is_some(), "max_concurrent", kind);
+                        // The serial side behind the gateway still needs its t3.5.
+                        let baud = b.baud.unwrap_or(9600);
+                        if !timing::STANDARD_BAUDS.contains(&baud) {
+                            self.push(format!("{key}.baud"), format!("{baud} is not a serial speed; it is the gateway's serial-side speed, used for the t3.5 gap"));
+                        }
+                        (
+                            Transport::RtuOverTcp {
+                                host,
+                                port,
+                                connect_timeout,
+                            },
+                            timing::t35(baud),
+                        )
+                    }
+                }
+            };
+            let gap = b.gap.unwrap_or(floor);
+            if gap < floor {
+                self.push(
+                    format!("{key}.gap"),
+                    format!("{gap:?} is shorter than t3.5 = {floor:?} at this baud rate: frames would merge on the line"),
+                );
+            }
+            out.push((
+                key.clone(),
+                Bus {
+                    name: b.name.clone(),
+                    transport,
+                    timeout,
+                    gap,
+                },
+            ));
+        }
+        out
+    }
+
+    fn devices(
+        &mut self,
+        raw: &[(String, Option<RawDevice>)],
+        buses: &[(String, Bus)],
+        profiles: &BTreeMap<String, Arc<Profile>>,
+        defaults: &Defaults,
+    ) -> Vec<Device> {
+        let bus_index: HashMap<&str, usize> = buses
+            .iter()
+            .enumerate()
+            .map(|(i, (_, b))| (b.name.as_str(), i))
+            .collect();
+        let mut names = HashSet::new();
+        let mut units: HashMap<(usize, u32), String> = HashMap::new();
+        let mut out = Vec::new();
+        for (key, d) in raw {
+            let Some(d) = d else { continue };
+            if d.name.trim().is_empty() {
+                self.push(format!("{key}.name"), "must not be empty");
+            } else if !names.insert(d.name.clone()) {
+                self.push(
+                    format!("{key}.name"),
+                    format!(
+                        "duplicate device name {:?}: device names must be unique",
+                        d.name
+                    ),
+                );
+            }
+            let bus = bus_index.get(d.bus.as_str()).copied();
+            if bus.is_none() {
+                let known: Vec<&str> = bus_index.keys().copied().collect();
+                self.push(
+                    format!("{key}.bus"),
+                    format!("unknown bus {:?}; defined buses: {known:?}", d.bus),
+                );
+            }
+            let profile = profiles.get(&d.profile).cloned();
+            if profile.is_none() {
+                self.push(
+                    format!("{key}.profile"),
+                    format!(
+                        "unknown profile {:?}; available: {} (or add a file under profiles/)",
+                        d.profile,
+                        profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+            if let Some(b) = bus {
+                let is_tcp = matches!(buses[b].1.transport, Transport::Tcp { .. });
+                let range = if is_tcp { 0..=255 } else { 1..=247 };
+                if !range.contains(&d.unit) {
+                    let why = if is_tcp {
+                        "a Modbus TCP unit id is 0..=255"
+                    } else {
+                        "an RS485 unit id is 1..=247 (0 is broadcast, 248-255 reserved)"
+                    };
+                    self.push(format!("{key}.unit"), format!("{}: {why}", d.unit));
+                } else if let Some(other) = units.insert((b, d.unit), d.name.clone()) {
+                    self.push(
+                        format!("{key}.unit"),
+                        format!("unit {} is already used by device {other:?} on bus {:?}: two meters cannot share an address", d.unit, d.bus),
+                    );
+                }
+            }
+            let interval = d.interval.unwrap_or(defaults.interval);
+            if interval < Duration::from_millis(10) {
+                self.push(format!("{key}.interval"), "must be at least 10ms");
+            }
+            let timeout = d
+                .timeout
+                .or(defaults.timeout)
+                .or(bus.map(|b| buses[b].1.timeout))
+                .unwrap_or(Duration::from_secs(1));
+            if timeout.is_zero() {
+                self.push(format!("{key}.timeout"), "must be greater than zero");
+            }
+            let (Some(bus), Some(profile)) = (bus, profile) else {
+                continue;
+            };
+            let limits = Limits {
+                max_registers: profile.max_registers_per_read,
+                max_bits: profile.max_bits_per_read,
+                max_gap: defaults.max_gap,
+            };
+            let needs: Vec<Need> = profile.registers.iter().map(Need::from).collect();
+            let pause = d
+                .pause
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(u64::from(profile.min_gap_ms)));
+            out.push(Device {
+                name: Arc::from(d.name.as_str()),
+                bus,
+                unit: d.unit as u8,
+                plan: plan::plan(&needs, limits),
+                policy: PollPolicy {
+                    interval,
+                    retries: d.retries.unwrap_or(defaults.retries),
+                    backoff: defaults.backoff,
+                    offline_after: defaults.offline_after.max(1),
+                    probe_interval: defaults.probe_interval,
+                },
+                timeout,
+                pause,
+                profile,
+            });
+        }
+        out
+    }
+}
+
+struct Defaults {
+    interval: Duration,
+    timeout: Option<Duration>,
+    retries: u32,
+    backoff: Duration,
+    offline_after: u32,
+    probe_interval: Duration,
+    max_gap: u16,
+}
+
+/// Loads the built-in profiles plus the `*.toml` files of `dir` (if it exists): the library both the
+/// daemon and the simulator use. Problems name the profile file.
+pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<Issue>> {
+    let mut v = Validator {
+        file: dir.display().to_string(),
+        issues: Vec::new(),
+    };
+    let base = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().map(PathBuf::from);
+    let raw = RawProfiles { dir: name };
+    let profiles = v.profiles_opt(&raw, base, false);
+    if v.issues.is_empty() {
+        Ok(profiles)
+    } else {
+        Err(v.issues)
+    }
+}
+
+/// ` (name)` for error keys, when the table has a readable name.
+fn name_hint(v: &toml::Value) -> String {
+    v.get("name")
+        .and_then(|n| n.as_str())
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [gateway]
+        id = "gw-1"
+        site = "Tower A"
+        timezone = "Asia/Shanghai"
+
+        [[bus]]
+        name = "rs485-1"
+        kind = "rtu"
+        device = "/dev/ttyUSB0"
+        baud = 9600
+        parity = "even"
+
+        [[bus]]
+        name = "lan"
+        kind = "tcp"
+        host = "127.0.0.1"
+        port = 5020
+        max_concurrent = 2
+
+        [[device]]
+        name = "m1"
+        bus = "rs485-1"
+        unit = 1
+        profile = "eastron_sdm630"
+        interval = "5s"
+
+        [[device]]
+        name = "relays"
+        bus = "lan"
+        unit = 255
+        profile = "relay_waveshare_8ch"
+    "#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_at(text, "test.toml", Path::new("/nonexistent"))
+    }
+
+    fn issues(text: &str) -> Vec<String> {
+        match load(text) {
+            Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_config_loads_with_defaults_and_plans() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.buses[0].gap, timing::t35(9600));
+        assert_eq!(c.devices[0].policy.interval, Duration::from_secs(5));
+        assert_eq!(
+            c.devices[0].pause,
+            Duration::from_millis(60),
+            "Eastron quirk from the profile"
+        );
+        // Default max_gap 8: 0x0000-0x000B and 0x0034-0x004B; the 40-register hole is not read.
+        let spans: Vec<(u16, u16)> = c.devices[0].plan.requests.iter().map(|r| (r.address, r.count)).collect();
+        assert_eq!(spans, vec![(0x00, 12), (0x34, 24)]);
+        assert_eq!(c.buses[1].concurrency(), 2);
+        assert_eq!(c.gateway.timezone, chrono_tz::Asia::Shanghai);
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once_with_file_and_key() {
+        let bad = r#"
+            [gateway]
+            id = "gw/1"
+            site = "x"
+            timezone = "Mars/Olympus"
+
+            [[bus]]
+            name = "a"
+            kind = "rtu"
+            device = "/dev/ttyS0"
+            baud = 9601
+            gap = "1ms"
+
+            [[bus]]
+            name = "a"
+            kind = "tcp"
+            host = "h"
+            port = 70000
+
+            [[device]]
+            name = "m1"
+            bus = "a"
+            unit = 1
+            profile = "nope"
+
+            [[device]]
+            name = "m1"
+            bus = "zzz"
+            unit = 1
+            profile = "eastron_sdm120"
+
+            [[device]]
+            name = "m2"
+            bus = "a"
+            unit = "one"
+            profile = "eastron_sdm120"
+
+            [[device]]
+            name = "m3"
+            bus = "a"
+            unit = 1
+            profile = "eastron_sdm120"
+
+            [mqtt]
+        "#;
+        let all = issues(bad).join("\n");
+        for expected in [
+            "test.toml: gateway.id: must be non-empty",
+            "test.toml: gateway.timezone: \"Mars/Olympus\" is not an IANA timezone",
+            "test.toml: bus[0] (a).baud: 9601 is not a serial speed",
+            "test.toml: bus[0] (a).gap: ",
+            "shorter than t3.5",
+            "test.toml: bus[1] (a).name: duplicate bus name \"a\"",
+            "test.toml: bus[1] (a).port: 70000 is not a TCP port",
+            "test.toml: device[0] (m1).profile: unknown profile \"nope\"",
+            "test.toml: device[1] (m1).name: duplicate device name \"m1\"",
+            "test.toml: device[1] (m1).bus: unknown bus \"zzz\"",
+            "test.toml: device[2] (m2): invalid type",
+            "test.toml: device[3] (m3).unit: unit 1 is already used by device \"m1\"",
+            "test.toml: mqtt: unknown section",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn rtu_unit_ids_are_1_to_247_but_tcp_allows_255() {
+        let bad = GOOD.replace("unit = 1\n", "unit = 248\n");
+        let all = issues(&bad).join("\n");
+        assert!(
+            all.contains("device[0] (m1).unit: 248: an RS485 unit id is 1..=247"),
+            "{all}"
+        );
+        assert!(load(GOOD).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let all = issues("[gateway\nid=").join("\n");
+        assert!(all.starts_with("test.toml: not valid TOML"), "{all}");
+    }
+
+    #[test]
+    fn user_profiles_load_from_the_profiles_dir_and_their_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("profiles")).unwrap();
+        std::fs::write(
+            dir.path().join("profiles/site_meter.toml"),
+            "[profile]\nname = \"site_meter\"\nsource = \"test\"\n[[register]]\nname = \"e\"\nquantity = \"energy_kwh\"\nfunction = \"holding\"\naddress = 0\ntype = \"u32\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("profiles/broken.toml"),
+            "[profile]\nname = \"broken\"\nsource = \"x\"\n[[register]]\nname = \"e\"\nquantity = \"energy_kwh\"\nfunction = \"holding\"\naddress = 65535\ntype = \"u32\"\n",
+        )
+        .unwrap();
+        let text = GOOD.replace("profile = \"eastron_sdm630\"", "profile = \"site_meter\"");
+        let err = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!()
+        };
+        assert!(issues.iter().all(|i| i.file.ends_with("profiles/broken.toml")), "{issues:?}");
+        assert!(issues.iter().any(|i| i.message.contains("register range overflow")), "{issues:?}");
+        std::fs::remove_file(dir.path().join("profiles/broken.toml")).unwrap();
+        let c = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap();
+        assert_eq!(c.devices[0].profile.name, "site_meter");
+    }
+}

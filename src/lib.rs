@@ -1,0 +1,15 @@
+//! meterd: the edge daemon of a building's sub-metering.
+//!
+//! Polls electricity and water meters over Modbus RTU/TCP, and (in later modules) checks the meter
+//! topology, apportions common costs, enforces freeze rules on relays and forwards everything to the
+//! cloud through a durable outbox. See `docs/architecture.md` for how the pieces fit.
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod modbus;
+pub mod reading;
+pub mod sim;

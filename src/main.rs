@@ -1,0 +1,50 @@
+//! The `meterd` binary: parses the command line, sets up logging, runs one subcommand.
+
+use clap::Parser;
+use meterd::cli::{Cli, Command, DeviceException, InvalidConfig, EXIT_CONFIG, EXIT_EXCEPTION};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meterd: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(c) => c.execute().await,
+            Command::Check(c) => c.execute(),
+            Command::Read(c) => c.execute().await,
+            Command::Scan(c) => c.execute().await,
+            Command::Raw(c) => c.execute().await,
+            Command::Profiles(c) => c.execute(),
+            Command::Simulate(c) => c.execute().await,
+            Command::Demo(c) => c.execute().await,
+            Command::Bench(c) => c.execute().await,
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if let Err(e) = result {
+        eprintln!("meterd: {e:#}");
+        let code = if e.downcast_ref::<InvalidConfig>().is_some() {
+            EXIT_CONFIG
+        } else if e.downcast_ref::<DeviceException>().is_some() {
+            EXIT_EXCEPTION
+        } else {
+            1
+        };
+        std::process::exit(code);
+    }
+}

@@ -1,0 +1,379 @@
+//! The bus task: one per bus, owning its connections, driving the scheduler and emitting readings.
+//!
+//! Layout: a dispatcher (scheduler + bookkeeping) and N pollers, N = 1 on any RS485 line (one
+//! transaction on the wire at a time) and `max_concurrent` on Modbus TCP. A device is handed to one
+//! poller at a time; a slow or dead device occupies one poller for at most one timeout per attempt, and
+//! once offline only one attempt per probe interval.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::decode;
+use super::link::{Data, FailureKind, Link, LinkError};
+use super::schedule::{Scheduler, Verdict};
+use crate::config::{Bus, Device};
+use crate::reading::{Quality, RawWords, Reading};
+
+/// The last good value of a register: value, raw words, when read.
+type LastGood = Option<(f64, RawWords, DateTime<Utc>)>;
+
+/// A batch of readings from one poll of one device.
+pub type Batch = Vec<Reading>;
+
+/// Counters and last state of one device, for `meterd status` and the logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub unit: u8,
+    pub polls_ok: u64,
+    pub polls_failed: u64,
+    pub timeouts: u64,
+    /// CRC or framing errors: bytes arrived but no valid frame.
+    pub garbled: u64,
+    pub transport_errors: u64,
+    /// Modbus exception responses by code.
+    pub exceptions: BTreeMap<u8, u64>,
+    pub missed_deadlines: u64,
+    pub last_error: Option<String>,
+    pub last_latency_ms: Option<f64>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub offline_since: Option<DateTime<Utc>>,
+}
+
+/// Live status of one bus, shared with whoever reports it.
+#[derive(Debug, Serialize)]
+pub struct BusStatus {
+    pub name: String,
+    pub devices: Mutex<Vec<DeviceStatus>>,
+}
+
+impl BusStatus {
+    /// A copy of the device counters.
+    pub fn snapshot(&self) -> Vec<DeviceStatus> {
+        self.devices.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+/// What one attempt at polling a device produced.
+#[derive(Debug)]
+pub struct PollResult {
+    /// Decoded readings; registers whose request got an exception carry quality `error`.
+    pub readings: Vec<Reading>,
+    /// Exceptions received (the device answered, so the poll still counts as a success).
+    pub exceptions: Vec<LinkError>,
+    /// A communication failure that aborted the poll.
+    pub failure: Option<LinkError>,
+    pub latency: Duration,
+}
+
+/// Executes polls. The bus task uses [`Link`]; scheduler tests substitute a clock-driven poller.
+pub trait Poller: Send + 'static {
+    /// Reads every planned request of `device`.
+    fn poll<'a>(
+        &'a mut self,
+        device: &'a Device,
+    ) -> Pin<Box<dyn Future<Output = PollResult> + Send + 'a>>;
+}
+
+impl Poller for Link {
+    fn poll<'a>(
+        &'a mut self,
+        device: &'a Device,
+    ) -> Pin<Box<dyn Future<Output = PollResult> + Send + 'a>> {
+        Box::pin(poll_device(self, device))
+    }
+}
+
+/// Reads a device's plan over `link` and decodes every register. Stops at the first communication
+/// failure (the device is probably gone); goes on past exceptions (it answered).
+pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
+    let started = Instant::now();
+    let mut responses: Vec<Result<Data, LinkError>> =
+        Vec::with_capacity(device.plan.requests.len());
+    let mut ts = Utc::now();
+    for req in &device.plan.requests {
+        let r = link
+            .read(device.unit, *req, device.timeout, device.pause)
+            .await;
+        ts = Utc::now();
+        match r {
+            Err(e) if !e.device_answered() => {
+                return PollResult {
+                    readings: Vec::new(),
+                    exceptions: Vec::new(),
+                    failure: Some(e),
+                    latency: started.elapsed(),
+                };
+            }
+            r => responses.push(r),
+        }
+    }
+    let readings = decode_readings(device, &responses, ts);
+    let exceptions = responses.into_iter().filter_map(Result::err).collect();
+    PollResult {
+        readings,
+        exceptions,
+        failure: None,
+        latency: started.elapsed(),
+    }
+}
+
+/// Turns the responses to a device's plan into one reading per profile register.
+pub fn decode_readings(
+    device: &Device,
+    responses: &[Result<Data, LinkError>],
+    ts: DateTime<Utc>,
+) -> Vec<Reading> {
+    let profile = &device.profile;
+    let mut out = Vec::with_capacity(profile.registers.len());
+    for (reg, slot) in profile.registers.iter().zip(&device.plan.slots) {
+        let off = usize::from(slot.offset);
+        let (value, raw, error): (Option<f64>, RawWords, Option<Arc<str>>) =
+            match &responses[slot.request] {
+                Ok(Data::Bits(bits)) => {
+                    let b = bits[off];
+                    (
+                        Some(f64::from(u8::from(b))),
+                        RawWords::new(&[u16::from(b)]),
+                        None,
+                    )
+                }
+                Ok(Data::Words(words)) => {
+                    let w = &words[off..off + usize::from(reg.width())];
+                    match decode::decode(w, reg.ty, reg.word_order, reg.byte_order) {
+                        Ok(v) => (
+                            Some(v.as_f64() * reg.scale + reg.offset),
+                            RawWords::new(w),
+                            None,
+                        ),
+                        Err(e) => (None, RawWords::new(w), Some(Arc::from(e.to_string()))),
+                    }
+                }
+                Err(e) => (None, RawWords::default(), Some(Arc::from(e.to_string()))),
+            };
+        out.push(Reading {
+            device: device.name.clone(),
+            register: reg.name.clone(),
+            quantity: reg.quantity,
+            value,
+            unit: reg.unit.clone(),
+            ts,
+            quality: if error.is_none() {
+                Quality::Good
+            } else {
+                Quality::Error
+            },
+            raw,
+            error,
+        });
+    }
+    out
+}
+
+struct Done {
+    worker: usize,
+    device: usize,
+    result: PollResult,
+}
+
+/// Runs the bus until `out` is closed. `devices` are the devices of this bus only.
+pub async fn run(bus: Bus, devices: Vec<Device>, out: mpsc::Sender<Batch>, status: Arc<BusStatus>) {
+    let pollers: Vec<Link> = (0..bus.concurrency().max(1))
+        .map(|_| Link::new(&bus))
+        .collect();
+    run_with(devices, pollers, out, status).await
+}
+
+/// The dispatcher, with the pollers given. Returns when `out` is closed.
+pub async fn run_with<P: Poller>(
+    devices: Vec<Device>,
+    pollers: Vec<P>,
+    out: mpsc::Sender<Batch>,
+    status: Arc<BusStatus>,
+) {
+    if devices.is_empty() {
+        return;
+    }
+    let devices: Arc<[Device]> = devices.into();
+    let policies: Vec<_> = devices.iter().map(|d| d.policy).collect();
+    let mut sched = Scheduler::new(&policies);
+    let mut last_good: Vec<Vec<LastGood>> = devices
+        .iter()
+        .map(|d| vec![None; d.profile.registers.len()])
+        .collect();
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(pollers.len());
+    let mut jobs = Vec::new();
+    for (worker, mut poller) in pollers.into_iter().enumerate() {
+        let (tx, mut rx) = mpsc::channel::<usize>(1);
+        jobs.push(tx);
+        let devices = devices.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            while let Some(device) = rx.recv().await {
+                let result = poller.poll(&devices[device]).await;
+                if done_tx
+                    .send(Done {
+                        worker,
+                        device,
+                        result,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop(done_tx);
+    let mut idle: Vec<usize> = (0..jobs.len()).rev().collect();
+    let start = Instant::now();
+    loop {
+        let now = start.elapsed();
+        while let Some(&w) = idle.last() {
+            let Some(d) = sched.pop_due(now) else { break };
+            idle.pop();
+            if jobs[w].send(d).await.is_err() {
+                return;
+            }
+        }
+        let next = sched.next_due();
+        tokio::select! {
+            done = done_rx.recv() => {
+                let Some(Done { worker, device, result }) = done else { return };
+                idle.push(worker);
+                let ok = result.failure.is_none();
+                let verdict = sched.complete(device, ok, start.elapsed());
+                let dev = &devices[device];
+                let batch = account(&status, device, dev, &result, verdict, sched.missed(device), &mut last_good[device]);
+                let batch = if ok { result.readings } else { batch };
+                if !batch.is_empty() && out.send(batch).await.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => {}
+            _ = out.closed() => return,
+        }
+    }
+}
+
+/// Updates the counters and the last good values; for a failed poll returns the readings that say so
+/// (error, or stale with the last good value once the device is offline).
+fn account(
+    status: &BusStatus,
+    index: usize,
+    dev: &Device,
+    result: &PollResult,
+    verdict: Verdict,
+    missed: u64,
+    last_good: &mut [LastGood],
+) -> Vec<Reading> {
+    let now = Utc::now();
+    if let Ok(mut all) = status.devices.lock() {
+        let s = &mut all[index];
+        s.missed_deadlines = missed;
+        s.last_latency_ms = Some(result.latency.as_secs_f64() * 1000.0);
+        for e in result.exceptions.iter().chain(result.failure.iter()) {
+            match e.kind() {
+                FailureKind::Timeout => s.timeouts += 1,
+                FailureKind::Garbled => s.garbled += 1,
+                FailureKind::Transport => s.transport_errors += 1,
+                FailureKind::Exception(code) => *s.exceptions.entry(code).or_default() += 1,
+            }
+            s.last_error = Some(e.to_string());
+        }
+        if result.failure.is_none() {
+            s.polls_ok += 1;
+            s.last_success = Some(now);
+            s.offline_since = None;
+        } else {
+            s.polls_failed += 1;
+            if verdict == Verdict::WentOffline {
+                s.offline_since = Some(now);
+            }
+        }
+    }
+    match verdict {
+        Verdict::Polled => {}
+        Verdict::BackOnline => tracing::info!(device = %dev.name, "device back online"),
+        Verdict::Retrying => {
+            tracing::debug!(device = %dev.name, error = %fmt_failure(result), "poll failed, retrying")
+        }
+        Verdict::Failed => {
+            tracing::warn!(device = %dev.name, error = %fmt_failure(result), "poll failed")
+        }
+        Verdict::WentOffline => {
+            tracing::warn!(device = %dev.name, error = %fmt_failure(result), probe = ?dev.policy.probe_interval, "device offline; probing at the slower rate")
+        }
+        Verdict::StillOffline => {
+            tracing::debug!(device = %dev.name, "probe of offline device failed")
+        }
+    }
+    if result.failure.is_none() {
+        for (slot, r) in last_good.iter_mut().zip(&result.readings) {
+            if let (Some(v), Quality::Good) = (r.value, r.quality) {
+                *slot = Some((v, r.raw, r.ts));
+            }
+        }
+        return Vec::new();
+    }
+    let stale = matches!(verdict, Verdict::WentOffline | Verdict::StillOffline);
+    if verdict == Verdict::Retrying {
+        return Vec::new();
+    }
+    let error: Arc<str> = Arc::from(fmt_failure(result).as_str());
+    dev.profile
+        .registers
+        .iter()
+        .zip(last_good.iter())
+        .map(|(reg, last)| {
+            let (value, raw, ts, quality) = match (stale, last) {
+                (true, Some((v, raw, ts))) => (Some(*v), *raw, *ts, Quality::Stale),
+                _ => (None, RawWords::default(), now, Quality::Error),
+            };
+            Reading {
+                device: dev.name.clone(),
+                register: reg.name.clone(),
+                quantity: reg.quantity,
+                value,
+                unit: reg.unit.clone(),
+                ts,
+                quality,
+                raw,
+                error: Some(error.clone()),
+            }
+        })
+        .collect()
+}
+
+fn fmt_failure(r: &PollResult) -> String {
+    r.failure
+        .as_ref()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
+/// A fresh status block for the devices of one bus.
+pub fn new_status(bus: &Bus, devices: &[Device]) -> Arc<BusStatus> {
+    Arc::new(BusStatus {
+        name: bus.name.clone(),
+        devices: Mutex::new(
+            devices
+                .iter()
+                .map(|d| DeviceStatus {
+                    name: d.name.to_string(),
+                    unit: d.unit,
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    })
+}

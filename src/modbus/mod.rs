@@ -1,0 +1,12 @@
+//! Modbus: device profiles, register decoding, read planning, poll scheduling and the bus tasks.
+//!
+//! Everything but [`bus`] and [`link`] is pure: it takes data and returns data, so the protocol logic
+//! is tested without a wire.
+
+pub mod bus;
+pub mod decode;
+pub mod link;
+pub mod plan;
+pub mod profile;
+pub mod schedule;
+pub mod timing;

@@ -1,0 +1,796 @@
+//! The meter simulator: a virtual building served over real Modbus (tokio-modbus's server side), on TCP
+//! loopback and on RTU over a pseudo-terminal. Tests, benchmarks and `meterd demo` run against it.
+//!
+//! Meters of any profile answer from a register image computed on demand: energy and volume counters
+//! integrate the configured load and flow over time (and stop rising while the device's own cut-off
+//! relay is open), relay coils and holding registers keep what was written. Faults are per unit: never
+//! answer, always answer with an exception, or garble every Nth frame.
+//!
+//! RTU endpoints sit behind a line emulator: the server's pty is relayed to the pty the client opens,
+//! delaying each frame by its wire time at the configured baud (and t3.5 for the end of a request), so
+//! the bus timing of a real 9600 baud line can be measured on a machine without one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_modbus::server::Service;
+use tokio_serial::SerialStream;
+
+use crate::config::{self, Parity};
+use crate::modbus::decode;
+use crate::modbus::profile::{Function, Profile, Quantity, RegisterDef};
+use crate::modbus::timing;
+
+/// Why a building could not be loaded or served.
+#[derive(Debug, Error)]
+pub enum SimError {
+    #[error("cannot read building file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("building file {file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("endpoint {endpoint}: cannot listen on {addr}: {source}; pick a free port or 0")]
+    Listen {
+        endpoint: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("endpoint {endpoint}: cannot create a pseudo-terminal pair: {detail}")]
+    Pty { endpoint: String, detail: String },
+}
+
+/// A virtual building: endpoints (ports) and the units on them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Building {
+    #[serde(default)]
+    pub building: BuildingInfo,
+    #[serde(default)]
+    pub endpoint: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub unit: Vec<UnitSpec>,
+}
+
+/// Descriptive header of a building file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildingInfo {
+    #[serde(default)]
+    pub name: String,
+}
+
+/// How an endpoint is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointKind {
+    /// Modbus TCP on a loopback port.
+    Tcp,
+    /// Raw RTU frames on a loopback TCP port (a serial gateway).
+    RtuOverTcp,
+    /// Modbus RTU on a pseudo-terminal; the path to open is reported when started.
+    Rtu,
+}
+
+/// One port of the building.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub kind: EndpointKind,
+    /// `host:port` for TCP kinds; port 0 picks a free one.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Turnaround: time a unit takes to start answering.
+    #[serde(default, with = "humantime_serde")]
+    pub response_delay: Option<Duration>,
+    /// RTU only: emulate the wire time of every frame at this baud.
+    pub baud: Option<u32>,
+    #[serde(default)]
+    pub parity: Option<Parity>,
+    pub stop_bits: Option<u8>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:0".into()
+}
+
+/// Misbehaviour injected into one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    #[default]
+    None,
+    /// Never answers (a dead or unpowered meter).
+    Dead,
+    /// Answers every request with `exception_code`.
+    Exception,
+    /// Every `corrupt_every`-th answer is garbled (CRC error on RTU, short payload on TCP).
+    Corrupt,
+}
+
+/// One simulated device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSpec {
+    pub endpoint: String,
+    pub unit: u8,
+    pub profile: String,
+    /// Active power drawn, W; energy rises by exactly this.
+    #[serde(default)]
+    pub load_w: f64,
+    #[serde(default)]
+    pub start_kwh: f64,
+    /// Water flow, m³/h; volume rises by exactly this.
+    #[serde(default)]
+    pub flow_m3h: f64,
+    #[serde(default)]
+    pub start_m3: f64,
+    #[serde(default)]
+    pub fault: Fault,
+    #[serde(default = "two")]
+    pub exception_code: u8,
+    #[serde(default = "five")]
+    pub corrupt_every: u32,
+    /// Extra turnaround of this unit on top of the endpoint's.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+}
+
+fn two() -> u8 {
+    2
+}
+fn five() -> u32 {
+    5
+}
+
+impl Building {
+    /// Parses a building description (TOML).
+    pub fn from_str_named(text: &str, file: &str) -> Result<Building, SimError> {
+        let b: Building = toml::from_str(text).map_err(|e| SimError::Invalid {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        for u in &b.unit {
+            if !b.endpoint.iter().any(|e| e.name == u.endpoint) {
+                return Err(SimError::Invalid {
+                    file: file.to_string(),
+                    message: format!("unit {} names unknown endpoint {:?}", u.unit, u.endpoint),
+                });
+            }
+        }
+        Ok(b)
+    }
+
+    /// Reads a building file.
+    pub fn from_path(path: &Path) -> Result<Building, SimError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SimError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Building::from_str_named(&text, &path.display().to_string())
+    }
+}
+
+/// Where a started endpoint can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddr {
+    Tcp(SocketAddr),
+    RtuOverTcp(SocketAddr),
+    /// Open this path as a serial port.
+    Pty(PathBuf),
+}
+
+impl std::fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointAddr::Tcp(a) => write!(f, "modbus tcp {a}"),
+            EndpointAddr::RtuOverTcp(a) => write!(f, "rtu over tcp {a}"),
+            EndpointAddr::Pty(p) => write!(f, "rtu pty {}", p.display()),
+        }
+    }
+}
+
+/// A running simulator; dropping it stops every endpoint.
+pub struct RunningSim {
+    pub endpoints: Vec<(String, EndpointAddr)>,
+    units: HashMap<(String, u8), Arc<SimUnit>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningSim {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl RunningSim {
+    /// The address of a named endpoint.
+    pub fn addr(&self, endpoint: &str) -> Option<&EndpointAddr> {
+        self.endpoints
+            .iter()
+            .find(|(n, _)| n == endpoint)
+            .map(|(_, a)| a)
+    }
+
+    /// Requests a unit has answered (or ignored, when dead) so far.
+    pub fn requests_seen(&self, endpoint: &str, unit: u8) -> u64 {
+        self.units
+            .get(&(endpoint.to_string(), unit))
+            .map(|u| u.state.lock().map(|s| s.requests).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Changes a unit's load at run time (tests, demo).
+    pub fn set_load_w(&self, endpoint: &str, unit: u8, load_w: f64) {
+        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            if let Ok(mut s) = u.state.lock() {
+                s.advance(&u.profile);
+                s.load_w = load_w;
+            }
+        }
+    }
+}
+
+/// One unit's live state.
+struct SimUnit {
+    spec: UnitSpec,
+    profile: Arc<Profile>,
+    /// Registers sorted by (function, address) for range lookups.
+    sorted: Vec<RegisterDef>,
+    state: Mutex<UnitState>,
+}
+
+struct UnitState {
+    energy_kwh: f64,
+    water_m3: f64,
+    load_w: f64,
+    flow_m3h: f64,
+    last: Instant,
+    coils: BTreeMap<u16, bool>,
+    holding: BTreeMap<u16, u16>,
+    requests: u64,
+    answers: u64,
+}
+
+impl UnitState {
+    /// Integrates load and flow up to now; consumption stops while the unit's cut-off output is off.
+    fn advance(&mut self, profile: &Profile) {
+        let now = Instant::now();
+        let hours = (now - self.last).as_secs_f64() / 3600.0;
+        self.last = now;
+        if self.supply_on(profile) {
+            self.energy_kwh += self.load_w * hours / 1000.0;
+            self.water_m3 += self.flow_m3h * hours;
+        }
+    }
+
+    fn supply_on(&self, profile: &Profile) -> bool {
+        profile
+            .outputs
+            .iter()
+            .filter(|o| o.readback.is_some() && o.function == Function::Holding)
+            .all(|o| {
+                self.holding
+                    .get(&o.address)
+                    .is_none_or(|v| *v != o.off_value)
+            })
+    }
+
+    fn value_of(&self, reg: &RegisterDef, profile: &Profile) -> f64 {
+        let on = self.supply_on(profile);
+        let load = if on { self.load_w } else { 0.0 };
+        match reg.quantity {
+            Quantity::EnergyKwh | Quantity::EnergyOtherKwh => self.energy_kwh,
+            Quantity::EnergyExportKwh => 0.0,
+            Quantity::WaterM3 => self.water_m3,
+            Quantity::FlowM3h => {
+                if on {
+                    self.flow_m3h
+                } else {
+                    0.0
+                }
+            }
+            Quantity::PowerW | Quantity::ApparentPowerVa => load,
+            Quantity::ReactivePowerVar => 0.0,
+            Quantity::VoltageV => 230.0,
+            Quantity::CurrentA => load / 230.0,
+            Quantity::FrequencyHz => 50.0,
+            Quantity::PowerFactor => 1.0,
+            Quantity::PulseCount => self.water_m3 / 0.01,
+            Quantity::PrepaidRemaining => 100.0,
+            Quantity::RelayState
+            | Quantity::DigitalInput
+            | Quantity::ValveState
+            | Quantity::Other => 0.0,
+        }
+    }
+}
+
+impl SimUnit {
+    fn new(spec: UnitSpec, profile: Arc<Profile>) -> SimUnit {
+        let mut sorted = profile.registers.clone();
+        sorted.sort_by_key(|r| (r.function, r.address));
+        let mut holding = BTreeMap::new();
+        // Outputs start energised (supply on, valve open): a fresh install is not a cut-off.
+        for o in &profile.outputs {
+            if o.function == Function::Holding {
+                holding.insert(o.address, o.on_value);
+            }
+        }
+        let state = UnitState {
+            energy_kwh: spec.start_kwh,
+            water_m3: spec.start_m3,
+            load_w: spec.load_w,
+            flow_m3h: spec.flow_m3h,
+            last: Instant::now(),
+            coils: BTreeMap::new(),
+            holding,
+            requests: 0,
+            answers: 0,
+        };
+        SimUnit {
+            spec,
+            profile,
+            sorted,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn max_for(&self, f: Function) -> u16 {
+        self.profile.max_per_read(f)
+    }
+
+    /// Register words of `[address, address + count)` in table `f`, or exception 02 when the range
+    /// touches nothing the profile defines (what meters answer for a read outside their map).
+    fn read_words(
+        &self,
+        s: &UnitState,
+        f: Function,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<u16>, ExceptionCode> {
+        if count == 0 || count > self.max_for(f) {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+        let start = u32::from(address);
+        let end = start + u32::from(count);
+        let mut words = vec![0u16; usize::from(count)];
+        let mut written = vec![false; usize::from(count)];
+        let first = self
+            .sorted
+            .partition_point(|r| (r.function, u32::from(r.address) + 4) < (f, start));
+        let mut any = false;
+        for r in &self.sorted[first..] {
+            if r.function != f || u32::from(r.address) >= end {
+                break;
+            }
+            let r_end = u32::from(r.address) + u32::from(r.width());
+            if r_end <= start {
+                continue;
+            }
+            any = true;
+            let value = (s.value_of(r, &self.profile) - r.offset) / r.scale;
+            let ws = decode::encode(value, r.ty, r.word_order, r.byte_order)
+                .unwrap_or_else(|_| vec![0; usize::from(r.width())]);
+            for (i, w) in ws.iter().enumerate() {
+                let a = u32::from(r.address) + i as u32;
+                if a >= start && a < end && !written[(a - start) as usize] {
+                    words[(a - start) as usize] = *w;
+                    written[(a - start) as usize] = true;
+                }
+            }
+        }
+        if f == Function::Holding {
+            for (a, v) in s.holding.range(address..) {
+                if u32::from(*a) >= end {
+                    break;
+                }
+                any = true;
+                words[usize::from(*a - address)] = *v;
+            }
+        }
+        if any {
+            Ok(words)
+        } else {
+            Err(ExceptionCode::IllegalDataAddress)
+        }
+    }
+
+    fn read_bits(
+        &self,
+        s: &UnitState,
+        f: Function,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<bool>, ExceptionCode> {
+        if count == 0 || count > self.max_for(f) {
+            return Err(ExceptionCode::IllegalDataValue);
+        }
+        let end = u32::from(address) + u32::from(count);
+        let defined = self.sorted.iter().any(|r| {
+            r.function == f
+                && u32::from(r.address) >= u32::from(address)
+                && u32::from(r.address) < end
+        });
+        if !defined {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
+        Ok((0..count)
+            .map(|i| f == Function::Coil && s.coils.get(&(address + i)).copied().unwrap_or(false))
+            .collect())
+    }
+
+    fn has(&self, f: Function, address: u16) -> bool {
+        self.sorted
+            .iter()
+            .any(|r| r.function == f && r.address == address)
+            || self
+                .profile
+                .outputs
+                .iter()
+                .any(|o| o.function == f && o.address == address)
+    }
+
+    /// Answers one request. `None` means stay silent.
+    fn answer(&self, req: Request<'static>, tcp: bool) -> Option<Result<Response, ExceptionCode>> {
+        let mut s = self.state.lock().ok()?;
+        s.requests += 1;
+        match self.spec.fault {
+            Fault::Dead => return None,
+            Fault::Exception => return Some(Err(ExceptionCode::new(self.spec.exception_code))),
+            _ => {}
+        }
+        s.advance(&self.profile);
+        s.answers += 1;
+        let garble = self.spec.fault == Fault::Corrupt
+            && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0;
+        let r =
+            match req {
+                Request::ReadCoils(a, n) => self
+                    .read_bits(&s, Function::Coil, a, n)
+                    .map(Response::ReadCoils),
+                Request::ReadDiscreteInputs(a, n) => self
+                    .read_bits(&s, Function::DiscreteInput, a, n)
+                    .map(Response::ReadDiscreteInputs),
+                Request::ReadHoldingRegisters(a, n) => {
+                    self.read_words(&s, Function::Holding, a, n).map(|mut w| {
+                        if garble && tcp {
+                            w.pop();
+                        }
+                        Response::ReadHoldingRegisters(w)
+                    })
+                }
+                Request::ReadInputRegisters(a, n) => {
+                    self.read_words(&s, Function::Input, a, n).map(|mut w| {
+                        if garble && tcp {
+                            w.pop();
+                        }
+                        Response::ReadInputRegisters(w)
+                    })
+                }
+                Request::WriteSingleCoil(a, v) => {
+                    if self.has(Function::Coil, a) {
+                        s.coils.insert(a, v);
+                        Ok(Response::WriteSingleCoil(a, v))
+                    } else {
+                        Err(ExceptionCode::IllegalDataAddress)
+                    }
+                }
+                Request::WriteMultipleCoils(a, vs) => {
+                    if (0..vs.len() as u16).all(|i| self.has(Function::Coil, a + i)) {
+                        for (i, v) in vs.iter().enumerate() {
+                            s.coils.insert(a + i as u16, *v);
+                        }
+                        Ok(Response::WriteMultipleCoils(a, vs.len() as u16))
+                    } else {
+                        Err(ExceptionCode::IllegalDataAddress)
+                    }
+                }
+                Request::WriteSingleRegister(a, v) => {
+                    if self.profile.outputs.iter().any(|o| {
+                        o.address == a && o.function == Function::Holding && o.write_multiple
+                    }) {
+                        // Like the DDS238, ignore FC06 where the device only takes FC16.
+                        return None;
+                    }
+                    if self.has(Function::Holding, a) {
+                        s.holding.insert(a, v);
+                        Ok(Response::WriteSingleRegister(a, v))
+                    } else {
+                        Err(ExceptionCode::IllegalDataAddress)
+                    }
+                }
+                Request::WriteMultipleRegisters(a, vs) => {
+                    if self.has(Function::Holding, a) {
+                        for (i, v) in vs.iter().enumerate() {
+                            s.holding.insert(a + i as u16, *v);
+                        }
+                        Ok(Response::WriteMultipleRegisters(a, vs.len() as u16))
+                    } else {
+                        Err(ExceptionCode::IllegalDataAddress)
+                    }
+                }
+                _ => Err(ExceptionCode::IllegalFunction),
+            };
+        Some(r)
+    }
+
+    fn garble_next(&self) -> bool {
+        self.spec.fault == Fault::Corrupt
+            && self
+                .state
+                .lock()
+                .map(|s| {
+                    s.answers > 0 && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0
+                })
+                .unwrap_or(false)
+    }
+}
+
+/// The tokio-modbus service of one endpoint.
+#[derive(Clone)]
+struct EndpointService {
+    units: Arc<HashMap<u8, Arc<SimUnit>>>,
+    delay: Duration,
+    tcp: bool,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
+
+impl Service for EndpointService {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = BoxFut;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let unit = self.units.get(&req.slave).cloned();
+        let delay = self.delay;
+        let tcp = self.tcp;
+        Box::pin(async move {
+            let Some(unit) = unit else {
+                // A TCP gateway reports an absent unit; on a serial line nobody answers.
+                return if tcp {
+                    Err(ExceptionCode::GatewayTargetDevice)
+                } else {
+                    Ok(None)
+                };
+            };
+            let delay = delay + unit.spec.delay.unwrap_or_default();
+            let answer = unit.answer(req.request, tcp);
+            if !delay.is_zero() && answer.is_some() {
+                crate::clock::sleep_until_precise(Instant::now() + delay).await;
+            }
+            match answer {
+                None => Ok(None),
+                Some(Ok(r)) => Ok(Some(r)),
+                Some(Err(e)) => Err(e),
+            }
+        })
+    }
+}
+
+/// Starts every endpoint of `building`, resolving profiles from `profiles`.
+pub async fn start(
+    building: &Building,
+    profiles: &BTreeMap<String, Arc<Profile>>,
+) -> Result<RunningSim, SimError> {
+    let mut sim = RunningSim {
+        endpoints: Vec::new(),
+        units: HashMap::new(),
+        tasks: Vec::new(),
+    };
+    for ep in &building.endpoint {
+        let mut units = HashMap::new();
+        for u in building.unit.iter().filter(|u| u.endpoint == ep.name) {
+            let profile = profiles
+                .get(&u.profile)
+                .cloned()
+                .ok_or_else(|| SimError::Invalid {
+                    file: "building".into(),
+                    message: format!(
+                        "unit {} on {}: unknown profile {:?}",
+                        u.unit, ep.name, u.profile
+                    ),
+                })?;
+            let unit = Arc::new(SimUnit::new(u.clone(), profile));
+            sim.units.insert((ep.name.clone(), u.unit), unit.clone());
+            if units.insert(u.unit, unit).is_some() {
+                return Err(SimError::Invalid {
+                    file: "building".into(),
+                    message: format!("unit {} appears twice on endpoint {}", u.unit, ep.name),
+                });
+            }
+        }
+        let service = EndpointService {
+            units: Arc::new(units),
+            delay: ep.response_delay.unwrap_or_default(),
+            tcp: ep.kind == EndpointKind::Tcp,
+        };
+        let addr = match ep.kind {
+            EndpointKind::Tcp | EndpointKind::RtuOverTcp => {
+                let listener =
+                    TcpListener::bind(&ep.listen)
+                        .await
+                        .map_err(|source| SimError::Listen {
+                            endpoint: ep.name.clone(),
+                            addr: ep.listen.clone(),
+                            source,
+                        })?;
+                let local = listener.local_addr().map_err(|source| SimError::Listen {
+                    endpoint: ep.name.clone(),
+                    addr: ep.listen.clone(),
+                    source,
+                })?;
+                let kind = ep.kind;
+                let name = ep.name.clone();
+                sim.tasks.push(tokio::spawn(async move {
+                    let on_connected = |stream: tokio::net::TcpStream, _addr| {
+                        let service = service.clone();
+                        let _ = stream.set_nodelay(true);
+                        async move { Ok(Some((service, stream))) }
+                    };
+                    let on_error = |e| tracing::debug!(error = %e, "simulator connection ended");
+                    let r = if kind == EndpointKind::Tcp {
+                        tokio_modbus::server::tcp::Server::new(listener)
+                            .serve(&on_connected, on_error)
+                            .await
+                    } else {
+                        tokio_modbus::server::rtu_over_tcp::Server::new(listener)
+                            .serve(&on_connected, on_error)
+                            .await
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(endpoint = %name, error = %e, "simulator endpoint stopped");
+                    }
+                }));
+                if kind == EndpointKind::Tcp {
+                    EndpointAddr::Tcp(local)
+                } else {
+                    EndpointAddr::RtuOverTcp(local)
+                }
+            }
+            EndpointKind::Rtu => {
+                let pty_err = |e: tokio_serial::Error| SimError::Pty {
+                    endpoint: ep.name.clone(),
+                    detail: e.to_string(),
+                };
+                let (server_side, line_a) = SerialStream::pair().map_err(pty_err)?;
+                let (line_b, client_side) = SerialStream::pair().map_err(pty_err)?;
+                // The client opens its end by path (with an exclusive lock, like a real port), so ours
+                // is closed; the relay waits while no client has it open.
+                use tokio_serial::SerialPort;
+                let path = client_side
+                    .name()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| SimError::Pty {
+                        endpoint: ep.name.clone(),
+                        detail: "the pty has no path".into(),
+                    })?;
+                drop(client_side);
+                let line = LineTiming::of(ep);
+                let units = service.units.clone();
+                sim.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = tokio_modbus::server::rtu::Server::new(server_side)
+                        .serve_forever(service)
+                        .await
+                    {
+                        tracing::error!(error = %e, "simulator rtu endpoint stopped");
+                    }
+                }));
+                sim.tasks
+                    .push(tokio::spawn(relay(line_a, line_b, line, units)));
+                EndpointAddr::Pty(path)
+            }
+        };
+        sim.endpoints.push((ep.name.clone(), addr));
+    }
+    Ok(sim)
+}
+
+/// Wire timing of an emulated RS485 line.
+#[derive(Debug, Clone, Copy)]
+struct LineTiming {
+    baud: Option<u32>,
+    bits: u32,
+}
+
+impl LineTiming {
+    fn of(ep: &EndpointSpec) -> LineTiming {
+        let parity = !matches!(ep.parity.unwrap_or(Parity::Even), Parity::None);
+        LineTiming {
+            baud: ep.baud,
+            bits: timing::bits_per_char(parity, ep.stop_bits.unwrap_or(1)),
+        }
+    }
+
+    fn frame(&self, bytes: usize) -> Duration {
+        self.baud
+            .map(|b| timing::wire_time(bytes, b, self.bits))
+            .unwrap_or_default()
+    }
+
+    fn t35(&self) -> Duration {
+        self.baud.map(timing::t35).unwrap_or_default()
+    }
+}
+
+/// Moves bytes between the server's pty and the client's, adding wire time and garbling the answers
+/// of units set to corrupt (the last byte, i.e. the CRC, is flipped).
+async fn relay(
+    server_line: SerialStream,
+    client_line: SerialStream,
+    line: LineTiming,
+    units: Arc<HashMap<u8, Arc<SimUnit>>>,
+) {
+    let (mut srv_rx, mut srv_tx) = tokio::io::split(server_line);
+    let (mut cli_rx, mut cli_tx) = tokio::io::split(client_line);
+    let requests = async move {
+        let mut buf = vec![0u8; 512];
+        loop {
+            let n = match cli_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    // The client closed its end: wait for the next one.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Ok(n) => n,
+            };
+            let arrived = Instant::now();
+            crate::clock::sleep_until_precise(arrived + line.frame(n) + line.t35()).await;
+            if srv_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let responses = async move {
+        let mut buf = vec![0u8; 512];
+        loop {
+            let n = match srv_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let arrived = Instant::now();
+            if let Some(u) = units.get(&buf[0]) {
+                if u.garble_next() {
+                    buf[n - 1] ^= 0xFF;
+                }
+            }
+            crate::clock::sleep_until_precise(arrived + line.frame(n)).await;
+            if cli_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(requests, responses);
+}
+
+/// Loads a building and the profiles next to it (`<building dir>/profiles`).
+pub fn load(path: &Path) -> Result<(Building, BTreeMap<String, Arc<Profile>>), anyhow::Error> {
+    let building = Building::from_path(path)?;
+    let dir = path.parent().unwrap_or(Path::new(".")).join("profiles");
+    let profiles = config::load_profiles(&dir).map_err(|issues| {
+        anyhow::anyhow!(issues
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })?;
+    Ok((building, profiles))
+}
