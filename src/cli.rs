@@ -1,7 +1,8 @@
 //! The field engineer's command line. Each subcommand is one type with one `execute`.
 //!
 //! Exit codes (stable, documented in the README): 0 success; 1 a runtime failure (bus, device, I/O);
-//! 2 bad usage (clap); 3 the configuration is invalid; 4 a device answered with a Modbus exception.
+//! 2 bad usage (clap); 3 the configuration is invalid or unreadable; 4 a device answered with a Modbus
+//! exception.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -22,7 +23,7 @@ use crate::modbus::profile::Function;
 use crate::reading::{Quality, Reading};
 use crate::{daemon, sim};
 
-/// Exit code: the configuration is invalid.
+/// Exit code: the configuration is invalid or cannot be read.
 pub const EXIT_CONFIG: i32 = 3;
 /// Exit code: the device answered with a Modbus exception.
 pub const EXIT_EXCEPTION: i32 = 4;

@@ -853,7 +853,12 @@ mod tests {
             "Eastron quirk from the profile"
         );
         // Default max_gap 8: 0x0000-0x000B and 0x0034-0x004B; the 40-register hole is not read.
-        let spans: Vec<(u16, u16)> = c.devices[0].plan.requests.iter().map(|r| (r.address, r.count)).collect();
+        let spans: Vec<(u16, u16)> = c.devices[0]
+            .plan
+            .requests
+            .iter()
+            .map(|r| (r.address, r.count))
+            .collect();
         assert_eq!(spans, vec![(0x00, 12), (0x34, 24)]);
         assert_eq!(c.buses[1].concurrency(), 2);
         assert_eq!(c.gateway.timezone, chrono_tz::Asia::Shanghai);
@@ -962,8 +967,18 @@ mod tests {
         let ConfigError::Invalid(issues) = err else {
             panic!()
         };
-        assert!(issues.iter().all(|i| i.file.ends_with("profiles/broken.toml")), "{issues:?}");
-        assert!(issues.iter().any(|i| i.message.contains("register range overflow")), "{issues:?}");
+        assert!(
+            issues
+                .iter()
+                .all(|i| i.file.ends_with("profiles/broken.toml")),
+            "{issues:?}"
+        );
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.message.contains("register range overflow")),
+            "{issues:?}"
+        );
         std::fs::remove_file(dir.path().join("profiles/broken.toml")).unwrap();
         let c = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap();
         assert_eq!(c.devices[0].profile.name, "site_meter");

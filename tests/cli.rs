@@ -1,0 +1,339 @@
+//! The `meterd` binary as a field engineer uses it, against `meterd simulate` in its own process.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meterd");
+
+fn meterd(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run meterd")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `meterd simulate` on the sample building; killed on drop.
+struct Sim {
+    child: Child,
+    endpoints: HashMap<String, String>,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn simulate() -> Sim {
+    let mut child = Command::new(BIN)
+        .args(["--log-level", "warn", "simulate", "--building"])
+        .arg(repo("config/building.toml"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut endpoints = HashMap::new();
+    for line in BufReader::new(out).lines().take(20) {
+        let line = line.unwrap();
+        if line.starts_with("serving") {
+            break;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.first() == Some(&"endpoint") {
+            endpoints.insert(parts[1].to_string(), parts.last().unwrap().to_string());
+        }
+    }
+    assert_eq!(endpoints.len(), 3, "{endpoints:?}");
+    Sim { child, endpoints }
+}
+
+/// A config for the sample building's endpoints, in a temp dir.
+fn site_config(sim: &Sim, dir: &Path) -> PathBuf {
+    let (host, port) = sim.endpoints["lan"].rsplit_once(':').unwrap();
+    let text = format!(
+        r#"
+[gateway]
+id = "cli-test"
+site = "test"
+timezone = "Asia/Shanghai"
+
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "{host}"
+port = {port}
+
+[[bus]]
+name = "rs485-1"
+kind = "rtu"
+device = "{pty}"
+baud = 9600
+parity = "even"
+
+[[device]]
+name = "main-incomer"
+bus = "lan"
+unit = 1
+profile = "chint_dtsu666"
+
+[[device]]
+name = "room-101"
+bus = "rs485-1"
+unit = 1
+profile = "eastron_sdm120"
+"#,
+        pty = sim.endpoints["rs485-1"]
+    );
+    let path = dir.join("meterd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_example_config() {
+    let o = meterd(&[
+        "check",
+        "--config",
+        repo("config/meterd.toml").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("OK: gateway gw-tower-a"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn check_lists_every_error_and_exits_3_and_run_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+[gateway]
+id = "x"
+site = "x"
+timezone = "Asia/Shanghia"
+
+[[bus]]
+name = "a"
+kind = "rtu"
+device = "/dev/ttyUSB0"
+baud = 9601
+
+[[device]]
+name = "m"
+bus = "b"
+unit = 1
+profile = "sdm999"
+"#,
+    )
+    .unwrap();
+    let path = bad.to_str().unwrap();
+    let o = meterd(&["check", "--config", path]);
+    assert_eq!(o.status.code(), Some(3));
+    let err = stderr(&o);
+    for needle in [
+        "gateway.timezone",
+        "bus[0] (a).baud",
+        "device[0] (m).bus: unknown bus \"b\"",
+        "device[0] (m).profile: unknown profile \"sdm999\"",
+    ] {
+        assert!(
+            err.contains(&format!("{path}: {needle}")),
+            "missing {needle}:\n{err}"
+        );
+    }
+    let o = meterd(&["run", "--config", path]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let o = meterd(&["check", "--config", "/nonexistent/meterd.toml"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("cannot read config file /nonexistent/meterd.toml"));
+}
+
+#[test]
+fn read_scan_and_raw_against_the_simulator() {
+    let sim = simulate();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site_config(&sim, dir.path());
+    let cfg = cfg.to_str().unwrap();
+
+    // read: a table, and JSON with decoded values.
+    let o = meterd(&["read", "--config", cfg, "main-incomer"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(
+        table.contains("register") && table.contains("import_kwh") && table.contains("182340"),
+        "{table}"
+    );
+    let o = meterd(&["read", "--config", cfg, "room-101", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let voltage = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["register"] == "voltage")
+        .unwrap();
+    assert!((voltage["value"].as_f64().unwrap() - 230.0).abs() < 1e-3);
+    assert_eq!(voltage["quality"], "good");
+    assert_eq!(voltage["unit"], "V");
+
+    // scan over TCP: units 1 and 10 exist; the gateway's "no such unit" is not a hit.
+    let o = meterd(&[
+        "scan", "--config", cfg, "--bus", "lan", "--units", "1-12", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let hits: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let units: Vec<u64> = hits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["unit"].as_u64().unwrap())
+        .collect();
+    assert_eq!(units, vec![1, 10]);
+    // scan over RTU: units 1-5 answer (4 with exception 02 at register 0 is still an answer), 6 is dead.
+    let o = meterd(&[
+        "scan",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--units",
+        "1-7",
+        "--timeout",
+        "150ms",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("5 of 7 unit id(s) answered"), "{text}");
+
+    // raw: decode a float, write a coil with --yes, read it back.
+    let o = meterd(&[
+        "raw", "--config", cfg, "--bus", "rs485-1", "--unit", "1", "read", "input", "0x0000", "2",
+        "--type", "f32", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        (rows[0]["value"].as_f64().unwrap() - 230.0).abs() < 1e-3,
+        "{rows}"
+    );
+    let o = meterd(&[
+        "raw", "--config", cfg, "--bus", "lan", "--unit", "10", "write", "coil", "3", "on",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a write without --yes and no terminal is refused"
+    );
+    assert!(stderr(&o).contains("pass --yes"));
+    let read_coils = || {
+        let o = meterd(&[
+            "raw", "--config", cfg, "--bus", "lan", "--unit", "10", "read", "coil", "0", "8",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(read_coils()[3], 0.0, "nothing was written");
+    let o = meterd(&[
+        "raw", "--config", cfg, "--bus", "lan", "--unit", "10", "write", "coil", "3", "on", "--yes",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_coils(), vec![0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+
+    // An exception answer exits 4 and says what it means.
+    let o = meterd(&[
+        "raw", "--config", cfg, "--bus", "lan", "--unit", "1", "read", "holding", "0x9000", "2",
+    ]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("illegal data address"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn read_of_an_unknown_device_names_it() {
+    let o = meterd(&[
+        "read",
+        "--config",
+        repo("config/meterd.toml").to_str().unwrap(),
+        "room-999",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no device \"room-999\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn profiles_lists_the_library_and_shows_commissioning_notes() {
+    let o = meterd(&["profiles"]);
+    assert!(o.status.success());
+    for p in [
+        "eastron_sdm120",
+        "eastron_sdm630",
+        "chint_ddsu666",
+        "chint_dtsu666",
+        "relay_waveshare_8ch",
+        "water_pulse_wb_mcm8",
+    ] {
+        assert!(stdout(&o).contains(p), "{p}");
+    }
+    let o = meterd(&["profiles", "chint_dtsu666"]);
+    assert!(stdout(&o).contains("commissioning:"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("0x101e"), "{}", stdout(&o));
+}
+
+#[test]
+fn demo_runs_the_sample_building_and_shows_live_readings() {
+    let o = meterd(&[
+        "--log-level",
+        "warn",
+        "demo",
+        "--duration",
+        "5s",
+        "--every",
+        "2s",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("simulator endpoint rs485-1: rtu pty /dev/"),
+        "{text}"
+    );
+    // The last table: the room meters have energy values, the dead one is offline.
+    let last = text.rsplit("device ").next().unwrap();
+    assert!(
+        last.contains("room-101") && last.contains("5123."),
+        "{last}"
+    );
+    assert!(last.contains("OFFLINE"), "{last}");
+}
