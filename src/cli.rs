@@ -560,34 +560,6 @@ impl Layout {
     }
 }
 
-/// Value types on the command line.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum TypeArg {
-    U16,
-    I16,
-    U32,
-    I32,
-    U64,
-    I64,
-    F32,
-    F64,
-}
-
-impl From<TypeArg> for DataType {
-    fn from(t: TypeArg) -> DataType {
-        match t {
-            TypeArg::U16 => DataType::U16,
-            TypeArg::I16 => DataType::I16,
-            TypeArg::U32 => DataType::U32,
-            TypeArg::I32 => DataType::I32,
-            TypeArg::U64 => DataType::U64,
-            TypeArg::I64 => DataType::I64,
-            TypeArg::F32 => DataType::F32,
-            TypeArg::F64 => DataType::F64,
-        }
-    }
-}
-
 /// A raw operation.
 #[derive(Debug, Subcommand)]
 pub enum RawOp {
@@ -600,7 +572,7 @@ pub enum RawOp {
         count: u16,
         /// Also decode the registers as this type, value by value.
         #[arg(long = "type")]
-        ty: Option<TypeArg>,
+        ty: Option<DataType>,
         #[arg(long, default_value = "abcd")]
         order: Layout,
         #[arg(long)]
@@ -669,7 +641,7 @@ impl RawCmd {
                         })
                         .collect(),
                     Data::Words(words) => {
-                        let ty: DataType = ty.map(Into::into).unwrap_or(DataType::U16);
+                        let ty = ty.unwrap_or(DataType::U16);
                         let (wo, bo) = order.orders();
                         let n = usize::from(ty.words());
                         words

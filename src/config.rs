@@ -111,6 +111,8 @@ pub struct Bus {
     pub timeout: Duration,
     /// Silence between the end of one transaction and the next request (≥ t3.5 on serial lines).
     pub gap: Duration,
+    /// Wait after opening the connection before the first request (some gateways drop early ones).
+    pub connect_delay: Duration,
 }
 
 impl Bus {
@@ -249,6 +251,8 @@ struct RawBus {
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     gap: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    connect_delay: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,15 +299,30 @@ impl Validator {
         }
     }
 
-    fn array(&mut self, table: &mut toml::Table, key: &str) -> Vec<toml::Value> {
-        match table.remove(key) {
+    /// Deserializes every entry of an array of tables on its own, so one bad `[[device]]` does not
+    /// hide the problems of the others. Keys read `device[3] (name)`.
+    fn entries<T: DeserializeOwned>(
+        &mut self,
+        table: &mut toml::Table,
+        key: &str,
+    ) -> Vec<(String, Option<T>)> {
+        let values = match table.remove(key) {
             None => Vec::new(),
             Some(toml::Value::Array(a)) => a,
             Some(_) => {
                 self.push(key, format!("expected an array of tables: write [[{key}]]"));
                 Vec::new()
             }
-        }
+        };
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let k = format!("{key}[{i}]{}", name_hint(&v));
+                let t = self.typed(&k, v);
+                (k, t)
+            })
+            .collect()
     }
 
     fn build(&mut self, text: &str, base: &Path) -> Option<Config> {
@@ -341,26 +360,8 @@ impl Validator {
             .remove("profiles")
             .and_then(|v| self.typed("profiles", v))
             .unwrap_or_default();
-        let raw_buses: Vec<(String, Option<RawBus>)> = self
-            .array(&mut table, "bus")
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let key = format!("bus[{i}]{}", name_hint(&v));
-                let b = self.typed(&key, v);
-                (key, b)
-            })
-            .collect();
-        let raw_devices: Vec<(String, Option<RawDevice>)> = self
-            .array(&mut table, "device")
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let key = format!("device[{i}]{}", name_hint(&v));
-                let d = self.typed(&key, v);
-                (key, d)
-            })
-            .collect();
+        let raw_buses: Vec<(String, Option<RawBus>)> = self.entries(&mut table, "bus");
+        let raw_devices: Vec<(String, Option<RawDevice>)> = self.entries(&mut table, "device");
 
         let gateway = gateway.and_then(|g| self.gateway(g));
         let profiles = self.profiles(&profiles_cfg, base);
@@ -641,6 +642,7 @@ impl Validator {
                     transport,
                     timeout,
                     gap,
+                    connect_delay: b.connect_delay.unwrap_or_default(),
                 },
             ));
         }

@@ -37,6 +37,18 @@ impl DataType {
     }
 }
 
+impl std::str::FromStr for DataType {
+    type Err = String;
+
+    /// The names used in profiles and on the command line (`f32`, `u16`, …).
+    fn from_str(s: &str) -> Result<DataType, String> {
+        DataType::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+            .map_err(|_| {
+                format!("{s:?}: expected one of bool, u16, i16, u32, i32, u64, i64, f32, f64")
+            })
+    }
+}
+
 /// Order of the 16-bit words of a multi-word value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

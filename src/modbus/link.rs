@@ -220,6 +220,9 @@ impl Link {
                 }
             };
             self.ctx = Some(ctx);
+            if !self.bus.connect_delay.is_zero() {
+                tokio::time::sleep(self.bus.connect_delay).await;
+            }
         }
         Ok(self.ctx.as_mut().expect("connected above"))
     }
