@@ -54,6 +54,8 @@ pub enum Command {
     Raw(RawCmd),
     /// List the device profiles, or show one.
     Profiles(ProfilesCmd),
+    /// Show the outbox: depth, oldest record, last publish error.
+    Buffer(BufferCmd),
     /// Serve a virtual building over Modbus TCP and RTU (pty).
     Simulate(SimulateCmd),
     /// Run the simulator and the daemon together on the built-in sample building.
@@ -181,34 +183,31 @@ pub struct RunCmd {
 }
 
 impl RunCmd {
-    /// Loads the config (refusing an invalid one) and polls until SIGINT/SIGTERM.
+    /// Loads the config (refusing an invalid one) and runs until SIGINT/SIGTERM.
     pub async fn execute(self) -> Result<()> {
         let config = self.config.load()?;
-        tracing::info!(config = %config.source, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, "meterd starting");
-        let mut engine = daemon::Engine::start(&config);
+        tracing::info!(config = %config.source, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, outbox = %config.store.path.display(), mqtt = config.mqtt.is_some(), "meterd starting");
+        let daemon = daemon::Daemon::start(
+            &config,
+            std::sync::Arc::new(crate::uplink::NoCommands),
+            None,
+        )?;
         let mut summary = tokio::time::interval(Duration::from_secs(60));
         summary.tick().await;
-        let mut count: u64 = 0;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             tokio::select! {
-                batch = engine.readings.recv() => {
-                    let Some(batch) = batch else { break };
-                    count += batch.len() as u64;
-                    for r in &batch {
-                        tracing::trace!(device = %r.device, register = %r.register, value = ?r.value, quality = ?r.quality, "reading");
-                    }
-                }
                 _ = summary.tick() => {
-                    let (ok, failed, offline) = totals(&engine.status.iter().flat_map(|s| s.snapshot()).collect::<Vec<_>>());
-                    tracing::info!(readings = count, polls_ok = ok, polls_failed = failed, offline, "polling summary");
+                    let (ok, failed, offline) = totals(&daemon.bus_status.iter().flat_map(|s| s.snapshot()).collect::<Vec<_>>());
+                    let outbox = daemon.store.stats().await;
+                    tracing::info!(polls_ok = ok, polls_failed = failed, offline, outbox_rows = outbox.rows, "polling summary");
                 }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
         }
         tracing::info!("meterd stopping");
-        engine.stop();
+        daemon.stop().await;
         Ok(())
     }
 }
@@ -821,6 +820,80 @@ impl ProfilesCmd {
     }
 }
 
+// ---- buffer -------------------------------------------------------------------------------------
+
+/// `meterd buffer`
+#[derive(Debug, Args)]
+pub struct BufferCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BufferCmd {
+    /// Reads the outbox the daemon writes (read-only; safe while it runs).
+    pub fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let s = crate::store::read_stats(&c.store.path)?;
+        if self.json {
+            out(&json(&s)?);
+            return Ok(());
+        }
+        let age = s
+            .oldest_ts
+            .map(|t| {
+                let secs = (chrono::Utc::now() - t).num_seconds().max(0);
+                format!(
+                    "{} ({}h{:02}m{:02}s ago)",
+                    t.to_rfc3339(),
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let rows = vec![
+            vec!["outbox".into(), c.store.path.display().to_string()],
+            vec!["records waiting".into(), s.rows.to_string()],
+            vec![
+                "  telemetry / events / results / audit".into(),
+                format!(
+                    "{} / {} / {} / {}",
+                    s.by_kind[0], s.by_kind[1], s.by_kind[2], s.by_kind[3]
+                ),
+            ],
+            vec!["payload bytes".into(), s.payload_bytes.to_string()],
+            vec!["oldest record".into(), age],
+            vec!["last seq assigned".into(), s.last_seq.to_string()],
+            vec![
+                "dropped by the cap (total)".into(),
+                s.dropped_total.to_string(),
+            ],
+            vec![
+                "last publish ok".into(),
+                s.last_publish_ok.clone().unwrap_or_else(|| "-".into()),
+            ],
+            vec![
+                "last publish error".into(),
+                s.last_publish_error
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+            ],
+            vec![
+                "store error".into(),
+                s.store_error
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+            ],
+        ];
+        out(&table(&["", ""], &rows));
+        Ok(())
+    }
+}
+
 // ---- simulate -----------------------------------------------------------------------------------
 
 /// `meterd simulate --building F`
@@ -886,6 +959,8 @@ pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     )
     .map_err(config_failure)?;
     point_buses_at(&mut config, &running);
+    // The demo's outbox is a scratch file, removed when the demo ends.
+    config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
     Ok((running, config))
 }
 
@@ -919,21 +994,28 @@ impl DemoCmd {
             config.buses.len(),
             config.gateway.site
         ));
-        let mut engine = daemon::Engine::start(&config);
+        let (tap, mut readings) = tokio::sync::mpsc::channel(daemon::READINGS_CAPACITY);
+        let daemon = daemon::Daemon::start(
+            &config,
+            std::sync::Arc::new(crate::uplink::NoCommands),
+            Some(tap),
+        )?;
         let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
         let deadline = self.duration.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(self.every);
         tick.tick().await;
         loop {
             tokio::select! {
-                batch = engine.readings.recv() => {
+                batch = readings.recv() => {
                     let Some(batch) = batch else { break };
                     for r in batch {
                         latest.insert((r.device.to_string(), r.register.to_string()), r);
                     }
                 }
                 _ = tick.tick() => {
-                    out(&demo_table(&config, &latest, &engine));
+                    let outbox = daemon.store.stats().await;
+                    out(&demo_table(&config, &latest, &daemon.bus_status));
+                    out(&format!("outbox {}: {} record(s) buffered for the cloud, last seq {} (no uplink in the demo)\n", config.store.path.display(), outbox.rows, outbox.last_seq));
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
@@ -941,7 +1023,10 @@ impl DemoCmd {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        engine.stop();
+        daemon.stop().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
+        }
         Ok(())
     }
 }
@@ -949,11 +1034,10 @@ impl DemoCmd {
 fn demo_table(
     config: &Config,
     latest: &BTreeMap<(String, String), Reading>,
-    engine: &daemon::Engine,
+    buses: &[std::sync::Arc<crate::modbus::bus::BusStatus>],
 ) -> String {
     use crate::modbus::profile::Quantity as Q;
-    let status: BTreeMap<String, DeviceStatus> = engine
-        .status
+    let status: BTreeMap<String, DeviceStatus> = buses
         .iter()
         .flat_map(|s| s.snapshot())
         .map(|d| (d.name.clone(), d))

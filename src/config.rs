@@ -141,15 +141,59 @@ pub struct Device {
     pub pause: Duration,
 }
 
+/// Where the outbox lives and how large it may grow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub caps: crate::store::Caps,
+}
+
+/// TLS material for the broker connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+/// The MQTT uplink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// First topic level: `{prefix}/{gateway id}/...`.
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<Tls>,
+    /// Most records in one telemetry message.
+    pub batch_max_records: usize,
+    /// Most payload bytes in one message.
+    pub batch_max_bytes: usize,
+    /// Unacknowledged QoS 1 messages allowed at once.
+    pub inflight: u16,
+    /// Share of messages given to the backlog while live data is also waiting (0.05..=0.95).
+    pub backlog_share: f64,
+    /// Commands larger than this are refused with an error reply.
+    pub max_command_bytes: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it came from (`<inline>` for strings).
     pub source: String,
+    /// Hash of the config text, reported in the MQTT birth message so the cloud sees which config runs.
+    pub hash: String,
     pub gateway: Gateway,
     pub buses: Vec<Bus>,
     pub devices: Vec<Device>,
     pub profiles: BTreeMap<String, Arc<Profile>>,
+    pub store: StoreConfig,
+    pub mqtt: Option<Mqtt>,
 }
 
 impl Config {
@@ -272,7 +316,63 @@ struct RawDevice {
 }
 
 /// Top-level keys this version understands; anything else is a typo or a newer config.
-const SECTIONS: &[&str] = &["gateway", "poll", "profiles", "bus", "device"];
+const SECTIONS: &[&str] = &[
+    "gateway", "poll", "profiles", "store", "mqtt", "bus", "device",
+];
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    max_rows: Option<u64>,
+    max_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: PathBuf,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    host: String,
+    port: Option<u32>,
+    client_id: Option<String>,
+    topic_prefix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    keep_alive: Option<Duration>,
+    username: Option<String>,
+    password: Option<String>,
+    tls: Option<RawTls>,
+    batch_max_records: Option<usize>,
+    batch_max_bytes: Option<usize>,
+    inflight: Option<u16>,
+    backlog_share: Option<f64>,
+    max_command_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    reconnect_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reconnect_max: Option<Duration>,
+}
+
+/// Default outbox location (systemd's StateDirectory).
+pub const DEFAULT_STORE: &str = "/var/lib/meterd/outbox.db";
+
+/// FNV-1a 64 of the config text: stable across builds, enough to tell two configs apart.
+fn fnv1a(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
 
 struct Validator {
     file: String,
@@ -360,6 +460,11 @@ impl Validator {
             .remove("profiles")
             .and_then(|v| self.typed("profiles", v))
             .unwrap_or_default();
+        let raw_store: RawStore = table
+            .remove("store")
+            .and_then(|v| self.typed("store", v))
+            .unwrap_or_default();
+        let raw_mqtt: Option<RawMqtt> = table.remove("mqtt").and_then(|v| self.typed("mqtt", v));
         let raw_buses: Vec<(String, Option<RawBus>)> = self.entries(&mut table, "bus");
         let raw_devices: Vec<(String, Option<RawDevice>)> = self.entries(&mut table, "device");
 
@@ -368,13 +473,173 @@ impl Validator {
         let defaults = self.poll_defaults(&poll);
         let buses = self.buses(&raw_buses);
         let devices = self.devices(&raw_devices, &buses, &profiles, &defaults);
+        let store = self.store(raw_store, base);
+        let gateway_id = gateway.as_ref().map(|g| g.id.clone()).unwrap_or_default();
+        let mqtt = raw_mqtt.map(|m| self.mqtt(m, &gateway_id, base));
+        let gateway = gateway?;
         Some(Config {
             source: self.file.clone(),
-            gateway: gateway?,
+            hash: fnv1a(text),
+            store,
+            mqtt,
+            gateway,
             buses: buses.into_iter().map(|(_, b)| b).collect(),
             devices,
             profiles,
         })
+    }
+
+    fn store(&mut self, s: RawStore, base: &Path) -> StoreConfig {
+        let d = crate::store::Caps::default();
+        let caps = crate::store::Caps {
+            max_rows: s.max_rows.unwrap_or(d.max_rows),
+            max_bytes: s.max_bytes.unwrap_or(d.max_bytes),
+            max_age: s.max_age.unwrap_or(d.max_age),
+        };
+        if caps.max_rows < 1000 {
+            self.push("store.max_rows", format!("{}: keep at least 1000 rows (a few minutes of readings) or the outbox drops data before an outage is over", caps.max_rows));
+        }
+        if caps.max_bytes < 1 << 20 {
+            self.push(
+                "store.max_bytes",
+                format!("{}: keep at least 1 MiB (1048576)", caps.max_bytes),
+            );
+        }
+        if caps.max_age < Duration::from_secs(3600) {
+            self.push(
+                "store.max_age",
+                "keep at least 1h: an uplink outage longer than this would drop readings",
+            );
+        }
+        StoreConfig {
+            path: base.join(s.path.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))),
+            caps,
+        }
+    }
+
+    fn mqtt(&mut self, m: RawMqtt, gateway_id: &str, base: &Path) -> Mqtt {
+        let port = match m.port {
+            None => {
+                if m.tls.is_some() {
+                    8883
+                } else {
+                    1883
+                }
+            }
+            Some(p @ 1..=65535) => p as u16,
+            Some(p) => {
+                self.push("mqtt.port", format!("{p} is not a TCP port (1..=65535)"));
+                1883
+            }
+        };
+        if m.host.trim().is_empty() {
+            self.push(
+                "mqtt.host",
+                "must name the broker (IP address or host name)",
+            );
+        }
+        let prefix = m.topic_prefix.unwrap_or_else(|| "meterd".into());
+        if prefix.is_empty()
+            || prefix.contains(['+', '#'])
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+        {
+            self.push("mqtt.topic_prefix", format!("{prefix:?}: must be non-empty, without wildcards (+ #) or leading/trailing '/'"));
+        }
+        let credentials = match (m.username, m.password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.push("mqtt.password", "username is set but password is missing");
+                None
+            }
+            (None, Some(_)) => {
+                self.push("mqtt.username", "password is set but username is missing");
+                None
+            }
+        };
+        let tls = m.tls.map(|t| {
+            let check = |v: &mut Self, key: &str, p: &Path| {
+                let full = base.join(p);
+                if std::fs::metadata(&full).is_err() {
+                    v.push(
+                        format!("mqtt.tls.{key}"),
+                        format!(
+                            "cannot read {}: give the path to a PEM file",
+                            full.display()
+                        ),
+                    );
+                }
+                full
+            };
+            let ca_file = check(self, "ca_file", &t.ca_file);
+            let client_auth = match (t.client_cert, t.client_key) {
+                (Some(c), Some(k)) => Some((
+                    check(self, "client_cert", &c),
+                    check(self, "client_key", &k),
+                )),
+                (None, None) => None,
+                _ => {
+                    self.push(
+                        "mqtt.tls",
+                        "client_cert and client_key go together: set both or neither",
+                    );
+                    None
+                }
+            };
+            Tls {
+                ca_file,
+                client_auth,
+            }
+        });
+        let inflight = m.inflight.unwrap_or(16);
+        if !(1..=100).contains(&inflight) {
+            self.push(
+                "mqtt.inflight",
+                format!("{inflight}: expected 1..=100 unacknowledged messages"),
+            );
+        }
+        let backlog_share = m.backlog_share.unwrap_or(0.5);
+        if !(0.05..=0.95).contains(&backlog_share) {
+            self.push("mqtt.backlog_share", format!("{backlog_share}: expected 0.05..=0.95 so neither the backlog nor live data starves"));
+        }
+        let batch_max_bytes = m.batch_max_bytes.unwrap_or(256 * 1024);
+        if !(1024..=16 * 1024 * 1024).contains(&batch_max_bytes) {
+            self.push(
+                "mqtt.batch_max_bytes",
+                format!("{batch_max_bytes}: expected 1024..=16777216"),
+            );
+        }
+        let batch_max_records = m.batch_max_records.unwrap_or(500);
+        if batch_max_records == 0 {
+            self.push("mqtt.batch_max_records", "must be at least 1");
+        }
+        let reconnect_min = m.reconnect_min.unwrap_or(Duration::from_secs(1));
+        let reconnect_max = m.reconnect_max.unwrap_or(Duration::from_secs(60));
+        if reconnect_min.is_zero() || reconnect_max < reconnect_min {
+            self.push(
+                "mqtt.reconnect_min",
+                "reconnect_min must be > 0 and not above reconnect_max",
+            );
+        }
+        Mqtt {
+            host: m.host,
+            port,
+            client_id: m
+                .client_id
+                .unwrap_or_else(|| format!("meterd-{gateway_id}")),
+            topic_prefix: prefix,
+            keep_alive: m.keep_alive.unwrap_or(Duration::from_secs(30)),
+            credentials,
+            tls,
+            batch_max_records,
+            batch_max_bytes,
+            inflight,
+            backlog_share,
+            max_command_bytes: m.max_command_bytes.unwrap_or(64 * 1024),
+            reconnect_min,
+            reconnect_max,
+        }
     }
 
     fn gateway(&mut self, g: RawGateway) -> Option<Gateway> {

@@ -1,15 +1,22 @@
 //! Wiring: one function that starts the tasks and reads like the architecture diagram.
 //!
-//! bus tasks (one per bus) ──Batch──▶ readings channel ──▶ consumer (log/`demo` table today; the
-//! store and uplink of later issues).
+//! ```text
+//! bus tasks ──Batch──▶ recorder ──NewRecord──▶ store thread (SQLite outbox) ──▶ uplink (MQTT)
+//! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use chrono::Utc;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::modbus::bus::{self, Batch, BusStatus};
+use crate::reading::Reading;
+use crate::store::{self, Kind, NewRecord, Store, StoreError, StoreHandle};
+use crate::uplink::{CommandHandler, Identity, Uplink, UplinkStatus};
 
 /// Capacity of the readings channel, in poll batches. Large enough to absorb a slow consumer for a
 /// few seconds; past that the bus tasks wait (backpressure) rather than drop readings.
@@ -59,5 +66,126 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create the outbox directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A reading as an outbox record (topic `telemetry`).
+pub fn telemetry_record(r: &Reading) -> NewRecord {
+    NewRecord {
+        kind: Kind::Telemetry,
+        topic: "telemetry".into(),
+        ts: r.ts,
+        // Serializing a plain struct of strings and numbers cannot fail.
+        payload: serde_json::to_vec(r).unwrap_or_default(),
+    }
+}
+
+/// The whole daemon: engine → recorder → store → uplink.
+pub struct Daemon {
+    pub bus_status: Vec<Arc<BusStatus>>,
+    pub store: StoreHandle,
+    pub uplink: Arc<Mutex<UplinkStatus>>,
+    engine: Engine,
+    recorder: JoinHandle<u64>,
+    uplink_task: Option<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Daemon {
+    /// Opens the outbox and starts every task. The engine starts only after the store is open, so no
+    /// reading is taken that could not be kept.
+    ///
+    /// `tap`, if given, receives a copy of every batch (best effort: a slow tap misses batches, the
+    /// outbox never does); `meterd demo` draws its live table from it.
+    pub fn start(
+        config: &Config,
+        commands: Arc<dyn CommandHandler>,
+        tap: Option<mpsc::Sender<Batch>>,
+    ) -> Result<Daemon, DaemonError> {
+        // rustls needs one process-wide crypto provider; ring cross-compiles cleanly for ARM.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Some(dir) = config.store.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let store = store::spawn(Store::open(&config.store.path, config.store.caps)?)?;
+        let mut engine = Engine::start(config);
+        let bus_status = engine.status.clone();
+        let (_, dummy) = mpsc::channel(1);
+        let mut readings = std::mem::replace(&mut engine.readings, dummy);
+        let recorder_store = store.clone();
+        let recorder = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(batch) = readings.recv().await {
+                n += batch.len() as u64;
+                if let Some(tap) = &tap {
+                    let _ = tap.try_send(batch.clone());
+                }
+                if recorder_store
+                    .append(batch.iter().map(telemetry_record).collect())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            n
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let uplink = Arc::new(Mutex::new(UplinkStatus::default()));
+        let uplink_task = config.mqtt.clone().map(|m| {
+            let u = Uplink {
+                config: m,
+                identity: Identity {
+                    gateway: config.gateway.id.clone(),
+                    site: config.gateway.site.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    config_hash: config.hash.clone(),
+                    started_at: Utc::now(),
+                },
+                store: store.clone(),
+                status: uplink.clone(),
+                commands,
+            };
+            tokio::spawn(u.run(shutdown_rx))
+        });
+        Ok(Daemon {
+            bus_status,
+            store,
+            uplink,
+            engine,
+            recorder,
+            uplink_task,
+            shutdown,
+        })
+    }
+
+    /// Stops polling, commits what was read, publishes the offline status and disconnects.
+    pub async fn stop(mut self) {
+        self.engine.stop();
+        drop(self.engine);
+        // The recorder ends once the bus tasks' senders are gone; give it a moment to hand over.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.recorder).await;
+        self.store.flush().await;
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.uplink_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
     }
 }

@@ -13,3 +13,5 @@ pub mod daemon;
 pub mod modbus;
 pub mod reading;
 pub mod sim;
+pub mod store;
+pub mod uplink;

@@ -30,6 +30,7 @@ fn main() {
             Command::Scan(c) => c.execute().await,
             Command::Raw(c) => c.execute().await,
             Command::Profiles(c) => c.execute(),
+            Command::Buffer(c) => c.execute(),
             Command::Simulate(c) => c.execute().await,
             Command::Demo(c) => c.execute().await,
             Command::Bench(c) => c.execute().await,

@@ -1,0 +1,736 @@
+//! The MQTT uplink: publishes the outbox oldest-first, deletes records only on PUBACK, and answers
+//! commands from the cloud.
+//!
+//! rumqttc's own queue is volatile and, with a clean session, forgets unacknowledged publishes on
+//! reconnect; its event loop also reconnects without back-off. So each connection gets a fresh client,
+//! the outbox in SQLite is the only source of truth, packet ids are tracked here
+//! (`Outgoing::Publish(pkid)` → `PubAck(pkid)`), and reconnects back off exponentially with jitter.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Mqtt;
+use crate::store::{StoreHandle, Stored};
+
+/// Why a connection ended.
+#[derive(Debug, Error)]
+pub enum UplinkError {
+    #[error("broker {host}:{port}: {detail}")]
+    Connection {
+        host: String,
+        port: u16,
+        detail: String,
+    },
+    #[error("TLS file {path}: {detail}; give PEM files readable by meterd")]
+    Tls { path: String, detail: String },
+    #[error("outbox: {0}")]
+    Store(String),
+}
+
+/// Live state of the uplink, for `status` and tests.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UplinkStatus {
+    pub connected: bool,
+    pub connected_since: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub messages_acked: u64,
+    pub records_acked: u64,
+    pub reconnects: u64,
+}
+
+/// Handles cloud commands beyond the uplink's own (`ping`, `status`). Later modules (tariffs, relay
+/// rules) register theirs here; a handler must answer quickly and never panic on bad arguments.
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Returns the reply's `result`, or the reason for an error reply; `None` if the command is not
+    /// this handler's.
+    fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>>;
+}
+
+/// No extra commands.
+pub struct NoCommands;
+
+impl CommandHandler for NoCommands {
+    fn handle(&self, _: &str, _: &Value) -> Option<Result<Value, String>> {
+        None
+    }
+}
+
+/// Topic names for one gateway.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub base: String,
+}
+
+impl Topics {
+    /// `{prefix}/{gateway}`.
+    pub fn new(prefix: &str, gateway: &str) -> Topics {
+        Topics {
+            base: format!("{prefix}/{gateway}"),
+        }
+    }
+    /// Where a record with topic suffix `suffix` is published.
+    pub fn record(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.base)
+    }
+    /// Retained birth / last-will topic.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+    /// Commands arrive on `cmd/{name}`.
+    pub fn commands(&self) -> String {
+        format!("{}/cmd/+", self.base)
+    }
+    /// Every command gets its reply here.
+    pub fn reply(&self) -> String {
+        format!("{}/reply", self.base)
+    }
+}
+
+// ---- pure message building ---------------------------------------------------------------------
+
+/// How many of `rows` (a prefix) go into the next message: consecutive rows of one topic, at most
+/// `max_records` records and `max_bytes` payload bytes (at least one row, however large).
+pub fn next_batch(rows: &[Stored], max_records: usize, max_bytes: usize) -> usize {
+    let Some(first) = rows.first() else { return 0 };
+    let mut bytes = 0;
+    let mut n = 0;
+    for r in rows {
+        if r.topic != first.topic
+            || n >= max_records
+            || (n > 0 && bytes + r.payload.len() + 16 > max_bytes)
+        {
+            break;
+        }
+        bytes += r.payload.len() + 16;
+        n += 1;
+    }
+    n
+}
+
+/// The JSON message for a batch: every record gets its `seq`, so the backend deduplicates redeliveries.
+///
+/// `{"gateway": "...", "seq_first": 10, "seq_last": 12, "records": [{"seq": 10, ...}, ...]}`
+pub fn message(gateway: &str, rows: &[Stored]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + rows.iter().map(|r| r.payload.len() + 16).sum::<usize>());
+    out.extend_from_slice(b"{\"gateway\":");
+    out.extend_from_slice(json!(gateway).to_string().as_bytes());
+    let first = rows.first().map(|r| r.seq).unwrap_or(0);
+    let last = rows.last().map(|r| r.seq).unwrap_or(0);
+    out.extend_from_slice(
+        format!(",\"seq_first\":{first},\"seq_last\":{last},\"records\":[").as_bytes(),
+    );
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // The stored payload is a JSON object written by meterd; splice the seq in as its first key.
+        out.extend_from_slice(format!("{{\"seq\":{}", r.seq).as_bytes());
+        let body = r.payload.strip_prefix(b"{").unwrap_or(b"}");
+        if body.first() != Some(&b'}') {
+            out.push(b',');
+        }
+        out.extend_from_slice(body);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A command as received, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub id: String,
+    pub name: String,
+    pub args: Value,
+}
+
+/// A refused command: the id if one could be read, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: Option<String>,
+    pub reason: String,
+}
+
+/// Validates a command publish on `cmd/{name}`: size, JSON object, an `id` string, a sane name.
+pub fn parse_command(name: &str, payload: &[u8], max_bytes: usize) -> Result<Command, Rejected> {
+    let reject = |id: Option<String>, reason: String| Err(Rejected { id, reason });
+    if payload.len() > max_bytes {
+        return reject(
+            None,
+            format!(
+                "payload of {} bytes exceeds the {max_bytes}-byte limit",
+                payload.len()
+            ),
+        );
+    }
+    let value: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => return reject(None, format!("not valid JSON: {e}")),
+    };
+    let Value::Object(mut obj) = value else {
+        return reject(None, "expected a JSON object with an \"id\"".into());
+    };
+    let id = match obj.remove("id") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 => s,
+        Some(Value::String(_)) => return reject(None, "\"id\" must be 1 to 128 characters".into()),
+        Some(other) => return reject(None, format!("\"id\" must be a string, got {other}")),
+        None => return reject(None, "missing \"id\"".into()),
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return reject(
+            Some(id),
+            format!("command name {name:?} must be 1-64 characters of a-z, 0-9 and _"),
+        );
+    }
+    Ok(Command {
+        id,
+        name: name.to_string(),
+        args: Value::Object(obj),
+    })
+}
+
+/// The reply to a command.
+pub fn reply(id: Option<&str>, name: &str, result: Result<Value, String>) -> Vec<u8> {
+    let mut v = json!({"id": id, "command": name, "ts": Utc::now().to_rfc3339()});
+    match result {
+        Ok(r) => {
+            v["ok"] = json!(true);
+            v["result"] = r;
+        }
+        Err(e) => {
+            v["ok"] = json!(false);
+            v["error"] = json!(e);
+        }
+    }
+    v.to_string().into_bytes()
+}
+
+/// Exponential reconnect delay with ±25 % jitter, so a fleet does not reconnect in lockstep.
+pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let base = min
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(max);
+    let jitter = 0.75 + fastrand::f64() * 0.5;
+    base.mul_f64(jitter).min(max)
+}
+
+/// Which queue the next message comes from: backlog (recorded before this connection) or live.
+/// Gives the backlog `share` of the records while both have data, so neither starves.
+pub fn pick_backlog(
+    backlog_ready: bool,
+    live_ready: bool,
+    backlog_sent: u64,
+    live_sent: u64,
+    share: f64,
+) -> Option<bool> {
+    match (backlog_ready, live_ready) {
+        (false, false) => None,
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        (true, true) => Some(backlog_sent as f64 * (1.0 - share) <= live_sent as f64 * share),
+    }
+}
+
+// ---- the task ----------------------------------------------------------------------------------
+
+/// Identity reported in the birth message.
+#[derive(Debug, Clone, Serialize)]
+pub struct Identity {
+    pub gateway: String,
+    pub site: String,
+    pub version: String,
+    pub config_hash: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Everything the uplink task needs.
+pub struct Uplink {
+    pub config: Mqtt,
+    pub identity: Identity,
+    pub store: StoreHandle,
+    pub status: Arc<Mutex<UplinkStatus>>,
+    pub commands: Arc<dyn CommandHandler>,
+}
+
+fn options(cfg: &Mqtt, topics: &Topics, identity: &Identity) -> Result<MqttOptions, UplinkError> {
+    let mut o = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    o.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(5)));
+    o.set_clean_session(true);
+    o.set_inflight(cfg.inflight);
+    // Outgoing batches up to the configured size; incoming up to 4 MiB so an oversized command is read
+    // and refused with a reply instead of breaking the connection.
+    o.set_max_packet_size(4 * 1024 * 1024, cfg.batch_max_bytes * 2 + 64 * 1024);
+    o.set_request_channel_capacity(usize::from(cfg.inflight) * 2 + 16);
+    if let Some((u, p)) = &cfg.credentials {
+        o.set_credentials(u, p);
+    }
+    let will =
+        json!({"state": "offline", "gateway": identity.gateway, "reason": "connection lost"});
+    o.set_last_will(LastWill::new(
+        topics.status(),
+        will.to_string(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(tls) = &cfg.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| UplinkError::Tls {
+                path: p.display().to_string(),
+                detail: e.to_string(),
+            })
+        };
+        let client_auth = match &tls.client_auth {
+            Some((c, k)) => Some((read(c)?, read(k)?)),
+            None => None,
+        };
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: read(&tls.ca_file)?,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(o)
+}
+
+/// Aborts a task when dropped, so a session's event-loop pump never outlives it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One publish handed to rumqttc, waiting for its packet id; `None` for untracked ones (status, replies).
+type Pending = Option<Sent>;
+
+#[derive(Debug)]
+struct Sent {
+    first: i64,
+    last: i64,
+    records: u64,
+}
+
+impl Uplink {
+    /// Runs until `shutdown` turns true; then publishes the offline status and disconnects.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let topics = Topics::new(&self.config.topic_prefix, &self.identity.gateway);
+        let mut attempt = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let result = self.session(&topics, &mut shutdown, &mut attempt).await;
+            if let Ok(mut s) = self.status.lock() {
+                s.connected = false;
+                s.connected_since = None;
+            }
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::warn!(error = %msg, "mqtt uplink down; outbox keeps buffering");
+                    if let Ok(mut s) = self.status.lock() {
+                        s.last_error = Some(msg.clone());
+                        s.reconnects += 1;
+                    }
+                    self.store
+                        .set_meta(
+                            "last_publish_error",
+                            format!("{} {msg}", Utc::now().to_rfc3339()),
+                        )
+                        .await;
+                }
+            }
+            let delay = backoff(
+                attempt,
+                self.config.reconnect_min,
+                self.config.reconnect_max,
+            );
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        topics: &Topics,
+        shutdown: &mut watch::Receiver<bool>,
+        attempt: &mut u32,
+    ) -> Result<(), UplinkError> {
+        let cfg = &self.config;
+        let conn_err = |detail: String| UplinkError::Connection {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            detail,
+        };
+        let opts = options(cfg, topics, &self.identity)?;
+        let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.inflight) * 2 + 16);
+        // rumqttc's poll() is driven by its own task and never cancelled mid-way (its cancel safety is
+        // not documented); this loop selects on the channel instead.
+        let (ev_tx, mut events) = mpsc::channel::<Result<Event, ConnectionError>>(256);
+        let pump = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let stop = ev.is_err();
+                if ev_tx.send(ev).await.is_err() || stop {
+                    return;
+                }
+            }
+        }));
+        let closed = || "event loop ended".to_string();
+        // Wait for CONNACK.
+        let connack = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await.ok_or_else(closed)? {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| conn_err("no CONNACK within 10s".into()))?;
+        connack.map_err(conn_err)?;
+        *attempt = 0;
+        tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), client_id = %cfg.client_id, "mqtt connected");
+        if let Ok(mut s) = self.status.lock() {
+            s.connected = true;
+            s.connected_since = Some(Utc::now());
+            s.last_error = None;
+        }
+
+        let mut awaiting: VecDeque<Pending> = VecDeque::new();
+        let mut inflight: HashMap<u16, Pending> = HashMap::new();
+        let try_publish = |awaiting: &mut VecDeque<Pending>,
+                           topic: String,
+                           retain: bool,
+                           payload: Vec<u8>,
+                           sent: Pending|
+         -> Result<(), UplinkError> {
+            client
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+                .map_err(|e| conn_err(format!("publish queue: {e}")))?;
+            awaiting.push_back(sent);
+            Ok(())
+        };
+        client
+            .try_subscribe(topics.commands(), QoS::AtLeastOnce)
+            .map_err(|e| conn_err(format!("subscribe: {e}")))?;
+        let depth = self.store.stats().await.rows;
+        let birth = json!({
+            "state": "online",
+            "gateway": self.identity.gateway,
+            "site": self.identity.site,
+            "version": self.identity.version,
+            "config_hash": self.identity.config_hash,
+            "started_at": self.identity.started_at.to_rfc3339(),
+            "uptime_s": (Utc::now() - self.identity.started_at).num_seconds(),
+            "outbox_depth": depth,
+            "ts": Utc::now().to_rfc3339(),
+        });
+        try_publish(
+            &mut awaiting,
+            topics.status(),
+            true,
+            birth.to_string().into_bytes(),
+            None,
+        )?;
+
+        let mut committed = self.store.committed.clone();
+        let backlog_upto = *committed.borrow_and_update();
+        let mut backlog_cursor = 0i64;
+        let mut live_cursor = backlog_upto;
+        let (mut backlog_sent, mut live_sent) = (0u64, 0u64);
+        let window = usize::from(cfg.inflight);
+        let mut last_ok_meta = std::time::Instant::now() - Duration::from_secs(10);
+        loop {
+            // Fill the in-flight window from the outbox.
+            while awaiting.len() + inflight.len() < window {
+                let latest = *committed.borrow();
+                let Some(from_backlog) = pick_backlog(
+                    backlog_cursor < backlog_upto,
+                    live_cursor < latest,
+                    backlog_sent,
+                    live_sent,
+                    cfg.backlog_share,
+                ) else {
+                    break;
+                };
+                let (after, upto) = if from_backlog {
+                    (backlog_cursor, backlog_upto)
+                } else {
+                    (live_cursor, latest)
+                };
+                let rows = self
+                    .store
+                    .fetch(after, upto, cfg.batch_max_records)
+                    .await
+                    .map_err(UplinkError::Store)?;
+                if rows.is_empty() {
+                    // Everything up to `upto` was acknowledged or dropped meanwhile.
+                    if from_backlog {
+                        backlog_cursor = backlog_upto;
+                    } else {
+                        live_cursor = upto;
+                    }
+                    continue;
+                }
+                let n = next_batch(&rows, cfg.batch_max_records, cfg.batch_max_bytes);
+                let batch = &rows[..n];
+                let (first, last) = (batch[0].seq, batch[n - 1].seq);
+                let payload = message(&self.identity.gateway, batch);
+                let sent = Sent {
+                    first,
+                    last,
+                    records: n as u64,
+                };
+                try_publish(
+                    &mut awaiting,
+                    topics.record(&batch[0].topic),
+                    false,
+                    payload,
+                    Some(sent),
+                )?;
+                if from_backlog {
+                    backlog_cursor = last;
+                    backlog_sent += n as u64;
+                } else {
+                    live_cursor = last;
+                    live_sent += n as u64;
+                }
+            }
+            let room = awaiting.len() + inflight.len() < window;
+            tokio::select! {
+                ev = events.recv() => match ev.ok_or_else(|| conn_err(closed()))? {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        let sent = awaiting.pop_front().flatten();
+                        inflight.insert(pkid, sent);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(Some(sent)) = inflight.remove(&ack.pkid) {
+                            self.store.ack(vec![(sent.first, sent.last)]).await;
+                            if let Ok(mut s) = self.status.lock() {
+                                s.messages_acked += 1;
+                                s.records_acked += sent.records;
+                            }
+                            if last_ok_meta.elapsed() >= Duration::from_secs(5) {
+                                self.store.set_meta("last_publish_ok", Utc::now().to_rfc3339()).await;
+                                last_ok_meta = std::time::Instant::now();
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let name = p.topic.rsplit('/').next().unwrap_or("").to_string();
+                        let answer = self.answer(&name, &p.payload).await;
+                        try_publish(&mut awaiting, topics.reply(), false, answer, None)?;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(conn_err(e.to_string())),
+                },
+                r = committed.changed(), if room => {
+                    if r.is_err() {
+                        return Err(UplinkError::Store("store stopped".into()));
+                    }
+                }
+                _ = shutdown.changed() => {
+                    let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": Utc::now().to_rfc3339()});
+                    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, bye.to_string().into_bytes());
+                    // Give the goodbye (and any acks in flight) a moment, then disconnect.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        let mut bye_written = false;
+                        while let Some(ev) = events.recv().await {
+                            match ev {
+                                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                                    let sent = awaiting.pop_front().flatten();
+                                    inflight.insert(pkid, sent);
+                                    bye_written = awaiting.is_empty();
+                                }
+                                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                                    if let Some(Some(sent)) = inflight.remove(&ack.pkid) {
+                                        self.store.ack(vec![(sent.first, sent.last)]).await;
+                                    }
+                                    if bye_written && inflight.values().all(|s| s.is_none()) && inflight.len() <= 1 {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }).await;
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+                    drop(pump);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Validates and executes one command; always returns a reply.
+    async fn answer(&self, name: &str, payload: &[u8]) -> Vec<u8> {
+        let cmd = match parse_command(name, payload, self.config.max_command_bytes) {
+            Ok(c) => c,
+            Err(r) => {
+                tracing::warn!(command = name, reason = %r.reason, "refused malformed command");
+                return reply(r.id.as_deref(), name, Err(r.reason));
+            }
+        };
+        let result = match cmd.name.as_str() {
+            "ping" => Ok(json!({"pong": Utc::now().to_rfc3339()})),
+            "status" => {
+                let stats = self.store.stats().await;
+                let uplink = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+                Ok(json!({"outbox": stats, "uplink": uplink}))
+            }
+            other => match self.commands.handle(other, &cmd.args) {
+                Some(r) => r,
+                None => Err(format!("unknown command {other:?}")),
+            },
+        };
+        if let Err(e) = &result {
+            tracing::warn!(command = %cmd.name, id = %cmd.id, error = %e, "command failed");
+        }
+        reply(Some(&cmd.id), &cmd.name, result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Kind;
+
+    fn row(seq: i64, topic: &str, payload: &str) -> Stored {
+        Stored {
+            seq,
+            kind: Kind::Telemetry,
+            topic: topic.into(),
+            ts_ms: 0,
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_message_carries_every_seq_and_is_valid_json() {
+        let rows = [
+            row(7, "telemetry", r#"{"device":"m1","value":1.5}"#),
+            row(8, "telemetry", "{}"),
+        ];
+        let m: Value = serde_json::from_slice(&message("gw\"1", &rows)).unwrap();
+        assert_eq!(m["gateway"], "gw\"1");
+        assert_eq!(m["seq_first"], 7);
+        assert_eq!(m["seq_last"], 8);
+        assert_eq!(
+            m["records"][0],
+            json!({"seq": 7, "device": "m1", "value": 1.5})
+        );
+        assert_eq!(m["records"][1], json!({"seq": 8}));
+    }
+
+    #[test]
+    fn batches_stop_at_a_topic_change_and_at_the_limits() {
+        let rows: Vec<Stored> = (1..=10)
+            .map(|i| row(i, if i == 6 { "events" } else { "telemetry" }, "{\"x\":1}"))
+            .collect();
+        assert_eq!(next_batch(&rows, 100, 1 << 20), 5);
+        assert_eq!(next_batch(&rows, 3, 1 << 20), 3);
+        assert_eq!(next_batch(&rows, 100, 50), 2);
+        assert_eq!(next_batch(&rows[5..], 100, 1 << 20), 1);
+        // One record larger than the byte limit still goes, alone.
+        let big = [row(
+            1,
+            "telemetry",
+            &format!("{{\"x\":\"{}\"}}", "a".repeat(500)),
+        )];
+        assert_eq!(next_batch(&big, 100, 100), 1);
+    }
+
+    #[test]
+    fn malformed_commands_are_refused_with_a_reason() {
+        let max = 1024;
+        let cases: &[(&str, &[u8], &str)] = &[
+            ("ping", b"not json", "not valid JSON"),
+            ("ping", b"[1,2]", "expected a JSON object"),
+            ("ping", b"{\"id\": 5}", "\"id\" must be a string"),
+            ("ping", b"{}", "missing \"id\""),
+            ("ping", b"{\"id\": \"\"}", "1 to 128 characters"),
+            ("Ping!", b"{\"id\": \"a\"}", "must be 1-64 characters"),
+            ("ping", &[b'x'; 2000], "exceeds the 1024-byte limit"),
+        ];
+        for (name, payload, why) in cases {
+            let r = parse_command(name, payload, max).unwrap_err();
+            assert!(
+                r.reason.contains(why),
+                "{name} {:?}: {}",
+                String::from_utf8_lossy(payload),
+                r.reason
+            );
+        }
+        let ok = parse_command("relay_set", br#"{"id": "c-1", "room": "101"}"#, max).unwrap();
+        assert_eq!(ok.id, "c-1");
+        assert_eq!(ok.args, json!({"room": "101"}));
+        let v: Value =
+            serde_json::from_slice(&reply(Some("c-1"), "x", Err("nope".into()))).unwrap();
+        assert_eq!(
+            (v["ok"].clone(), v["error"].clone(), v["id"].clone()),
+            (json!(false), json!("nope"), json!("c-1"))
+        );
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_the_cap_with_jitter() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in 0..20 {
+            let d = backoff(attempt, min, max);
+            let base = (min * 2u32.pow(attempt.min(16))).min(max);
+            assert!(
+                d >= base.mul_f64(0.75) && d <= max,
+                "attempt {attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backlog_and_live_share_the_link_by_the_configured_ratio() {
+        let (mut b, mut l) = (0u64, 0u64);
+        for _ in 0..1000 {
+            match pick_backlog(true, true, b, l, 0.25) {
+                Some(true) => b += 100,
+                Some(false) => l += 100,
+                None => unreachable!(),
+            }
+        }
+        let share = b as f64 / (b + l) as f64;
+        assert!((share - 0.25).abs() < 0.01, "{share}");
+        assert_eq!(
+            pick_backlog(true, false, 0, 1_000_000, 0.1),
+            Some(true),
+            "backlog drains when live is idle"
+        );
+        assert_eq!(
+            pick_backlog(false, true, 1_000_000, 0, 0.9),
+            Some(false),
+            "live never waits for an empty backlog"
+        );
+        assert_eq!(pick_backlog(false, false, 0, 0, 0.5), None);
+    }
+}
