@@ -199,8 +199,8 @@ impl RunCmd {
             tokio::select! {
                 _ = summary.tick() => {
                     let (ok, failed, offline) = totals(&daemon.bus_status.iter().flat_map(|s| s.snapshot()).collect::<Vec<_>>());
-                    let outbox = daemon.store.stats().await;
-                    tracing::info!(polls_ok = ok, polls_failed = failed, offline, outbox_rows = outbox.rows, "polling summary");
+                    let outbox_rows = daemon.store.depth().await;
+                    tracing::info!(polls_ok = ok, polls_failed = failed, offline, outbox_rows, "polling summary");
                 }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
@@ -1013,9 +1013,9 @@ impl DemoCmd {
                     }
                 }
                 _ = tick.tick() => {
-                    let outbox = daemon.store.stats().await;
+                    let depth = daemon.store.depth().await;
                     out(&demo_table(&config, &latest, &daemon.bus_status));
-                    out(&format!("outbox {}: {} record(s) buffered for the cloud, last seq {} (no uplink in the demo)\n", config.store.path.display(), outbox.rows, outbox.last_seq));
+                    out(&format!("outbox {}: {depth} record(s) buffered for the cloud (no uplink in the demo)\n", config.store.path.display()));
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }

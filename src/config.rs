@@ -1176,7 +1176,7 @@ mod tests {
             unit = 1
             profile = "eastron_sdm120"
 
-            [mqtt]
+            [modem]
         "#;
         let all = issues(bad).join("\n");
         for expected in [
@@ -1192,7 +1192,7 @@ mod tests {
             "test.toml: device[1] (m1).bus: unknown bus \"zzz\"",
             "test.toml: device[2] (m2): invalid type",
             "test.toml: device[3] (m3).unit: unit 1 is already used by device \"m1\"",
-            "test.toml: mqtt: unknown section",
+            "test.toml: modem: unknown section",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
@@ -1249,5 +1249,37 @@ mod tests {
         std::fs::remove_file(dir.path().join("profiles/broken.toml")).unwrap();
         let c = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap();
         assert_eq!(c.devices[0].profile.name, "site_meter");
+    }
+
+    #[test]
+    fn store_and_mqtt_sections_are_validated_with_the_rest() {
+        let text = format!(
+            "{GOOD}\n[store]\npath = \"state/outbox.db\"\nmax_rows = 10\n[mqtt]\nhost = \"broker\"\nusername = \"u\"\nbacklog_share = 2.0\ntopic_prefix = \"a/#\"\n[mqtt.tls]\nca_file = \"missing-ca.pem\"\n"
+        );
+        let all = issues(&text).join("\n");
+        for expected in [
+            "store.max_rows: 10: keep at least 1000 rows",
+            "mqtt.password: username is set but password is missing",
+            "mqtt.backlog_share: 2: expected 0.05..=0.95",
+            "mqtt.topic_prefix: \"a/#\": must be non-empty, without wildcards",
+            "mqtt.tls.ca_file: cannot read /nonexistent/missing-ca.pem",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let ok = load(&format!(
+            "{GOOD}\n[store]\npath = \"state/outbox.db\"\n[mqtt]\nhost = \"broker\"\n"
+        ))
+        .unwrap();
+        let m = ok.mqtt.unwrap();
+        assert_eq!(
+            (m.port, m.client_id.as_str(), m.topic_prefix.as_str()),
+            (1883, "meterd-gw-1", "meterd")
+        );
+        assert_eq!(
+            ok.store.path,
+            Path::new("/nonexistent/state/outbox.db"),
+            "relative to the config file"
+        );
+        assert_eq!(ok.hash.len(), 16);
     }
 }

@@ -116,6 +116,9 @@ pub struct Stats {
     pub rows: u64,
     pub payload_bytes: u64,
     pub oldest_ts: Option<DateTime<Utc>>,
+    /// The lowest seq still waiting: everything below it was acknowledged by the broker (or dropped
+    /// by the cap, which an event reports).
+    pub oldest_seq: Option<i64>,
     pub last_seq: i64,
     /// Rows per kind (telemetry, event, result, audit).
     pub by_kind: [u64; 4],
@@ -134,6 +137,8 @@ pub struct Store {
     rows: u64,
     bytes: u64,
     dropped_total: u64,
+    /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
+    last_age_check: Option<std::time::Instant>,
 }
 
 const SCHEMA: &str = "
@@ -188,6 +193,7 @@ impl Store {
             rows: rows as u64,
             bytes: bytes as u64,
             dropped_total,
+            last_age_check: None,
         })
     }
 
@@ -264,14 +270,22 @@ impl Store {
         let over_bytes = self.bytes > self.caps.max_bytes;
         let age_limit =
             now - chrono::Duration::from_std(self.caps.max_age).unwrap_or(chrono::Duration::MAX);
-        let aged: i64 = self
-            .conn
-            .query_row(
-                "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE kind = 0 AND ts_ms < ?1 LIMIT 100000)",
-                [age_limit.timestamp_millis()],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.err(e))?;
+        let check_age = self
+            .last_age_check
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        let aged: i64 = if check_age {
+            self.last_age_check = Some(std::time::Instant::now());
+            // Rows are appended in time order, so the aged ones are at the head of the seq order.
+            self.conn
+                .query_row(
+                    "SELECT count(*) FROM (SELECT ts_ms FROM outbox WHERE kind = 0 ORDER BY seq LIMIT 100000) WHERE ts_ms < ?1",
+                    [age_limit.timestamp_millis()],
+                    |r| r.get(0),
+                )
+                .map_err(|e| self.err(e))?
+        } else {
+            0
+        };
         if over_rows == 0 && !over_bytes && aged == 0 {
             return Ok(());
         }
@@ -460,26 +474,18 @@ fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
 
 fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     let mut s = Stats::default();
-    let mut stmt = conn.prepare_cached("SELECT kind, count(*), coalesce(sum(length(payload)), 0), min(ts_ms) FROM outbox GROUP BY kind")?;
-    let mut oldest: Option<i64> = None;
-    for row in stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, Option<i64>>(3)?,
-        ))
-    })? {
-        let (kind, n, bytes, min_ts) = row?;
-        s.by_kind[Kind::from_i64(kind) as usize] += n as u64;
-        s.rows += n as u64;
-        s.payload_bytes += bytes as u64;
-        oldest = match (oldest, min_ts) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
+    // One pass, constant memory: a GROUP BY here would sort the whole outbox in a temp table.
+    let (k0, k1, k2, k3, bytes, oldest): (i64, i64, i64, i64, i64, Option<i64>) = conn.query_row(
+        "SELECT coalesce(sum(kind = 0), 0), coalesce(sum(kind = 1), 0), coalesce(sum(kind = 2), 0), coalesce(sum(kind = 3), 0),
+                coalesce(sum(length(payload)), 0), min(ts_ms) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+    )?;
+    s.by_kind = [k0 as u64, k1 as u64, k2 as u64, k3 as u64];
+    s.rows = s.by_kind.iter().sum();
+    s.payload_bytes = bytes as u64;
     s.oldest_ts = oldest.and_then(DateTime::from_timestamp_millis);
+    s.oldest_seq = conn.query_row("SELECT min(seq) FROM outbox", [], |r| r.get(0))?;
     s.last_seq = conn
         .query_row(
             "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'",
@@ -531,6 +537,7 @@ enum Command {
     Ack(Vec<(i64, i64)>),
     Meta(String, String),
     Stats(oneshot::Sender<Stats>),
+    Depth(oneshot::Sender<u64>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -588,6 +595,15 @@ impl StoreHandle {
             return Stats::default();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// Records waiting, from the store's counter (no scan): for the birth message and live displays.
+    pub async fn depth(&self) -> u64 {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Depth(tx)).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Waits until everything queued before this call is committed (or held in memory if the disk
@@ -729,6 +745,9 @@ fn store_loop(
                     s.store_error = health.lock().ok().and_then(|h| h.clone());
                     s.rows += spill.len() as u64;
                     let _ = reply.send(s);
+                }
+                Command::Depth(reply) => {
+                    let _ = reply.send(store.rows + spill.len() as u64);
                 }
                 Command::Flush(reply) => {
                     let _ = reply.send(());
@@ -876,7 +895,8 @@ mod tests {
                     }
                     Op::FailedPublish => {}
                     Op::Restart => {
-                        store = None;
+                        // Close before reopening, as a restarted process would.
+                        drop(store.take());
                         store = Some(Store::open(&path, Caps::default()).unwrap());
                     }
                     Op::Fetch(k, n) => {

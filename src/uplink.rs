@@ -435,7 +435,7 @@ impl Uplink {
         client
             .try_subscribe(topics.commands(), QoS::AtLeastOnce)
             .map_err(|e| conn_err(format!("subscribe: {e}")))?;
-        let depth = self.store.stats().await.rows;
+        let depth = self.store.depth().await;
         let birth = json!({
             "state": "online",
             "gateway": self.identity.gateway,

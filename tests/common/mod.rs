@@ -1,6 +1,8 @@
 //! Shared helpers: start the project's simulator and build configs that point at it.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,549 @@
+//! Store-and-forward against a real Mosquitto: normal flow, broker outage, crash (SIGKILL), the
+//! outbox cap, and malformed commands. Every wait is bounded.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::broker::{validate, Broker, Msg, Subscriber};
+use meterd::config::Config;
+use meterd::daemon::Daemon;
+use meterd::store::{self, Kind, NewRecord};
+use meterd::uplink::NoCommands;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+fn building(units: u8, profile: &str) -> String {
+    let mut b = String::from("[[endpoint]]\nname = \"lan\"\nkind = \"tcp\"\n");
+    for u in 1..=units {
+        b += &format!("[[unit]]\nendpoint = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\nload_w = {}\nstart_kwh = {}\n", 100 * u as u32, 1000 * u as u32);
+    }
+    b
+}
+
+fn devices(units: u8, profile: &str, interval: &str) -> String {
+    let mut d = format!("[poll]\ninterval = \"{interval}\"\ntimeout = \"1s\"\n");
+    for u in 1..=units {
+        d += &format!(
+            "[[device]]\nname = \"m{u}\"\nbus = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\n"
+        );
+    }
+    d
+}
+
+fn uplink_sections(dir: &Path, port: u16, extra_mqtt: &str, extra_store: &str) -> String {
+    format!(
+        "[store]\npath = \"{}\"\n{extra_store}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"test\"\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n{extra_mqtt}\n",
+        dir.join("outbox.db").display()
+    )
+}
+
+fn json_of(m: &Msg) -> Value {
+    serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("{}: {e}", m.topic))
+}
+
+/// Every record seq received on `topic`, in arrival order.
+fn seqs(msgs: &[Msg], topic: &str) -> Vec<i64> {
+    msgs.iter()
+        .filter(|m| m.topic == topic)
+        .flat_map(|m| {
+            json_of(m)["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["seq"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Seqs 1..=upto of the outbox, each received at least once, given the non-telemetry ones too.
+fn assert_complete(msgs: &[Msg], upto: i64) {
+    let mut all: Vec<i64> = ["test/gw/telemetry", "test/gw/events", "test/gw/audit"]
+        .iter()
+        .flat_map(|t| seqs(msgs, t))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let missing: Vec<i64> = (1..=upto)
+        .filter(|s| all.binary_search(s).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} seq(s) missing up to {upto}, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+/// Within each message, seqs rise; a redelivery repeats a whole message (same seq_first..seq_last).
+fn assert_ordered(msgs: &[Msg]) {
+    for m in msgs.iter().filter(|m| m.topic == "test/gw/telemetry") {
+        let v = json_of(m);
+        let s: Vec<i64> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_i64().unwrap())
+            .collect();
+        assert!(s.windows(2).all(|w| w[0] < w[1]), "unordered message {s:?}");
+        assert_eq!(v["seq_first"].as_i64(), s.first().copied());
+        assert_eq!(v["seq_last"].as_i64(), s.last().copied());
+    }
+}
+
+fn load(text: &str) -> Config {
+    Config::from_str_at(text, "test.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn config(sim: &meterd::sim::RunningSim, devices: &str, uplink: &str) -> Config {
+    let c = common::config_for(sim, "", &format!("{devices}\n{uplink}"));
+    let mut text = format!(
+        "[gateway]\nid = \"gw\"\nsite = \"test site\"\ntimezone = \"UTC\"\n{devices}\n{uplink}\n"
+    );
+    for b in &c.buses {
+        if let meterd::config::Transport::Tcp { host, port, .. } = &b.transport {
+            text += &format!(
+                "[[bus]]\nname = \"{}\"\nkind = \"tcp\"\nhost = \"{host}\"\nport = {port}\n",
+                b.name
+            );
+        }
+    }
+    load(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-normal", "test/#").await;
+    let sim = common::start(&building(2, "eastron_sdm120")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(2, "eastron_sdm120", "200ms"),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+
+    let msgs = sub
+        .wait_for("m2's import_kwh", Duration::from_secs(15), |m| {
+            m.iter()
+                .filter(|m| m.topic == "test/gw/telemetry")
+                .any(|m| {
+                    json_of(m)["records"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r["device"] == "m2" && r["register"] == "import_kwh")
+                })
+        })
+        .await;
+    for m in msgs.iter().filter(|m| m.topic == "test/gw/telemetry") {
+        validate("telemetry.schema.json", &json_of(m));
+    }
+    let r = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/telemetry")
+        .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
+        .find(|r| r["device"] == "m2" && r["register"] == "import_kwh")
+        .unwrap();
+    assert!((r["value"].as_f64().unwrap() - 2000.0).abs() < 0.01, "{r}");
+    assert_eq!(r["unit"], "kWh");
+    assert_eq!(r["quality"], "good");
+    let birth = msgs
+        .iter()
+        .find(|m| m.topic == "test/gw/status")
+        .expect("birth message");
+    let b = json_of(birth);
+    validate("status.schema.json", &b);
+    assert_eq!(b["state"], "online");
+    assert_eq!(b["config_hash"], cfg.hash.as_str());
+    assert_ordered(&msgs);
+
+    // A clean stop publishes the retained offline status.
+    daemon.stop().await;
+    let msgs = sub
+        .wait_for("offline status", Duration::from_secs(10), |m| {
+            m.iter()
+                .any(|m| m.topic == "test/gw/status" && json_of(m)["state"] == "offline")
+        })
+        .await;
+    let bye = msgs
+        .iter()
+        .rev()
+        .find(|m| m.topic == "test/gw/status")
+        .unwrap();
+    validate("status.schema.json", &json_of(bye));
+    assert_eq!(json_of(bye)["reason"], "shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
+    let mut broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-outage", "test/#").await;
+    let sim = common::start(&building(4, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(4, "chint_ddsu666", "100ms"),
+        &uplink_sections(dir.path(), broker.port, "batch_max_records = 50\n", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("first telemetry", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/telemetry")
+    })
+    .await;
+
+    broker.stop();
+    let polls = |d: &Daemon| {
+        d.bus_status
+            .iter()
+            .flat_map(|s| s.snapshot())
+            .map(|s| s.polls_ok)
+            .sum::<u64>()
+    };
+    let (polls_before, rows_before) = (polls(&daemon), daemon.store.stats().await.rows);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = daemon.store.stats().await;
+    assert!(
+        polls(&daemon) >= polls_before + 4 * 20,
+        "polling continued while the broker was down"
+    );
+    assert!(
+        during.rows > rows_before + 500,
+        "the outbox buffered the readings ({} -> {})",
+        rows_before,
+        during.rows
+    );
+    let outage_last_seq = during.last_seq;
+
+    broker.restart();
+    // Everything recorded during the outage is acknowledged (deleted only on PUBACK) ...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = daemon.store.stats().await;
+        if s.oldest_seq.is_none_or(|o| o > outage_last_seq) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog not drained: oldest {:?}",
+            s.oldest_seq
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and arrives at the subscriber, complete, each message in seq order.
+    let msgs = sub
+        .wait_for("the whole backlog", Duration::from_secs(15), |m| {
+            let mut s = seqs(m, "test/gw/telemetry");
+            s.sort_unstable();
+            s.dedup();
+            s.len() as i64 >= outage_last_seq
+        })
+        .await;
+    assert_complete(&msgs, outage_last_seq);
+    assert_ordered(&msgs);
+    // The backlog (seq <= outage_last_seq, sent after the restart) was replayed oldest first.
+    let replay: Vec<i64> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/telemetry")
+        .map(|m| json_of(m)["seq_first"].as_i64().unwrap())
+        .filter(|s| *s > rows_before as i64 && *s <= outage_last_seq)
+        .collect();
+    let mut dedup = replay.clone();
+    dedup.dedup();
+    assert!(
+        dedup.windows(2).all(|w| w[0] < w[1]),
+        "backlog out of order: {dedup:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_replaying_a_backlog_loses_nothing() {
+    let mut broker = Broker::start();
+    let port = broker.port;
+    let sub = Subscriber::connect(port, "sub-crash", "test/#").await;
+    broker.stop();
+    let sim = common::start(&building(20, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(20, "chint_ddsu666", "50ms"),
+        &uplink_sections(
+            dir.path(),
+            port,
+            "batch_max_records = 10\ninflight = 1\n",
+            "",
+        ),
+    );
+    // Write the same config as a file for the real process.
+    let mut text = format!(
+        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"UTC\"\n{}\n{}\n",
+        devices(20, "chint_ddsu666", "50ms"),
+        uplink_sections(
+            dir.path(),
+            port,
+            "batch_max_records = 10\ninflight = 1\n",
+            ""
+        )
+    );
+    if let meterd::config::Transport::Tcp { host, port, .. } = &cfg.buses[0].transport {
+        text +=
+            &format!("[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"{host}\"\nport = {port}\n");
+    }
+    let cfg_path = dir.path().join("meterd.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_meterd"))
+            .args(["--log-level", "warn", "run", "--config"])
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let db = dir.path().join("outbox.db");
+
+    // Build a backlog with the broker down.
+    let mut daemon = run();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = store::read_stats(&db).map(|s| s.rows).unwrap_or(0);
+        if rows >= 8000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog did not build ({rows} rows)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Bring the broker back and kill the daemon as soon as the replay has started.
+    broker.restart();
+    let sub_deadline = Instant::now() + Duration::from_secs(20);
+    while !sub.take().iter().any(|m| m.topic == "test/gw/telemetry") {
+        assert!(Instant::now() < sub_deadline, "replay never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    let at_kill = store::read_stats(&db).unwrap();
+    assert!(
+        at_kill.rows > 0 && at_kill.oldest_seq.unwrap() > 1,
+        "killed mid-replay: some acked, some waiting ({at_kill:?})"
+    );
+    let seq_at_kill = at_kill.last_seq;
+
+    // Restart: the rest of the backlog goes out, oldest first; nothing is missing.
+    let mut daemon = run();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = store::read_stats(&db).unwrap();
+        if s.oldest_seq.is_none_or(|o| o > seq_at_kill) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog not drained after restart: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = store::read_stats(&db).unwrap();
+    assert!(
+        after.last_seq > seq_at_kill,
+        "seq continues after the restart"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+    let msgs = sub
+        .wait_for("every seq up to the kill", Duration::from_secs(20), |m| {
+            let mut s = seqs(m, "test/gw/telemetry");
+            s.sort_unstable();
+            s.dedup();
+            s.len() as i64 >= seq_at_kill
+        })
+        .await;
+    assert_complete(&msgs, seq_at_kill);
+    assert_ordered(&msgs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_drops_oldest_telemetry_keeps_audit_and_says_so() {
+    let mut broker = Broker::start();
+    let port = broker.port;
+    let sub = Subscriber::connect(port, "sub-cap", "test/#").await;
+    broker.stop();
+    let sim = common::start(&building(10, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(10, "chint_ddsu666", "50ms"),
+        &uplink_sections(dir.path(), port, "", "max_rows = 1000\n"),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let audit = NewRecord {
+        kind: Kind::Audit,
+        topic: "audit".into(),
+        ts: Utc::now(),
+        payload: json!({"event": "relay_switched", "relay": "room-101/door", "from": "closed", "to": "open"}).to_string().into_bytes(),
+    };
+    daemon.store.append(vec![audit]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if daemon.store.stats().await.dropped_total > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cap never reached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = daemon.store.stats().await;
+    assert!(
+        s.rows <= 1001 + 10 * 7,
+        "outbox held to its cap: {}",
+        s.rows
+    );
+    assert_eq!(s.by_kind[Kind::Audit as usize], 1, "audit survives the cap");
+
+    broker.restart();
+    let msgs = sub
+        .wait_for(
+            "overflow event and audit record",
+            Duration::from_secs(20),
+            |m| {
+                m.iter().any(|m| m.topic == "test/gw/events")
+                    && m.iter().any(|m| m.topic == "test/gw/audit")
+            },
+        )
+        .await;
+    let ev = msgs.iter().find(|m| m.topic == "test/gw/events").unwrap();
+    let v = json_of(ev);
+    validate("events.schema.json", &v);
+    let e = &v["records"][0];
+    assert_eq!(e["event"], "outbox_overflow");
+    assert_eq!(e["reason"], "max_rows");
+    assert!(
+        e["seq_first"].as_i64().unwrap() >= 1 && e["seq_last"].as_i64() >= e["seq_first"].as_i64()
+    );
+    let a = json_of(msgs.iter().find(|m| m.topic == "test/gw/audit").unwrap());
+    assert_eq!(a["records"][0]["event"], "relay_switched");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_commands_get_error_replies_and_change_nothing() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-cmd", "test/gw/#").await;
+    let sim = common::start(&building(1, "eastron_sdm120")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(1, "eastron_sdm120", "200ms"),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("birth", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/status")
+    })
+    .await;
+
+    let huge = format!("{{\"id\":\"big\",\"pad\":\"{}\"}}", "x".repeat(1024 * 1024));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, &str)> = vec![
+        ("ping", b"{not json".to_vec(), None, "not valid JSON"),
+        ("ping", b"42".to_vec(), None, "expected a JSON object"),
+        (
+            "ping",
+            br#"{"id": 7}"#.to_vec(),
+            None,
+            "\"id\" must be a string",
+        ),
+        (
+            "ping",
+            br#"{"noid": true}"#.to_vec(),
+            None,
+            "missing \"id\"",
+        ),
+        (
+            "reboot_now",
+            br#"{"id": "c-unknown"}"#.to_vec(),
+            Some("c-unknown"),
+            "unknown command",
+        ),
+        (
+            "BAD-name",
+            br#"{"id": "c-name"}"#.to_vec(),
+            Some("c-name"),
+            "must be 1-64 characters",
+        ),
+        (
+            "ping",
+            huge.into_bytes(),
+            None,
+            "exceeds the 65536-byte limit",
+        ),
+        ("ping", vec![0xff, 0xfe, 0x00], None, "not valid JSON"),
+    ];
+    for (name, payload, _, _) in &cases {
+        sub.client
+            .publish(
+                format!("test/gw/cmd/{name}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    sub.client
+        .publish(
+            "test/gw/cmd/ping",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            br#"{"id": "c-ok"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    let msgs = sub
+        .wait_for("all replies", Duration::from_secs(20), |m| {
+            m.iter().filter(|m| m.topic == "test/gw/reply").count() > cases.len()
+        })
+        .await;
+    let replies: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .collect();
+    for r in &replies {
+        validate("reply.schema.json", r);
+    }
+    for (name, _, id, why) in &cases {
+        let found = replies.iter().any(|r| {
+            r["ok"] == false
+                && r["error"].as_str().unwrap().contains(why)
+                && r["id"] == json!(id)
+                && r["command"] == *name
+        });
+        assert!(found, "no error reply for {name} ({why}) in {replies:#?}");
+    }
+    let ok = replies.iter().find(|r| r["id"] == "c-ok").unwrap();
+    assert_eq!(ok["ok"], true);
+    // The daemon kept running: telemetry still flows after the bad commands.
+    let n = sub
+        .take()
+        .iter()
+        .filter(|m| m.topic == "test/gw/telemetry")
+        .count();
+    sub.wait_for(
+        "telemetry after the commands",
+        Duration::from_secs(10),
+        |m| m.iter().filter(|m| m.topic == "test/gw/telemetry").count() > n + 2,
+    )
+    .await;
+    daemon.stop().await;
+}
