@@ -539,6 +539,7 @@ enum Command {
     Stats(oneshot::Sender<Stats>),
     Depth(oneshot::Sender<u64>),
     Flush(oneshot::Sender<()>),
+    MaxPages(u64),
 }
 
 /// Records kept in memory while the disk refuses writes, before the oldest telemetry is dropped.
@@ -606,6 +607,12 @@ impl StoreHandle {
         rx.await.unwrap_or(0)
     }
 
+    /// Sets a hard ceiling on the outbox file in pages (see [`Store::set_max_page_count`]); writes past
+    /// it fail like a full disk.
+    pub async fn set_max_page_count(&self, pages: u64) {
+        let _ = self.tx.send(Command::MaxPages(pages)).await;
+    }
+
     /// Waits until everything queued before this call is committed (or held in memory if the disk
     /// refuses it).
     pub async fn flush(&self) {
@@ -634,18 +641,135 @@ pub fn spawn(store: Store) -> Result<StoreHandle, StoreError> {
     })
 }
 
+/// The store thread's state: the outbox, plus what it holds in memory while the disk refuses writes.
+struct Writer {
+    store: Store,
+    spill: VecDeque<NewRecord>,
+    spill_dropped: u64,
+    last_error_log: Option<std::time::Instant>,
+    committed: watch::Sender<i64>,
+    health: Arc<Mutex<Option<String>>>,
+}
+
+impl Writer {
+    /// Commits `batch` (after anything held in memory) in one transaction; on failure holds it.
+    fn commit(&mut self, batch: Vec<NewRecord>) {
+        if batch.is_empty() && self.spill.is_empty() {
+            return;
+        }
+        let mut all: Vec<NewRecord> = self.spill.drain(..).collect();
+        all.extend(batch);
+        match self.store.append(&all) {
+            Ok(last) => {
+                self.committed.send_replace(last);
+                if self
+                    .health
+                    .lock()
+                    .map(|mut h| h.take().is_some())
+                    .unwrap_or(false)
+                {
+                    tracing::info!("outbox writable again; stored the records held in memory");
+                    let _ = self.store.set_meta("store_error", "");
+                }
+                if self.spill_dropped > 0 {
+                    let event = serde_json::json!({"event": "outbox_spill_overflow", "dropped": self.spill_dropped});
+                    let rec = NewRecord {
+                        kind: Kind::Event,
+                        topic: "events".into(),
+                        ts: Utc::now(),
+                        payload: event.to_string().into_bytes(),
+                    };
+                    if let Ok(last) = self.store.append(&[rec]) {
+                        self.committed.send_replace(last);
+                        self.spill_dropped = 0;
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                {
+                    tracing::error!(error = %msg, held = all.len(), "outbox write failed; polling continues, records held in memory");
+                    self.last_error_log = Some(std::time::Instant::now());
+                }
+                if let Ok(mut h) = self.health.lock() {
+                    *h = Some(msg);
+                }
+                self.spill.extend(all);
+                while self.spill.len() > SPILL_LIMIT {
+                    // Drop the oldest telemetry first; never results or audit.
+                    match self.spill.iter().position(|r| r.kind == Kind::Telemetry) {
+                        Some(i) => {
+                            self.spill.remove(i);
+                            self.spill_dropped += 1;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let store = &mut self.store;
+        match cmd {
+            Command::Append(r) => self.commit(r),
+            Command::Fetch {
+                after,
+                upto,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(store.fetch(after, upto, limit).map_err(|e| e.to_string()));
+            }
+            Command::Ack(ranges) => {
+                if let Err(e) = store.ack(&ranges) {
+                    tracing::error!(error = %e, "outbox: could not delete acknowledged records; they will be sent again");
+                }
+            }
+            Command::Meta(k, v) => {
+                let _ = store.set_meta(&k, &v);
+            }
+            Command::Stats(reply) => {
+                let mut s = store.stats().unwrap_or_default();
+                s.store_error = self.health.lock().ok().and_then(|h| h.clone());
+                s.rows += self.spill.len() as u64;
+                let _ = reply.send(s);
+            }
+            Command::Depth(reply) => {
+                let _ = reply.send(store.rows + self.spill.len() as u64);
+            }
+            Command::Flush(reply) => {
+                let _ = reply.send(());
+            }
+            Command::MaxPages(pages) => {
+                if let Err(e) = store.set_max_page_count(pages) {
+                    tracing::error!(error = %e, "outbox: cannot set the page limit");
+                }
+            }
+        }
+    }
+}
+
 fn store_loop(
-    mut store: Store,
+    store: Store,
     mut rx: mpsc::Receiver<Command>,
     committed: watch::Sender<i64>,
     health: Arc<Mutex<Option<String>>>,
 ) {
-    let mut spill: VecDeque<NewRecord> = VecDeque::new();
-    let mut spill_dropped: u64 = 0;
-    let mut last_error_log: Option<std::time::Instant> = None;
+    let mut w = Writer {
+        store,
+        spill: VecDeque::new(),
+        spill_dropped: 0,
+        last_error_log: None,
+        committed,
+        health,
+    };
     loop {
-        // Block for the first command, or retry the spill every second while the disk refuses.
-        let first = if spill.is_empty() {
+        // Block for the next command, or retry what is held in memory every 200 ms.
+        let first = if w.spill.is_empty() {
             match rx.blocking_recv() {
                 Some(c) => Some(c),
                 None => return,
@@ -658,102 +782,24 @@ fn store_loop(
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         };
-        // Group commit: take every append that is already queued into one transaction.
-        let mut batch: Vec<NewRecord> = spill.drain(..).collect();
-        let mut others = Vec::new();
+        // Group commit: consecutive appends already queued go into one transaction; any other command
+        // first commits what came before it, so every command sees the effect of earlier ones.
+        let mut batch: Vec<NewRecord> = Vec::new();
         let mut next = first;
         while let Some(cmd) = next {
             match cmd {
                 Command::Append(mut r) => batch.append(&mut r),
-                other => others.push(other),
+                other => {
+                    w.commit(std::mem::take(&mut batch));
+                    w.handle(other);
+                }
             }
             if batch.len() >= 50_000 {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if !batch.is_empty() {
-            match store.append(&batch) {
-                Ok(last) => {
-                    committed.send_replace(last);
-                    if health
-                        .lock()
-                        .map(|mut h| h.take().is_some())
-                        .unwrap_or(false)
-                    {
-                        tracing::info!("outbox writable again; stored the records held in memory");
-                        let _ = store.set_meta("store_error", "");
-                    }
-                    if spill_dropped > 0 {
-                        let event = serde_json::json!({"event": "outbox_spill_overflow", "dropped": spill_dropped});
-                        let rec = NewRecord {
-                            kind: Kind::Event,
-                            topic: "events".into(),
-                            ts: Utc::now(),
-                            payload: event.to_string().into_bytes(),
-                        };
-                        if let Ok(last) = store.append(&[rec]) {
-                            committed.send_replace(last);
-                            spill_dropped = 0;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                        tracing::error!(error = %msg, held = batch.len(), "outbox write failed; polling continues, records held in memory");
-                        last_error_log = Some(std::time::Instant::now());
-                    }
-                    if let Ok(mut h) = health.lock() {
-                        *h = Some(msg);
-                    }
-                    spill.extend(batch);
-                    while spill.len() > SPILL_LIMIT {
-                        // Drop the oldest telemetry first; never results or audit.
-                        match spill.iter().position(|r| r.kind == Kind::Telemetry) {
-                            Some(i) => {
-                                spill.remove(i);
-                                spill_dropped += 1;
-                            }
-                            None => break,
-                        }
-                    }
-                }
-            }
-        }
-        for cmd in others {
-            match cmd {
-                Command::Append(_) => {}
-                Command::Fetch {
-                    after,
-                    upto,
-                    limit,
-                    reply,
-                } => {
-                    let _ = reply.send(store.fetch(after, upto, limit).map_err(|e| e.to_string()));
-                }
-                Command::Ack(ranges) => {
-                    if let Err(e) = store.ack(&ranges) {
-                        tracing::error!(error = %e, "outbox: could not delete acknowledged records; they will be sent again");
-                    }
-                }
-                Command::Meta(k, v) => {
-                    let _ = store.set_meta(&k, &v);
-                }
-                Command::Stats(reply) => {
-                    let mut s = store.stats().unwrap_or_default();
-                    s.store_error = health.lock().ok().and_then(|h| h.clone());
-                    s.rows += spill.len() as u64;
-                    let _ = reply.send(s);
-                }
-                Command::Depth(reply) => {
-                    let _ = reply.send(store.rows + spill.len() as u64);
-                }
-                Command::Flush(reply) => {
-                    let _ = reply.send(());
-                }
-            }
-        }
+        w.commit(batch);
     }
 }
 
@@ -913,5 +959,44 @@ mod tests {
                 proptest::prop_assert_eq!(st.last_seq, next_seq - 1);
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_holds_records_in_memory_and_stores_them_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("o.db"), Caps::default()).unwrap();
+        let pages: i64 = store
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        let h = spawn(store).unwrap();
+        h.set_max_page_count(pages as u64).await;
+        h.append((0..3000).map(|i| rec(Kind::Telemetry, i)).collect())
+            .await
+            .unwrap();
+        h.append(vec![rec(Kind::Audit, 1)]).await.unwrap();
+        h.flush().await;
+        let health = h.health.lock().unwrap().clone();
+        assert!(
+            health.as_deref().is_some_and(|e| e.contains("full")),
+            "{health:?}"
+        );
+        assert_eq!(h.depth().await, 3001, "held in memory, counted as waiting");
+        // Space comes back: the next write stores everything that was held.
+        h.set_max_page_count(1 << 30).await;
+        h.append(vec![rec(Kind::Telemetry, 9)]).await.unwrap();
+        h.flush().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.health.lock().unwrap().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "store never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let s = h.stats().await;
+        assert_eq!((s.rows, s.by_kind[Kind::Audit as usize]), (3002, 1));
+        let all = h.fetch(0, i64::MAX, 10_000).await.unwrap();
+        assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 }

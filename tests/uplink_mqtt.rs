@@ -333,9 +333,11 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     daemon.kill().unwrap(); // SIGKILL
     daemon.wait().unwrap();
     let at_kill = store::read_stats(&db).unwrap();
+    // Killed mid-replay: the subscriber has seen part of the backlog, and records are still waiting
+    // (some may have been published but not yet deleted: those come again, with the same seq).
     assert!(
-        at_kill.rows > 0 && at_kill.oldest_seq.unwrap() > 1,
-        "killed mid-replay: some acked, some waiting ({at_kill:?})"
+        at_kill.rows > 0,
+        "killed mid-replay, backlog left ({at_kill:?})"
     );
     let seq_at_kill = at_kill.last_seq;
 
@@ -545,5 +547,55 @@ async fn malformed_commands_get_error_replies_and_change_nothing() {
         |m| m.iter().filter(|m| m.topic == "test/gw/telemetry").count() > n + 2,
     )
     .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_ca_file_and_a_client_certificate() {
+    let (broker, certs) = Broker::start_tls();
+    let sim = common::start(&building(1, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = format!(
+        "[mqtt.tls]\nca_file = \"{0}/ca.pem\"\nclient_cert = \"{0}/client.crt\"\nclient_key = \"{0}/client.key\"\n",
+        certs.display()
+    );
+    // The broker's certificate names localhost: connect by that name.
+    let uplink = uplink_sections(dir.path(), broker.port, "", "")
+        .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+        + &tls;
+    let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &uplink);
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = daemon.uplink.lock().unwrap().clone();
+        if s.records_acked > 0 {
+            assert!(s.connected);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing acknowledged over TLS: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+
+    // Without the client certificate the broker refuses the connection and the error says so.
+    let without_cert = uplink_sections(dir.path(), broker.port, "", "")
+        .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+        + &format!("[mqtt.tls]\nca_file = \"{}/ca.pem\"\n", certs.display());
+    let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &without_cert);
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = daemon.uplink.lock().unwrap().clone();
+        if let Some(e) = &s.last_error {
+            assert!(e.contains(&format!("localhost:{}", broker.port)), "{e}");
+            assert_eq!(s.records_acked, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no error recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     daemon.stop().await;
 }

@@ -13,6 +13,8 @@ pub struct Broker {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Extra listener settings (TLS).
+    listener_extra: String,
 }
 
 fn free_port() -> u16 {
@@ -35,9 +37,57 @@ impl Broker {
             port: free_port(),
             child: None,
             dir,
+            listener_extra: String::new(),
         };
         b.restart();
         b
+    }
+
+    /// A broker that only speaks TLS and requires a client certificate, with a throwaway CA made by
+    /// `openssl`. Returns the broker and the directory holding `ca.pem`, `client.crt`, `client.key`.
+    pub fn start_tls() -> (Broker, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let d = dir.path();
+        let sh = |args: &str| {
+            let ok = Command::new("sh")
+                .arg("-c")
+                .arg(args)
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "openssl failed: {args}");
+        };
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=meterd-test-ca");
+        sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+        // X.509 v3 (with extensions): webpki refuses v1 certificates.
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile server.ext");
+        sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=gw-tls");
+        sh("openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.ext");
+        sh("chmod 644 *.key");
+        let extra = format!(
+            "cafile {0}/ca.pem\ncertfile {0}/server.crt\nkeyfile {0}/server.key\nrequire_certificate true\n",
+            d.display()
+        );
+        let path = d.to_path_buf();
+        let mut b = Broker {
+            port: free_port(),
+            child: None,
+            dir,
+            listener_extra: extra,
+        };
+        b.restart();
+        (b, path)
     }
 
     fn conf(&self) -> PathBuf {
@@ -45,8 +95,9 @@ impl Broker {
         std::fs::write(
             &p,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n",
+                "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n",
                 self.port,
+                self.listener_extra,
                 self.dir.path().display()
             ),
         )
