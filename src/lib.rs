@@ -5,13 +5,16 @@
 //! cloud through a durable outbox. See `docs/architecture.md` for how the pieces fit.
 #![forbid(unsafe_code)]
 
+pub mod apportion;
 pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod modbus;
+pub mod money;
 pub mod reading;
 pub mod sim;
 pub mod store;
+pub mod topology;
 pub mod uplink;

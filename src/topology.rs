@@ -1,0 +1,762 @@
+//! The site's metering topology: which meter feeds which, which room a meter bills, which meters are
+//! common areas. Pure: built from config, then asked for consumption, balances and suspects.
+//!
+//! Each utility is a forest: master meter(s) → sub-meters → … Rooms hang off the meters that bill
+//! them; common-area meters (lifts, HVAC, corridor lighting, pumps) belong to a pool whose consumption
+//! is apportioned to rooms. A meter may be virtual: a sum/difference of other meters.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::modbus::profile::Quantity;
+
+/// A metered utility; a tree never mixes two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Utility {
+    Electricity,
+    Water,
+}
+
+impl Utility {
+    /// The cumulative counter billed for this utility.
+    pub fn quantity(self) -> Quantity {
+        match self {
+            Utility::Electricity => Quantity::EnergyKwh,
+            Utility::Water => Quantity::WaterM3,
+        }
+    }
+    /// Unit of the counter.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Utility::Electricity => "kWh",
+            Utility::Water => "m3",
+        }
+    }
+}
+
+/// A rentable unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Room {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub area_m2: Option<f64>,
+    pub headcount: Option<f64>,
+    pub floor: Option<i32>,
+}
+
+/// Where a meter's counter comes from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Source {
+    /// A polled device (by name).
+    Device(String),
+    /// `+a - b - c`: other meters' consumption combined.
+    Virtual(Vec<(i8, String)>),
+}
+
+/// A node of a tree.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Meter {
+    pub name: String,
+    pub utility: Utility,
+    pub source: Source,
+    pub parent: Option<String>,
+    /// The room this meter bills.
+    pub room: Option<String>,
+    /// The pool this common-area meter feeds.
+    pub pool: Option<String>,
+    /// The counter wraps to 0 after this value (e.g. 99999.99 kWh display or a u32 pulse register).
+    pub rollover: Option<f64>,
+}
+
+/// One part of an apportionment method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    /// Room floor area.
+    Area,
+    /// The room's own measured consumption in the period.
+    Consumption,
+    /// Headcount or traffic figure.
+    Headcount,
+    /// Coefficients given in config.
+    Fixed,
+}
+
+/// A common-cost pool.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pool {
+    pub name: String,
+    pub utility: Utility,
+    pub rooms: Vec<String>,
+    /// Weighted mix of bases, weights summing to 1.
+    pub method: Vec<(Basis, f64)>,
+    /// Multiplier of a room's area/headcount by its floor (e.g. upper floors use the lift more).
+    pub floor_weights: BTreeMap<i32, f64>,
+    pub fixed: BTreeMap<String, f64>,
+    /// Nodes whose loss (parent − Σ children) is added to the pool's common consumption.
+    pub include_loss_of: Vec<String>,
+    pub tariff: Option<String>,
+}
+
+/// A price for a utility.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tariff {
+    pub name: String,
+    pub utility: Utility,
+    pub price: crate::money::Price,
+    pub currency: String,
+}
+
+/// The whole topology.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Site {
+    pub rooms: BTreeMap<String, Room>,
+    pub meters: BTreeMap<String, Meter>,
+    pub pools: BTreeMap<String, Pool>,
+    pub tariffs: BTreeMap<String, Tariff>,
+    /// Loss above this share of a node's consumption raises an event.
+    pub loss_threshold_pct: f64,
+}
+
+impl Site {
+    /// Direct children of a meter.
+    pub fn children(&self, name: &str) -> Vec<&Meter> {
+        self.meters.values().filter(|m| m.parent.as_deref() == Some(name)).collect()
+    }
+
+    /// Tree roots of a utility.
+    pub fn roots(&self) -> Vec<&Meter> {
+        self.meters.values().filter(|m| m.parent.is_none()).collect()
+    }
+
+    /// True when nothing is configured (no apportionment, no balance checks).
+    pub fn is_empty(&self) -> bool {
+        self.meters.is_empty()
+    }
+
+    /// Meters of a given room.
+    pub fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
+        self.meters.values().filter(|m| m.room.as_deref() == Some(room) && m.utility == utility).collect()
+    }
+}
+
+// ---- raw config and validation ------------------------------------------------------------------
+
+/// `[[meter]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeter {
+    pub name: String,
+    pub utility: Utility,
+    /// Polled device; defaults to the meter's name. Not with `virtual`.
+    pub device: Option<String>,
+    /// e.g. `"main - sub1 - sub2"`.
+    #[serde(rename = "virtual")]
+    pub expr: Option<String>,
+    pub parent: Option<String>,
+    pub room: Option<String>,
+    pub pool: Option<String>,
+    pub rollover: Option<f64>,
+}
+
+/// `[[pool]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    pub utility: Utility,
+    /// Room ids, or `["*"]` for every room.
+    pub rooms: Vec<String>,
+    /// Weights by basis, e.g. `{ area = 0.5, consumption = 0.5 }`.
+    pub method: BTreeMap<Basis, f64>,
+    #[serde(default)]
+    pub floor_weights: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub fixed: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub include_loss_of: Vec<String>,
+    pub tariff: Option<String>,
+}
+
+/// `[[tariff]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTariff {
+    pub name: String,
+    pub utility: Utility,
+    /// Major currency units per kWh or m³, as a decimal string ("0.8523").
+    pub price: String,
+    #[serde(default = "cny")]
+    pub currency: String,
+    #[serde(default = "two")]
+    pub decimals: u32,
+}
+
+fn cny() -> String {
+    "CNY".into()
+}
+fn two() -> u32 {
+    2
+}
+
+/// Parses `"a - b + c"`.
+pub fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
+    let mut out = Vec::new();
+    let mut sign = 1i8;
+    let mut expect_term = true;
+    for tok in expr.split_whitespace().flat_map(|t| split_ops(t)) {
+        match tok.as_str() {
+            "+" | "-" if !expect_term => {
+                sign = if tok == "-" { -1 } else { 1 };
+                expect_term = true;
+            }
+            "+" | "-" => return Err(format!("{expr:?}: two operators in a row")),
+            name if expect_term => {
+                out.push((sign, name.to_string()));
+                expect_term = false;
+            }
+            name => return Err(format!("{expr:?}: missing + or - before {name:?}")),
+        }
+    }
+    if out.is_empty() || expect_term {
+        return Err(format!("{expr:?}: expected meter names joined by + and -, e.g. \"main - sub1 - sub2\""));
+    }
+    Ok(out)
+}
+
+fn split_ops(t: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut cur = String::new();
+    for c in t.chars() {
+        if c == '+' || c == '-' {
+            if !cur.is_empty() {
+                v.push(std::mem::take(&mut cur));
+            }
+            v.push(c.to_string());
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        v.push(cur);
+    }
+    v
+}
+
+/// Builds and validates the topology. `devices` maps each polled device to the billing quantities
+/// its profile has. Problems come back as (key, message), every one of them.
+pub fn build(
+    rooms: Vec<(String, Room)>,
+    meters: Vec<(String, RawMeter)>,
+    pools: Vec<(String, RawPool)>,
+    tariffs: Vec<(String, RawTariff)>,
+    loss_threshold_pct: f64,
+    devices: &BTreeMap<String, BTreeSet<Quantity>>,
+) -> (Site, Vec<(String, String)>) {
+    let mut issues: Vec<(String, String)> = Vec::new();
+    let mut site = Site {
+        loss_threshold_pct,
+        ..Site::default()
+    };
+    for (key, r) in rooms {
+        if r.id.trim().is_empty() {
+            issues.push((format!("{key}.id"), "must not be empty".into()));
+        }
+        for (field, v) in [("area_m2", r.area_m2), ("headcount", r.headcount)] {
+            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                issues.push((format!("{key}.{field}"), "must be a number ≥ 0".into()));
+            }
+        }
+        if site.rooms.insert(r.id.clone(), r.clone()).is_some() {
+            issues.push((format!("{key}.id"), format!("duplicate room id {:?}", r.id)));
+        }
+    }
+    let mut device_owner: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+    let mut meter_keys: BTreeMap<String, String> = BTreeMap::new();
+    for (key, m) in meters {
+        let source = match (&m.device, &m.expr) {
+            (Some(_), Some(_)) => {
+                issues.push((key.clone(), "set either device or virtual, not both".into()));
+                continue;
+            }
+            (_, Some(e)) => match parse_expr(e) {
+                Ok(terms) => Source::Virtual(terms),
+                Err(msg) => {
+                    issues.push((format!("{key}.virtual"), msg));
+                    continue;
+                }
+            },
+            (d, None) => {
+                let dev = d.clone().unwrap_or_else(|| m.name.clone());
+                match devices.get(&dev) {
+                    None => issues.push((
+                        format!("{key}.device"),
+                        format!("no [[device]] named {dev:?}; a meter node reads a polled device (set device = \"...\") or is virtual"),
+                    )),
+                    Some(q) if !q.contains(&m.utility.quantity()) => issues.push((
+                        format!("{key}.device"),
+                        format!("device {dev:?} has no {} register: its profile cannot meter {:?}", m.utility.quantity(), m.utility),
+                    )),
+                    Some(_) => {}
+                }
+                if let Some((other, other_parent)) = device_owner.insert(dev.clone(), (m.name.clone(), m.parent.clone())) {
+                    issues.push((
+                        format!("{key}.device"),
+                        format!(
+                            "device {dev:?} is already meter {other:?} (parent {}); a meter with two parents ({}) double-counts: keep one node",
+                            other_parent.as_deref().unwrap_or("none"),
+                            m.parent.as_deref().unwrap_or("none")
+                        ),
+                    ));
+                }
+                Source::Device(dev)
+            }
+        };
+        if let Some(r) = &m.room {
+            if !site.rooms.contains_key(r) {
+                issues.push((format!("{key}.room"), format!("unknown room {r:?}; declare it in [[room]]")));
+            }
+        }
+        if m.rollover.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            issues.push((format!("{key}.rollover"), "must be a positive number".into()));
+        }
+        meter_keys.insert(m.name.clone(), key.clone());
+        let node = Meter {
+            name: m.name.clone(),
+            utility: m.utility,
+            source,
+            parent: m.parent.clone(),
+            room: m.room.clone(),
+            pool: m.pool.clone(),
+            rollover: m.rollover,
+        };
+        if site.meters.insert(m.name.clone(), node).is_some() {
+            issues.push((format!("{key}.name"), format!("duplicate meter name {:?}", m.name)));
+        }
+    }
+    // Parents, utilities, cycles, virtual references.
+    for m in site.meters.values() {
+        let key = &meter_keys[&m.name];
+        if let Some(p) = &m.parent {
+            match site.meters.get(p) {
+                None => issues.push((format!("{key}.parent"), format!("unknown meter {p:?}"))),
+                Some(pm) if pm.utility != m.utility => issues.push((
+                    format!("{key}.parent"),
+                    format!("{} meter {:?} under {} meter {p:?}: a tree never mixes utilities", lower(m.utility), m.name, lower(pm.utility)),
+                )),
+                Some(_) => {}
+            }
+        }
+        if let Source::Virtual(terms) = &m.source {
+            for (_, t) in terms {
+                match site.meters.get(t) {
+                    None => issues.push((format!("{key}.virtual"), format!("unknown meter {t:?}"))),
+                    Some(tm) if tm.utility != m.utility => issues.push((format!("{key}.virtual"), format!("{t:?} meters another utility"))),
+                    Some(_) if t == &m.name => issues.push((format!("{key}.virtual"), "refers to itself".into())),
+                    Some(_) => {}
+                }
+            }
+        }
+        // Walk up; a path longer than the number of meters is a cycle.
+        let mut path = vec![m.name.clone()];
+        let mut cur = m.parent.clone();
+        while let Some(p) = cur {
+            if path.contains(&p) {
+                if path[0] == *path.iter().min().unwrap_or(&path[0]) {
+                    path.push(p);
+                    issues.push((format!("{key}.parent"), format!("cycle: {}", path.join(" → "))));
+                }
+                break;
+            }
+            path.push(p.clone());
+            cur = site.meters.get(&p).and_then(|x| x.parent.clone());
+        }
+    }
+    // Polled devices with a billing counter that no tree contains.
+    let used: BTreeSet<&String> = site
+        .meters
+        .values()
+        .filter_map(|m| match &m.source {
+            Source::Device(d) => Some(d),
+            Source::Virtual(_) => None,
+        })
+        .collect();
+    if !site.meters.is_empty() {
+        for (dev, qs) in devices {
+            if (qs.contains(&Quantity::EnergyKwh) || qs.contains(&Quantity::WaterM3)) && !used.contains(dev) {
+                issues.push((
+                    format!("device ({dev})"),
+                    "meters energy or water but is in no [[meter]] tree; add a [[meter]] node for it (its consumption would otherwise be unaccounted)".into(),
+                ));
+            }
+        }
+    }
+    for (key, t) in tariffs {
+        match crate::money::Price::parse(&t.price, t.decimals) {
+            Ok(price) => {
+                site.tariffs.insert(
+                    t.name.clone(),
+                    Tariff {
+                        name: t.name.clone(),
+                        utility: t.utility,
+                        price,
+                        currency: t.currency.clone(),
+                    },
+                );
+            }
+            Err(e) => issues.push((format!("{key}.price"), e)),
+        }
+    }
+    for (key, p) in pools {
+        let rooms: Vec<String> = if p.rooms == ["*"] {
+            site.rooms.keys().cloned().collect()
+        } else {
+            p.rooms.clone()
+        };
+        for r in &rooms {
+            if !site.rooms.contains_key(r) {
+                issues.push((format!("{key}.rooms"), format!("unknown room {r:?}")));
+            }
+        }
+        if rooms.is_empty() {
+            issues.push((format!("{key}.rooms"), "a pool needs at least one room".into()));
+        }
+        let total: f64 = p.method.values().sum();
+        if p.method.is_empty() || (total - 1.0).abs() > 1e-9 || p.method.values().any(|w| !(*w >= 0.0)) {
+            issues.push((
+                format!("{key}.method"),
+                format!("weights must be ≥ 0 and sum to 1 (they sum to {total}); e.g. {{ area = 0.5, consumption = 0.5 }}"),
+            ));
+        }
+        let mut floor_weights = BTreeMap::new();
+        for (f, w) in &p.floor_weights {
+            match f.parse::<i32>() {
+                Ok(f) if *w >= 0.0 => {
+                    floor_weights.insert(f, *w);
+                }
+                _ => issues.push((format!("{key}.floor_weights.{f}"), "expected floor number = weight ≥ 0".into())),
+            }
+        }
+        for (basis, _) in p.method.iter().filter(|(_, w)| **w > 0.0) {
+            for r in rooms.iter().filter_map(|r| site.rooms.get(r)) {
+                let missing = match basis {
+                    Basis::Area => r.area_m2.is_none().then_some("area_m2"),
+                    Basis::Headcount => r.headcount.is_none().then_some("headcount"),
+                    Basis::Fixed => (!p.fixed.contains_key(&r.id)).then_some("a fixed coefficient"),
+                    Basis::Consumption => site.room_meters(&r.id, p.utility).is_empty().then_some("a meter of this utility"),
+                };
+                if let Some(what) = missing {
+                    issues.push((
+                        format!("{key}.method.{}", format!("{basis:?}").to_lowercase()),
+                        format!("room {:?} has no {what}, which this method needs", r.id),
+                    ));
+                }
+            }
+            if floor_weights.is_empty() {
+                continue;
+            }
+            for r in rooms.iter().filter_map(|r| site.rooms.get(r)) {
+                if matches!(basis, Basis::Area | Basis::Headcount) && r.floor.is_none_or(|f| !floor_weights.contains_key(&f)) {
+                    issues.push((format!("{key}.floor_weights"), format!("room {:?} has no floor with a weight", r.id)));
+                }
+            }
+        }
+        for l in &p.include_loss_of {
+            if !site.meters.contains_key(l) {
+                issues.push((format!("{key}.include_loss_of"), format!("unknown meter {l:?}")));
+            }
+        }
+        if let Some(t) = &p.tariff {
+            match site.tariffs.get(t) {
+                None => issues.push((format!("{key}.tariff"), format!("unknown tariff {t:?}"))),
+                Some(t) if t.utility != p.utility => issues.push((format!("{key}.tariff"), "tariff is for another utility".into())),
+                Some(_) => {}
+            }
+        }
+        site.pools.insert(
+            p.name.clone(),
+            Pool {
+                name: p.name.clone(),
+                utility: p.utility,
+                rooms,
+                method: p.method.iter().map(|(b, w)| (*b, *w)).collect(),
+                floor_weights,
+                fixed: p.fixed.clone(),
+                include_loss_of: p.include_loss_of.clone(),
+                tariff: p.tariff.clone(),
+            },
+        );
+    }
+    for m in site.meters.values() {
+        if let Some(p) = &m.pool {
+            match site.pools.get(p) {
+                None => issues.push((format!("{}.pool", meter_keys[&m.name]), format!("unknown pool {p:?}"))),
+                Some(pool) if pool.utility != m.utility => issues.push((format!("{}.pool", meter_keys[&m.name]), "pool is for another utility".into())),
+                Some(_) => {}
+            }
+        }
+    }
+    if !site.meters.is_empty() {
+        for r in site.rooms.values() {
+            if !site.meters.values().any(|m| m.room.as_deref() == Some(r.id.as_str())) {
+                issues.push((format!("room ({})", r.id), "no meter bills this room; set room = \"...\" on its meter".into()));
+            }
+        }
+    }
+    (site, issues)
+}
+
+fn lower(u: Utility) -> &'static str {
+    match u {
+        Utility::Electricity => "an electricity",
+        Utility::Water => "a water",
+    }
+}
+
+// ---- consumption and balance ---------------------------------------------------------------------
+
+/// A counter value at an interval boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Boundary {
+    pub value: f64,
+    /// Interpolated across a gap in the readings.
+    pub estimated: bool,
+}
+
+/// A meter exchange inside an interval: the old meter's final reading and the new one's first.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub final_reading: f64,
+    pub initial_reading: f64,
+}
+
+/// Consumption of one meter over an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Consumption {
+    pub value: f64,
+    pub estimated: bool,
+}
+
+/// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`) and a
+/// replaced meter. Returns `None` when the counter went backwards unexplained (a reset nobody
+/// recorded): that figure must not be billed.
+pub fn counter_consumption(start: Boundary, end: Boundary, rollover: Option<f64>, replacement: Option<Replacement>) -> Option<Consumption> {
+    let estimated = start.estimated || end.estimated;
+    let value = match replacement {
+        Some(r) => (r.final_reading - start.value) + (end.value - r.initial_reading),
+        None if end.value >= start.value => end.value - start.value,
+        None => match rollover {
+            Some(max) => end.value + max - start.value,
+            None => return None,
+        },
+    };
+    (value >= 0.0).then_some(Consumption { value, estimated })
+}
+
+/// The counter at time `t` from the samples around it: linear interpolation between the last sample
+/// at or before `t` and the first after it. `estimated` when the bracketing samples are further apart
+/// than `max_gap` (a reading is missing there). `samples` are (time, value) sorted by time.
+pub fn value_at(samples: &[(i64, f64)], t: i64, max_gap: i64, rollover: Option<f64>) -> Option<Boundary> {
+    let i = samples.partition_point(|(ts, _)| *ts <= t);
+    let before = i.checked_sub(1).map(|k| samples[k]);
+    let after = samples.get(i).copied();
+    match (before, after) {
+        (Some((tb, vb)), _) if tb == t => Some(Boundary { value: vb, estimated: false }),
+        (Some((tb, vb)), Some((ta, va))) => {
+            let mut va = va;
+            if va < vb {
+                va += rollover?;
+            }
+            let f = (t - tb) as f64 / (ta - tb) as f64;
+            let mut v = vb + (va - vb) * f;
+            if let Some(max) = rollover {
+                if v >= max {
+                    v -= max;
+                }
+            }
+            Some(Boundary {
+                value: v,
+                estimated: ta - tb > max_gap,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Consumption of every meter, virtual ones included, from the device counters' consumption.
+pub fn meter_consumption(site: &Site, device: &BTreeMap<String, Consumption>) -> BTreeMap<String, Consumption> {
+    let mut out = BTreeMap::new();
+    for m in site.meters.values() {
+        if let Source::Device(d) = &m.source {
+            if let Some(c) = device.get(d) {
+                out.insert(m.name.clone(), *c);
+            }
+        }
+    }
+    // Virtual meters may refer to virtual meters: resolve until nothing changes.
+    for _ in 0..site.meters.len() {
+        let mut changed = false;
+        for m in site.meters.values() {
+            if let Source::Virtual(terms) = &m.source {
+                if out.contains_key(&m.name) {
+                    continue;
+                }
+                let parts: Option<Vec<(i8, Consumption)>> = terms.iter().map(|(s, t)| out.get(t).map(|c| (*s, *c))).collect();
+                if let Some(parts) = parts {
+                    let value = parts.iter().map(|(s, c)| f64::from(*s) * c.value).sum();
+                    let estimated = parts.iter().any(|(_, c)| c.estimated);
+                    out.insert(m.name.clone(), Consumption { value, estimated });
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    out
+}
+
+/// The balance of one node: its consumption against its children's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Balance {
+    pub node: String,
+    pub consumption: f64,
+    pub children: f64,
+    /// consumption − Σ children.
+    pub loss: f64,
+    pub loss_pct: f64,
+    pub estimated: bool,
+    /// Loss above the threshold, or children exceeding their parent beyond it.
+    pub alarm: bool,
+    /// The meter most likely wired to the wrong place, with where it probably belongs.
+    pub suspect: Option<Suspect>,
+}
+
+/// A meter whose consumption does not fit where the topology puts it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suspect {
+    pub meter: String,
+    /// A parent under which the meter would balance both nodes, if one exists.
+    pub belongs_under: Option<String>,
+}
+
+/// Balances of every node with children. Where a node's children exceed it (negative loss beyond the
+/// threshold), the child whose removal balances the node is named; if moving it under another node
+/// also brings that node's excess loss within the threshold, that node is named too.
+pub fn balances(site: &Site, consumption: &BTreeMap<String, Consumption>) -> Vec<Balance> {
+    let threshold = site.loss_threshold_pct.max(0.0);
+    let mut out = Vec::new();
+    let raw: BTreeMap<&str, (f64, f64, bool)> = site
+        .meters
+        .values()
+        .filter_map(|m| {
+            let kids = site.children(&m.name);
+            if kids.is_empty() {
+                return None;
+            }
+            let own = consumption.get(&m.name)?;
+            let mut sum = 0.0;
+            let mut est = own.estimated;
+            for k in &kids {
+                let c = consumption.get(&k.name)?;
+                sum += c.value;
+                est |= c.estimated;
+            }
+            Some((m.name.as_str(), (own.value, sum, est)))
+        })
+        .collect();
+    let pct = |loss: f64, base: f64| if base.abs() > f64::EPSILON { loss / base * 100.0 } else if loss.abs() > f64::EPSILON { f64::INFINITY.copysign(loss) } else { 0.0 };
+    for (node, (own, sum, est)) in &raw {
+        let loss = own - sum;
+        let loss_pct = pct(loss, *own);
+        let alarm = loss_pct.abs() > threshold;
+        let mut suspect = None;
+        if loss_pct < -threshold {
+            // Which child, removed, leaves a loss within [0, threshold]?
+            let mut best: Option<(f64, &str)> = None;
+            for k in site.children(node) {
+                let Some(c) = consumption.get(&k.name) else { continue };
+                let l = pct(loss + c.value, *own);
+                if (0.0..=threshold).contains(&l) && best.is_none_or(|(b, _)| l < b) {
+                    best = Some((l, k.name.as_str()));
+                }
+            }
+            if let Some((_, child)) = best {
+                let c = consumption[child].value;
+                let belongs_under = raw
+                    .iter()
+                    .filter(|(other, _)| *other != node && site.meters.get(**other).map(|m| m.utility) == site.meters.get(*node).map(|m| m.utility))
+                    .find(|(_, (o_own, o_sum, _))| {
+                        let before = pct(o_own - o_sum, *o_own);
+                        let after = pct(o_own - o_sum - c, *o_own);
+                        before > threshold && (0.0..=threshold).contains(&after)
+                    })
+                    .map(|(n, _)| n.to_string());
+                suspect = Some(Suspect {
+                    meter: child.to_string(),
+                    belongs_under,
+                });
+            }
+        }
+        out.push(Balance {
+            node: node.to_string(),
+            consumption: *own,
+            children: *sum,
+            loss,
+            loss_pct,
+            estimated: *est,
+            alarm,
+            suspect,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(v: f64) -> Boundary {
+        Boundary { value: v, estimated: false }
+    }
+
+    #[test]
+    fn counter_rollover_replacement_and_unexplained_reset() {
+        assert_eq!(counter_consumption(b(10.0), b(25.5), None, None).unwrap().value, 15.5);
+        // A 5-digit kWh register wraps at 100000: 99990 → 15 is 25 kWh.
+        assert_eq!(counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None).unwrap().value, 25.0);
+        // Replaced mid-month: old meter 1200 → 1250 (final), new meter 0 → 30.
+        let r = Replacement { final_reading: 1250.0, initial_reading: 0.0 };
+        assert_eq!(counter_consumption(b(1200.0), b(30.0), None, Some(r)).unwrap().value, 80.0);
+        assert_eq!(counter_consumption(b(100.0), b(50.0), None, None), None, "unexplained reset is not billed");
+    }
+
+    #[test]
+    fn boundary_values_interpolate_across_gaps_and_say_so() {
+        let s = [(0, 100.0), (900, 101.0), (1800, 102.0), (9000, 110.0)];
+        assert_eq!(value_at(&s, 900, 1800, None), Some(b(101.0)));
+        let v = value_at(&s, 1350, 1800, None).unwrap();
+        assert!((v.value - 101.5).abs() < 1e-9 && !v.estimated);
+        let v = value_at(&s, 5400, 1800, None).unwrap();
+        assert!((v.value - 106.0).abs() < 1e-9);
+        assert!(v.estimated, "two hours without a reading");
+        assert_eq!(value_at(&s, 9500, 1800, None), None, "no reading after: cannot tell");
+        // Across a wrap at 1000: 990 → 10 over 20 s, midpoint is 1000 ≡ 0.
+        let w = [(0, 990.0), (20, 10.0)];
+        assert!((value_at(&w, 10, 60, Some(1000.0)).unwrap().value - 0.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn expressions_parse() {
+        assert_eq!(parse_expr("main - sub1 - sub2").unwrap(), vec![(1, "main".into()), (-1, "sub1".into()), (-1, "sub2".into())]);
+        assert_eq!(parse_expr("a+b").unwrap(), vec![(1, "a".into()), (1, "b".into())]);
+        assert!(parse_expr("a - - b").is_err());
+        assert!(parse_expr("a b").is_err());
+        assert!(parse_expr("a -").is_err());
+    }
+}
