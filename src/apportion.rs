@@ -82,7 +82,12 @@ fn basis_value(site: &Site, pool: &Pool, basis: Basis, room: &str, own: f64) -> 
 
 /// Computes one pool. `consumption` holds every meter's consumption for the period (virtual ones
 /// included, see [`crate::topology::meter_consumption`]).
-pub fn apportion_pool(site: &Site, pool: &Pool, consumption: &BTreeMap<String, Consumption>, period: &str) -> PoolResult {
+pub fn apportion_pool(
+    site: &Site,
+    pool: &Pool,
+    consumption: &BTreeMap<String, Consumption>,
+    period: &str,
+) -> PoolResult {
     let mut warnings = Vec::new();
     let mut estimated = false;
     let mut rooms: Vec<String> = pool.rooms.clone();
@@ -100,7 +105,10 @@ pub fn apportion_pool(site: &Site, pool: &Pool, consumption: &BTreeMap<String, C
                         c.value
                     }
                     None => {
-                        warnings.push(format!("no consumption for meter {} (room {r}); counted as 0", m.name));
+                        warnings.push(format!(
+                            "no consumption for meter {} (room {r}); counted as 0",
+                            m.name
+                        ));
                         0.0
                     }
                 })
@@ -109,20 +117,30 @@ pub fn apportion_pool(site: &Site, pool: &Pool, consumption: &BTreeMap<String, C
         .collect();
     // Common consumption: the pool's meters plus the losses it carries.
     let mut common_meters = Vec::new();
-    for m in site.meters.values().filter(|m| m.pool.as_deref() == Some(pool.name.as_str())) {
+    for m in site
+        .meters
+        .values()
+        .filter(|m| m.pool.as_deref() == Some(pool.name.as_str()))
+    {
         match consumption.get(&m.name) {
             Some(c) => {
                 estimated |= c.estimated;
                 common_meters.push((m.name.clone(), c.value));
             }
-            None => warnings.push(format!("no consumption for common meter {}; counted as 0", m.name)),
+            None => warnings.push(format!(
+                "no consumption for common meter {}; counted as 0",
+                m.name
+            )),
         }
     }
     let mut losses = Vec::new();
     for node in &pool.include_loss_of {
         let kids = site.children(node);
         let own_c = consumption.get(node);
-        let kids_c: Option<f64> = kids.iter().map(|k| consumption.get(&k.name).map(|c| c.value)).sum();
+        let kids_c: Option<f64> = kids
+            .iter()
+            .map(|k| consumption.get(&k.name).map(|c| c.value))
+            .sum();
         match (own_c, kids_c) {
             (Some(o), Some(k)) => {
                 estimated |= o.estimated;
@@ -133,24 +151,38 @@ pub fn apportion_pool(site: &Site, pool: &Pool, consumption: &BTreeMap<String, C
                     losses.push((node.clone(), loss));
                 }
             }
-            _ => warnings.push(format!("loss of {node} unknown (missing readings); not added")),
+            _ => warnings.push(format!(
+                "loss of {node} unknown (missing readings); not added"
+            )),
         }
     }
-    let common: f64 = common_meters.iter().map(|(_, v)| v).sum::<f64>() + losses.iter().map(|(_, v)| v).sum::<f64>();
+    let common: f64 = common_meters.iter().map(|(_, v)| v).sum::<f64>()
+        + losses.iter().map(|(_, v)| v).sum::<f64>();
     let common_milli = money::to_milli(common).max(0);
 
     // Coefficients.
     let mut bases: Vec<Vec<BasisShare>> = vec![Vec::new(); rooms.len()];
     let mut coeff = vec![0.0; rooms.len()];
     for (basis, weight) in &pool.method {
-        let values: Vec<f64> = rooms.iter().zip(&own).map(|(r, o)| basis_value(site, pool, *basis, r, *o)).collect();
+        let values: Vec<f64> = rooms
+            .iter()
+            .zip(&own)
+            .map(|(r, o)| basis_value(site, pool, *basis, r, *o))
+            .collect();
         let sum: f64 = values.iter().sum();
         let equal = sum <= 0.0;
         if equal && *weight > 0.0 {
-            warnings.push(format!("{basis:?} is zero for every room: that part is shared equally").to_lowercase());
+            warnings.push(
+                format!("{basis:?} is zero for every room: that part is shared equally")
+                    .to_lowercase(),
+            );
         }
         for (i, v) in values.iter().enumerate() {
-            let share = if equal { 1.0 / rooms.len() as f64 } else { v / sum };
+            let share = if equal {
+                1.0 / rooms.len() as f64
+            } else {
+                v / sum
+            };
             coeff[i] += weight * share;
             bases[i].push(BasisShare {
                 basis: *basis,
@@ -197,8 +229,15 @@ pub fn apportion_pool(site: &Site, pool: &Pool, consumption: &BTreeMap<String, C
 }
 
 /// Every pool of the site.
-pub fn apportion(site: &Site, consumption: &BTreeMap<String, Consumption>, period: &str) -> Vec<PoolResult> {
-    site.pools.values().map(|p| apportion_pool(site, p, consumption, period)).collect()
+pub fn apportion(
+    site: &Site,
+    consumption: &BTreeMap<String, Consumption>,
+    period: &str,
+) -> Vec<PoolResult> {
+    site.pools
+        .values()
+        .map(|p| apportion_pool(site, p, consumption, period))
+        .collect()
 }
 
 fn units(milli: i64) -> String {
@@ -207,7 +246,12 @@ fn units(milli: i64) -> String {
 
 fn minor(amount: i64, decimals: u32) -> String {
     let d = 10i64.pow(decimals);
-    format!("{}.{:0w$}", amount / d, (amount % d).abs(), w = decimals as usize)
+    format!(
+        "{}.{:0w$}",
+        amount / d,
+        (amount % d).abs(),
+        w = decimals as usize
+    )
 }
 
 /// The calculation for one room, step by step, for a tenant.
@@ -215,18 +259,39 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
     let r = result.rooms.iter().find(|x| x.room == room)?;
     let u = &result.unit;
     let mut s = String::new();
-    let _ = writeln!(s, "Pool {:?}, period {}, room {room}", result.pool, result.period);
+    let _ = writeln!(
+        s,
+        "Pool {:?}, period {}, room {room}",
+        result.pool, result.period
+    );
     let _ = writeln!(s, "1. Common consumption to share:");
     for (m, v) in &result.common_meters {
         let _ = writeln!(s, "     common-area meter {m}: {v:.3} {u}");
     }
     for (m, v) in &result.losses {
-        let _ = writeln!(s, "     loss of {m} (its reading minus its sub-meters'): {v:.3} {u}");
+        let _ = writeln!(
+            s,
+            "     loss of {m} (its reading minus its sub-meters'): {v:.3} {u}"
+        );
     }
-    let _ = writeln!(s, "     total = {} {u} (rounded to 0.001 {u}, half to even)", units(result.common_milli));
+    let _ = writeln!(
+        s,
+        "     total = {} {u} (rounded to 0.001 {u}, half to even)",
+        units(result.common_milli)
+    );
     let _ = writeln!(s, "2. Coefficient of room {room}:");
     for b in &r.bases {
-        let sum: f64 = result.rooms.iter().map(|x| x.bases.iter().find(|y| y.basis == b.basis).map(|y| y.value).unwrap_or(0.0)).sum();
+        let sum: f64 = result
+            .rooms
+            .iter()
+            .map(|x| {
+                x.bases
+                    .iter()
+                    .find(|y| y.basis == b.basis)
+                    .map(|y| y.value)
+                    .unwrap_or(0.0)
+            })
+            .sum();
         let _ = writeln!(
             s,
             "     {:?}: {:.3} of {:.3} for all {} rooms = {:.6}, weight {:.2} → {:.6}",
@@ -239,7 +304,11 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
             b.weight * b.share
         );
     }
-    let _ = writeln!(s, "     coefficient = {:.6} (the pool's coefficients sum to 1)", r.coefficient);
+    let _ = writeln!(
+        s,
+        "     coefficient = {:.6} (the pool's coefficients sum to 1)",
+        r.coefficient
+    );
     let quota = result.common_milli as f64 * r.coefficient / 1000.0;
     let _ = writeln!(
         s,
@@ -248,7 +317,12 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
         r.coefficient,
         units(r.share_milli)
     );
-    if let (Some(p), Some(amount), Some(share), Some(cur)) = (result.price, result.amount, r.share_amount, &result.currency) {
+    if let (Some(p), Some(amount), Some(share), Some(cur)) = (
+        result.price,
+        result.amount,
+        r.share_amount,
+        &result.currency,
+    ) {
         let _ = writeln!(
             s,
             "4. Cost: pool {} {u} × {}.{:06} {cur}/{u} = {} {cur} (half to even); room share by the same coefficients and rule → {} {cur}",
@@ -269,7 +343,10 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
         }
     }
     if result.estimated {
-        let _ = writeln!(s, "Note: some readings were missing and interpolated; figures marked estimated.");
+        let _ = writeln!(
+            s,
+            "Note: some readings were missing and interpolated; figures marked estimated."
+        );
     }
     for w in &result.warnings {
         let _ = writeln!(s, "Warning: {w}");
@@ -288,7 +365,12 @@ pub fn device_consumption(
     for m in site.meters.values() {
         if let Source::Device(d) = &m.source {
             if let Some((a, b)) = boundaries.get(d) {
-                if let Some(c) = crate::topology::counter_consumption(*a, *b, m.rollover, replacements.get(&m.name).copied()) {
+                if let Some(c) = crate::topology::counter_consumption(
+                    *a,
+                    *b,
+                    m.rollover,
+                    replacements.get(&m.name).copied(),
+                ) {
                     out.insert(d.clone(), c);
                 }
             }
@@ -324,14 +406,35 @@ mod tests {
             .meter
             .iter()
             .filter(|m| m.expr.is_none())
-            .map(|m| (m.device.clone().unwrap_or(m.name.clone()), [Quantity::EnergyKwh, Quantity::WaterM3].into()))
+            .map(|m| {
+                (
+                    m.device.clone().unwrap_or(m.name.clone()),
+                    [Quantity::EnergyKwh, Quantity::WaterM3].into(),
+                )
+            })
             .collect();
         let key = |p: &str, i| format!("{p}[{i}]");
         let (s, issues) = topology::build(
-            d.room.into_iter().enumerate().map(|(i, r)| (key("room", i), r)).collect(),
-            d.meter.into_iter().enumerate().map(|(i, r)| (key("meter", i), r)).collect(),
-            d.pool.into_iter().enumerate().map(|(i, r)| (key("pool", i), r)).collect(),
-            d.tariff.into_iter().enumerate().map(|(i, r)| (key("tariff", i), r)).collect(),
+            d.room
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (key("room", i), r))
+                .collect(),
+            d.meter
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (key("meter", i), r))
+                .collect(),
+            d.pool
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (key("pool", i), r))
+                .collect(),
+            d.tariff
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (key("tariff", i), r))
+                .collect(),
             5.0,
             &devices,
         );
@@ -340,7 +443,18 @@ mod tests {
     }
 
     fn c(pairs: &[(&str, f64)]) -> BTreeMap<String, Consumption> {
-        pairs.iter().map(|(k, v)| (k.to_string(), Consumption { value: *v, estimated: false })).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Consumption {
+                        value: *v,
+                        estimated: false,
+                    },
+                )
+            })
+            .collect()
     }
 
     const ELEVATOR: &str = r#"
@@ -403,28 +517,67 @@ mod tests {
         // The building drew 1000 kWh; after two lifts were added the lift meters measure 187 kWh
         // (18.7 %), where the old fixed coefficient would have billed 120 kWh (12 %).
         let s = site(ELEVATOR);
-        let cons = c(&[("main", 1000.0), ("mA", 400.0), ("mB", 250.0), ("mC", 163.0), ("lift1", 62.0), ("lift2", 65.0), ("lift3", 60.0)]);
+        let cons = c(&[
+            ("main", 1000.0),
+            ("mA", 400.0),
+            ("mB", 250.0),
+            ("mC", 163.0),
+            ("lift1", 62.0),
+            ("lift2", 65.0),
+            ("lift3", 60.0),
+        ]);
         let r = apportion_pool(&s, &s.pools["lifts"], &cons, "2026-10");
         assert_eq!(r.common_milli, 187_000);
-        let got: Vec<(&str, i64, Option<i64>)> = r.rooms.iter().map(|x| (x.room.as_str(), x.share_milli, x.share_amount)).collect();
+        let got: Vec<(&str, i64, Option<i64>)> = r
+            .rooms
+            .iter()
+            .map(|x| (x.room.as_str(), x.share_milli, x.share_amount))
+            .collect();
         // By area 50/30/20: 93.5, 56.1, 37.4 kWh. Cost 187 × 0.85 = 158.95 CNY = 15895 fen →
         // 7947.5 / 4768.5 / 3179.0: one leftover fen, tie between A and B (.5 each) → A.
-        assert_eq!(got, vec![("A", 93_500, Some(7948)), ("B", 56_100, Some(4768)), ("C", 37_400, Some(3179))]);
+        assert_eq!(
+            got,
+            vec![
+                ("A", 93_500, Some(7948)),
+                ("B", 56_100, Some(4768)),
+                ("C", 37_400, Some(3179))
+            ]
+        );
         assert_eq!(r.amount, Some(15_895));
         // Own consumption billed at the same price: A 400 kWh = 340.00 CNY.
         assert_eq!(r.rooms[0].own_amount, Some(34_000));
         let text = explain(&r, "A").unwrap();
-        assert!(text.contains("coefficient = 0.500000") && text.contains("93.500 kWh") && text.contains("79.48 CNY"), "{text}");
+        assert!(
+            text.contains("coefficient = 0.500000")
+                && text.contains("93.500 kWh")
+                && text.contains("79.48 CNY"),
+            "{text}"
+        );
     }
 
     #[test]
     fn mixed_method_area_half_consumption_half() {
-        let text = ELEVATOR.replace("method = { area = 1.0 }", "method = { area = 0.5, consumption = 0.5 }");
+        let text = ELEVATOR.replace(
+            "method = { area = 1.0 }",
+            "method = { area = 0.5, consumption = 0.5 }",
+        );
         let s = site(&text);
-        let cons = c(&[("main", 800.0), ("mA", 300.0), ("mB", 100.0), ("mC", 100.0), ("lift1", 200.0), ("lift2", 0.0), ("lift3", 0.0)]);
+        let cons = c(&[
+            ("main", 800.0),
+            ("mA", 300.0),
+            ("mB", 100.0),
+            ("mC", 100.0),
+            ("lift1", 200.0),
+            ("lift2", 0.0),
+            ("lift3", 0.0),
+        ]);
         let r = apportion_pool(&s, &s.pools["lifts"], &cons, "2026-10");
         // area .5/.3/.2, consumption .6/.2/.2 → .55/.25/.20 of 200 kWh.
-        let coeff: Vec<f64> = r.rooms.iter().map(|x| (x.coefficient * 1e6).round() / 1e6).collect();
+        let coeff: Vec<f64> = r
+            .rooms
+            .iter()
+            .map(|x| (x.coefficient * 1e6).round() / 1e6)
+            .collect();
         assert_eq!(coeff, vec![0.55, 0.25, 0.2]);
         let shares: Vec<i64> = r.rooms.iter().map(|x| x.share_milli).collect();
         assert_eq!(shares, vec![110_000, 50_000, 40_000]);
@@ -469,7 +622,12 @@ mod tests {
             include_loss_of = ["water-main"]
         "#,
         );
-        let cons = c(&[("water-main", 120.0), ("w101", 50.0), ("w102", 40.0), ("w103", 20.0)]);
+        let cons = c(&[
+            ("water-main", 120.0),
+            ("w101", 50.0),
+            ("w102", 40.0),
+            ("w103", 20.0),
+        ]);
         let r = apportion_pool(&s, &s.pools["water-loss"], &cons, "2026-10");
         assert_eq!(r.losses, vec![("water-main".to_string(), 10.0)]);
         // 10 m³ = 10000 L by 3/2/1: 5000, 3333.33, 1666.67 → the leftover litre goes to 103 (.67).
@@ -519,11 +677,23 @@ mod tests {
             room = "C"
         "#,
         );
-        let cons = c(&[("main", 302.0), ("floor1", 101.0), ("floor2", 200.0), ("mA", 100.0), ("mB2", 60.0), ("mC", 139.0)]);
+        let cons = c(&[
+            ("main", 302.0),
+            ("floor1", 101.0),
+            ("floor2", 200.0),
+            ("mA", 100.0),
+            ("mB2", 60.0),
+            ("mC", 139.0),
+        ]);
         let b = crate::topology::balances(&s, &cons);
         let f1 = b.iter().find(|x| x.node == "floor1").unwrap();
         assert!(f1.alarm && f1.loss < 0.0);
-        assert_eq!(f1.suspect.as_ref().map(|x| (x.meter.as_str(), x.belongs_under.as_deref())), Some(("mB2", Some("floor2"))));
+        assert_eq!(
+            f1.suspect
+                .as_ref()
+                .map(|x| (x.meter.as_str(), x.belongs_under.as_deref())),
+            Some(("mB2", Some("floor2")))
+        );
         let f2 = b.iter().find(|x| x.node == "floor2").unwrap();
         assert!(f2.alarm && f2.suspect.is_none());
     }

@@ -38,6 +38,8 @@ pub enum Which {
     /// 1,000,000 buffered readings replayed to a local Mosquitto at QoS 1 (target ≥ 100,000 readings/s,
     /// memory flat in the backlog size).
     Replay,
+    /// Monthly apportionment of 20,000 rooms in 200 pools (target < 1 s).
+    Apportion,
     /// All of the above.
     All,
 }
@@ -82,6 +84,9 @@ impl BenchCmd {
         }
         if wants(Which::Replay) && !replay().await? {
             failed.push("replay");
+        }
+        if wants(Which::Apportion) && !apportion_bench()? {
+            failed.push("apportion");
         }
         if !failed.is_empty() {
             bail!("targets missed: {}", failed.join(", "));
@@ -644,4 +649,192 @@ async fn replay() -> Result<bool> {
         verdict(flat)
     );
     Ok(rate_ok && flat && left == 0)
+}
+
+fn apportion_bench() -> Result<bool> {
+    use crate::modbus::profile::Quantity;
+    use crate::topology::{self, Boundary, RawMeter, RawPool, RawTariff, Room, Utility};
+    use std::collections::{BTreeMap, BTreeSet};
+    let (rooms_n, pools_n) = (20_000usize, 200usize);
+    let per_pool = rooms_n / pools_n;
+    println!("\n[7] monthly apportionment: {rooms_n} rooms with their meters, {pools_n} pools (area 40 % + consumption 40 % + headcount 20 %, each with a common-area meter and the loss of its floor meter)");
+    let rooms: Vec<(String, Room)> = (0..rooms_n)
+        .map(|i| {
+            (
+                format!("room[{i}]"),
+                Room {
+                    id: format!("r{i:05}"),
+                    name: String::new(),
+                    area_m2: Some(20.0 + (i % 97) as f64),
+                    headcount: Some(1.0 + (i % 5) as f64),
+                    floor: Some((i / per_pool) as i32),
+                },
+            )
+        })
+        .collect();
+    let meter = |name: String,
+                 parent: Option<String>,
+                 room: Option<String>,
+                 pool: Option<String>| RawMeter {
+        name,
+        utility: Utility::Electricity,
+        device: None,
+        expr: None,
+        parent,
+        room,
+        pool,
+        rollover: None,
+    };
+    let mut meters = Vec::new();
+    let mut pools = Vec::new();
+    for p in 0..pools_n {
+        let floor = format!("floor{p:03}");
+        meters.push((
+            format!("meter[f{p}]"),
+            meter(floor.clone(), None, None, None),
+        ));
+        meters.push((
+            format!("meter[c{p}]"),
+            meter(
+                format!("common{p:03}"),
+                Some(floor.clone()),
+                None,
+                Some(format!("pool{p:03}")),
+            ),
+        ));
+        for r in p * per_pool..(p + 1) * per_pool {
+            meters.push((
+                format!("meter[{r}]"),
+                meter(
+                    format!("m{r:05}"),
+                    Some(floor.clone()),
+                    Some(format!("r{r:05}")),
+                    None,
+                ),
+            ));
+        }
+        pools.push((
+            format!("pool[{p}]"),
+            RawPool {
+                name: format!("pool{p:03}"),
+                utility: Utility::Electricity,
+                rooms: (p * per_pool..(p + 1) * per_pool)
+                    .map(|r| format!("r{r:05}"))
+                    .collect(),
+                method: [
+                    (topology::Basis::Area, 0.4),
+                    (topology::Basis::Consumption, 0.4),
+                    (topology::Basis::Headcount, 0.2),
+                ]
+                .into(),
+                floor_weights: BTreeMap::new(),
+                fixed: BTreeMap::new(),
+                include_loss_of: vec![floor.clone()],
+                tariff: Some("elec".into()),
+            },
+        ));
+    }
+    let tariffs = vec![(
+        "tariff[0]".to_string(),
+        RawTariff {
+            name: "elec".into(),
+            utility: Utility::Electricity,
+            price: "0.8523".into(),
+            currency: "CNY".into(),
+            decimals: 2,
+        },
+    )];
+    let devices: BTreeMap<String, BTreeSet<Quantity>> = meters
+        .iter()
+        .map(|(_, m)| (m.name.clone(), [Quantity::EnergyKwh].into()))
+        .collect();
+    let t_build = Instant::now();
+    let (site, issues) = topology::build(rooms, meters, pools, tariffs, 5.0, &devices);
+    let build_s = t_build.elapsed().as_secs_f64();
+    if !issues.is_empty() {
+        bail!(
+            "synthetic site invalid: {:?}",
+            &issues[..issues.len().min(3)]
+        );
+    }
+    // Month-start and month-end counters for every device, as read from the history.
+    let mut boundaries = BTreeMap::new();
+    for (i, m) in site.meters.values().enumerate() {
+        let used = if m.name.starts_with("floor") {
+            0.0
+        } else {
+            50.0 + (i % 400) as f64
+        };
+        boundaries.insert(
+            m.name.clone(),
+            (
+                Boundary {
+                    value: 1000.0,
+                    estimated: false,
+                },
+                Boundary {
+                    value: 1000.0 + used,
+                    estimated: false,
+                },
+            ),
+        );
+    }
+    // Floors: what their children used, plus 3 % loss.
+    let totals: BTreeMap<String, f64> = site
+        .meters
+        .values()
+        .filter(|m| m.name.starts_with("floor"))
+        .map(|f| {
+            (
+                f.name.clone(),
+                site.children(&f.name)
+                    .iter()
+                    .map(|c| boundaries[&c.name].1.value - 1000.0)
+                    .sum::<f64>()
+                    * 1.03,
+            )
+        })
+        .collect();
+    for (f, t) in totals {
+        boundaries.insert(
+            f,
+            (
+                Boundary {
+                    value: 1000.0,
+                    estimated: false,
+                },
+                Boundary {
+                    value: 1000.0 + t,
+                    estimated: false,
+                },
+            ),
+        );
+    }
+    let t0 = Instant::now();
+    let devices_c = crate::apportion::device_consumption(&site, &boundaries, &BTreeMap::new());
+    let cons = topology::meter_consumption(&site, &devices_c);
+    let balances = topology::balances(&site, &cons);
+    let results = crate::apportion::apportion(&site, &cons, "2026-10");
+    let json = serde_json::to_vec(&results)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let exact = results.iter().all(|r| {
+        r.rooms.iter().map(|x| x.share_milli).sum::<i64>() == r.common_milli
+            && r.rooms
+                .iter()
+                .map(|x| x.share_amount.unwrap_or(0))
+                .sum::<i64>()
+                == r.amount.unwrap_or(0)
+    });
+    let ok = secs < 1.0 && exact && results.len() == pools_n;
+    println!(
+        "    {:.3} s for consumption, {} balances, {} pools and their JSON ({} KiB); every pool's shares sum exactly: {} (target < 1 s: {}); topology validation {:.3} s",
+        secs,
+        balances.len(),
+        results.len(),
+        json.len() / 1024,
+        exact,
+        verdict(ok),
+        build_s
+    );
+    Ok(ok)
 }

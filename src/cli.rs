@@ -56,6 +56,10 @@ pub enum Command {
     Profiles(ProfilesCmd),
     /// Show the outbox: depth, oldest record, last publish error.
     Buffer(BufferCmd),
+    /// Draw the meter trees with the latest readings and each node's loss.
+    Topology(TopologyCmd),
+    /// Compute the apportionment of common consumption for a month.
+    Apportion(ApportionCmd),
     /// Serve a virtual building over Modbus TCP and RTU (pty).
     Simulate(SimulateCmd),
     /// Run the simulator and the daemon together on the built-in sample building.
@@ -235,14 +239,18 @@ impl CheckCmd {
         let c = self.config.load()?;
         let requests: usize = c.devices.iter().map(|d| d.plan.requests.len()).sum();
         out(&format!(
-            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s)\n",
+            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s); topology: {} meter node(s), {} room(s), {} pool(s); uplink: {}\n",
             c.source,
             c.gateway.id,
             c.gateway.timezone,
             c.buses.len(),
             c.devices.len(),
             requests,
-            c.profiles.len()
+            c.profiles.len(),
+            c.site.meters.len(),
+            c.site.rooms.len(),
+            c.site.pools.len(),
+            c.mqtt.as_ref().map(|m| format!("mqtt {}:{}", m.host, m.port)).unwrap_or_else(|| "none (outbox only)".into())
         ));
         Ok(())
     }
@@ -890,6 +898,372 @@ impl BufferCmd {
             ],
         ];
         out(&table(&["", ""], &rows));
+        Ok(())
+    }
+}
+
+// ---- topology -----------------------------------------------------------------------------------
+
+/// `meterd topology`
+#[derive(Debug, Args)]
+pub struct TopologyCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Balance window ending now.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Emit Graphviz instead of the tree.
+    #[arg(long, conflicts_with = "json")]
+    pub dot: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One node as `topology --json` prints it.
+#[derive(Debug, Serialize)]
+struct NodeView {
+    name: String,
+    utility: crate::topology::Utility,
+    parent: Option<String>,
+    device: Option<String>,
+    room: Option<String>,
+    pool: Option<String>,
+    latest: Option<f64>,
+    latest_ts: Option<String>,
+    consumption: Option<f64>,
+    balance: Option<crate::topology::Balance>,
+}
+
+impl TopologyCmd {
+    /// Draws the trees from the config and the daemon's counter history.
+    pub fn execute(self) -> Result<()> {
+        use crate::topology::Source;
+        let c = self.config.load()?;
+        if c.site.is_empty() {
+            bail!("{}: no [[meter]] nodes configured; see config/meterd.toml for the [[room]], [[meter]] and [[pool]] sections", c.source);
+        }
+        let (from, to) = crate::accounting::live_window(&c, self.window);
+        let conn = crate::store::open_read_only(&c.store.path);
+        let (cons, balances, latest) = match &conn {
+            Ok(conn) => {
+                let cons = crate::accounting::consumption(conn, &c, from, to)?;
+                let balances = crate::topology::balances(&c.site, &cons);
+                let mut latest = BTreeMap::new();
+                for m in c.site.meters.values() {
+                    if let Source::Device(d) = &m.source {
+                        let now = chrono::Utc::now().timestamp_millis();
+                        let w = crate::store::history_window(
+                            conn,
+                            d,
+                            m.utility.quantity().as_str(),
+                            now,
+                            now,
+                        )?;
+                        if let Some((ts, v)) = w.last() {
+                            latest.insert(
+                                m.name.clone(),
+                                (
+                                    *v,
+                                    chrono::DateTime::from_timestamp_millis(*ts)
+                                        .map(|t| t.to_rfc3339())
+                                        .unwrap_or_default(),
+                                ),
+                            );
+                        }
+                    }
+                }
+                (cons, balances, latest)
+            }
+            Err(e) => {
+                eprintln!("meterd: no readings to show ({e}); showing the configured trees only");
+                (BTreeMap::new(), Vec::new(), BTreeMap::new())
+            }
+        };
+        let views: Vec<NodeView> = c
+            .site
+            .meters
+            .values()
+            .map(|m| NodeView {
+                name: m.name.clone(),
+                utility: m.utility,
+                parent: m.parent.clone(),
+                device: match &m.source {
+                    Source::Device(d) => Some(d.clone()),
+                    Source::Virtual(_) => None,
+                },
+                room: m.room.clone(),
+                pool: m.pool.clone(),
+                latest: latest.get(&m.name).map(|x| x.0),
+                latest_ts: latest.get(&m.name).map(|x| x.1.clone()),
+                consumption: cons.get(&m.name).map(|x| x.value),
+                balance: balances.iter().find(|b| b.node == m.name).cloned(),
+            })
+            .collect();
+        let threshold = c.site.loss_threshold_pct;
+        if self.json {
+            out(&json(&views)?);
+        } else if self.dot {
+            let mut s = String::from(
+                "digraph meterd {\n  rankdir=TB;\n  node [shape=box, fontname=\"Helvetica\"];\n",
+            );
+            for v in &views {
+                let (label, color) = match &v.balance {
+                    Some(b) => (
+                        format!("{}\\nloss {:.1} %", v.name, b.loss_pct),
+                        loss_color(b.loss_pct, threshold).1,
+                    ),
+                    None => (v.name.clone(), "black"),
+                };
+                let room = v
+                    .room
+                    .as_ref()
+                    .map(|r| format!("\\nroom {r}"))
+                    .unwrap_or_default();
+                let pool = v
+                    .pool
+                    .as_ref()
+                    .map(|p| format!("\\npool {p}"))
+                    .unwrap_or_default();
+                s += &format!(
+                    "  \"{}\" [label=\"{label}{room}{pool}\", color={color}];\n",
+                    v.name
+                );
+                if let Some(p) = &v.parent {
+                    s += &format!("  \"{p}\" -> \"{}\";\n", v.name);
+                }
+            }
+            s += "}\n";
+            out(&s);
+        } else {
+            let colour = std::io::stdout().is_terminal();
+            let mut text = format!(
+                "balance window: {} to {} (threshold {threshold} %)\n",
+                from.with_timezone(&c.gateway.timezone)
+                    .format("%Y-%m-%d %H:%M:%S"),
+                to.with_timezone(&c.gateway.timezone).format("%H:%M:%S %Z")
+            );
+            let mut roots: Vec<&NodeView> = views.iter().filter(|v| v.parent.is_none()).collect();
+            roots.sort_by_key(|v| (v.utility, v.name.clone()));
+            for r in roots {
+                draw(
+                    &mut text,
+                    &views,
+                    r,
+                    "",
+                    true,
+                    true,
+                    threshold,
+                    c.site.meters[&r.name].utility.unit(),
+                    colour,
+                );
+            }
+            out(&text);
+        }
+        Ok(())
+    }
+}
+
+fn loss_color(pct: f64, threshold: f64) -> (&'static str, &'static str) {
+    if !pct.is_finite() || pct.abs() > threshold {
+        ("\x1b[31m", "red")
+    } else if pct.abs() > threshold / 2.0 {
+        ("\x1b[33m", "orange")
+    } else {
+        ("\x1b[32m", "darkgreen")
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    text: &mut String,
+    all: &[NodeView],
+    v: &NodeView,
+    prefix: &str,
+    last: bool,
+    root: bool,
+    threshold: f64,
+    unit: &str,
+    colour: bool,
+) {
+    let branch = if root {
+        ""
+    } else if last {
+        "└─ "
+    } else {
+        "├─ "
+    };
+    let mut line = format!("{prefix}{branch}{}", v.name);
+    if let Some(d) = &v.device {
+        if d != &v.name {
+            line += &format!(" [{d}]");
+        }
+    } else {
+        line += " [virtual]";
+    }
+    if let Some(r) = &v.room {
+        line += &format!(" → room {r}");
+    }
+    if let Some(p) = &v.pool {
+        line += &format!(" → pool {p}");
+    }
+    if let Some(l) = v.latest {
+        line += &format!("  {l:.3} {unit}");
+    }
+    if let Some(c) = v.consumption {
+        line += &format!("  +{c:.3} {unit}");
+    }
+    if let Some(b) = &v.balance {
+        let (ansi, _) = loss_color(b.loss_pct, threshold);
+        let mut l = format!("loss {:.1} %", b.loss_pct);
+        if let Some(s) = &b.suspect {
+            l += &format!(" — suspect {}", s.meter);
+            if let Some(u) = &s.belongs_under {
+                l += &format!(" (balances under {u})");
+            }
+        }
+        if colour {
+            line += &format!("  {ansi}{l}\x1b[0m");
+        } else {
+            line += &format!("  {l}");
+        }
+    }
+    text.push_str(&line);
+    text.push('\n');
+    let mut kids: Vec<&NodeView> = all
+        .iter()
+        .filter(|k| k.parent.as_deref() == Some(v.name.as_str()))
+        .collect();
+    kids.sort_by_key(|k| k.name.clone());
+    let child_prefix = if root {
+        prefix.to_string()
+    } else {
+        format!("{prefix}{}", if last { "   " } else { "│  " })
+    };
+    let n = kids.len();
+    for (i, k) in kids.into_iter().enumerate() {
+        draw(
+            text,
+            all,
+            k,
+            &child_prefix,
+            i + 1 == n,
+            false,
+            threshold,
+            unit,
+            colour,
+        );
+    }
+}
+
+// ---- apportion ----------------------------------------------------------------------------------
+
+/// `meterd apportion --period 2026-10`
+#[derive(Debug, Args)]
+pub struct ApportionCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Month in the site's timezone, `YYYY-MM`.
+    #[arg(long)]
+    pub period: String,
+    /// Show the calculation for one room, step by step.
+    #[arg(long)]
+    pub explain: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ApportionCmd {
+    /// Computes from the counter history the daemon keeps (read-only).
+    pub fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let conn = crate::store::open_read_only(&c.store.path)?;
+        let results = crate::accounting::apportion_period(&conn, &c, &self.period)?;
+        if results.is_empty() {
+            bail!("{}: no [[pool]] configured: nothing to apportion", c.source);
+        }
+        if let Some(room) = &self.explain {
+            let mut any = false;
+            for r in &results {
+                if let Some(t) = crate::apportion::explain(r, room) {
+                    out(&t);
+                    out("\n");
+                    any = true;
+                }
+            }
+            if !any {
+                bail!("room {room:?} is in no pool");
+            }
+            return Ok(());
+        }
+        if self.json {
+            out(&json(&results)?);
+            return Ok(());
+        }
+        for r in &results {
+            let money = |a: Option<i64>| match (a, r.price) {
+                (Some(a), Some(p)) => {
+                    let d = 10i64.pow(p.decimals);
+                    format!("{}.{:0w$}", a / d, a % d, w = p.decimals as usize)
+                }
+                _ => "-".into(),
+            };
+            out(&format!(
+                "\npool {} ({:?}), period {}: common {}.{:03} {}{}{}{}\n",
+                r.pool,
+                r.utility,
+                r.period,
+                r.common_milli / 1000,
+                r.common_milli % 1000,
+                r.unit,
+                r.amount
+                    .map(|_| format!(
+                        ", cost {} {}",
+                        money(r.amount),
+                        r.currency.clone().unwrap_or_default()
+                    ))
+                    .unwrap_or_default(),
+                if r.estimated {
+                    ", ESTIMATED (readings missing)"
+                } else {
+                    ""
+                },
+                r.method
+                    .iter()
+                    .map(|(b, w)| format!(", {b:?} {w}"))
+                    .collect::<String>()
+                    .to_lowercase()
+            ));
+            let rows: Vec<Vec<String>> = r
+                .rooms
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.room.clone(),
+                        format!("{:.3}", x.own),
+                        format!("{:.6}", x.coefficient),
+                        format!("{}.{:03}", x.share_milli / 1000, x.share_milli % 1000),
+                        money(x.share_amount),
+                        money(x.own_amount),
+                        money(x.share_amount.zip(x.own_amount).map(|(a, b)| a + b)),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &[
+                    "room",
+                    "own",
+                    "coefficient",
+                    "share",
+                    "share cost",
+                    "own cost",
+                    "total",
+                ],
+                &rows,
+            ));
+            for w in &r.warnings {
+                out(&format!("warning: {w}\n"));
+            }
+        }
         Ok(())
     }
 }

@@ -194,6 +194,43 @@ pub struct Config {
     pub profiles: BTreeMap<String, Arc<Profile>>,
     pub store: StoreConfig,
     pub mqtt: Option<Mqtt>,
+    /// Meter trees, rooms, pools and tariffs (empty when not configured).
+    pub site: crate::topology::Site,
+    pub topology: TopologyConfig,
+    /// Recorded meter exchanges.
+    pub replacements: Vec<ReplacementRecord>,
+}
+
+/// When balances and apportionment run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopologyConfig {
+    /// Keep one counter sample per device per this period for billing boundaries.
+    pub history_every: Duration,
+    /// Check every node's balance over intervals of this length.
+    pub balance_every: Duration,
+    /// Day of the month (site time) on which last month is apportioned and published.
+    pub apportion_day: u32,
+}
+
+/// A meter exchanged at `at`: the old meter's final reading and the new one's first.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacementRecord {
+    pub meter: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub final_reading: f64,
+    pub initial_reading: f64,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    loss_threshold_pct: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    history_every: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    balance_every: Option<Duration>,
+    apportion_day: Option<u32>,
 }
 
 impl Config {
@@ -317,7 +354,19 @@ struct RawDevice {
 
 /// Top-level keys this version understands; anything else is a typo or a newer config.
 const SECTIONS: &[&str] = &[
-    "gateway", "poll", "profiles", "store", "mqtt", "bus", "device",
+    "gateway",
+    "poll",
+    "profiles",
+    "store",
+    "mqtt",
+    "bus",
+    "device",
+    "topology",
+    "room",
+    "meter",
+    "pool",
+    "tariff",
+    "replacement",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -467,12 +516,86 @@ impl Validator {
         let raw_mqtt: Option<RawMqtt> = table.remove("mqtt").and_then(|v| self.typed("mqtt", v));
         let raw_buses: Vec<(String, Option<RawBus>)> = self.entries(&mut table, "bus");
         let raw_devices: Vec<(String, Option<RawDevice>)> = self.entries(&mut table, "device");
+        let raw_topology: RawTopology = table
+            .remove("topology")
+            .and_then(|v| self.typed("topology", v))
+            .unwrap_or_default();
+        let rooms: Vec<(String, Option<crate::topology::Room>)> = self.entries(&mut table, "room");
+        let meters: Vec<(String, Option<crate::topology::RawMeter>)> =
+            self.entries(&mut table, "meter");
+        let pools: Vec<(String, Option<crate::topology::RawPool>)> =
+            self.entries(&mut table, "pool");
+        let tariffs: Vec<(String, Option<crate::topology::RawTariff>)> =
+            self.entries(&mut table, "tariff");
+        let replacements: Vec<(String, Option<ReplacementRecord>)> =
+            self.entries(&mut table, "replacement");
 
         let gateway = gateway.and_then(|g| self.gateway(g));
         let profiles = self.profiles(&profiles_cfg, base);
         let defaults = self.poll_defaults(&poll);
         let buses = self.buses(&raw_buses);
         let devices = self.devices(&raw_devices, &buses, &profiles, &defaults);
+        let quantities: BTreeMap<
+            String,
+            std::collections::BTreeSet<crate::modbus::profile::Quantity>,
+        > = devices
+            .iter()
+            .map(|d| {
+                (
+                    d.name.to_string(),
+                    d.profile.registers.iter().map(|r| r.quantity).collect(),
+                )
+            })
+            .collect();
+        let threshold = raw_topology.loss_threshold_pct.unwrap_or(5.0);
+        if !(threshold.is_finite() && threshold >= 0.0) {
+            self.push("topology.loss_threshold_pct", "must be a percentage ≥ 0");
+        }
+        let (site, topo_issues) = crate::topology::build(
+            flat(rooms),
+            flat(meters),
+            flat(pools),
+            flat(tariffs),
+            threshold,
+            &quantities,
+        );
+        for (k, m) in topo_issues {
+            self.push(k, m);
+        }
+        let replacements: Vec<ReplacementRecord> =
+            flat(replacements).into_iter().map(|(_, r)| r).collect();
+        for (i, r) in replacements.iter().enumerate() {
+            if !site.meters.contains_key(&r.meter) {
+                self.push(
+                    format!("replacement[{i}].meter"),
+                    format!("unknown meter {:?}", r.meter),
+                );
+            }
+        }
+        let apportion_day = raw_topology.apportion_day.unwrap_or(1);
+        if !(1..=28).contains(&apportion_day) {
+            self.push(
+                "topology.apportion_day",
+                format!("{apportion_day}: expected 1..=28 (a day every month has)"),
+            );
+        }
+        let topology = TopologyConfig {
+            history_every: raw_topology
+                .history_every
+                .unwrap_or(Duration::from_secs(900)),
+            balance_every: raw_topology
+                .balance_every
+                .unwrap_or(Duration::from_secs(3600)),
+            apportion_day,
+        };
+        if topology.history_every < Duration::from_secs(1)
+            || topology.balance_every < topology.history_every
+        {
+            self.push(
+                "topology.history_every",
+                "history_every must be ≥ 1s and not longer than balance_every",
+            );
+        }
         let store = self.store(raw_store, base);
         let gateway_id = gateway.as_ref().map(|g| g.id.clone()).unwrap_or_default();
         let mqtt = raw_mqtt.map(|m| self.mqtt(m, &gateway_id, base));
@@ -482,6 +605,9 @@ impl Validator {
             hash: fnv1a(text),
             store,
             mqtt,
+            site,
+            topology,
+            replacements,
             gateway,
             buses: buses.into_iter().map(|(_, b)| b).collect(),
             devices,
@@ -1052,6 +1178,13 @@ pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<I
     }
 }
 
+/// Entries that parsed, with their keys (the others already produced an issue).
+fn flat<T>(v: Vec<(String, Option<T>)>) -> Vec<(String, T)> {
+    v.into_iter()
+        .filter_map(|(k, x)| x.map(|x| (k, x)))
+        .collect()
+}
+
 /// ` (name)` for error keys, when the table has a readable name.
 fn name_hint(v: &toml::Value) -> String {
     v.get("name")
@@ -1281,5 +1414,95 @@ mod tests {
             "relative to the config file"
         );
         assert_eq!(ok.hash.len(), 16);
+    }
+
+    #[test]
+    fn topology_errors_name_the_node_and_are_all_listed() {
+        let devices = r#"
+            [[device]]
+            name = "main"
+            bus = "lan"
+            unit = 1
+            profile = "chint_dtsu666"
+            [[device]]
+            name = "sub1"
+            bus = "lan"
+            unit = 2
+            profile = "eastron_sdm120"
+            [[device]]
+            name = "sub2"
+            bus = "lan"
+            unit = 3
+            profile = "eastron_sdm120"
+            [[device]]
+            name = "stray"
+            bus = "lan"
+            unit = 4
+            profile = "eastron_sdm120"
+            [[device]]
+            name = "wm"
+            bus = "lan"
+            unit = 5
+            profile = "water_xintai_valve"
+        "#;
+        let topo = r#"
+            [[room]]
+            id = "101"
+            [[room]]
+            id = "102"
+            area_m2 = 20
+            [[room]]
+            id = "103"
+            area_m2 = 30
+            [[meter]]
+            name = "main"
+            utility = "electricity"
+            parent = "sub2"
+            [[meter]]
+            name = "sub1"
+            utility = "electricity"
+            parent = "main"
+            room = "101"
+            [[meter]]
+            name = "sub2"
+            utility = "electricity"
+            parent = "main"
+            room = "102"
+            [[meter]]
+            name = "sub1-again"
+            device = "sub1"
+            utility = "electricity"
+            parent = "sub2"
+            [[meter]]
+            name = "wm"
+            utility = "water"
+            parent = "main"
+            [[meter]]
+            name = "virt"
+            utility = "electricity"
+            virtual = "main - nope"
+            [[pool]]
+            name = "lifts"
+            utility = "electricity"
+            rooms = ["101", "102"]
+            method = { area = 0.5, consumption = 0.6 }
+        "#;
+        let text = format!(
+            "{}\n{devices}\n{topo}",
+            GOOD.split("[[device]]").next().unwrap()
+        );
+        let all = issues(&text).join("\n");
+        for expected in [
+            "meter[0] (main).parent: cycle: main → sub2 → main",
+            "meter[3] (sub1-again).device: device \"sub1\" is already meter \"sub1\" (parent main); a meter with two parents (sub2)",
+            "meter[4] (wm).parent: a water meter \"wm\" under an electricity meter \"main\": a tree never mixes utilities",
+            "meter[5] (virt).virtual: unknown meter \"nope\"",
+            "device (stray): meters energy or water but is in no [[meter]] tree",
+            "room (103): no meter bills this room",
+            "pool[0] (lifts).method: weights must be ≥ 0 and sum to 1 (they sum to 1.1)",
+            "pool[0] (lifts).method.area: room \"101\" has no area_m2, which this method needs",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
     }
 }

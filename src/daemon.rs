@@ -14,9 +14,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::modbus::bus::{self, Batch, BusStatus};
+use crate::modbus::profile::Quantity;
+use crate::reading::Quality;
 use crate::reading::Reading;
-use crate::store::{self, Kind, NewRecord, Store, StoreError, StoreHandle};
-use crate::uplink::{CommandHandler, Identity, Uplink, UplinkStatus};
+use crate::store::{self, Kind, NewRecord, Sample, Store, StoreError, StoreHandle};
+use crate::uplink::{Chain, CommandHandler, Identity, Uplink, UplinkStatus};
 
 /// Capacity of the readings channel, in poll batches. Large enough to absorb a slow consumer for a
 /// few seconds; past that the bus tasks wait (backpressure) rather than drop readings.
@@ -92,13 +94,59 @@ pub fn telemetry_record(r: &Reading) -> NewRecord {
     }
 }
 
-/// The whole daemon: engine → recorder → store → uplink.
+/// Keeps one billing-counter sample per device and quantity per `every` for the history.
+pub struct HistorySampler {
+    every_ms: i64,
+    last: std::collections::HashMap<(Arc<str>, Quantity), i64>,
+}
+
+impl HistorySampler {
+    /// A sampler keeping one sample per `every`.
+    pub fn new(every: Duration) -> HistorySampler {
+        HistorySampler {
+            every_ms: every.as_millis() as i64,
+            last: Default::default(),
+        }
+    }
+
+    /// The samples of `batch` that are due.
+    pub fn take(&mut self, batch: &[Reading]) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for r in batch {
+            if r.quality != Quality::Good
+                || !matches!(r.quantity, Quantity::EnergyKwh | Quantity::WaterM3)
+            {
+                continue;
+            }
+            let (Some(value), ts) = (r.value, r.ts.timestamp_millis()) else {
+                continue;
+            };
+            let last = self
+                .last
+                .entry((r.device.clone(), r.quantity))
+                .or_insert(i64::MIN);
+            if *last == i64::MIN || ts - *last >= self.every_ms {
+                *last = ts;
+                out.push(Sample {
+                    device: r.device.to_string(),
+                    quantity: r.quantity.as_str().to_string(),
+                    ts_ms: ts,
+                    value,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The whole daemon: engine → recorder → store → uplink, and the accounting task.
 pub struct Daemon {
     pub bus_status: Vec<Arc<BusStatus>>,
     pub store: StoreHandle,
     pub uplink: Arc<Mutex<UplinkStatus>>,
     engine: Engine,
     recorder: JoinHandle<u64>,
+    accounting: JoinHandle<()>,
     uplink_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
@@ -130,12 +178,17 @@ impl Daemon {
         let (_, dummy) = mpsc::channel(1);
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
         let recorder_store = store.clone();
+        let mut sampler = HistorySampler::new(config.topology.history_every);
         let recorder = tokio::spawn(async move {
             let mut n = 0u64;
             while let Some(batch) = readings.recv().await {
                 n += batch.len() as u64;
                 if let Some(tap) = &tap {
                     let _ = tap.try_send(batch.clone());
+                }
+                let samples = sampler.take(&batch);
+                if !samples.is_empty() {
+                    recorder_store.record_history(samples).await;
                 }
                 if recorder_store
                     .append(batch.iter().map(telemetry_record).collect())
@@ -148,6 +201,20 @@ impl Daemon {
             n
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (acct_tx, acct_rx) = mpsc::channel(4);
+        let accounting = tokio::spawn(crate::accounting::run(
+            Arc::new(config.clone()),
+            store.clone(),
+            acct_rx,
+            shutdown_rx.clone(),
+        ));
+        let commands: Arc<dyn CommandHandler> = Arc::new(Chain(vec![
+            Arc::new(crate::accounting::AccountingCommands {
+                requests: acct_tx,
+                timezone: config.gateway.timezone,
+            }),
+            commands,
+        ]));
         let uplink = Arc::new(Mutex::new(UplinkStatus::default()));
         let uplink_task = config.mqtt.clone().map(|m| {
             let u = Uplink {
@@ -171,6 +238,7 @@ impl Daemon {
             uplink,
             engine,
             recorder,
+            accounting,
             uplink_task,
             shutdown,
         })
@@ -184,6 +252,7 @@ impl Daemon {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.recorder).await;
         self.store.flush().await;
         let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.accounting).await;
         if let Some(t) = self.uplink_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }

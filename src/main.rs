@@ -31,6 +31,8 @@ fn main() {
             Command::Raw(c) => c.execute().await,
             Command::Profiles(c) => c.execute(),
             Command::Buffer(c) => c.execute(),
+            Command::Topology(c) => c.execute(),
+            Command::Apportion(c) => c.execute(),
             Command::Simulate(c) => c.execute().await,
             Command::Demo(c) => c.execute().await,
             Command::Bench(c) => c.execute().await,

@@ -40,13 +40,21 @@ impl Price {
     pub fn parse(s: &str, decimals: u32) -> Result<Price, String> {
         let s = s.trim();
         let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-        if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 6 {
-            return Err(format!("{s:?}: expected a non-negative decimal with at most 6 decimals, e.g. \"0.8523\""));
+        if int.is_empty()
+            || !int.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+            || frac.len() > 6
+        {
+            return Err(format!(
+                "{s:?}: expected a non-negative decimal with at most 6 decimals, e.g. \"0.8523\""
+            ));
         }
         let int: i64 = int.parse().map_err(|_| format!("{s:?}: too large"))?;
         let frac: i64 = format!("{frac:0<6}").parse().unwrap_or(0);
         if decimals > 6 {
-            return Err(format!("currency with {decimals} decimals is not supported (at most 6)"));
+            return Err(format!(
+                "currency with {decimals} decimals is not supported (at most 6)"
+            ));
         }
         Ok(Price {
             micros: int.saturating_mul(1_000_000).saturating_add(frac),
@@ -100,7 +108,11 @@ pub fn largest_remainder<K: Ord>(total: i64, weights: &[f64], keys: &[K]) -> Vec
     let mut left = total - given;
     // Floating error can make the floors overshoot by a unit on huge totals: take back from the smallest remainders.
     if left < 0 {
-        rema.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal).then_with(|| keys[b.1].cmp(&keys[a.1])));
+        rema.sort_by(|a, b| {
+            a.0.partial_cmp(&b.0)
+                .unwrap_or(Ordering::Equal)
+                .then_with(|| keys[b.1].cmp(&keys[a.1]))
+        });
         for &(_, i) in &rema {
             if left == 0 {
                 break;
@@ -112,7 +124,11 @@ pub fn largest_remainder<K: Ord>(total: i64, weights: &[f64], keys: &[K]) -> Vec
         }
         return shares;
     }
-    rema.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then_with(|| keys[a.1].cmp(&keys[b.1])));
+    rema.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(Ordering::Equal)
+            .then_with(|| keys[a.1].cmp(&keys[b.1]))
+    });
     let mut k = 0;
     while left > 0 {
         let i = rema[k % n].1;
@@ -158,9 +174,15 @@ mod tests {
     #[test]
     fn largest_remainder_hand_computed() {
         // 100 split 1:1:1 → 33.33 each; the extra unit goes to the lowest key.
-        assert_eq!(largest_remainder(100, &[1.0, 1.0, 1.0], &["a", "b", "c"]), vec![34, 33, 33]);
+        assert_eq!(
+            largest_remainder(100, &[1.0, 1.0, 1.0], &["a", "b", "c"]),
+            vec![34, 33, 33]
+        );
         // Same rooms listed in another order get the same shares.
-        assert_eq!(largest_remainder(100, &[1.0, 1.0, 1.0], &["c", "a", "b"]), vec![33, 34, 33]);
+        assert_eq!(
+            largest_remainder(100, &[1.0, 1.0, 1.0], &["c", "a", "b"]),
+            vec![33, 34, 33]
+        );
         assert_eq!(largest_remainder(10, &[0.15, 0.85], &[1, 2]), vec![2, 8]);
         assert_eq!(largest_remainder(0, &[1.0], &[1]), vec![0]);
     }

@@ -148,6 +148,10 @@ pub struct UnitSpec {
     /// Extra turnaround of this unit on top of the endpoint's.
     #[serde(default, with = "humantime_serde")]
     pub delay: Option<Duration>,
+    /// This meter measures what these units draw ("endpoint:unit") plus its own `load_w` (the loss):
+    /// how master and floor meters are wired upstream of sub-meters.
+    #[serde(default)]
+    pub sum_of: Vec<String>,
 }
 
 fn two() -> u8 {
@@ -239,8 +243,9 @@ impl RunningSim {
     /// Changes a unit's load at run time (tests, demo).
     pub fn set_load_w(&self, endpoint: &str, unit: u8, load_w: f64) {
         if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            let downstream = u.downstream();
             if let Ok(mut s) = u.state.lock() {
-                s.advance(&u.profile);
+                s.advance(&u.profile, downstream);
                 s.load_w = load_w;
             }
         }
@@ -251,6 +256,8 @@ impl RunningSim {
 struct SimUnit {
     spec: UnitSpec,
     profile: Arc<Profile>,
+    /// Downstream units whose load this one also measures (resolved at start).
+    feeds: std::sync::OnceLock<Vec<Arc<SimUnit>>>,
     /// Registers sorted by (function, address) for range lookups.
     sorted: Vec<RegisterDef>,
     state: Mutex<UnitState>,
@@ -266,17 +273,23 @@ struct UnitState {
     holding: BTreeMap<u16, u16>,
     requests: u64,
     answers: u64,
+    /// Load and flow of the fed units at the last advance.
+    downstream_w: f64,
+    downstream_flow: f64,
 }
 
 impl UnitState {
     /// Integrates load and flow up to now; consumption stops while the unit's cut-off output is off.
-    fn advance(&mut self, profile: &Profile) {
+    /// `downstream_w` is what the units this meter feeds draw.
+    fn advance(&mut self, profile: &Profile, (downstream_w, downstream_flow): (f64, f64)) {
         let now = Instant::now();
         let hours = (now - self.last).as_secs_f64() / 3600.0;
         self.last = now;
+        self.downstream_w = downstream_w;
+        self.downstream_flow = downstream_flow;
         if self.supply_on(profile) {
-            self.energy_kwh += self.load_w * hours / 1000.0;
-            self.water_m3 += self.flow_m3h * hours;
+            self.energy_kwh += (self.load_w + downstream_w) * hours / 1000.0;
+            self.water_m3 += (self.flow_m3h + downstream_flow) * hours;
         }
     }
 
@@ -294,14 +307,18 @@ impl UnitState {
 
     fn value_of(&self, reg: &RegisterDef, profile: &Profile) -> f64 {
         let on = self.supply_on(profile);
-        let load = if on { self.load_w } else { 0.0 };
+        let load = if on {
+            self.load_w + self.downstream_w
+        } else {
+            0.0
+        };
         match reg.quantity {
             Quantity::EnergyKwh | Quantity::EnergyOtherKwh => self.energy_kwh,
             Quantity::EnergyExportKwh => 0.0,
             Quantity::WaterM3 => self.water_m3,
             Quantity::FlowM3h => {
                 if on {
-                    self.flow_m3h
+                    self.flow_m3h + self.downstream_flow
                 } else {
                     0.0
                 }
@@ -323,6 +340,48 @@ impl UnitState {
 }
 
 impl SimUnit {
+    /// Power drawn through this meter now: its own load (when its supply is on) plus its feeds'.
+    fn load_w(&self) -> f64 {
+        self.through(|s| s.load_w)
+    }
+
+    /// Water flowing through this meter now, likewise.
+    fn flow_m3h(&self) -> f64 {
+        self.through(|s| s.flow_m3h)
+    }
+
+    fn through(&self, own: fn(&UnitState) -> f64) -> f64 {
+        let mine = self
+            .state
+            .lock()
+            .map(|s| {
+                if s.supply_on(&self.profile) {
+                    own(&s)
+                } else {
+                    0.0
+                }
+            })
+            .unwrap_or(0.0);
+        mine + self
+            .feeds
+            .get()
+            .map(|f| f.iter().map(|u| u.through(own)).sum::<f64>())
+            .unwrap_or(0.0)
+    }
+
+    /// What the fed units draw: (power W, flow m³/h).
+    fn downstream(&self) -> (f64, f64) {
+        self.feeds
+            .get()
+            .map(|f| {
+                (
+                    f.iter().map(|u| u.load_w()).sum(),
+                    f.iter().map(|u| u.flow_m3h()).sum(),
+                )
+            })
+            .unwrap_or((0.0, 0.0))
+    }
+
     fn new(spec: UnitSpec, profile: Arc<Profile>) -> SimUnit {
         let mut sorted = profile.registers.clone();
         sorted.sort_by_key(|r| (r.function, r.address));
@@ -343,10 +402,13 @@ impl SimUnit {
             holding,
             requests: 0,
             answers: 0,
+            downstream_w: 0.0,
+            downstream_flow: 0.0,
         };
         SimUnit {
             spec,
             profile,
+            feeds: std::sync::OnceLock::new(),
             sorted,
             state: Mutex::new(state),
         }
@@ -449,6 +511,8 @@ impl SimUnit {
 
     /// Answers one request. `None` means stay silent.
     fn answer(&self, req: Request<'static>, tcp: bool) -> Option<Result<Response, ExceptionCode>> {
+        // Fed units are locked one at a time, before this unit's own state (no lock cycles).
+        let downstream = self.downstream();
         let mut s = self.state.lock().ok()?;
         s.requests += 1;
         match self.spec.fault {
@@ -456,7 +520,7 @@ impl SimUnit {
             Fault::Exception => return Some(Err(ExceptionCode::new(self.spec.exception_code))),
             _ => {}
         }
-        s.advance(&self.profile);
+        s.advance(&self.profile, downstream);
         s.answers += 1;
         let garble = self.spec.fault == Fault::Corrupt
             && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0;
@@ -700,6 +764,37 @@ pub async fn start(
             }
         };
         sim.endpoints.push((ep.name.clone(), addr));
+    }
+    for ((ep, unit), u) in &sim.units {
+        let mut feeds = Vec::new();
+        for r in &u.spec.sum_of {
+            let target = r
+                .split_once(':')
+                .and_then(|(e, n)| n.parse::<u8>().ok().map(|n| (e.to_string(), n)))
+                .and_then(|k| sim.units.get(&k).cloned())
+                .ok_or_else(|| SimError::Invalid {
+                    file: "building".into(),
+                    message: format!("unit {unit} on {ep}: sum_of entry {r:?} is not \"endpoint:unit\" of a unit in the building"),
+                })?;
+            feeds.push(target);
+        }
+        let _ = u.feeds.set(feeds);
+    }
+    // A unit that (indirectly) sums itself would recurse forever.
+    fn reaches(from: &Arc<SimUnit>, target: &Arc<SimUnit>, depth: usize) -> bool {
+        depth > 64
+            || from.feeds.get().is_some_and(|f| {
+                f.iter()
+                    .any(|u| Arc::ptr_eq(u, target) || reaches(u, target, depth + 1))
+            })
+    }
+    for ((ep, unit), u) in &sim.units {
+        if reaches(u, u, 0) {
+            return Err(SimError::Invalid {
+                file: "building".into(),
+                message: format!("unit {unit} on {ep}: sum_of forms a cycle"),
+            });
+        }
     }
     Ok(sim)
 }

@@ -139,6 +139,7 @@ pub struct Store {
     dropped_total: u64,
     /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
     last_age_check: Option<std::time::Instant>,
+    last_prune: Option<std::time::Instant>,
 }
 
 const SCHEMA: &str = "
@@ -153,7 +154,98 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Billing counters (kWh, m3) sampled every [topology] history_every: interval boundaries for
+-- balances and apportionment come from here, not from the outbox (which empties as it publishes).
+CREATE TABLE IF NOT EXISTS history (
+    device   TEXT    NOT NULL,
+    quantity TEXT    NOT NULL,
+    ts_ms    INTEGER NOT NULL,
+    value    REAL    NOT NULL,
+    PRIMARY KEY (device, quantity, ts_ms)
+) WITHOUT ROWID;
+-- Every apportionment run, versioned, with all its inputs (the full result JSON).
+CREATE TABLE IF NOT EXISTS apportionment (
+    version     INTEGER PRIMARY KEY AUTOINCREMENT,
+    period      TEXT NOT NULL,
+    computed_at TEXT NOT NULL,
+    results     TEXT NOT NULL
+);
 ";
+
+/// One counter sample for the history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub device: String,
+    pub quantity: String,
+    pub ts_ms: i64,
+    pub value: f64,
+}
+
+/// History older than this is pruned (13 months: a year of bills plus a month of disputes).
+const HISTORY_KEEP_MS: i64 = 400 * 86_400_000;
+
+/// Samples of one counter around `[from, to]`: the last one before `from`, all inside, the first after
+/// `to` (what interpolation at the boundaries needs). Works on any connection, read-only included.
+pub fn history_window(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> rusqlite::Result<Vec<(i64, f64)>> {
+    let mut out = Vec::new();
+    let mut before = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms < ?3 ORDER BY ts_ms DESC LIMIT 1",
+    )?;
+    if let Some(r) = before
+        .query_row(params![device, quantity, from_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+    {
+        out.push(r);
+    }
+    let mut inside = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms >= ?3 AND ts_ms <= ?4 ORDER BY ts_ms",
+    )?;
+    for r in inside.query_map(params![device, quantity, from_ms, to_ms], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })? {
+        out.push(r?);
+    }
+    let mut after = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
+    )?;
+    if let Some(r) = after
+        .query_row(params![device, quantity, to_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+    {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Opens an outbox read-only (CLI tools, the accounting task): safe beside the writer thanks to WAL.
+pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let err = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+    Ok(conn)
+}
 
 impl Store {
     /// Opens (creating if needed) the outbox at `path`.
@@ -194,6 +286,7 @@ impl Store {
             bytes: bytes as u64,
             dropped_total,
             last_age_check: None,
+            last_prune: None,
         })
     }
 
@@ -382,6 +475,57 @@ impl Store {
         Ok(())
     }
 
+    /// Adds counter samples to the history and prunes what is older than 13 months.
+    pub fn record_history(&mut self, samples: &[Sample]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR REPLACE INTO history (device, quantity, ts_ms, value) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(err)?;
+            for s in samples {
+                stmt.execute(params![s.device, s.quantity, s.ts_ms, s.value])
+                    .map_err(err)?;
+            }
+            // Pruning scans the table: once an hour is plenty for a 13-month horizon.
+            let due = self
+                .last_prune
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+            if let (true, Some(newest)) = (due, samples.iter().map(|s| s.ts_ms).max()) {
+                tx.execute(
+                    "DELETE FROM history WHERE ts_ms < ?1",
+                    [newest - HISTORY_KEEP_MS],
+                )
+                .map_err(err)?;
+                self.last_prune = Some(std::time::Instant::now());
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Keeps one apportionment run with its inputs; returns its version.
+    pub fn save_apportionment(&mut self, period: &str, results: &str) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| self.err(e))?;
+        let r = self
+            .conn
+            .execute(
+                "INSERT INTO apportionment (period, computed_at, results) VALUES (?1, ?2, ?3)",
+                params![period, Utc::now().to_rfc3339(), results],
+            )
+            .map(|_| self.conn.last_insert_rowid())
+            .map_err(|e| self.err(e));
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.err(e))?;
+        r
+    }
+
     /// Up to `limit` records with `after < seq <= upto`, oldest first.
     pub fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         let mut stmt = self
@@ -540,6 +684,12 @@ enum Command {
     Depth(oneshot::Sender<u64>),
     Flush(oneshot::Sender<()>),
     MaxPages(u64),
+    History(Vec<Sample>),
+    SaveApportionment {
+        period: String,
+        results: String,
+        reply: oneshot::Sender<Result<i64, String>>,
+    },
 }
 
 /// Records kept in memory while the disk refuses writes, before the oldest telemetry is dropped.
@@ -611,6 +761,25 @@ impl StoreHandle {
     /// it fail like a full disk.
     pub async fn set_max_page_count(&self, pages: u64) {
         let _ = self.tx.send(Command::MaxPages(pages)).await;
+    }
+
+    /// Adds counter samples to the history (billing boundaries).
+    pub async fn record_history(&self, samples: Vec<Sample>) {
+        let _ = self.tx.send(Command::History(samples)).await;
+    }
+
+    /// Saves an apportionment run (versioned, with its inputs); returns the version.
+    pub async fn save_apportionment(&self, period: &str, results: String) -> Result<i64, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SaveApportionment {
+                period: period.to_string(),
+                results,
+                reply,
+            })
+            .await
+            .map_err(|_| "store stopped".to_string())?;
+        rx.await.map_err(|_| "store stopped".to_string())?
     }
 
     /// Waits until everything queued before this call is committed (or held in memory if the disk
@@ -748,6 +917,22 @@ impl Writer {
                 if let Err(e) = store.set_max_page_count(pages) {
                     tracing::error!(error = %e, "outbox: cannot set the page limit");
                 }
+            }
+            Command::History(samples) => {
+                if let Err(e) = store.record_history(&samples) {
+                    tracing::error!(error = %e, "history: samples not stored; billing boundaries will be interpolated");
+                }
+            }
+            Command::SaveApportionment {
+                period,
+                results,
+                reply,
+            } => {
+                let _ = reply.send(
+                    store
+                        .save_apportionment(&period, &results)
+                        .map_err(|e| e.to_string()),
+                );
             }
         }
     }

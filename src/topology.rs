@@ -120,17 +120,49 @@ pub struct Site {
     pub tariffs: BTreeMap<String, Tariff>,
     /// Loss above this share of a node's consumption raises an event.
     pub loss_threshold_pct: f64,
+    /// parent → children, built once so a 20,000-room site is not rescanned per node.
+    #[serde(skip)]
+    children_idx: BTreeMap<String, Vec<String>>,
+    /// (room, utility) → meters billing it.
+    #[serde(skip)]
+    room_idx: BTreeMap<(String, Utility), Vec<String>>,
 }
 
 impl Site {
+    /// Rebuilds the lookup indexes after the meters changed.
+    pub fn index(&mut self) {
+        self.children_idx.clear();
+        self.room_idx.clear();
+        for m in self.meters.values() {
+            if let Some(p) = &m.parent {
+                self.children_idx
+                    .entry(p.clone())
+                    .or_default()
+                    .push(m.name.clone());
+            }
+            if let Some(r) = &m.room {
+                self.room_idx
+                    .entry((r.clone(), m.utility))
+                    .or_default()
+                    .push(m.name.clone());
+            }
+        }
+    }
+
     /// Direct children of a meter.
     pub fn children(&self, name: &str) -> Vec<&Meter> {
-        self.meters.values().filter(|m| m.parent.as_deref() == Some(name)).collect()
+        self.children_idx
+            .get(name)
+            .map(|v| v.iter().filter_map(|c| self.meters.get(c)).collect())
+            .unwrap_or_default()
     }
 
     /// Tree roots of a utility.
     pub fn roots(&self) -> Vec<&Meter> {
-        self.meters.values().filter(|m| m.parent.is_none()).collect()
+        self.meters
+            .values()
+            .filter(|m| m.parent.is_none())
+            .collect()
     }
 
     /// True when nothing is configured (no apportionment, no balance checks).
@@ -140,7 +172,10 @@ impl Site {
 
     /// Meters of a given room.
     pub fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
-        self.meters.values().filter(|m| m.room.as_deref() == Some(room) && m.utility == utility).collect()
+        self.room_idx
+            .get(&(room.to_string(), utility))
+            .map(|v| v.iter().filter_map(|c| self.meters.get(c)).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -208,7 +243,7 @@ pub fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
     let mut out = Vec::new();
     let mut sign = 1i8;
     let mut expect_term = true;
-    for tok in expr.split_whitespace().flat_map(|t| split_ops(t)) {
+    for tok in expr.split_whitespace().flat_map(split_ops) {
         match tok.as_str() {
             "+" | "-" if !expect_term => {
                 sign = if tok == "-" { -1 } else { 1 };
@@ -223,7 +258,9 @@ pub fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
         }
     }
     if out.is_empty() || expect_term {
-        return Err(format!("{expr:?}: expected meter names joined by + and -, e.g. \"main - sub1 - sub2\""));
+        return Err(format!(
+            "{expr:?}: expected meter names joined by + and -, e.g. \"main - sub1 - sub2\""
+        ));
     }
     Ok(out)
 }
@@ -303,7 +340,9 @@ pub fn build(
                     )),
                     Some(_) => {}
                 }
-                if let Some((other, other_parent)) = device_owner.insert(dev.clone(), (m.name.clone(), m.parent.clone())) {
+                if let Some((other, other_parent)) =
+                    device_owner.insert(dev.clone(), (m.name.clone(), m.parent.clone()))
+                {
                     issues.push((
                         format!("{key}.device"),
                         format!(
@@ -318,11 +357,17 @@ pub fn build(
         };
         if let Some(r) = &m.room {
             if !site.rooms.contains_key(r) {
-                issues.push((format!("{key}.room"), format!("unknown room {r:?}; declare it in [[room]]")));
+                issues.push((
+                    format!("{key}.room"),
+                    format!("unknown room {r:?}; declare it in [[room]]"),
+                ));
             }
         }
         if m.rollover.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-            issues.push((format!("{key}.rollover"), "must be a positive number".into()));
+            issues.push((
+                format!("{key}.rollover"),
+                "must be a positive number".into(),
+            ));
         }
         meter_keys.insert(m.name.clone(), key.clone());
         let node = Meter {
@@ -335,9 +380,13 @@ pub fn build(
             rollover: m.rollover,
         };
         if site.meters.insert(m.name.clone(), node).is_some() {
-            issues.push((format!("{key}.name"), format!("duplicate meter name {:?}", m.name)));
+            issues.push((
+                format!("{key}.name"),
+                format!("duplicate meter name {:?}", m.name),
+            ));
         }
     }
+    site.index();
     // Parents, utilities, cycles, virtual references.
     for m in site.meters.values() {
         let key = &meter_keys[&m.name];
@@ -346,7 +395,12 @@ pub fn build(
                 None => issues.push((format!("{key}.parent"), format!("unknown meter {p:?}"))),
                 Some(pm) if pm.utility != m.utility => issues.push((
                     format!("{key}.parent"),
-                    format!("{} meter {:?} under {} meter {p:?}: a tree never mixes utilities", lower(m.utility), m.name, lower(pm.utility)),
+                    format!(
+                        "{} meter {:?} under {} meter {p:?}: a tree never mixes utilities",
+                        lower(m.utility),
+                        m.name,
+                        lower(pm.utility)
+                    ),
                 )),
                 Some(_) => {}
             }
@@ -355,8 +409,13 @@ pub fn build(
             for (_, t) in terms {
                 match site.meters.get(t) {
                     None => issues.push((format!("{key}.virtual"), format!("unknown meter {t:?}"))),
-                    Some(tm) if tm.utility != m.utility => issues.push((format!("{key}.virtual"), format!("{t:?} meters another utility"))),
-                    Some(_) if t == &m.name => issues.push((format!("{key}.virtual"), "refers to itself".into())),
+                    Some(tm) if tm.utility != m.utility => issues.push((
+                        format!("{key}.virtual"),
+                        format!("{t:?} meters another utility"),
+                    )),
+                    Some(_) if t == &m.name => {
+                        issues.push((format!("{key}.virtual"), "refers to itself".into()))
+                    }
                     Some(_) => {}
                 }
             }
@@ -368,7 +427,10 @@ pub fn build(
             if path.contains(&p) {
                 if path[0] == *path.iter().min().unwrap_or(&path[0]) {
                     path.push(p);
-                    issues.push((format!("{key}.parent"), format!("cycle: {}", path.join(" → "))));
+                    issues.push((
+                        format!("{key}.parent"),
+                        format!("cycle: {}", path.join(" → ")),
+                    ));
                 }
                 break;
             }
@@ -387,7 +449,9 @@ pub fn build(
         .collect();
     if !site.meters.is_empty() {
         for (dev, qs) in devices {
-            if (qs.contains(&Quantity::EnergyKwh) || qs.contains(&Quantity::WaterM3)) && !used.contains(dev) {
+            if (qs.contains(&Quantity::EnergyKwh) || qs.contains(&Quantity::WaterM3))
+                && !used.contains(dev)
+            {
                 issues.push((
                     format!("device ({dev})"),
                     "meters energy or water but is in no [[meter]] tree; add a [[meter]] node for it (its consumption would otherwise be unaccounted)".into(),
@@ -423,10 +487,16 @@ pub fn build(
             }
         }
         if rooms.is_empty() {
-            issues.push((format!("{key}.rooms"), "a pool needs at least one room".into()));
+            issues.push((
+                format!("{key}.rooms"),
+                "a pool needs at least one room".into(),
+            ));
         }
         let total: f64 = p.method.values().sum();
-        if p.method.is_empty() || (total - 1.0).abs() > 1e-9 || p.method.values().any(|w| !(*w >= 0.0)) {
+        if p.method.is_empty()
+            || (total - 1.0).abs() > 1e-9
+            || p.method.values().any(|w| w.is_nan() || *w < 0.0)
+        {
             issues.push((
                 format!("{key}.method"),
                 format!("weights must be ≥ 0 and sum to 1 (they sum to {total}); e.g. {{ area = 0.5, consumption = 0.5 }}"),
@@ -438,7 +508,10 @@ pub fn build(
                 Ok(f) if *w >= 0.0 => {
                     floor_weights.insert(f, *w);
                 }
-                _ => issues.push((format!("{key}.floor_weights.{f}"), "expected floor number = weight ≥ 0".into())),
+                _ => issues.push((
+                    format!("{key}.floor_weights.{f}"),
+                    "expected floor number = weight ≥ 0".into(),
+                )),
             }
         }
         for (basis, _) in p.method.iter().filter(|(_, w)| **w > 0.0) {
@@ -447,7 +520,10 @@ pub fn build(
                     Basis::Area => r.area_m2.is_none().then_some("area_m2"),
                     Basis::Headcount => r.headcount.is_none().then_some("headcount"),
                     Basis::Fixed => (!p.fixed.contains_key(&r.id)).then_some("a fixed coefficient"),
-                    Basis::Consumption => site.room_meters(&r.id, p.utility).is_empty().then_some("a meter of this utility"),
+                    Basis::Consumption => site
+                        .room_meters(&r.id, p.utility)
+                        .is_empty()
+                        .then_some("a meter of this utility"),
                 };
                 if let Some(what) = missing {
                     issues.push((
@@ -460,20 +536,31 @@ pub fn build(
                 continue;
             }
             for r in rooms.iter().filter_map(|r| site.rooms.get(r)) {
-                if matches!(basis, Basis::Area | Basis::Headcount) && r.floor.is_none_or(|f| !floor_weights.contains_key(&f)) {
-                    issues.push((format!("{key}.floor_weights"), format!("room {:?} has no floor with a weight", r.id)));
+                if matches!(basis, Basis::Area | Basis::Headcount)
+                    && r.floor.is_none_or(|f| !floor_weights.contains_key(&f))
+                {
+                    issues.push((
+                        format!("{key}.floor_weights"),
+                        format!("room {:?} has no floor with a weight", r.id),
+                    ));
                 }
             }
         }
         for l in &p.include_loss_of {
             if !site.meters.contains_key(l) {
-                issues.push((format!("{key}.include_loss_of"), format!("unknown meter {l:?}")));
+                issues.push((
+                    format!("{key}.include_loss_of"),
+                    format!("unknown meter {l:?}"),
+                ));
             }
         }
         if let Some(t) = &p.tariff {
             match site.tariffs.get(t) {
                 None => issues.push((format!("{key}.tariff"), format!("unknown tariff {t:?}"))),
-                Some(t) if t.utility != p.utility => issues.push((format!("{key}.tariff"), "tariff is for another utility".into())),
+                Some(t) if t.utility != p.utility => issues.push((
+                    format!("{key}.tariff"),
+                    "tariff is for another utility".into(),
+                )),
                 Some(_) => {}
             }
         }
@@ -494,16 +581,27 @@ pub fn build(
     for m in site.meters.values() {
         if let Some(p) = &m.pool {
             match site.pools.get(p) {
-                None => issues.push((format!("{}.pool", meter_keys[&m.name]), format!("unknown pool {p:?}"))),
-                Some(pool) if pool.utility != m.utility => issues.push((format!("{}.pool", meter_keys[&m.name]), "pool is for another utility".into())),
+                None => issues.push((
+                    format!("{}.pool", meter_keys[&m.name]),
+                    format!("unknown pool {p:?}"),
+                )),
+                Some(pool) if pool.utility != m.utility => issues.push((
+                    format!("{}.pool", meter_keys[&m.name]),
+                    "pool is for another utility".into(),
+                )),
                 Some(_) => {}
             }
         }
     }
     if !site.meters.is_empty() {
         for r in site.rooms.values() {
-            if !site.meters.values().any(|m| m.room.as_deref() == Some(r.id.as_str())) {
-                issues.push((format!("room ({})", r.id), "no meter bills this room; set room = \"...\" on its meter".into()));
+            if site.room_meters(&r.id, Utility::Electricity).is_empty()
+                && site.room_meters(&r.id, Utility::Water).is_empty()
+            {
+                issues.push((
+                    format!("room ({})", r.id),
+                    "no meter bills this room; set room = \"...\" on its meter".into(),
+                ));
             }
         }
     }
@@ -544,7 +642,12 @@ pub struct Consumption {
 /// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`) and a
 /// replaced meter. Returns `None` when the counter went backwards unexplained (a reset nobody
 /// recorded): that figure must not be billed.
-pub fn counter_consumption(start: Boundary, end: Boundary, rollover: Option<f64>, replacement: Option<Replacement>) -> Option<Consumption> {
+pub fn counter_consumption(
+    start: Boundary,
+    end: Boundary,
+    rollover: Option<f64>,
+    replacement: Option<Replacement>,
+) -> Option<Consumption> {
     let estimated = start.estimated || end.estimated;
     let value = match replacement {
         Some(r) => (r.final_reading - start.value) + (end.value - r.initial_reading),
@@ -560,12 +663,20 @@ pub fn counter_consumption(start: Boundary, end: Boundary, rollover: Option<f64>
 /// The counter at time `t` from the samples around it: linear interpolation between the last sample
 /// at or before `t` and the first after it. `estimated` when the bracketing samples are further apart
 /// than `max_gap` (a reading is missing there). `samples` are (time, value) sorted by time.
-pub fn value_at(samples: &[(i64, f64)], t: i64, max_gap: i64, rollover: Option<f64>) -> Option<Boundary> {
+pub fn value_at(
+    samples: &[(i64, f64)],
+    t: i64,
+    max_gap: i64,
+    rollover: Option<f64>,
+) -> Option<Boundary> {
     let i = samples.partition_point(|(ts, _)| *ts <= t);
     let before = i.checked_sub(1).map(|k| samples[k]);
     let after = samples.get(i).copied();
     match (before, after) {
-        (Some((tb, vb)), _) if tb == t => Some(Boundary { value: vb, estimated: false }),
+        (Some((tb, vb)), _) if tb == t => Some(Boundary {
+            value: vb,
+            estimated: false,
+        }),
         (Some((tb, vb)), Some((ta, va))) => {
             let mut va = va;
             if va < vb {
@@ -588,7 +699,10 @@ pub fn value_at(samples: &[(i64, f64)], t: i64, max_gap: i64, rollover: Option<f
 }
 
 /// Consumption of every meter, virtual ones included, from the device counters' consumption.
-pub fn meter_consumption(site: &Site, device: &BTreeMap<String, Consumption>) -> BTreeMap<String, Consumption> {
+pub fn meter_consumption(
+    site: &Site,
+    device: &BTreeMap<String, Consumption>,
+) -> BTreeMap<String, Consumption> {
     let mut out = BTreeMap::new();
     for m in site.meters.values() {
         if let Source::Device(d) = &m.source {
@@ -605,7 +719,10 @@ pub fn meter_consumption(site: &Site, device: &BTreeMap<String, Consumption>) ->
                 if out.contains_key(&m.name) {
                     continue;
                 }
-                let parts: Option<Vec<(i8, Consumption)>> = terms.iter().map(|(s, t)| out.get(t).map(|c| (*s, *c))).collect();
+                let parts: Option<Vec<(i8, Consumption)>> = terms
+                    .iter()
+                    .map(|(s, t)| out.get(t).map(|c| (*s, *c)))
+                    .collect();
                 if let Some(parts) = parts {
                     let value = parts.iter().map(|(s, c)| f64::from(*s) * c.value).sum();
                     let estimated = parts.iter().any(|(_, c)| c.estimated);
@@ -670,19 +787,29 @@ pub fn balances(site: &Site, consumption: &BTreeMap<String, Consumption>) -> Vec
             Some((m.name.as_str(), (own.value, sum, est)))
         })
         .collect();
-    let pct = |loss: f64, base: f64| if base.abs() > f64::EPSILON { loss / base * 100.0 } else if loss.abs() > f64::EPSILON { f64::INFINITY.copysign(loss) } else { 0.0 };
+    let pct = |loss: f64, base: f64| {
+        if base.abs() > f64::EPSILON {
+            loss / base * 100.0
+        } else if loss.abs() > f64::EPSILON {
+            f64::INFINITY.copysign(loss)
+        } else {
+            0.0
+        }
+    };
     for (node, (own, sum, est)) in &raw {
         let loss = own - sum;
         let loss_pct = pct(loss, *own);
         let alarm = loss_pct.abs() > threshold;
         let mut suspect = None;
         if loss_pct < -threshold {
-            // Which child, removed, leaves a loss within [0, threshold]?
+            // Which child, removed, leaves the node balanced (|loss| within the threshold)?
             let mut best: Option<(f64, &str)> = None;
             for k in site.children(node) {
-                let Some(c) = consumption.get(&k.name) else { continue };
-                let l = pct(loss + c.value, *own);
-                if (0.0..=threshold).contains(&l) && best.is_none_or(|(b, _)| l < b) {
+                let Some(c) = consumption.get(&k.name) else {
+                    continue;
+                };
+                let l = pct(loss + c.value, *own).abs();
+                if l <= threshold && best.is_none_or(|(b, _)| l < b) {
                     best = Some((l, k.name.as_str()));
                 }
             }
@@ -690,11 +817,15 @@ pub fn balances(site: &Site, consumption: &BTreeMap<String, Consumption>) -> Vec
                 let c = consumption[child].value;
                 let belongs_under = raw
                     .iter()
-                    .filter(|(other, _)| *other != node && site.meters.get(**other).map(|m| m.utility) == site.meters.get(*node).map(|m| m.utility))
+                    .filter(|(other, _)| {
+                        *other != node
+                            && site.meters.get(**other).map(|m| m.utility)
+                                == site.meters.get(*node).map(|m| m.utility)
+                    })
                     .find(|(_, (o_own, o_sum, _))| {
                         let before = pct(o_own - o_sum, *o_own);
                         let after = pct(o_own - o_sum - c, *o_own);
-                        before > threshold && (0.0..=threshold).contains(&after)
+                        before > threshold && after.abs() <= threshold
                     })
                     .map(|(n, _)| n.to_string());
                 suspect = Some(Suspect {
@@ -722,18 +853,43 @@ mod tests {
     use super::*;
 
     fn b(v: f64) -> Boundary {
-        Boundary { value: v, estimated: false }
+        Boundary {
+            value: v,
+            estimated: false,
+        }
     }
 
     #[test]
     fn counter_rollover_replacement_and_unexplained_reset() {
-        assert_eq!(counter_consumption(b(10.0), b(25.5), None, None).unwrap().value, 15.5);
+        assert_eq!(
+            counter_consumption(b(10.0), b(25.5), None, None)
+                .unwrap()
+                .value,
+            15.5
+        );
         // A 5-digit kWh register wraps at 100000: 99990 → 15 is 25 kWh.
-        assert_eq!(counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None).unwrap().value, 25.0);
+        assert_eq!(
+            counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None)
+                .unwrap()
+                .value,
+            25.0
+        );
         // Replaced mid-month: old meter 1200 → 1250 (final), new meter 0 → 30.
-        let r = Replacement { final_reading: 1250.0, initial_reading: 0.0 };
-        assert_eq!(counter_consumption(b(1200.0), b(30.0), None, Some(r)).unwrap().value, 80.0);
-        assert_eq!(counter_consumption(b(100.0), b(50.0), None, None), None, "unexplained reset is not billed");
+        let r = Replacement {
+            final_reading: 1250.0,
+            initial_reading: 0.0,
+        };
+        assert_eq!(
+            counter_consumption(b(1200.0), b(30.0), None, Some(r))
+                .unwrap()
+                .value,
+            80.0
+        );
+        assert_eq!(
+            counter_consumption(b(100.0), b(50.0), None, None),
+            None,
+            "unexplained reset is not billed"
+        );
     }
 
     #[test]
@@ -745,7 +901,11 @@ mod tests {
         let v = value_at(&s, 5400, 1800, None).unwrap();
         assert!((v.value - 106.0).abs() < 1e-9);
         assert!(v.estimated, "two hours without a reading");
-        assert_eq!(value_at(&s, 9500, 1800, None), None, "no reading after: cannot tell");
+        assert_eq!(
+            value_at(&s, 9500, 1800, None),
+            None,
+            "no reading after: cannot tell"
+        );
         // Across a wrap at 1000: 990 → 10 over 20 s, midpoint is 1000 ≡ 0.
         let w = [(0, 990.0), (20, 10.0)];
         assert!((value_at(&w, 10, 60, Some(1000.0)).unwrap().value - 0.0).abs() < 1e-9);
@@ -753,8 +913,14 @@ mod tests {
 
     #[test]
     fn expressions_parse() {
-        assert_eq!(parse_expr("main - sub1 - sub2").unwrap(), vec![(1, "main".into()), (-1, "sub1".into()), (-1, "sub2".into())]);
-        assert_eq!(parse_expr("a+b").unwrap(), vec![(1, "a".into()), (1, "b".into())]);
+        assert_eq!(
+            parse_expr("main - sub1 - sub2").unwrap(),
+            vec![(1, "main".into()), (-1, "sub1".into()), (-1, "sub2".into())]
+        );
+        assert_eq!(
+            parse_expr("a+b").unwrap(),
+            vec![(1, "a".into()), (1, "b".into())]
+        );
         assert!(parse_expr("a - - b").is_err());
         assert!(parse_expr("a b").is_err());
         assert!(parse_expr("a -").is_err());

@@ -57,6 +57,15 @@ pub trait CommandHandler: Send + Sync + 'static {
     fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>>;
 }
 
+/// Several handlers, asked in order.
+pub struct Chain(pub Vec<Arc<dyn CommandHandler>>);
+
+impl CommandHandler for Chain {
+    fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>> {
+        self.0.iter().find_map(|h| h.handle(name, args))
+    }
+}
+
 /// No extra commands.
 pub struct NoCommands;
 
