@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::apportion::{self, PoolResult};
 use crate::config::Config;
 use crate::store::{self, Kind, NewRecord, StoreHandle};
-use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Source};
+use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Source, Tariff};
 use crate::uplink::CommandHandler;
 
 /// Why a period could not be computed.
@@ -203,27 +203,93 @@ pub fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>) -> New
     }
 }
 
-/// Cloud command `apportion {"period": "2026-10"}`: queues a run; results follow on
-/// `results/apportionment`.
+/// What the cloud can ask of the accounting task.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Compute and publish a month.
+    Apportion(String),
+    /// Set (or change) a tariff; persisted, and used from the next computation on.
+    SetTariff(Tariff),
+}
+
+/// Meta key of the tariffs the cloud set (JSON list).
+pub const TARIFF_OVERRIDES: &str = "tariff_overrides";
+
+/// Applies the tariffs the cloud set (kept in the outbox database) over the configured ones.
+pub fn apply_tariff_overrides(
+    conn: &Connection,
+    site: &mut topology::Site,
+) -> Result<usize, AccountingError> {
+    let raw: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [TARIFF_OVERRIDES],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| {
+            if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| AccountingError::History(e.to_string()))?;
+    let list: Vec<Tariff> = raw
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or_default();
+    let n = list.len();
+    for t in list {
+        site.tariffs.insert(t.name.clone(), t);
+    }
+    Ok(n)
+}
+
+/// Cloud commands `apportion {"period": "2026-10"}` (results follow on `results/apportionment`) and
+/// `set_tariff {"name", "utility", "price", "currency", "decimals"}`.
 pub struct AccountingCommands {
-    pub requests: mpsc::Sender<String>,
+    pub requests: mpsc::Sender<Request>,
     pub timezone: chrono_tz::Tz,
 }
 
 impl CommandHandler for AccountingCommands {
     fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>> {
-        if name != "apportion" {
-            return None;
-        }
-        let Some(period) = args.get("period").and_then(Value::as_str) else {
-            return Some(Err("apportion needs {\"period\": \"YYYY-MM\"}".into()));
+        let (request, reply) = match name {
+            "apportion" => {
+                let Some(period) = args.get("period").and_then(Value::as_str) else {
+                    return Some(Err("apportion needs {\"period\": \"YYYY-MM\"}".into()));
+                };
+                if let Err(e) = period_bounds(period, self.timezone) {
+                    return Some(Err(e.to_string()));
+                }
+                (
+                    Request::Apportion(period.to_string()),
+                    json!({"queued": period, "results_topic": "results/apportionment"}),
+                )
+            }
+            "set_tariff" => {
+                let raw: topology::RawTariff = match serde_json::from_value(args.clone()) {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(format!("set_tariff: {e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\"}}"))),
+                };
+                let price = match crate::money::Price::parse(&raw.price, raw.decimals) {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(format!("set_tariff: price {e}"))),
+                };
+                let t = Tariff {
+                    name: raw.name,
+                    utility: raw.utility,
+                    price,
+                    currency: raw.currency,
+                };
+                let reply = json!({"tariff": t.name, "price_micros": t.price.micros});
+                (Request::SetTariff(t), reply)
+            }
+            _ => return None,
         };
-        if let Err(e) = period_bounds(period, self.timezone) {
-            return Some(Err(e.to_string()));
-        }
-        Some(match self.requests.try_send(period.to_string()) {
-            Ok(()) => Ok(json!({"queued": period, "results_topic": "results/apportionment"})),
-            Err(_) => Err("an apportionment is already running; retry shortly".into()),
+        Some(match self.requests.try_send(request) {
+            Ok(()) => Ok(reply),
+            Err(_) => Err("the accounting task is busy; retry shortly".into()),
         })
     }
 }
@@ -255,11 +321,30 @@ async fn run_period(
 pub async fn run(
     config: Arc<Config>,
     store: StoreHandle,
-    mut requests: mpsc::Receiver<String>,
+    mut requests: mpsc::Receiver<Request>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if config.site.is_empty() {
         return;
+    }
+    // Tariffs the cloud set earlier survive restarts.
+    let mut config = config;
+    let mut overrides: Vec<Tariff> = Vec::new();
+    if let Ok(conn) = store::open_read_only(&config.store.path) {
+        let mut c = (*config).clone();
+        if let Ok(n) = apply_tariff_overrides(&conn, &mut c.site) {
+            if n > 0 {
+                tracing::info!(tariffs = n, "using tariffs set by the cloud");
+                overrides = c
+                    .site
+                    .tariffs
+                    .values()
+                    .filter(|t| config.site.tariffs.get(&t.name) != Some(*t))
+                    .cloned()
+                    .collect();
+                config = Arc::new(c);
+            }
+        }
     }
     let every = config.topology.balance_every;
     // Without an uplink nobody can ask for a run: the channel closes, the schedule goes on.
@@ -305,16 +390,22 @@ pub async fn run(
                 // Do not fire twice in the same minute.
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
-            p = requests.recv(), if requests_open => {
-                let Some(period) = p else {
-                    requests_open = false;
-                    continue;
-                };
-                match run_period(&config, &store, period.clone()).await {
+            r = requests.recv(), if requests_open => match r {
+                None => requests_open = false,
+                Some(Request::Apportion(period)) => match run_period(&config, &store, period.clone()).await {
                     Ok((v, r)) => tracing::info!(period, version = v, pools = r.len(), "apportionment published on request"),
                     Err(e) => tracing::error!(period, error = %e, "apportionment on request failed"),
+                },
+                Some(Request::SetTariff(t)) => {
+                    tracing::info!(tariff = %t.name, price_micros = t.price.micros, "tariff set by the cloud");
+                    overrides.retain(|o| o.name != t.name);
+                    overrides.push(t.clone());
+                    store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&overrides).unwrap_or_default()).await;
+                    let mut c = (*config).clone();
+                    c.site.tariffs.insert(t.name.clone(), t);
+                    config = Arc::new(c);
                 }
-            }
+            },
             _ = shutdown.changed() => return,
         }
     }

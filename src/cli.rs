@@ -1175,8 +1175,9 @@ pub struct ApportionCmd {
 impl ApportionCmd {
     /// Computes from the counter history the daemon keeps (read-only).
     pub fn execute(self) -> Result<()> {
-        let c = self.config.load()?;
+        let mut c = self.config.load()?;
         let conn = crate::store::open_read_only(&c.store.path)?;
+        crate::accounting::apply_tariff_overrides(&conn, &mut c.site)?;
         let results = crate::accounting::apportion_period(&conn, &c, &self.period)?;
         if results.is_empty() {
             bail!("{}: no [[pool]] configured: nothing to apportion", c.source);

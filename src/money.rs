@@ -28,7 +28,7 @@ pub fn div_round_half_even(num: i128, den: i128) -> i128 {
 }
 
 /// A price, exact: millionths of the major currency unit per kWh or m³ ("0.8523" CNY/kWh = 852300).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Price {
     pub micros: i64,
     /// Digits of the minor unit (2 for CNY, EUR, USD).

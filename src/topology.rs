@@ -103,7 +103,7 @@ pub struct Pool {
 }
 
 /// A price for a utility.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tariff {
     pub name: String,
     pub utility: Utility,

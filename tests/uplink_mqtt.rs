@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -597,5 +598,119 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
         assert!(Instant::now() < deadline, "no error recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tariff_and_apportion_commands_publish_versioned_results() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-acct", "test/gw/#").await;
+    let sim = common::start(&building(3, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topo = r#"
+        [[room]]
+        id = "A"
+        area_m2 = 60
+        [[room]]
+        id = "B"
+        area_m2 = 40
+        [[tariff]]
+        name = "elec"
+        utility = "electricity"
+        price = "0.85"
+        [[meter]]
+        name = "m1"
+        utility = "electricity"
+        pool = "common"
+        [[meter]]
+        name = "m2"
+        utility = "electricity"
+        room = "A"
+        [[meter]]
+        name = "m3"
+        utility = "electricity"
+        room = "B"
+        [[pool]]
+        name = "common"
+        utility = "electricity"
+        rooms = ["*"]
+        method = { area = 1.0 }
+        tariff = "elec"
+    "#;
+    let cfg = config(
+        &sim,
+        &format!("{}\n{topo}", devices(3, "chint_ddsu666", "500ms")),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("birth", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/status")
+    })
+    .await;
+    let publish = |name: &str, body: Value| {
+        let c = sub.client.clone();
+        let topic = format!("test/gw/cmd/{name}");
+        async move {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                .await
+                .unwrap()
+        }
+    };
+    publish(
+        "set_tariff",
+        json!({"id": "t-bad", "name": "elec", "utility": "electricity", "price": "abc"}),
+    )
+    .await;
+    publish(
+        "set_tariff",
+        json!({"id": "t-1", "name": "elec", "utility": "electricity", "price": "1.20"}),
+    )
+    .await;
+    publish("apportion", json!({"id": "a-bad", "period": "2026-13"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish("apportion", json!({"id": "a-1", "period": "2026-10"})).await;
+    let msgs = sub
+        .wait_for("replies and the result", Duration::from_secs(20), |m| {
+            m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 4
+                && m.iter().any(|m| m.topic == "test/gw/results/apportionment")
+        })
+        .await;
+    let replies: BTreeMap<String, Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect();
+    assert_eq!(replies["t-bad"]["ok"], false);
+    assert!(replies["t-bad"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("price"));
+    assert_eq!(replies["t-1"]["ok"], true);
+    assert_eq!(replies["a-bad"]["ok"], false);
+    assert!(replies["a-bad"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("expected YYYY-MM"));
+    assert_eq!(replies["a-1"]["ok"], true);
+    let res = json_of(
+        msgs.iter()
+            .find(|m| m.topic == "test/gw/results/apportionment")
+            .unwrap(),
+    );
+    validate("results.schema.json", &res);
+    let pool = &res["records"][0];
+    assert_eq!(pool["period"], "2026-10");
+    assert_eq!(pool["version"], 1);
+    assert_eq!(
+        pool["price"]["micros"], 1_200_000,
+        "the tariff set by the cloud is used"
+    );
+    // October has no history in this fresh outbox: every figure is zero and each gap is said.
+    assert!(pool["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains("no consumption")));
     daemon.stop().await;
 }
