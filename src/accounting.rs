@@ -253,7 +253,7 @@ pub struct AccountingCommands {
 }
 
 impl CommandHandler for AccountingCommands {
-    fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, _id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
         let (request, reply) = match name {
             "apportion" => {
                 let Some(period) = args.get("period").and_then(Value::as_str) else {

@@ -668,6 +668,7 @@ fn apportion_bench() -> Result<bool> {
                     area_m2: Some(20.0 + (i % 97) as f64),
                     headcount: Some(1.0 + (i % 5) as f64),
                     floor: Some((i / per_pool) as i32),
+                    life_critical: false,
                 },
             )
         })

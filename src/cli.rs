@@ -60,6 +60,8 @@ pub enum Command {
     Topology(TopologyCmd),
     /// Compute the apportionment of common consumption for a month.
     Apportion(ApportionCmd),
+    /// Override a room's relays by hand, or list desired vs actual relay states.
+    Relay(RelayCmd),
     /// Serve a virtual building over Modbus TCP and RTU (pty).
     Simulate(SimulateCmd),
     /// Run the simulator and the daemon together on the built-in sample building.
@@ -239,7 +241,7 @@ impl CheckCmd {
         let c = self.config.load()?;
         let requests: usize = c.devices.iter().map(|d| d.plan.requests.len()).sum();
         out(&format!(
-            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s); topology: {} meter node(s), {} room(s), {} pool(s); uplink: {}\n",
+            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s); topology: {} meter node(s), {} room(s), {} pool(s); enforcement: {} relay(s), {} prepaid account(s); uplink: {}\n",
             c.source,
             c.gateway.id,
             c.gateway.timezone,
@@ -250,6 +252,8 @@ impl CheckCmd {
             c.site.meters.len(),
             c.site.rooms.len(),
             c.site.pools.len(),
+            c.enforcement.relays.len(),
+            c.enforcement.prepaid.len(),
             c.mqtt.as_ref().map(|m| format!("mqtt {}:{}", m.host, m.port)).unwrap_or_else(|| "none (outbox only)".into())
         ));
         Ok(())
@@ -1269,6 +1273,114 @@ impl ApportionCmd {
     }
 }
 
+// ---- relay --------------------------------------------------------------------------------------
+
+/// What to do with a room's relays: `open` grants (door unlocked / supply on), `close` denies (door
+/// locked / supply cut), `clear` removes manual overrides.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RelayAction {
+    Open,
+    Close,
+    Clear,
+}
+
+/// `meterd relay list` or `meterd relay ROOM open|close|clear --reason TEXT [--for DURATION]`
+#[derive(Debug, Args)]
+pub struct RelayCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// `list`, or a room id.
+    pub target: String,
+    pub action: Option<RelayAction>,
+    /// Only this relay of the room.
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// Why (recorded in the audit trail); required for open/close.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// How long the override lasts (default: until cleared).
+    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RelayCmd {
+    /// Talks to the running daemon over its local control socket.
+    pub async fn execute(self) -> Result<()> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let c = self.config.load()?;
+        let req = match (self.target.as_str(), self.action) {
+            ("list", None) => serde_json::json!({"op": "list"}),
+            (_, None) => bail!(
+                "say what to do: meterd relay {} open|close|clear --reason TEXT",
+                self.target
+            ),
+            (room, Some(RelayAction::Clear)) => {
+                serde_json::json!({"op": "clear_override", "room": room, "relay": self.relay})
+            }
+            (room, Some(a)) => {
+                let reason = self
+                    .reason
+                    .clone()
+                    .filter(|r| !r.trim().is_empty())
+                    .context("--reason TEXT is required: it goes into the audit trail")?;
+                let by = std::env::var("SUDO_USER")
+                    .or_else(|_| std::env::var("USER"))
+                    .unwrap_or_else(|_| "cli".into());
+                serde_json::json!({"op": "override", "room": room, "relay": self.relay, "on": matches!(a, RelayAction::Open), "reason": reason, "for_s": self.duration.map(|d| d.as_secs()), "by": format!("cli:{by}")})
+            }
+        };
+        let path = &c.enforcement.control_socket;
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .with_context(|| format!("cannot reach the daemon at {}: is meterd running, and are you root or in its group?", path.display()))?;
+        let (rd, mut wr) = stream.into_split();
+        wr.write_all(format!("{req}\n").as_bytes()).await?;
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(rd).read_line(&mut line),
+        )
+        .await
+        .context("the daemon did not answer within 30s")??;
+        let reply: serde_json::Value =
+            serde_json::from_str(&line).context("unreadable answer from the daemon")?;
+        if reply["ok"] != true {
+            bail!("{}", reply["error"].as_str().unwrap_or("refused"));
+        }
+        if self.json {
+            out(&json(&reply)?);
+        } else if let Some(relays) = reply["relays"].as_array().filter(|_| self.target == "list") {
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+            let rows: Vec<Vec<String>> = relays
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(&r["relay"]),
+                        s(&r["room"]),
+                        s(&r["kind"]),
+                        s(&r["desired"]),
+                        s(&r["actual"]),
+                        s(&r["rule"]),
+                        s(&r["reason"]),
+                    ]
+                })
+                .collect();
+            if reply["fire_alarm"] == true {
+                out("FIRE ALARM ACTIVE: fail-open doors released\n");
+            }
+            out(&table(
+                &["relay", "room", "kind", "desired", "actual", "rule", "why"],
+                &rows,
+            ));
+        } else {
+            out(&format!("{reply}\n"));
+        }
+        Ok(())
+    }
+}
+
 // ---- simulate -----------------------------------------------------------------------------------
 
 /// `meterd simulate --building F`
@@ -1334,8 +1446,10 @@ pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     )
     .map_err(config_failure)?;
     point_buses_at(&mut config, &running);
-    // The demo's outbox is a scratch file, removed when the demo ends.
+    // The demo's outbox and control socket are scratch files, removed when the demo ends.
     config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
+    config.enforcement.control_socket =
+        std::env::temp_dir().join(format!("meterd-demo-{}.sock", std::process::id()));
     Ok((running, config))
 }
 
@@ -1402,6 +1516,7 @@ impl DemoCmd {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
         }
+        let _ = std::fs::remove_file(&config.enforcement.control_socket);
         Ok(())
     }
 }

@@ -199,6 +199,8 @@ pub struct Config {
     pub topology: TopologyConfig,
     /// Recorded meter exchanges.
     pub replacements: Vec<ReplacementRecord>,
+    /// Relays, freeze rules and prepaid accounts.
+    pub enforcement: crate::enforce::config::Enforcement,
 }
 
 /// When balances and apportionment run.
@@ -367,6 +369,9 @@ const SECTIONS: &[&str] = &[
     "pool",
     "tariff",
     "replacement",
+    "enforcement",
+    "relay",
+    "prepaid",
 ];
 
 #[derive(Debug, Deserialize, Default)]
@@ -529,6 +534,14 @@ impl Validator {
             self.entries(&mut table, "tariff");
         let replacements: Vec<(String, Option<ReplacementRecord>)> =
             self.entries(&mut table, "replacement");
+        let raw_enforcement: crate::enforce::config::RawEnforcement = table
+            .remove("enforcement")
+            .and_then(|v| self.typed("enforcement", v))
+            .unwrap_or_default();
+        let relays: Vec<(String, Option<crate::enforce::config::RawRelay>)> =
+            self.entries(&mut table, "relay");
+        let prepaid: Vec<(String, Option<crate::enforce::config::RawPrepaid>)> =
+            self.entries(&mut table, "prepaid");
 
         let gateway = gateway.and_then(|g| self.gateway(g));
         let profiles = self.profiles(&profiles_cfg, base);
@@ -596,6 +609,22 @@ impl Validator {
                 "history_every must be ≥ 1s and not longer than balance_every",
             );
         }
+        let tz = gateway
+            .as_ref()
+            .map(|g| g.timezone)
+            .unwrap_or(chrono_tz::UTC);
+        let (enforcement, enf_issues) = crate::enforce::config::build(
+            raw_enforcement,
+            flat(relays),
+            flat(prepaid),
+            tz,
+            &devices,
+            &site,
+            base,
+        );
+        for (k, m) in enf_issues {
+            self.push(k, m);
+        }
         let store = self.store(raw_store, base);
         let gateway_id = gateway.as_ref().map(|g| g.id.clone()).unwrap_or_default();
         let mqtt = raw_mqtt.map(|m| self.mqtt(m, &gateway_id, base));
@@ -608,6 +637,7 @@ impl Validator {
             site,
             topology,
             replacements,
+            enforcement,
             gateway,
             buses: buses.into_iter().map(|(_, b)| b).collect(),
             devices,

@@ -30,6 +30,8 @@ pub struct Engine {
     pub readings: mpsc::Receiver<Batch>,
     /// Live counters per bus.
     pub status: Vec<Arc<BusStatus>>,
+    /// Where to send relay actions, by device name (to the bus task that owns the device).
+    pub actuators: std::collections::HashMap<String, mpsc::Sender<bus::Actuation>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -39,6 +41,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(READINGS_CAPACITY);
         let mut status = Vec::new();
         let mut tasks = Vec::new();
+        let mut actuators = std::collections::HashMap::new();
         for (i, b) in config.buses.iter().enumerate() {
             let devices: Vec<_> = config
                 .devices
@@ -48,11 +51,22 @@ impl Engine {
                 .collect();
             let s = bus::new_status(b, &devices);
             status.push(s.clone());
-            tasks.push(tokio::spawn(bus::run(b.clone(), devices, tx.clone(), s)));
+            let (act_tx, act_rx) = mpsc::channel(64);
+            for d in &devices {
+                actuators.insert(d.name.to_string(), act_tx.clone());
+            }
+            tasks.push(tokio::spawn(bus::run(
+                b.clone(),
+                devices,
+                tx.clone(),
+                s,
+                act_rx,
+            )));
         }
         Engine {
             readings: rx,
             status,
+            actuators,
             tasks,
         }
     }
@@ -147,6 +161,8 @@ pub struct Daemon {
     engine: Engine,
     recorder: JoinHandle<u64>,
     accounting: JoinHandle<()>,
+    /// Enforcement and its control socket.
+    tasks: Vec<JoinHandle<()>>,
     uplink_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
@@ -175,6 +191,40 @@ impl Daemon {
         let store = store::spawn(Store::open(&config.store.path, config.store.caps)?)?;
         let mut engine = Engine::start(config);
         let bus_status = engine.status.clone();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(config.clone());
+        let mut tasks = Vec::new();
+
+        // Enforcement: rules loaded and relays read before anything is switched (see enforce::task).
+        let mut handlers: Vec<Arc<dyn CommandHandler>> = Vec::new();
+        let enforcement = if config.enforcement.is_empty() {
+            None
+        } else {
+            let (enf_tx, enf_rx) = mpsc::channel(256);
+            let seen = Arc::new(Mutex::new(crate::enforce::task::load_seen(
+                &config.store.path,
+            )?));
+            let enforcer = crate::enforce::task::Enforcer::open(
+                shared.clone(),
+                engine.actuators.clone(),
+                store.clone(),
+            )?;
+            tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
+            let socket = config.enforcement.control_socket.clone();
+            let control_tx = enf_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::enforce::task::serve_control(socket.clone(), control_tx).await {
+                    tracing::error!(socket = %socket.display(), error = %e, "local control socket unavailable; `meterd relay` will not reach this daemon");
+                }
+            }));
+            handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
+                key: config.enforcement.public_key,
+                seen,
+                tx: enf_tx.clone(),
+            }));
+            Some(enf_tx)
+        };
+
         let (_, dummy) = mpsc::channel(1);
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
         let recorder_store = store.clone();
@@ -185,6 +235,10 @@ impl Daemon {
                 n += batch.len() as u64;
                 if let Some(tap) = &tap {
                     let _ = tap.try_send(batch.clone());
+                }
+                if let Some(enf) = &enforcement {
+                    // Prepaid deduction and the fire alarm; never blocks storing the readings.
+                    let _ = enf.try_send(crate::enforce::task::Input::Readings(batch.clone()));
                 }
                 let samples = sampler.take(&batch);
                 if !samples.is_empty() {
@@ -200,21 +254,19 @@ impl Daemon {
             }
             n
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let (acct_tx, acct_rx) = mpsc::channel(4);
         let accounting = tokio::spawn(crate::accounting::run(
-            Arc::new(config.clone()),
+            shared.clone(),
             store.clone(),
             acct_rx,
             shutdown_rx.clone(),
         ));
-        let commands: Arc<dyn CommandHandler> = Arc::new(Chain(vec![
-            Arc::new(crate::accounting::AccountingCommands {
-                requests: acct_tx,
-                timezone: config.gateway.timezone,
-            }),
-            commands,
-        ]));
+        handlers.push(Arc::new(crate::accounting::AccountingCommands {
+            requests: acct_tx,
+            timezone: config.gateway.timezone,
+        }));
+        handlers.push(commands);
+        let commands: Arc<dyn CommandHandler> = Arc::new(Chain(handlers));
         let uplink = Arc::new(Mutex::new(UplinkStatus::default()));
         let uplink_task = config.mqtt.clone().map(|m| {
             let u = Uplink {
@@ -239,6 +291,7 @@ impl Daemon {
             engine,
             recorder,
             accounting,
+            tasks,
             uplink_task,
             shutdown,
         })
@@ -253,6 +306,9 @@ impl Daemon {
         self.store.flush().await;
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.accounting).await;
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Some(t) = self.uplink_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod enforce;
 pub mod modbus;
 pub mod money;
 pub mod reading;

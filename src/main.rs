@@ -33,6 +33,7 @@ fn main() {
             Command::Buffer(c) => c.execute(),
             Command::Topology(c) => c.execute(),
             Command::Apportion(c) => c.execute(),
+            Command::Relay(c) => c.execute().await,
             Command::Simulate(c) => c.execute().await,
             Command::Demo(c) => c.execute().await,
             Command::Bench(c) => c.execute().await,

@@ -120,6 +120,8 @@ pub enum Fault {
     Exception,
     /// Every `corrupt_every`-th answer is garbled (CRC error on RTU, short payload on TCP).
     Corrupt,
+    /// Acknowledges writes but its outputs never move (a welded contact, a jammed valve).
+    Stuck,
 }
 
 /// One simulated device.
@@ -240,6 +242,32 @@ impl RunningSim {
             .unwrap_or(0)
     }
 
+    /// Writes a unit has received so far (coils and registers).
+    pub fn writes_seen(&self, endpoint: &str, unit: u8) -> u64 {
+        self.units
+            .get(&(endpoint.to_string(), unit))
+            .map(|u| u.state.lock().map(|s| s.writes).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Sets a coil as a technician in the cabinet would (tests, demo).
+    pub fn set_coil(&self, endpoint: &str, unit: u8, address: u16, on: bool) {
+        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            if let Ok(mut s) = u.state.lock() {
+                s.coils.insert(address, on);
+            }
+        }
+    }
+
+    /// Sets a discrete input (a door contact, a fire-alarm loop).
+    pub fn set_input(&self, endpoint: &str, unit: u8, address: u16, on: bool) {
+        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            if let Ok(mut s) = u.state.lock() {
+                s.inputs.insert(address, on);
+            }
+        }
+    }
+
     /// Changes a unit's load at run time (tests, demo).
     pub fn set_load_w(&self, endpoint: &str, unit: u8, load_w: f64) {
         if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
@@ -270,9 +298,12 @@ struct UnitState {
     flow_m3h: f64,
     last: Instant,
     coils: BTreeMap<u16, bool>,
+    inputs: BTreeMap<u16, bool>,
     holding: BTreeMap<u16, u16>,
     requests: u64,
     answers: u64,
+    /// Writes received (coils and registers).
+    writes: u64,
     /// Load and flow of the fed units at the last advance.
     downstream_w: f64,
     downstream_flow: f64,
@@ -399,9 +430,11 @@ impl SimUnit {
             flow_m3h: spec.flow_m3h,
             last: Instant::now(),
             coils: BTreeMap::new(),
+            inputs: BTreeMap::new(),
             holding,
             requests: 0,
             answers: 0,
+            writes: 0,
             downstream_w: 0.0,
             downstream_flow: 0.0,
         };
@@ -493,8 +526,13 @@ impl SimUnit {
         if !defined {
             return Err(ExceptionCode::IllegalDataAddress);
         }
+        let table = if f == Function::Coil {
+            &s.coils
+        } else {
+            &s.inputs
+        };
         Ok((0..count)
-            .map(|i| f == Function::Coil && s.coils.get(&(address + i)).copied().unwrap_or(false))
+            .map(|i| table.get(&(address + i)).copied().unwrap_or(false))
             .collect())
     }
 
@@ -524,6 +562,17 @@ impl SimUnit {
         s.answers += 1;
         let garble = self.spec.fault == Fault::Corrupt
             && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0;
+        // A stuck unit acknowledges writes but its outputs do not move.
+        let stuck = self.spec.fault == Fault::Stuck;
+        if matches!(
+            req,
+            Request::WriteSingleCoil(..)
+                | Request::WriteMultipleCoils(..)
+                | Request::WriteSingleRegister(..)
+                | Request::WriteMultipleRegisters(..)
+        ) {
+            s.writes += 1;
+        }
         let r =
             match req {
                 Request::ReadCoils(a, n) => self
@@ -550,7 +599,9 @@ impl SimUnit {
                 }
                 Request::WriteSingleCoil(a, v) => {
                     if self.has(Function::Coil, a) {
-                        s.coils.insert(a, v);
+                        if !stuck {
+                            s.coils.insert(a, v);
+                        }
                         Ok(Response::WriteSingleCoil(a, v))
                     } else {
                         Err(ExceptionCode::IllegalDataAddress)
@@ -559,7 +610,9 @@ impl SimUnit {
                 Request::WriteMultipleCoils(a, vs) => {
                     if (0..vs.len() as u16).all(|i| self.has(Function::Coil, a + i)) {
                         for (i, v) in vs.iter().enumerate() {
-                            s.coils.insert(a + i as u16, *v);
+                            if !stuck {
+                                s.coils.insert(a + i as u16, *v);
+                            }
                         }
                         Ok(Response::WriteMultipleCoils(a, vs.len() as u16))
                     } else {
@@ -574,7 +627,9 @@ impl SimUnit {
                         return None;
                     }
                     if self.has(Function::Holding, a) {
-                        s.holding.insert(a, v);
+                        if !stuck {
+                            s.holding.insert(a, v);
+                        }
                         Ok(Response::WriteSingleRegister(a, v))
                     } else {
                         Err(ExceptionCode::IllegalDataAddress)
@@ -583,7 +638,9 @@ impl SimUnit {
                 Request::WriteMultipleRegisters(a, vs) => {
                     if self.has(Function::Holding, a) {
                         for (i, v) in vs.iter().enumerate() {
-                            s.holding.insert(a + i as u16, *v);
+                            if !stuck {
+                                s.holding.insert(a + i as u16, *v);
+                            }
                         }
                         Ok(Response::WriteMultipleRegisters(a, vs.len() as u16))
                     } else {

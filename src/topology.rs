@@ -46,6 +46,9 @@ pub struct Room {
     pub area_m2: Option<f64>,
     pub headcount: Option<f64>,
     pub floor: Option<i32>,
+    /// Medical equipment or similar: utilities are never cut, rules only raise alarms.
+    #[serde(default)]
+    pub life_critical: bool,
 }
 
 /// Where a meter's counter comes from.

@@ -53,16 +53,16 @@ pub struct UplinkStatus {
 /// rules) register theirs here; a handler must answer quickly and never panic on bad arguments.
 pub trait CommandHandler: Send + Sync + 'static {
     /// Returns the reply's `result`, or the reason for an error reply; `None` if the command is not
-    /// this handler's.
-    fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>>;
+    /// this handler's. `id` is the command's id (signatures and idempotency use it).
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>>;
 }
 
 /// Several handlers, asked in order.
 pub struct Chain(pub Vec<Arc<dyn CommandHandler>>);
 
 impl CommandHandler for Chain {
-    fn handle(&self, name: &str, args: &Value) -> Option<Result<Value, String>> {
-        self.0.iter().find_map(|h| h.handle(name, args))
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+        self.0.iter().find_map(|h| h.handle(id, name, args))
     }
 }
 
@@ -70,7 +70,7 @@ impl CommandHandler for Chain {
 pub struct NoCommands;
 
 impl CommandHandler for NoCommands {
-    fn handle(&self, _: &str, _: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, _: &str, _: &str, _: &Value) -> Option<Result<Value, String>> {
         None
     }
 }
@@ -611,7 +611,7 @@ impl Uplink {
                 let uplink = self.status.lock().map(|s| s.clone()).unwrap_or_default();
                 Ok(json!({"outbox": stats, "uplink": uplink}))
             }
-            other => match self.commands.handle(other, &cmd.args) {
+            other => match self.commands.handle(&cmd.id, other, &cmd.args) {
                 Some(r) => r,
                 None => Err(format!("unknown command {other:?}")),
             },

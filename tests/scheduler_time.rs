@@ -66,11 +66,14 @@ async fn run(
     let (tx, mut rx) = mpsc::channel(16);
     let status = bus::new_status(&config.buses[0], &config.devices);
     let start = Instant::now();
+    // No relay actions in these tests; the sender stays alive so the channel stays open.
+    let (_actions, act_rx) = mpsc::channel(1);
     let task = tokio::spawn(bus::run_with(
         config.devices.clone(),
         vec![poller],
         tx,
         status.clone(),
+        act_rx,
     ));
     let end = start + for_how_long;
     while let Ok(Some(_)) = tokio::time::timeout_at(end, rx.recv()).await {}

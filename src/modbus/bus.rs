@@ -74,21 +74,146 @@ pub struct PollResult {
     pub latency: Duration,
 }
 
+/// A request to read (and optionally switch) one output of a device, executed by the bus task
+/// between polls so the line is never shared: relay actions go through the same single transaction
+/// slot as polling on RS485.
+#[derive(Debug)]
+pub struct Actuation {
+    pub device: String,
+    pub output: String,
+    /// `Some(true)` energise/grant, `Some(false)` release/cut, `None` only read the state.
+    pub set: Option<bool>,
+    pub reply: tokio::sync::oneshot::Sender<Result<RelayState, String>>,
+}
+
+/// An output's state around an actuation, as read back from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RelayState {
+    pub before: bool,
+    pub after: bool,
+    /// A write was sent (the state differed).
+    pub wrote: bool,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// Executes polls. The bus task uses [`Link`]; scheduler tests substitute a clock-driven poller.
 pub trait Poller: Send + 'static {
     /// Reads every planned request of `device`.
-    fn poll<'a>(
+    fn poll<'a>(&'a mut self, device: &'a Device) -> BoxFuture<'a, PollResult>;
+
+    /// Reads an output's state and switches it if asked.
+    fn actuate<'a>(
         &'a mut self,
-        device: &'a Device,
-    ) -> Pin<Box<dyn Future<Output = PollResult> + Send + 'a>>;
+        _device: &'a Device,
+        _output: &'a str,
+        _set: Option<bool>,
+    ) -> BoxFuture<'a, Result<RelayState, String>> {
+        Box::pin(async { Err("this poller cannot switch outputs".to_string()) })
+    }
 }
 
 impl Poller for Link {
-    fn poll<'a>(
+    fn poll<'a>(&'a mut self, device: &'a Device) -> BoxFuture<'a, PollResult> {
+        Box::pin(poll_device(self, device))
+    }
+
+    fn actuate<'a>(
         &'a mut self,
         device: &'a Device,
-    ) -> Pin<Box<dyn Future<Output = PollResult> + Send + 'a>> {
-        Box::pin(poll_device(self, device))
+        output: &'a str,
+        set: Option<bool>,
+    ) -> BoxFuture<'a, Result<RelayState, String>> {
+        Box::pin(actuate(self, device, output, set))
+    }
+}
+
+/// Reads an output through its read-back register, writes it if it differs from `set`, and reads it
+/// back again: a write's echo proves receipt, not that the contact moved.
+pub async fn actuate(
+    link: &mut Link,
+    device: &Device,
+    output: &str,
+    set: Option<bool>,
+) -> Result<RelayState, String> {
+    let o = device
+        .profile
+        .outputs
+        .iter()
+        .find(|o| o.name == output)
+        .ok_or_else(|| format!("device {} has no output {output:?}", device.name))?;
+    let reg = o
+        .readback
+        .as_ref()
+        .and_then(|r| {
+            device
+                .profile
+                .registers
+                .iter()
+                .find(|x| &*x.name == r.as_str())
+        })
+        .ok_or_else(|| {
+            format!(
+                "output {output:?} of {} has no read-back register",
+                device.name
+            )
+        })?;
+    let req = super::plan::ReadRequest {
+        function: reg.function,
+        address: reg.address,
+        count: reg.width(),
+    };
+    let before = read_state(link, device, req, o.on_value).await?;
+    let Some(want) = set.filter(|w| *w != before) else {
+        return Ok(RelayState {
+            before,
+            after: before,
+            wrote: false,
+        });
+    };
+    let r = match o.function {
+        super::profile::Function::Coil => {
+            link.write_coil(device.unit, o.address, want, device.timeout)
+                .await
+        }
+        _ => {
+            let v = if want { o.on_value } else { o.off_value };
+            link.write_registers(
+                device.unit,
+                o.address,
+                &[v],
+                o.write_multiple,
+                device.timeout,
+            )
+            .await
+        }
+    };
+    r.map_err(|e| format!("write to {} {output}: {e}", device.name))?;
+    let after = read_state(link, device, req, o.on_value).await?;
+    Ok(RelayState {
+        before,
+        after,
+        wrote: true,
+    })
+}
+
+/// An output's state: a coil's bit, or a register equal to (or, for valve state bits, containing)
+/// the output's "on" value.
+async fn read_state(
+    link: &mut Link,
+    device: &Device,
+    req: super::plan::ReadRequest,
+    on_value: u16,
+) -> Result<bool, String> {
+    match link
+        .read(device.unit, req, device.timeout, device.pause)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Data::Bits(b) => Ok(b.first().copied().unwrap_or(false)),
+        Data::Words(w) => Ok(w
+            .first()
+            .is_some_and(|v| *v == on_value || (on_value != 0 && (*v & on_value) != 0))),
     }
 }
 
@@ -180,16 +305,27 @@ pub fn decode_readings(
 
 struct Done {
     worker: usize,
-    device: usize,
-    result: PollResult,
+    /// The poll that finished, or `None` after an actuation.
+    poll: Option<(usize, PollResult)>,
+}
+
+enum Job {
+    Poll(usize),
+    Actuate(usize, Actuation),
 }
 
 /// Runs the bus until `out` is closed. `devices` are the devices of this bus only.
-pub async fn run(bus: Bus, devices: Vec<Device>, out: mpsc::Sender<Batch>, status: Arc<BusStatus>) {
+pub async fn run(
+    bus: Bus,
+    devices: Vec<Device>,
+    out: mpsc::Sender<Batch>,
+    status: Arc<BusStatus>,
+    actions: mpsc::Receiver<Actuation>,
+) {
     let pollers: Vec<Link> = (0..bus.concurrency().max(1))
         .map(|_| Link::new(&bus))
         .collect();
-    run_with(devices, pollers, out, status).await
+    run_with(devices, pollers, out, status, actions).await
 }
 
 /// The dispatcher, with the pollers given. Returns when `out` is closed.
@@ -198,6 +334,7 @@ pub async fn run_with<P: Poller>(
     pollers: Vec<P>,
     out: mpsc::Sender<Batch>,
     status: Arc<BusStatus>,
+    mut actions: mpsc::Receiver<Actuation>,
 ) {
     if devices.is_empty() {
         return;
@@ -212,22 +349,21 @@ pub async fn run_with<P: Poller>(
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(pollers.len());
     let mut jobs = Vec::new();
     for (worker, mut poller) in pollers.into_iter().enumerate() {
-        let (tx, mut rx) = mpsc::channel::<usize>(1);
+        let (tx, mut rx) = mpsc::channel::<Job>(1);
         jobs.push(tx);
         let devices = devices.clone();
         let done_tx = done_tx.clone();
         tokio::spawn(async move {
-            while let Some(device) = rx.recv().await {
-                let result = poller.poll(&devices[device]).await;
-                if done_tx
-                    .send(Done {
-                        worker,
-                        device,
-                        result,
-                    })
-                    .await
-                    .is_err()
-                {
+            while let Some(job) = rx.recv().await {
+                let poll = match job {
+                    Job::Poll(device) => Some((device, poller.poll(&devices[device]).await)),
+                    Job::Actuate(device, a) => {
+                        let r = poller.actuate(&devices[device], &a.output, a.set).await;
+                        let _ = a.reply.send(r);
+                        None
+                    }
+                };
+                if done_tx.send(Done { worker, poll }).await.is_err() {
                     break;
                 }
             }
@@ -236,20 +372,47 @@ pub async fn run_with<P: Poller>(
     drop(done_tx);
     let mut idle: Vec<usize> = (0..jobs.len()).rev().collect();
     let start = Instant::now();
+    let mut actions_open = true;
+    let mut pending: Option<Actuation> = None;
     loop {
         let now = start.elapsed();
+        // Relay actions first: a door should not wait behind a meter poll.
+        while let Some(&w) = idle.last() {
+            let a = match pending.take() {
+                Some(a) => a,
+                None => match actions.try_recv() {
+                    Ok(a) => a,
+                    Err(_) => break,
+                },
+            };
+            let Some(d) = devices.iter().position(|d| *d.name == *a.device) else {
+                let _ = a
+                    .reply
+                    .send(Err(format!("device {} is not on this bus", a.device)));
+                continue;
+            };
+            idle.pop();
+            if jobs[w].send(Job::Actuate(d, a)).await.is_err() {
+                return;
+            }
+        }
         while let Some(&w) = idle.last() {
             let Some(d) = sched.pop_due(now) else { break };
             idle.pop();
-            if jobs[w].send(d).await.is_err() {
+            if jobs[w].send(Job::Poll(d)).await.is_err() {
                 return;
             }
         }
         let next = sched.next_due();
         tokio::select! {
+            a = actions.recv(), if actions_open && pending.is_none() => match a {
+                Some(a) => pending = Some(a),
+                None => actions_open = false,
+            },
             done = done_rx.recv() => {
-                let Some(Done { worker, device, result }) = done else { return };
+                let Some(Done { worker, poll }) = done else { return };
                 idle.push(worker);
+                let Some((device, result)) = poll else { continue };
                 let ok = result.failure.is_none();
                 let verdict = sched.complete(device, ok, start.elapsed());
                 let dev = &devices[device];

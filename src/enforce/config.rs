@@ -1,0 +1,382 @@
+//! The `[enforcement]`, `[[relay]]` and `[[prepaid]]` sections, validated with the rest of the config.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{NaiveDate, NaiveTime};
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+
+use super::prepaid::{Band, PrepaidTariff};
+use super::rules::{Calendar, Policy, RelayKind, RelaySpec};
+use crate::config::Device;
+use crate::topology::{Site, Utility};
+
+/// `[enforcement]` as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnforcement {
+    /// Ed25519 public key (base64 or hex) that signs relay-affecting cloud commands.
+    pub public_key: Option<String>,
+    pub allowed_from: Option<String>,
+    pub allowed_to: Option<String>,
+    #[serde(default)]
+    pub weekends: bool,
+    #[serde(default)]
+    pub holidays: Vec<NaiveDate>,
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
+    pub lease_notice_days: Option<i64>,
+    pub low_balance: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    pub recheck_every: Option<Duration>,
+    pub control_socket: Option<PathBuf>,
+    pub fire_alarm: Option<RawFireAlarm>,
+}
+
+/// The fire-alarm input.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawFireAlarm {
+    pub device: String,
+    pub register: String,
+    #[serde(default = "one")]
+    pub active: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `[[relay]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelay {
+    pub name: String,
+    pub room: String,
+    pub kind: RelayKind,
+    pub utility: Option<Utility>,
+    pub device: String,
+    pub output: String,
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+/// `[[prepaid]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrepaid {
+    pub room: String,
+    pub utility: Utility,
+    /// The device whose counter is deducted.
+    pub meter: String,
+    /// A `[[tariff]]` for the base price.
+    pub tariff: String,
+    #[serde(default)]
+    pub bands: Vec<RawBand>,
+}
+
+/// A time-of-use band as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBand {
+    pub from: String,
+    pub to: String,
+    pub price: String,
+}
+
+/// A relay with the device output that drives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relay {
+    pub spec: RelaySpec,
+    pub device: String,
+    pub output: String,
+}
+
+/// A prepaid account: which counter is deducted at which price.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrepaidAccount {
+    pub room: String,
+    pub utility: Utility,
+    pub device: String,
+    pub tariff: PrepaidTariff,
+}
+
+/// Where the fire alarm is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FireAlarm {
+    pub device: String,
+    pub register: String,
+    pub active: f64,
+}
+
+/// Validated enforcement settings.
+#[derive(Debug, Clone)]
+pub struct Enforcement {
+    pub policy: Policy,
+    pub public_key: Option<VerifyingKey>,
+    pub low_balance: i64,
+    pub recheck_every: Duration,
+    pub control_socket: PathBuf,
+    pub fire_alarm: Option<FireAlarm>,
+    pub relays: Vec<Relay>,
+    pub prepaid: Vec<PrepaidAccount>,
+}
+
+impl Enforcement {
+    /// True when there is nothing to enforce.
+    pub fn is_empty(&self) -> bool {
+        self.relays.is_empty() && self.prepaid.is_empty()
+    }
+}
+
+/// Default local control socket (systemd's RuntimeDirectory).
+pub const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
+
+fn time(s: &str) -> Result<NaiveTime, String> {
+    NaiveTime::parse_from_str(s, "%H:%M").map_err(|_| format!("{s:?}: expected HH:MM"))
+}
+
+/// Validates the sections against the devices and the rooms.
+pub fn build(
+    raw: RawEnforcement,
+    relays: Vec<(String, RawRelay)>,
+    prepaid: Vec<(String, RawPrepaid)>,
+    timezone: chrono_tz::Tz,
+    devices: &[Device],
+    site: &Site,
+    base: &std::path::Path,
+) -> (Enforcement, Vec<(String, String)>) {
+    let mut issues = Vec::new();
+    let mut t = |key: &str, v: Option<&String>, default: &str| match time(
+        v.map(|s| s.as_str()).unwrap_or(default),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            issues.push((format!("enforcement.{key}"), e));
+            NaiveTime::MIN
+        }
+    };
+    let allowed_from = t("allowed_from", raw.allowed_from.as_ref(), "09:00");
+    let allowed_to = t("allowed_to", raw.allowed_to.as_ref(), "18:00");
+    let public_key = raw
+        .public_key
+        .as_ref()
+        .and_then(|k| match super::auth::parse_key(k) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                issues.push(("enforcement.public_key".into(), e));
+                None
+            }
+        });
+    let device = |name: &str| devices.iter().find(|d| &*d.name == name);
+    let fire_alarm = raw.fire_alarm.as_ref().map(|f| {
+        match device(&f.device) {
+            None => issues.push((
+                "enforcement.fire_alarm.device".into(),
+                format!("unknown device {:?}", f.device),
+            )),
+            Some(d)
+                if !d
+                    .profile
+                    .registers
+                    .iter()
+                    .any(|r| &*r.name == f.register.as_str()) =>
+            {
+                issues.push((
+                    "enforcement.fire_alarm.register".into(),
+                    format!(
+                        "device {:?} (profile {}) has no register {:?}",
+                        f.device, d.profile.name, f.register
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        FireAlarm {
+            device: f.device.clone(),
+            register: f.register.clone(),
+            active: f.active,
+        }
+    });
+    let mut out_relays = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (key, r) in relays {
+        if !names.insert(r.name.clone()) {
+            issues.push((
+                format!("{key}.name"),
+                format!("duplicate relay name {:?}", r.name),
+            ));
+        }
+        if !site.rooms.contains_key(&r.room) {
+            issues.push((
+                format!("{key}.room"),
+                format!("unknown room {:?}; declare it in [[room]]", r.room),
+            ));
+        }
+        match device(&r.device) {
+            None => issues.push((
+                format!("{key}.device"),
+                format!("unknown device {:?}", r.device),
+            )),
+            Some(d) => match d.profile.outputs.iter().find(|o| o.name == r.output) {
+                None => issues.push((
+                    format!("{key}.output"),
+                    format!(
+                        "device {:?} (profile {}) has no output {:?}; outputs: {}",
+                        r.device,
+                        d.profile.name,
+                        r.output,
+                        d.profile
+                            .outputs
+                            .iter()
+                            .map(|o| o.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+                Some(o) if o.readback.is_none() => issues.push((
+                    format!("{key}.output"),
+                    "the output has no read-back register: its state could not be verified".into(),
+                )),
+                Some(_) => {}
+            },
+        }
+        if r.kind == RelayKind::Supply && r.utility.is_none() {
+            issues.push((
+                format!("{key}.utility"),
+                "a supply relay needs the utility it cuts (electricity or water)".into(),
+            ));
+        }
+        if r.kind == RelayKind::Supply && r.fail_open {
+            issues.push((format!("{key}.fail_open"), "only doors fail open".into()));
+        }
+        out_relays.push(Relay {
+            spec: RelaySpec {
+                name: r.name,
+                room: r.room,
+                kind: r.kind,
+                utility: r.utility,
+                fail_open: r.fail_open,
+            },
+            device: r.device,
+            output: r.output,
+        });
+    }
+    let mut out_prepaid = Vec::new();
+    let mut seen: BTreeMap<(String, Utility), String> = BTreeMap::new();
+    for (key, p) in prepaid {
+        if !site.rooms.contains_key(&p.room) {
+            issues.push((format!("{key}.room"), format!("unknown room {:?}", p.room)));
+        }
+        if let Some(other) = seen.insert((p.room.clone(), p.utility), key.clone()) {
+            issues.push((
+                key.clone(),
+                format!(
+                    "room {:?} already has a {:?} account at {other}",
+                    p.room, p.utility
+                ),
+            ));
+        }
+        match device(&p.meter) {
+            None => issues.push((
+                format!("{key}.meter"),
+                format!("unknown device {:?}", p.meter),
+            )),
+            Some(d)
+                if !d
+                    .profile
+                    .registers
+                    .iter()
+                    .any(|r| r.quantity == p.utility.quantity()) =>
+            {
+                issues.push((
+                    format!("{key}.meter"),
+                    format!(
+                        "device {:?} has no {} register",
+                        p.meter,
+                        p.utility.quantity()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        let base_price = match site.tariffs.get(&p.tariff) {
+            Some(t) if t.utility == p.utility => Some(t.price),
+            Some(_) => {
+                issues.push((
+                    format!("{key}.tariff"),
+                    "tariff is for another utility".into(),
+                ));
+                None
+            }
+            None => {
+                issues.push((
+                    format!("{key}.tariff"),
+                    format!("unknown tariff {:?}", p.tariff),
+                ));
+                None
+            }
+        };
+        let mut bands = Vec::new();
+        for (i, b) in p.bands.iter().enumerate() {
+            let k = format!("{key}.bands[{i}]");
+            match (
+                time(&b.from),
+                time(&b.to),
+                crate::money::Price::parse(&b.price, base_price.map(|p| p.decimals).unwrap_or(2)),
+            ) {
+                (Ok(from), Ok(to), Ok(price)) => bands.push(Band { from, to, price }),
+                (f, t, pr) => issues.push((
+                    k,
+                    [f.err(), t.err(), pr.err()]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )),
+            }
+        }
+        if let Some(base) = base_price {
+            out_prepaid.push(PrepaidAccount {
+                room: p.room,
+                utility: p.utility,
+                device: p.meter,
+                tariff: PrepaidTariff { base, bands },
+            });
+        }
+    }
+    let grace = raw.grace.unwrap_or(Duration::from_secs(48 * 3600));
+    let recheck_every = raw.recheck_every.unwrap_or(Duration::from_secs(60));
+    if recheck_every < Duration::from_millis(100) {
+        issues.push((
+            "enforcement.recheck_every".into(),
+            "must be at least 100ms".into(),
+        ));
+    }
+    let enforcement = Enforcement {
+        policy: Policy {
+            calendar: Calendar {
+                timezone,
+                allowed_from,
+                allowed_to,
+                weekends_allowed: raw.weekends,
+                holidays: raw.holidays,
+            },
+            grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(48)),
+            lease_notice_days: raw.lease_notice_days.unwrap_or(7),
+        },
+        public_key,
+        low_balance: raw.low_balance.unwrap_or(2000),
+        recheck_every,
+        control_socket: raw
+            .control_socket
+            .map(|p| base.join(p))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        fire_alarm,
+        relays: out_relays,
+        prepaid: out_prepaid,
+    };
+    (enforcement, issues)
+}

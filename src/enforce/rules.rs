@@ -1,0 +1,569 @@
+//! Freeze rules as a pure function: (rules, balances, fire alarm, calendar, now) → the state every
+//! relay should be in, and why.
+//!
+//! Precedence, highest first (each relay takes the first rule that speaks to it):
+//! 1. **Fire alarm**: doors configured `fail_open` are opened; nothing else is cut while it lasts.
+//! 2. **Manual override** from the local CLI, until it expires.
+//! 3. **Life-critical room**: its supply is never cut; freezes and empty balances only raise alarms.
+//! 4. **Tenant freeze** from the cloud (access and/or utilities), from its effective time.
+//! 5. **Lease quiet period**: `notice` days before a lease ends without renewal, door access is frozen.
+//! 6. **Prepaid**: a balance at or below zero for longer than the grace period cuts that utility.
+//! 7. Otherwise: granted (door enabled, supply on).
+//!
+//! Cutting a supply (on → off) only happens inside the allowed window (default: weekdays 09:00–18:00
+//! site time, not on listed holidays); outside it the cut is deferred and said so. Restoring is never
+//! deferred. Door access freezes apply at once.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc, Weekday};
+use serde::{Deserialize, Serialize};
+
+use crate::topology::Utility;
+
+/// What a relay switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayKind {
+    /// Door access (strike enable / reader power): on = tenant can enter.
+    Door,
+    /// Utility supply (contactor, meter relay, valve): on = supplied.
+    Supply,
+}
+
+/// A relay as the rules see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RelaySpec {
+    pub name: String,
+    pub room: String,
+    pub kind: RelayKind,
+    /// For supply relays: which utility it cuts.
+    pub utility: Option<Utility>,
+    /// Door opened by a fire alarm.
+    pub fail_open: bool,
+}
+
+/// A freeze decided by the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub reason: String,
+    pub effective: DateTime<Utc>,
+    /// Command id that set it.
+    pub by: String,
+}
+
+/// A manual override from the CLI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    /// true = grant (door open / supply on).
+    pub on: bool,
+    pub reason: String,
+    pub until: Option<DateTime<Utc>>,
+    pub by: String,
+}
+
+/// A prepaid account for one utility of one room.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prepaid {
+    /// Minor units; deducted locally from metered consumption.
+    pub balance: i64,
+    /// When the balance last reached zero or below.
+    pub empty_since: Option<DateTime<Utc>>,
+    /// A low-balance warning was already sent for this descent.
+    pub warned: bool,
+}
+
+/// Everything the cloud and the CLI said about one room.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RoomRules {
+    pub access_freeze: Option<Freeze>,
+    pub utility_freeze: Option<Freeze>,
+    pub lease_end: Option<NaiveDate>,
+    pub lease_renewed: bool,
+    pub life_critical: bool,
+    pub prepaid: BTreeMap<Utility, Prepaid>,
+    /// Per relay name.
+    pub overrides: BTreeMap<String, Override>,
+}
+
+/// When cut-offs may happen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calendar {
+    pub timezone: chrono_tz::Tz,
+    /// Cut-offs only from `allowed_from` to `allowed_to` local time.
+    pub allowed_from: NaiveTime,
+    pub allowed_to: NaiveTime,
+    pub weekends_allowed: bool,
+    pub holidays: Vec<NaiveDate>,
+}
+
+impl Calendar {
+    /// Whether a supply may be cut at `now`.
+    pub fn cut_allowed(&self, now: DateTime<Utc>) -> bool {
+        let l = now.with_timezone(&self.timezone);
+        let weekend = matches!(l.weekday(), Weekday::Sat | Weekday::Sun);
+        if (weekend && !self.weekends_allowed) || self.holidays.contains(&l.date_naive()) {
+            return false;
+        }
+        let t = l.time();
+        t >= self.allowed_from && t < self.allowed_to
+    }
+}
+
+/// Policy knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub calendar: Calendar,
+    pub grace: chrono::Duration,
+    pub lease_notice_days: i64,
+}
+
+/// A relay's target state with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Desired {
+    pub relay: String,
+    pub on: bool,
+    /// `fire_alarm`, `override`, `life_critical`, `freeze`, `lease`, `prepaid`, `default`, `deferred`.
+    pub rule: String,
+    pub reason: String,
+}
+
+/// Decides every relay. `current` is each relay's present (read-back) state: a cut outside the
+/// allowed window keeps it.
+pub fn decide(
+    relays: &[RelaySpec],
+    rooms: &BTreeMap<String, RoomRules>,
+    fire_alarm: bool,
+    current: &BTreeMap<String, bool>,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Vec<Desired> {
+    let none = RoomRules::default();
+    relays
+        .iter()
+        .map(|r| {
+            let room = rooms.get(&r.room).unwrap_or(&none);
+            let d = |on: bool, rule: &str, reason: String| Desired {
+                relay: r.name.clone(),
+                on,
+                rule: rule.to_string(),
+                reason,
+            };
+            // 1. fire alarm
+            if fire_alarm {
+                if r.kind == RelayKind::Door && r.fail_open {
+                    return d(
+                        true,
+                        "fire_alarm",
+                        "fire alarm: fail-open door released".into(),
+                    );
+                }
+                if r.kind == RelayKind::Supply {
+                    return d(
+                        current.get(&r.name).copied().unwrap_or(true),
+                        "fire_alarm",
+                        "fire alarm: no supply changes while it lasts".into(),
+                    );
+                }
+            }
+            // 2. manual override
+            if let Some(o) = room.overrides.get(&r.name) {
+                if o.until.is_none_or(|u| now < u) {
+                    return d(
+                        o.on,
+                        "override",
+                        format!("manual override by {}: {}", o.by, o.reason),
+                    );
+                }
+            }
+            // What the tenant rules say.
+            let wanted: Option<(&str, String)> = match r.kind {
+                RelayKind::Door => {
+                    if let Some(f) = room.access_freeze.as_ref().filter(|f| now >= f.effective) {
+                        Some(("freeze", format!("access frozen: {}", f.reason)))
+                    } else if let Some(end) = room.lease_end.filter(|_| !room.lease_renewed) {
+                        let local = now.with_timezone(&policy.calendar.timezone).date_naive();
+                        let days_left = (end - local).num_days();
+                        (days_left <= policy.lease_notice_days).then(|| {
+                            (
+                                "lease",
+                                format!("lease ends {end} ({days_left} day(s)) without renewal"),
+                            )
+                        })
+                    } else {
+                        None
+                    }
+                }
+                RelayKind::Supply => {
+                    if let Some(f) = room.utility_freeze.as_ref().filter(|f| now >= f.effective) {
+                        Some(("freeze", format!("utilities frozen: {}", f.reason)))
+                    } else {
+                        r.utility
+                            .and_then(|u| room.prepaid.get(&u).map(|p| (u, p)))
+                            .and_then(|(u, p)| {
+                                let since = p.empty_since?;
+                                (p.balance <= 0 && now - since >= policy.grace).then(|| {
+                                    (
+                                        "prepaid",
+                                        format!(
+                                            "{u:?} balance {} since {} (grace over)",
+                                            p.balance,
+                                            since.to_rfc3339()
+                                        )
+                                        .to_lowercase(),
+                                    )
+                                })
+                            })
+                    }
+                }
+            };
+            let Some((rule, reason)) = wanted else {
+                return d(true, "default", "no rule restricts this relay".into());
+            };
+            // 3. life-critical rooms are never cut off
+            if r.kind == RelayKind::Supply && room.life_critical {
+                return d(
+                    true,
+                    "life_critical",
+                    format!("life-critical room: not cut off ({reason}); alarm raised"),
+                );
+            }
+            let is_on = current.get(&r.name).copied().unwrap_or(true);
+            if r.kind == RelayKind::Supply && is_on && !policy.calendar.cut_allowed(now) {
+                return d(
+                    true,
+                    "deferred",
+                    format!("{reason}; cut-off deferred to the next allowed window"),
+                );
+            }
+            d(false, rule, reason)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn policy() -> Policy {
+        Policy {
+            calendar: Calendar {
+                timezone: chrono_tz::Europe::London,
+                allowed_from: NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+                allowed_to: NaiveTime::from_hms_opt(18, 0, 0).unwrap(),
+                weekends_allowed: false,
+                holidays: vec![NaiveDate::from_ymd_opt(2026, 12, 25).unwrap()],
+            },
+            grace: chrono::Duration::hours(48),
+            lease_notice_days: 7,
+        }
+    }
+
+    fn relays() -> Vec<RelaySpec> {
+        vec![
+            RelaySpec {
+                name: "door".into(),
+                room: "101".into(),
+                kind: RelayKind::Door,
+                utility: None,
+                fail_open: true,
+            },
+            RelaySpec {
+                name: "power".into(),
+                room: "101".into(),
+                kind: RelayKind::Supply,
+                utility: Some(Utility::Electricity),
+                fail_open: false,
+            },
+        ]
+    }
+
+    /// Tue 2026-11-24 at `h`:00 London.
+    fn at(h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, h, 0, 0).unwrap()
+    }
+
+    fn run(
+        room: RoomRules,
+        fire: bool,
+        now: DateTime<Utc>,
+        current_power: bool,
+    ) -> (Desired, Desired) {
+        let rooms = [("101".to_string(), room)].into();
+        let current = [
+            ("door".to_string(), true),
+            ("power".to_string(), current_power),
+        ]
+        .into();
+        let d = decide(&relays(), &rooms, fire, &current, &policy(), now);
+        (d[0].clone(), d[1].clone())
+    }
+
+    fn empty_since(hours_ago: i64, now: DateTime<Utc>) -> RoomRules {
+        RoomRules {
+            prepaid: [(
+                Utility::Electricity,
+                Prepaid {
+                    balance: -120,
+                    empty_since: Some(now - chrono::Duration::hours(hours_ago)),
+                    warned: true,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn freeze() -> Freeze {
+        Freeze {
+            reason: "lease terminated".into(),
+            effective: at(0),
+            by: "c-1".into(),
+        }
+    }
+
+    #[test]
+    fn scenario_table() {
+        struct Case {
+            name: &'static str,
+            room: RoomRules,
+            fire: bool,
+            now: DateTime<Utc>,
+            current_power: bool,
+            door: (bool, &'static str),
+            power: (bool, &'static str),
+        }
+        let cases = vec![
+            Case {
+                name: "nothing applies",
+                room: RoomRules::default(),
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "offline deduction reached zero, still in grace",
+                room: empty_since(10, at(10)),
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "grace over in the allowed window: cut",
+                room: empty_since(49, at(10)),
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (false, "prepaid"),
+            },
+            Case {
+                name: "grace over at 20:00: deferred",
+                room: empty_since(49, at(20)),
+                fire: false,
+                now: at(20),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "deferred"),
+            },
+            Case {
+                name: "holiday: deferred",
+                room: empty_since(49, Utc.with_ymd_and_hms(2026, 12, 25, 11, 0, 0).unwrap()),
+                fire: false,
+                now: Utc.with_ymd_and_hms(2026, 12, 25, 11, 0, 0).unwrap(),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "deferred"),
+            },
+            Case {
+                name: "weekend: deferred",
+                room: empty_since(49, Utc.with_ymd_and_hms(2026, 11, 28, 11, 0, 0).unwrap()),
+                fire: false,
+                now: Utc.with_ymd_and_hms(2026, 11, 28, 11, 0, 0).unwrap(),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "deferred"),
+            },
+            Case {
+                name: "already cut stays cut at night",
+                room: empty_since(60, at(22)),
+                fire: false,
+                now: at(22),
+                current_power: false,
+                door: (true, "default"),
+                power: (false, "prepaid"),
+            },
+            Case {
+                name: "top-up restores at night",
+                room: RoomRules {
+                    prepaid: [(
+                        Utility::Electricity,
+                        Prepaid {
+                            balance: 5000,
+                            empty_since: None,
+                            warned: false,
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(23),
+                current_power: false,
+                door: (true, "default"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "life-critical room is never cut",
+                room: RoomRules {
+                    life_critical: true,
+                    ..empty_since(72, at(10))
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "life_critical"),
+            },
+            Case {
+                name: "tenant freeze: door at once, power in window",
+                room: RoomRules {
+                    access_freeze: Some(freeze()),
+                    utility_freeze: Some(freeze()),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (false, "freeze"),
+                power: (false, "freeze"),
+            },
+            Case {
+                name: "freeze not yet effective",
+                room: RoomRules {
+                    access_freeze: Some(Freeze {
+                        effective: at(12),
+                        ..freeze()
+                    }),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "lease ends in 5 days without renewal",
+                room: RoomRules {
+                    lease_end: NaiveDate::from_ymd_opt(2026, 11, 29),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (false, "lease"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "renewed lease: nothing",
+                room: RoomRules {
+                    lease_end: NaiveDate::from_ymd_opt(2026, 11, 29),
+                    lease_renewed: true,
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "default"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "fire alarm beats a freeze and an override",
+                room: RoomRules {
+                    access_freeze: Some(freeze()),
+                    overrides: [(
+                        "door".to_string(),
+                        Override {
+                            on: false,
+                            reason: "maintenance".into(),
+                            until: None,
+                            by: "tech".into(),
+                        },
+                    )]
+                    .into(),
+                    ..empty_since(72, at(10))
+                },
+                fire: true,
+                now: at(10),
+                current_power: true,
+                door: (true, "fire_alarm"),
+                power: (true, "fire_alarm"),
+            },
+            Case {
+                name: "override beats the freeze until it expires",
+                room: RoomRules {
+                    access_freeze: Some(freeze()),
+                    overrides: [(
+                        "door".to_string(),
+                        Override {
+                            on: true,
+                            reason: "move-out".into(),
+                            until: Some(at(11)),
+                            by: "tech".into(),
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (true, "override"),
+                power: (true, "default"),
+            },
+            Case {
+                name: "expired override: the freeze applies again",
+                room: RoomRules {
+                    access_freeze: Some(freeze()),
+                    overrides: [(
+                        "door".to_string(),
+                        Override {
+                            on: true,
+                            reason: "move-out".into(),
+                            until: Some(at(9)),
+                            by: "tech".into(),
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                fire: false,
+                now: at(10),
+                current_power: true,
+                door: (false, "freeze"),
+                power: (true, "default"),
+            },
+        ];
+        for c in cases {
+            let (door, power) = run(c.room, c.fire, c.now, c.current_power);
+            assert_eq!(
+                (door.on, door.rule.as_str()),
+                c.door,
+                "{}: door {door:?}",
+                c.name
+            );
+            assert_eq!(
+                (power.on, power.rule.as_str()),
+                c.power,
+                "{}: power {power:?}",
+                c.name
+            );
+        }
+    }
+}

@@ -1,0 +1,817 @@
+//! The enforcement task: keeps the rules' inputs (persisted in SQLite), deducts prepaid consumption
+//! from the readings, and reconciles every relay's desired state with its read-back state through the
+//! bus tasks. Every action is an audit record.
+//!
+//! Start-up order is the safety property: persisted rules and balances are loaded and every relay's
+//! actual state is read before anything is written, so a restart or power cycle never flickers a door
+//! or a tenant's supply.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use ed25519_dalek::VerifyingKey;
+use rusqlite::{params, Connection};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::config::Relay;
+use super::prepaid::{self, PrepaidEvent};
+use super::rules::{self, Desired, Freeze, Override, Prepaid, RoomRules};
+use crate::config::Config;
+use crate::modbus::bus::{Actuation, Batch, RelayState};
+use crate::reading::Quality;
+use crate::store::{Kind, NewRecord, StoreError, StoreHandle};
+use crate::topology::Utility;
+use crate::uplink::CommandHandler;
+
+/// What reaches the enforcement task.
+#[derive(Debug)]
+pub enum Input {
+    /// A cloud command that passed authentication.
+    Cloud {
+        name: String,
+        id: String,
+        args: Value,
+    },
+    /// A request from the local control socket.
+    Control {
+        req: ControlRequest,
+        reply: oneshot::Sender<Value>,
+    },
+    /// Readings: prepaid deduction and the fire-alarm input.
+    Readings(Batch),
+}
+
+/// Requests on the local control socket (one JSON object per line).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Desired vs actual state of every relay, and why.
+    List,
+    /// Force a room's relays (or one of them) on or off, optionally for a while.
+    Override {
+        room: String,
+        relay: Option<String>,
+        on: bool,
+        reason: String,
+        for_s: Option<u64>,
+        by: String,
+    },
+    /// Remove a room's overrides (or one).
+    ClearOverride { room: String, relay: Option<String> },
+}
+
+/// Cloud commands that affect relays; each must be signed (see [`super::auth`]).
+pub const RELAY_COMMANDS: &[&str] = &[
+    "freeze",
+    "unfreeze",
+    "set_lease",
+    "set_balance",
+    "top_up",
+    "set_life_critical",
+];
+
+/// Authenticates relay commands and hands them to the task. Ids are remembered (in memory and, by
+/// the task, in SQLite) so a redelivered or replayed command never acts twice.
+pub struct EnforcementCommands {
+    pub key: Option<VerifyingKey>,
+    pub seen: Arc<Mutex<HashSet<String>>>,
+    pub tx: mpsc::Sender<Input>,
+}
+
+impl CommandHandler for EnforcementCommands {
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+        if !RELAY_COMMANDS.contains(&name) {
+            return None;
+        }
+        let Some(key) = &self.key else {
+            return Some(Err(
+                "relay commands are disabled: set [enforcement] public_key on the gateway".into(),
+            ));
+        };
+        let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
+        if let Err(e) = super::auth::verify(key, name, id, args, Utc::now(), seen) {
+            return Some(Err(e));
+        }
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert(id.to_string());
+        }
+        let input = Input::Cloud {
+            name: name.to_string(),
+            id: id.to_string(),
+            args: args.clone(),
+        };
+        Some(match self.tx.try_send(input) {
+            Ok(()) => Ok(json!({"accepted": name})),
+            Err(_) => Err("enforcement is busy; retry with a new id".into()),
+        })
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS enforcement_rooms (room TEXT PRIMARY KEY, rules TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS enforcement_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (device, quantity));
+CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+";
+
+/// Loads the command ids already used (for the handler's replay check).
+pub fn load_seen(path: &std::path::Path) -> Result<HashSet<String>, StoreError> {
+    let conn = open(path)?;
+    let mut stmt = conn
+        .prepare("SELECT id FROM command_ids")
+        .map_err(|e| sql(path, e))?;
+    let ids = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(|e| sql(path, e))?
+        .filter_map(Result::ok)
+        .collect();
+    Ok(ids)
+}
+
+fn sql(path: &std::path::Path, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| sql(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| sql(path, e))?;
+    // WAL + NORMAL: a crash loses nothing committed; a power cut may roll back the last balance
+    // update, which the cloud's reconciliation corrects (its figure wins).
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| sql(path, e))?;
+    conn.execute_batch(SCHEMA).map_err(|e| sql(path, e))?;
+    Ok(conn)
+}
+
+/// The task's state.
+pub struct Enforcer {
+    config: Arc<Config>,
+    /// Own connection to the outbox database (WAL: beside the store thread's writer). Behind a mutex
+    /// only so the task is `Send`; it is never held across an await.
+    conn: Mutex<Connection>,
+    rooms: BTreeMap<String, RoomRules>,
+    counters: HashMap<String, f64>,
+    /// Read-back state per relay; absent until read.
+    actual: BTreeMap<String, bool>,
+    decided: BTreeMap<String, Desired>,
+    fire: bool,
+    actuators: HashMap<String, mpsc::Sender<Actuation>>,
+    store: StoreHandle,
+    /// (relay, rule) pairs already reported as deferred or life-critical alarms.
+    notified: HashSet<(String, String)>,
+    /// Relays whose last switch failed, with the state they were asked for: retried on the re-check
+    /// timer only, so one jammed relay does not slow every other decision.
+    failed: HashMap<String, bool>,
+}
+
+impl Enforcer {
+    /// Loads the persisted rules, balances and counters.
+    pub fn open(
+        config: Arc<Config>,
+        actuators: HashMap<String, mpsc::Sender<Actuation>>,
+        store: StoreHandle,
+    ) -> Result<Enforcer, StoreError> {
+        let path = config.store.path.clone();
+        let conn = open(&path)?;
+        let mut rooms: BTreeMap<String, RoomRules> = BTreeMap::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT room, rules FROM enforcement_rooms")
+                .map_err(|e| sql(&path, e))?;
+            for row in stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| sql(&path, e))?
+            {
+                let (room, rules) = row.map_err(|e| sql(&path, e))?;
+                if let Ok(r) = serde_json::from_str(&rules) {
+                    rooms.insert(room, r);
+                }
+            }
+        }
+        for (id, r) in &config.site.rooms {
+            rooms.entry(id.clone()).or_default().life_critical |= r.life_critical;
+        }
+        let mut counters = HashMap::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT device, quantity, value FROM enforcement_counters")
+                .map_err(|e| sql(&path, e))?;
+            for row in stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, f64>(2)?,
+                    ))
+                })
+                .map_err(|e| sql(&path, e))?
+            {
+                let (d, q, v) = row.map_err(|e| sql(&path, e))?;
+                counters.insert(format!("{d}/{q}"), v);
+            }
+        }
+        Ok(Enforcer {
+            config,
+            conn: Mutex::new(conn),
+            rooms,
+            counters,
+            actual: BTreeMap::new(),
+            decided: BTreeMap::new(),
+            fire: false,
+            actuators,
+            store,
+            notified: HashSet::new(),
+            failed: HashMap::new(),
+        })
+    }
+
+    fn relays(&self) -> &[Relay] {
+        &self.config.enforcement.relays
+    }
+
+    fn persist_room(&self, room: &str) {
+        if let Some(r) = self.rooms.get(room) {
+            let json = serde_json::to_string(r).unwrap_or_default();
+            let Ok(conn) = self.conn.lock() else { return };
+            if let Err(e) = conn.execute(
+                "INSERT INTO enforcement_rooms (room, rules) VALUES (?1, ?2) ON CONFLICT(room) DO UPDATE SET rules = excluded.rules",
+                params![room, json],
+            ) {
+                tracing::error!(room, error = %e, "enforcement: rules not persisted");
+            }
+        }
+    }
+
+    async fn actuate(&self, relay: &Relay, set: Option<bool>) -> Result<RelayState, String> {
+        let tx = self
+            .actuators
+            .get(&relay.device)
+            .ok_or_else(|| format!("device {} has no bus task", relay.device))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Actuation {
+            device: relay.device.clone(),
+            output: relay.output.clone(),
+            set,
+            reply,
+        })
+        .await
+        .map_err(|_| "bus task stopped".to_string())?;
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .map_err(|_| "no answer from the bus task".to_string())?
+            .map_err(|_| "bus task dropped the request".to_string())?
+    }
+
+    /// Reads every relay's state; reports relays switched behind the gateway's back.
+    async fn read_all(&mut self) -> Vec<NewRecord> {
+        let mut out = Vec::new();
+        for relay in self.relays().to_vec() {
+            match self.actuate(&relay, None).await {
+                Ok(s) => {
+                    if let Some(prev) = self.actual.insert(relay.spec.name.clone(), s.after) {
+                        if prev != s.after {
+                            tracing::warn!(relay = %relay.spec.name, from = prev, to = s.after, "relay changed outside meterd");
+                            out.push(audit(
+                                "relay_changed_externally",
+                                &relay,
+                                json!({"from": onoff(prev), "to": onoff(s.after)}),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %relay.spec.name, error = %e, "cannot read relay state")
+                }
+            }
+        }
+        out
+    }
+
+    /// Brings every relay whose state is known to its desired state. A relay that failed to switch to
+    /// the same state before is retried only when `retry_failed` (the re-check timer).
+    async fn reconcile(&mut self, now: DateTime<Utc>, retry_failed: bool) -> Vec<NewRecord> {
+        let specs: Vec<_> = self.relays().iter().map(|r| r.spec.clone()).collect();
+        let desired = rules::decide(
+            &specs,
+            &self.rooms,
+            self.fire,
+            &self.actual,
+            &self.config.enforcement.policy,
+            now,
+        );
+        let mut out = Vec::new();
+        for d in desired {
+            let relay = self
+                .relays()
+                .iter()
+                .find(|r| r.spec.name == d.relay)
+                .cloned()
+                .expect("decided relays come from the config");
+            if matches!(d.rule.as_str(), "deferred" | "life_critical")
+                && self.notified.insert((d.relay.clone(), d.rule.clone()))
+            {
+                let event = if d.rule == "deferred" {
+                    "cutoff_deferred"
+                } else {
+                    "life_critical_alarm"
+                };
+                out.push(audit(event, &relay, json!({"reason": d.reason})));
+            }
+            self.decided.insert(d.relay.clone(), d.clone());
+            let Some(actual) = self.actual.get(&d.relay).copied() else {
+                continue;
+            };
+            if actual == d.on {
+                self.failed.remove(&d.relay);
+                continue;
+            }
+            let known_bad = self.failed.get(&d.relay) == Some(&d.on);
+            if !retry_failed && known_bad {
+                continue;
+            }
+            // A fresh decision gets three attempts; a relay already known to be stuck one per re-check.
+            let attempts = if known_bad { 1 } else { 3 };
+            let mut last = Err(String::new());
+            for attempt in 1..=attempts {
+                last = self.actuate(&relay, Some(d.on)).await;
+                match &last {
+                    Ok(s) if s.after == d.on => {
+                        out.push(audit(
+                            "relay_switched",
+                            &relay,
+                            json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "readback": onoff(s.after), "confirmed": true, "attempts": attempt}),
+                        ));
+                        self.actual.insert(d.relay.clone(), s.after);
+                        self.failed.remove(&d.relay);
+                        break;
+                    }
+                    _ if attempt < attempts => tokio::time::sleep(Duration::from_millis(300)).await,
+                    _ => {}
+                }
+            }
+            match last {
+                Ok(s) if s.after == d.on => {}
+                Ok(s) => {
+                    self.failed.insert(d.relay.clone(), d.on);
+                    tracing::error!(relay = %d.relay, wanted = d.on, readback = s.after, "relay did not switch");
+                    self.actual.insert(d.relay.clone(), s.after);
+                    out.push(audit(
+                        "relay_mismatch",
+                        &relay,
+                        json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "readback": onoff(s.after), "confirmed": false, "attempts": attempts}),
+                    ));
+                }
+                Err(e) => {
+                    self.failed.insert(d.relay.clone(), d.on);
+                    tracing::error!(relay = %d.relay, error = %e, "relay write failed");
+                    out.push(audit("relay_error", &relay, json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "error": e, "attempts": attempts})));
+                }
+            }
+        }
+        out
+    }
+
+    fn room_mut(&mut self, room: &str) -> Result<&mut RoomRules, String> {
+        if !self.config.site.rooms.contains_key(room) {
+            return Err(format!("unknown room {room:?}"));
+        }
+        Ok(self.rooms.entry(room.to_string()).or_default())
+    }
+
+    /// Applies an authenticated cloud command.
+    fn apply_cloud(
+        &mut self,
+        name: &str,
+        id: &str,
+        args: &Value,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<NewRecord>, String> {
+        let expires = args
+            .get("expires_at")
+            .and_then(Value::as_str)
+            .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
+            .map(|e| e.timestamp_millis())
+            .unwrap_or(0);
+        if let Ok(conn) = self.conn.lock() {
+            let _ = conn.execute(
+                "INSERT OR IGNORE INTO command_ids (id, expires_ms) VALUES (?1, ?2)",
+                params![id, expires],
+            );
+            let _ = conn.execute(
+                "DELETE FROM command_ids WHERE expires_ms < ?1",
+                [now.timestamp_millis() - 86_400_000],
+            );
+        }
+        let s = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
+        let room = s("room").ok_or("missing \"room\"")?;
+        let mut events = Vec::new();
+        let utility = |u: Option<String>| -> Result<Utility, String> {
+            match u.as_deref() {
+                Some("electricity") => Ok(Utility::Electricity),
+                Some("water") => Ok(Utility::Water),
+                other => Err(format!(
+                    "\"utility\" must be electricity or water, got {other:?}"
+                )),
+            }
+        };
+        match name {
+            "freeze" | "unfreeze" => {
+                let scope = s("scope").unwrap_or_else(|| "all".into());
+                if !matches!(scope.as_str(), "access" | "utilities" | "all") {
+                    return Err(format!(
+                        "\"scope\" must be access, utilities or all, got {scope:?}"
+                    ));
+                }
+                let effective = match s("effective_at") {
+                    Some(t) => DateTime::parse_from_rfc3339(&t)
+                        .map_err(|e| format!("\"effective_at\": {e}"))?
+                        .with_timezone(&Utc),
+                    None => now,
+                };
+                let freeze = Freeze {
+                    reason: s("reason").unwrap_or_default(),
+                    effective,
+                    by: id.to_string(),
+                };
+                let r = self.room_mut(&room)?;
+                let set = if name == "freeze" { Some(freeze) } else { None };
+                if scope != "utilities" {
+                    r.access_freeze = set.clone();
+                }
+                if scope != "access" {
+                    r.utility_freeze = set;
+                }
+            }
+            "set_lease" => {
+                let end = match s("lease_end") {
+                    Some(d) => Some(
+                        NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                            .map_err(|e| format!("\"lease_end\": {e}"))?,
+                    ),
+                    None => None,
+                };
+                let renewed = args
+                    .get("renewed")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let r = self.room_mut(&room)?;
+                r.lease_end = end;
+                r.lease_renewed = renewed;
+            }
+            "set_life_critical" => {
+                let v = args
+                    .get("life_critical")
+                    .and_then(Value::as_bool)
+                    .ok_or("missing \"life_critical\": true|false")?;
+                self.room_mut(&room)?.life_critical = v;
+            }
+            "set_balance" | "top_up" => {
+                let u = utility(s("utility"))?;
+                if !self
+                    .config
+                    .enforcement
+                    .prepaid
+                    .iter()
+                    .any(|p| p.room == room && p.utility == u)
+                {
+                    return Err(format!(
+                        "room {room:?} has no prepaid {u:?} account in the gateway config"
+                    ));
+                }
+                let amount = args
+                    .get(if name == "top_up" {
+                        "amount"
+                    } else {
+                        "balance"
+                    })
+                    .and_then(Value::as_i64)
+                    .ok_or("amount/balance must be an integer in minor units")?;
+                if name == "top_up" && amount <= 0 {
+                    return Err("a top-up must be positive".into());
+                }
+                let r = self.room_mut(&room)?;
+                let p = r.prepaid.entry(u).or_insert(Prepaid {
+                    balance: 0,
+                    empty_since: None,
+                    warned: false,
+                });
+                let ev = if name == "top_up" {
+                    prepaid::top_up(p, amount)
+                } else {
+                    prepaid::reconcile(p, amount, now)
+                };
+                events.extend(ev.into_iter().map(|e| prepaid_event(&room, u, &e)));
+            }
+            other => return Err(format!("unknown relay command {other:?}")),
+        }
+        self.persist_room(&room);
+        Ok(events)
+    }
+
+    /// Deducts prepaid consumption and follows the fire alarm.
+    fn apply_readings(&mut self, batch: &Batch, now: DateTime<Utc>) -> Vec<NewRecord> {
+        let mut out = Vec::new();
+        if let Some(f) = &self.config.enforcement.fire_alarm {
+            if let Some(r) = batch.iter().find(|r| {
+                *r.device == *f.device && *r.register == *f.register && r.quality == Quality::Good
+            }) {
+                let on = r.value == Some(f.active);
+                if on != self.fire {
+                    self.fire = on;
+                    tracing::warn!(fire_alarm = on, "fire alarm input changed");
+                    out.push(NewRecord {
+                        kind: Kind::Audit,
+                        topic: "audit".into(),
+                        ts: now,
+                        payload: json!({"event": if on { "fire_alarm_on" } else { "fire_alarm_off" }, "device": f.device, "register": f.register}).to_string().into_bytes(),
+                    });
+                }
+            }
+        }
+        let accounts = self.config.enforcement.prepaid.clone();
+        let low = self.config.enforcement.low_balance;
+        let tz = self.config.gateway.timezone;
+        for acc in &accounts {
+            let Some(r) = batch.iter().find(|r| {
+                *r.device == *acc.device
+                    && r.quantity == acc.utility.quantity()
+                    && r.quality == Quality::Good
+            }) else {
+                continue;
+            };
+            let Some(value) = r.value else { continue };
+            let key = format!("{}/{}", acc.device, acc.utility.quantity());
+            let Some(last) = self.counters.get(&key).copied() else {
+                // First sight of this counter: the baseline (persisted with the first deduction).
+                self.counters.insert(key, value);
+                continue;
+            };
+            let used = crate::money::to_milli(value - last);
+            if used <= 0 {
+                if value < last {
+                    // Counter reset or meter exchanged: start again from here, deduct nothing.
+                    self.counters.insert(key, value);
+                }
+                continue;
+            }
+            self.counters.insert(key, value);
+            let price = acc.tariff.price_at(r.ts.with_timezone(&tz).time());
+            let rules = self.rooms.entry(acc.room.clone()).or_default();
+            if let Some(p) = rules.prepaid.get_mut(&acc.utility) {
+                let ev = prepaid::deduct(p, used, price, low, now);
+                out.extend(
+                    ev.into_iter()
+                        .map(|e| prepaid_event(&acc.room, acc.utility, &e)),
+                );
+            }
+            // Counter and balance move together, so a restart neither loses nor repeats consumption.
+            if let Ok(c) = self.conn.lock() {
+                let _ = c.execute(
+                    "INSERT INTO enforcement_counters (device, quantity, value) VALUES (?1, ?2, ?3) ON CONFLICT(device, quantity) DO UPDATE SET value = excluded.value",
+                    params![acc.device, acc.utility.quantity().as_str(), value],
+                );
+            }
+            self.persist_room(&acc.room);
+        }
+        out
+    }
+
+    fn control(&mut self, req: ControlRequest, now: DateTime<Utc>) -> Value {
+        match req {
+            ControlRequest::List => {
+                let relays: Vec<Value> = self
+                    .relays()
+                    .iter()
+                    .map(|r| {
+                        let d = self.decided.get(&r.spec.name);
+                        json!({
+                            "relay": r.spec.name, "room": r.spec.room, "kind": r.spec.kind, "device": r.device, "output": r.output,
+                            "desired": d.map(|d| onoff(d.on)), "actual": self.actual.get(&r.spec.name).map(|a| onoff(*a)),
+                            "rule": d.map(|d| d.rule.clone()), "reason": d.map(|d| d.reason.clone()),
+                        })
+                    })
+                    .collect();
+                json!({"ok": true, "fire_alarm": self.fire, "relays": relays})
+            }
+            ControlRequest::Override {
+                room,
+                relay,
+                on,
+                reason,
+                for_s,
+                by,
+            } => {
+                let names: Vec<String> = self
+                    .relays()
+                    .iter()
+                    .filter(|r| {
+                        r.spec.room == room && relay.as_ref().is_none_or(|n| *n == r.spec.name)
+                    })
+                    .map(|r| r.spec.name.clone())
+                    .collect();
+                if names.is_empty() {
+                    return json!({"ok": false, "error": format!("no relay {} in room {room:?}", relay.unwrap_or_default())});
+                }
+                if reason.trim().is_empty() {
+                    return json!({"ok": false, "error": "a reason is required (it goes into the audit trail)"});
+                }
+                let until = for_s.map(|s| now + chrono::Duration::seconds(s as i64));
+                let rules = self.rooms.entry(room.clone()).or_default();
+                for n in &names {
+                    rules.overrides.insert(
+                        n.clone(),
+                        Override {
+                            on,
+                            reason: reason.clone(),
+                            until,
+                            by: by.clone(),
+                        },
+                    );
+                }
+                self.persist_room(&room);
+                json!({"ok": true, "relays": names, "on": on, "until": until.map(|u| u.to_rfc3339())})
+            }
+            ControlRequest::ClearOverride { room, relay } => {
+                let rules = self.rooms.entry(room.clone()).or_default();
+                let before = rules.overrides.len();
+                rules
+                    .overrides
+                    .retain(|k, _| relay.as_ref().is_some_and(|n| n != k));
+                let n = before - rules.overrides.len();
+                self.persist_room(&room);
+                json!({"ok": true, "cleared": n})
+            }
+        }
+    }
+
+    /// Runs until shutdown: read every relay first, then follow inputs and the re-check timer.
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        // Never write before the actual states are known (no flicker on restart).
+        let mut tries = 0;
+        while self.actual.len() < self.relays().len() && tries < 3 {
+            let _ = self.read_all().await;
+            tries += 1;
+        }
+        let first = self.reconcile(Utc::now(), true).await;
+        self.publish(first).await;
+        let every = self.config.enforcement.recheck_every;
+        let mut next_check = tokio::time::Instant::now() + every;
+        loop {
+            let records = tokio::select! {
+                // Inputs first: a command or a reading must not wait behind a slow re-check.
+                biased;
+                input = inputs.recv() => {
+                    let Some(input) = input else { return };
+                    let now = Utc::now();
+                    let mut r = match input {
+                        Input::Cloud { name, id, args } => match self.apply_cloud(&name, &id, &args, now) {
+                            Ok(ev) => {
+                                tracing::info!(command = %name, id = %id, "relay command applied");
+                                ev
+                            }
+                            Err(e) => {
+                                tracing::warn!(command = %name, id = %id, error = %e, "relay command rejected");
+                                vec![NewRecord { kind: Kind::Audit, topic: "audit".into(), ts: now, payload: json!({"event": "command_rejected", "command": name, "id": id, "error": e}).to_string().into_bytes() }]
+                            }
+                        },
+                        Input::Control { req, reply } => {
+                            let v = self.control(req, now);
+                            // Apply an override at once, then answer with the resulting state.
+                            let r = self.reconcile(now, false).await;
+                            let _ = reply.send(v);
+                            self.publish(r).await;
+                            Vec::new()
+                        }
+                        Input::Readings(batch) => self.apply_readings(&batch, now),
+                    };
+                    r.extend(self.reconcile(now, false).await);
+                    r
+                }
+                _ = tokio::time::sleep_until(next_check) => {
+                    // Notice hand-switched relays, retry stuck ones, apply time-based rules.
+                    let mut r = self.read_all().await;
+                    r.extend(self.reconcile(Utc::now(), true).await);
+                    next_check = tokio::time::Instant::now() + every;
+                    r
+                }
+                _ = shutdown.changed() => return,
+            };
+            self.publish(records).await;
+        }
+    }
+
+    async fn publish(&self, records: Vec<NewRecord>) {
+        if !records.is_empty() {
+            let _ = self.store.append(records).await;
+        }
+    }
+}
+
+fn onoff(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// An audit record about one relay: never dropped from the outbox.
+fn audit(event: &str, relay: &Relay, fields: Value) -> NewRecord {
+    let mut v = json!({
+        "event": event,
+        "relay": relay.spec.name,
+        "room": relay.spec.room,
+        "kind": relay.spec.kind,
+        "device": relay.device,
+        "output": relay.output,
+    });
+    if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
+        m.extend(f);
+    }
+    NewRecord {
+        kind: Kind::Audit,
+        topic: "audit".into(),
+        ts: Utc::now(),
+        payload: v.to_string().into_bytes(),
+    }
+}
+
+fn prepaid_event(room: &str, utility: Utility, e: &PrepaidEvent) -> NewRecord {
+    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+    if let Value::String(name) = &v["event"] {
+        v["event"] = json!(format!("prepaid_{name}"));
+    }
+    v["room"] = json!(room);
+    v["utility"] = json!(utility);
+    NewRecord {
+        kind: Kind::Event,
+        topic: "events".into(),
+        ts: Utc::now(),
+        payload: v.to_string().into_bytes(),
+    }
+}
+
+/// Serves the local control socket: one JSON request per line, one JSON reply per line. The socket
+/// is created mode 0660 (owner root, group `meterd` when that group exists): root and the service's
+/// group only.
+pub async fn serve_control(
+    path: std::path::PathBuf,
+    tx: mpsc::Sender<Input>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group_id("meterd") {
+        let _ = std::os::unix::fs::chown(&path, None, Some(gid));
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<ControlRequest>(&line) {
+                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                    Ok(req) => {
+                        let (r, rx) = oneshot::channel();
+                        if tx.send(Input::Control { req, reply: r }).await.is_err() {
+                            json!({"ok": false, "error": "enforcement stopped"})
+                        } else {
+                            rx.await
+                                .unwrap_or_else(|_| json!({"ok": false, "error": "no reply"}))
+                        }
+                    }
+                };
+                if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find(|l| l.split(':').next() == Some(name))
+        .and_then(|l| l.split(':').nth(2))
+        .and_then(|g| g.parse().ok())
+}

@@ -1,0 +1,527 @@
+//! Relay enforcement end to end: signed cloud commands over a real broker, the simulator's relay
+//! board and prepaid meter, read-back, audit records, the fire alarm, a hand-switched relay, the
+//! local control socket, and a restart that toggles nothing.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::broker::{Broker, Msg, Subscriber};
+use ed25519_dalek::{Signer, SigningKey};
+use meterd::config::Config;
+use meterd::daemon::Daemon;
+use meterd::uplink::NoCommands;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+const BUILDING: &str = r#"
+[[endpoint]]
+name = "lan"
+kind = "tcp"
+
+[[unit]]
+endpoint = "lan"
+unit = 10
+profile = "relay_waveshare_8ch"
+
+[[unit]]
+endpoint = "lan"
+unit = 11
+profile = "relay_waveshare_8ch"
+fault = "stuck"
+
+[[unit]]
+endpoint = "lan"
+unit = 4
+profile = "hiking_dds238_zn"
+load_w = 36000.0
+start_kwh = 100.0
+"#;
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+fn config_text(sim: &meterd::sim::RunningSim, dir: &Path, broker: u16) -> String {
+    let addr = match sim.addr("lan").unwrap() {
+        meterd::sim::EndpointAddr::Tcp(a) => *a,
+        _ => unreachable!(),
+    };
+    let pk: String = key()
+        .verifying_key()
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Europe/London"
+
+[poll]
+interval = "200ms"
+timeout = "500ms"
+
+[store]
+path = "{db}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker}
+topic_prefix = "test"
+reconnect_min = "200ms"
+reconnect_max = "1s"
+
+[enforcement]
+public_key = "{pk}"
+allowed_from = "00:00"
+allowed_to = "23:59"
+weekends = true
+grace = "0s"
+low_balance = 500
+recheck_every = "300ms"
+control_socket = "{sock}"
+fire_alarm = {{ device = "doors", register = "input8", active = 1 }}
+
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "{host}"
+port = {port}
+max_concurrent = 2
+
+[[device]]
+name = "doors"
+bus = "lan"
+unit = 10
+profile = "relay_waveshare_8ch"
+
+[[device]]
+name = "old-doors"
+bus = "lan"
+unit = 11
+profile = "relay_waveshare_8ch"
+
+[[device]]
+name = "meter104"
+bus = "lan"
+unit = 4
+profile = "hiking_dds238_zn"
+
+[[room]]
+id = "101"
+[[room]]
+id = "104"
+[[room]]
+id = "105"
+
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "100.00"
+
+[[relay]]
+name = "101-door"
+room = "101"
+kind = "door"
+device = "doors"
+output = "relay1"
+fail_open = true
+
+[[relay]]
+name = "105-door"
+room = "105"
+kind = "door"
+device = "old-doors"
+output = "relay1"
+
+[[relay]]
+name = "104-power"
+room = "104"
+kind = "supply"
+utility = "electricity"
+device = "meter104"
+output = "relay"
+
+[[prepaid]]
+room = "104"
+utility = "electricity"
+meter = "meter104"
+tariff = "elec"
+"#,
+        db = dir.join("outbox.db").display(),
+        sock = dir.join("control.sock").display(),
+        host = addr.ip(),
+        port = addr.port(),
+    )
+}
+
+fn signed(cmd: &str, id: &str, mut args: Value, expires_in: chrono::Duration) -> Value {
+    args["expires_at"] = json!((chrono::Utc::now() + expires_in).to_rfc3339());
+    let sig = key().sign(&meterd::enforce::auth::signed_content(cmd, id, &args));
+    args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+    args["id"] = json!(id);
+    args
+}
+
+async fn send(sub: &Subscriber, cmd: &str, body: &Value) {
+    sub.client
+        .publish(
+            format!("test/gw/cmd/{cmd}"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body.to_string(),
+        )
+        .await
+        .unwrap();
+}
+
+fn payloads(msgs: &[Msg], topic: &str) -> Vec<Value> {
+    msgs.iter()
+        .filter(|m| m.topic == topic)
+        .flat_map(|m| {
+            serde_json::from_slice::<Value>(&m.payload).unwrap()["records"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .collect()
+}
+
+fn reply(msgs: &[Msg], id: &str) -> Option<Value> {
+    msgs.iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+        .find(|v| v["id"] == id)
+}
+
+async fn coil(sim: &meterd::sim::RunningSim, cfg: &Config, unit: u8, address: u16) -> bool {
+    let mut link = meterd::modbus::link::Link::new(&cfg.buses[0]);
+    let req = meterd::modbus::plan::ReadRequest {
+        function: meterd::modbus::profile::Function::Coil,
+        address,
+        count: 1,
+    };
+    let _ = sim;
+    match link
+        .read(unit, req, Duration::from_secs(1), Duration::ZERO)
+        .await
+        .unwrap()
+    {
+        meterd::modbus::link::Data::Bits(b) => b[0],
+        _ => unreachable!(),
+    }
+}
+
+async fn until<F: Fn(&[Msg]) -> bool>(sub: &Subscriber, what: &str, f: F) -> Vec<Msg> {
+    sub.wait_for(what, Duration::from_secs(20), f).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-enf", "test/gw/#").await;
+    let sim = common::start(BUILDING).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&sim, dir.path(), broker.port);
+    let cfg =
+        Config::from_str_at(&text, "t.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+
+    // Start-up: the door relay (off on a fresh board) is switched on and confirmed by read-back; the
+    // stuck board raises a mismatch alarm; the meter's relay is already on and is not touched.
+    let msgs = until(&sub, "start-up audit", |m| {
+        let a = payloads(m, "test/gw/audit");
+        a.iter()
+            .any(|r| r["event"] == "relay_switched" && r["relay"] == "101-door")
+            && a.iter()
+                .any(|r| r["event"] == "relay_mismatch" && r["relay"] == "105-door")
+    })
+    .await;
+    let a = payloads(&msgs, "test/gw/audit");
+    let sw = a
+        .iter()
+        .find(|r| r["event"] == "relay_switched" && r["relay"] == "101-door")
+        .unwrap();
+    assert_eq!(
+        (
+            sw["from"].clone(),
+            sw["to"].clone(),
+            sw["readback"].clone(),
+            sw["confirmed"].clone()
+        ),
+        (json!("off"), json!("on"), json!("on"), json!(true))
+    );
+    assert!(
+        !a.iter().any(|r| r["relay"] == "104-power"),
+        "an already-on relay is not toggled"
+    );
+    assert!(coil(&sim, &cfg, 10, 0).await);
+
+    // Security: forged, expired, unsigned and replayed commands are refused and change nothing.
+    let good = signed(
+        "freeze",
+        "f-1",
+        json!({"room": "101", "scope": "access", "reason": "lease terminated"}),
+        chrono::Duration::minutes(5),
+    );
+    let mut forged = good.clone();
+    forged["room"] = json!("104");
+    forged["id"] = json!("f-forged");
+    send(&sub, "freeze", &forged).await;
+    send(
+        &sub,
+        "freeze",
+        &signed(
+            "freeze",
+            "f-old",
+            json!({"room": "101", "scope": "access"}),
+            chrono::Duration::seconds(-5),
+        ),
+    )
+    .await;
+    send(
+        &sub,
+        "freeze",
+        &json!({"id": "f-unsigned", "room": "101", "scope": "access"}),
+    )
+    .await;
+    send(&sub, "freeze", &good).await;
+    let msgs = until(&sub, "freeze reply", |m| reply(m, "f-1").is_some()).await;
+    send(&sub, "freeze", &good).await; // QoS 1 redelivery or replay: same id
+    let msgs2 = until(&sub, "refusals", |m| {
+        ["f-forged", "f-old", "f-unsigned"]
+            .iter()
+            .all(|id| reply(m, id).is_some())
+            && m.iter().filter(|x| x.topic == "test/gw/reply").count() >= 5
+    })
+    .await;
+    assert_eq!(reply(&msgs, "f-1").unwrap()["ok"], true);
+    assert!(reply(&msgs2, "f-forged").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("bad signature"));
+    assert!(reply(&msgs2, "f-old").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
+    assert!(reply(&msgs2, "f-unsigned").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("unsigned"));
+    let replayed: Vec<Value> = msgs2
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+        .filter(|v| v["id"] == "f-1")
+        .collect();
+    assert!(
+        replayed
+            .iter()
+            .any(|v| v["ok"] == false && v["error"].as_str().unwrap().contains("replay")),
+        "{replayed:?}"
+    );
+
+    // The freeze turns the door off, confirmed by read-back, with the rule and the command id.
+    let msgs = until(&sub, "door frozen", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["relay"] == "101-door" && r["to"] == "off")
+    })
+    .await;
+    let off = payloads(&msgs, "test/gw/audit")
+        .into_iter()
+        .find(|r| r["relay"] == "101-door" && r["to"] == "off")
+        .unwrap();
+    assert_eq!(off["rule"], "freeze");
+    assert!(!coil(&sim, &cfg, 10, 0).await);
+    assert!(
+        !coil(&sim, &cfg, 11, 0).await,
+        "the stuck board never moved"
+    );
+
+    // Prepaid: a small balance is deducted locally from the meter (36 kW at 100.00/kWh = 1.00 per second),
+    // warns, empties and cuts the supply (grace 0, window all day); a top-up restores it.
+    send(
+        &sub,
+        "set_balance",
+        &signed(
+            "set_balance",
+            "b-1",
+            json!({"room": "104", "utility": "electricity", "balance": 300}),
+            chrono::Duration::minutes(5),
+        ),
+    )
+    .await;
+    let msgs = until(&sub, "prepaid cut", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["relay"] == "104-power" && r["to"] == "off")
+    })
+    .await;
+    let ev = payloads(&msgs, "test/gw/events");
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "prepaid_reconciled" && e["cloud"] == 300),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| e["event"] == "prepaid_balance_empty"),
+        "{ev:?}"
+    );
+    let cut = payloads(&msgs, "test/gw/audit")
+        .into_iter()
+        .find(|r| r["relay"] == "104-power" && r["to"] == "off")
+        .unwrap();
+    assert_eq!(
+        (cut["rule"].clone(), cut["confirmed"].clone()),
+        (json!("prepaid"), json!(true))
+    );
+    send(
+        &sub,
+        "top_up",
+        &signed(
+            "top_up",
+            "t-1",
+            json!({"room": "104", "utility": "electricity", "amount": 100000}),
+            chrono::Duration::minutes(5),
+        ),
+    )
+    .await;
+    until(&sub, "restore", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["relay"] == "104-power" && r["to"] == "on")
+    })
+    .await;
+
+    // Fire alarm: the frozen fail-open door is released.
+    sim.set_input("lan", 10, 7, true);
+    let msgs = until(&sub, "fire release", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["relay"] == "101-door" && r["rule"] == "fire_alarm")
+    })
+    .await;
+    assert!(payloads(&msgs, "test/gw/audit")
+        .iter()
+        .any(|r| r["event"] == "fire_alarm_on"));
+    sim.set_input("lan", 10, 7, false);
+    until(&sub, "fire over, door frozen again", |m| {
+        let a = payloads(m, "test/gw/audit");
+        a.iter().any(|r| r["event"] == "fire_alarm_off")
+            && a.iter()
+                .rev()
+                .find(|r| r["relay"] == "101-door" && r["event"] == "relay_switched")
+                .is_some_and(|r| r["to"] == "off")
+    })
+    .await;
+
+    // A technician switches the door on in the cabinet: noticed and put back.
+    sim.set_coil("lan", 10, 0, true);
+    let msgs = until(&sub, "external change", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["event"] == "relay_changed_externally")
+    })
+    .await;
+    let ext = payloads(&msgs, "test/gw/audit")
+        .into_iter()
+        .find(|r| r["event"] == "relay_changed_externally")
+        .unwrap();
+    assert_eq!(
+        (ext["relay"].clone(), ext["to"].clone()),
+        (json!("101-door"), json!("on"))
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while coil(&sim, &cfg, 10, 0).await {
+        assert!(Instant::now() < deadline, "door not put back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The field engineer's override over the local socket beats the freeze, and `relay list` says why.
+    let cfg_path = dir.path().join("meterd.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let bin = env!("CARGO_BIN_EXE_meterd");
+    let o = std::process::Command::new(bin)
+        .args([
+            "relay",
+            "101",
+            "open",
+            "--reason",
+            "move-out inspection",
+            "--for",
+            "1h",
+            "--config",
+        ])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(coil(&sim, &cfg, 10, 0).await);
+    let o = std::process::Command::new(bin)
+        .args(["relay", "list", "--json", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let door = v["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["relay"] == "101-door")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            door["desired"].clone(),
+            door["actual"].clone(),
+            door["rule"].clone()
+        ),
+        (json!("on"), json!("on"), json!("override"))
+    );
+    assert!(door["reason"]
+        .as_str()
+        .unwrap()
+        .contains("move-out inspection"));
+    let o = std::process::Command::new(bin)
+        .args(["relay", "101", "open", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--reason"),
+        "a reason is required"
+    );
+    let audit = payloads(&sub.take(), "test/gw/audit");
+    assert!(audit.iter().any(|r| r["relay"] == "101-door"
+        && r["rule"] == "override"
+        && r["reason"].as_str().unwrap().contains("cli:")));
+    daemon.stop().await;
+
+    // Restart: rules reload from SQLite, states are read first: nothing is written.
+    let writes_door = sim.writes_seen("lan", 10);
+    let writes_meter = sim.writes_seen("lan", 4);
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sim.writes_seen("lan", 10),
+        writes_door,
+        "restart toggled the door board"
+    );
+    assert_eq!(
+        sim.writes_seen("lan", 4),
+        writes_meter,
+        "restart toggled the meter relay"
+    );
+    assert!(
+        coil(&sim, &cfg, 10, 0).await,
+        "the override survived the restart"
+    );
+    daemon.stop().await;
+}
