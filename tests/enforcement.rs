@@ -399,6 +399,58 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
             .any(|r| r["relay"] == "104-power" && r["to"] == "on")
     })
     .await;
+    // In the lease quiet period top-ups are suspended, and say why.
+    let soon = (chrono::Utc::now() + chrono::Duration::days(2))
+        .date_naive()
+        .to_string();
+    send(
+        &sub,
+        "set_lease",
+        &signed(
+            "set_lease",
+            "l-1",
+            json!({"room": "104", "lease_end": soon}),
+            chrono::Duration::minutes(5),
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(
+        &sub,
+        "top_up",
+        &signed(
+            "top_up",
+            "t-2",
+            json!({"room": "104", "utility": "electricity", "amount": 5000}),
+            chrono::Duration::minutes(5),
+        ),
+    )
+    .await;
+    let msgs = until(&sub, "suspended top-up", |m| {
+        payloads(m, "test/gw/audit")
+            .iter()
+            .any(|r| r["event"] == "command_rejected" && r["id"] == "t-2")
+    })
+    .await;
+    let rej = payloads(&msgs, "test/gw/audit")
+        .into_iter()
+        .find(|r| r["id"] == "t-2")
+        .unwrap();
+    assert!(
+        rej["error"].as_str().unwrap().contains("top-up suspended"),
+        "{rej}"
+    );
+    send(
+        &sub,
+        "set_lease",
+        &signed(
+            "set_lease",
+            "l-2",
+            json!({"room": "104", "lease_end": soon, "renewed": true}),
+            chrono::Duration::minutes(5),
+        ),
+    )
+    .await;
 
     // Fire alarm: the frozen fail-open door is released.
     sim.set_input("lan", 10, 7, true);

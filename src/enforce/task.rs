@@ -496,6 +496,16 @@ impl Enforcer {
                 if name == "top_up" && amount <= 0 {
                     return Err("a top-up must be positive".into());
                 }
+                let policy = &self.config.enforcement.policy;
+                if let Some(r) = self.rooms.get(&room) {
+                    if let Some(end) = r.lease_end.filter(|_| !r.lease_renewed && name == "top_up")
+                    {
+                        let today = now.with_timezone(&policy.calendar.timezone).date_naive();
+                        if (end - today).num_days() <= policy.lease_notice_days {
+                            return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal"));
+                        }
+                    }
+                }
                 let r = self.room_mut(&room)?;
                 let p = r.prepaid.entry(u).or_insert(Prepaid {
                     balance: 0,
