@@ -32,9 +32,10 @@ pub const EXIT_EXCEPTION: i32 = 4;
 #[derive(Debug, Parser)]
 #[command(name = "meterd", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace or a tracing directive); RUST_LOG also works.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive). Default: RUST_LOG, then
+    /// `[gateway] log_level` for `run`, then info.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -62,6 +63,8 @@ pub enum Command {
     Apportion(ApportionCmd),
     /// Override a room's relays by hand, or list desired vs actual relay states.
     Relay(RelayCmd),
+    /// Ask the running daemon how it is doing: buses, devices, outbox, MQTT, relays.
+    Status(StatusCmd),
     /// Serve a virtual building over Modbus TCP and RTU (pty).
     Simulate(SimulateCmd),
     /// Run the simulator and the daemon together on the built-in sample building.
@@ -189,31 +192,209 @@ pub struct RunCmd {
 }
 
 impl RunCmd {
-    /// Loads the config (refusing an invalid one) and runs until SIGINT/SIGTERM.
+    /// Loads the config (refusing an invalid one) and runs until SIGINT/SIGTERM; SIGHUP reloads.
     pub async fn execute(self) -> Result<()> {
-        let config = self.config.load()?;
-        tracing::info!(config = %config.source, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, outbox = %config.store.path.display(), mqtt = config.mqtt.is_some(), "meterd starting");
-        let daemon = daemon::Daemon::start(
-            &config,
-            std::sync::Arc::new(crate::uplink::NoCommands),
-            None,
-        )?;
+        use sd_notify::NotifyState;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut config = self.config.load()?;
+        let mut daemon = start_daemon(&config)?;
+        let _ = sd_notify::notify(
+            false,
+            &[
+                NotifyState::Ready,
+                NotifyState::Status(&status_line(&config)),
+            ],
+        );
+        let mut wd_usec = 0u64;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut wd_usec);
+        let period = if watchdog {
+            Duration::from_micros(wd_usec / 2)
+        } else {
+            Duration::from_secs(60)
+        };
+        let mut wd = tokio::time::interval(period);
+        wd.tick().await;
         let mut summary = tokio::time::interval(Duration::from_secs(60));
         summary.tick().await;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
+                _ = wd.tick(), if watchdog => {
+                    // Ping only when the bus tasks and the store are alive: a wedged task gets us restarted.
+                    match daemon.healthy(period / 2).await {
+                        Ok(()) => { let _ = sd_notify::notify(false, &[NotifyState::Watchdog]); }
+                        Err(e) => tracing::error!(error = %e, "watchdog: not pinging systemd"),
+                    }
+                }
                 _ = summary.tick() => {
                     let (ok, failed, offline) = totals(&daemon.bus_status.iter().flat_map(|s| s.snapshot()).collect::<Vec<_>>());
                     let outbox_rows = daemon.store.depth().await;
                     tracing::info!(polls_ok = ok, polls_failed = failed, offline, outbox_rows, "polling summary");
                 }
+                _ = hup.recv() => {
+                    let _ = sd_notify::notify(false, &[NotifyState::Reloading]);
+                    match self.config.load() {
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused: the new configuration is invalid; still running the old one"),
+                        Ok(new) => {
+                            tracing::info!(config = %new.source, hash = %new.hash, "reloading");
+                            // The outbox and the enforcement state live in SQLite; the new daemon
+                            // reads every relay before switching anything, so nothing flickers.
+                            daemon.stop().await;
+                            daemon = start_daemon(&new)?;
+                            config = new;
+                        }
+                    }
+                    let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(&status_line(&config))]);
+                }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
         }
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
         tracing::info!("meterd stopping");
         daemon.stop().await;
+        Ok(())
+    }
+}
+
+fn start_daemon(config: &Config) -> Result<daemon::Daemon> {
+    tracing::info!(config = %config.source, hash = %config.hash, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, outbox = %config.store.path.display(), mqtt = config.mqtt.is_some(), relays = config.enforcement.relays.len(), "meterd starting");
+    Ok(daemon::Daemon::start(
+        config,
+        std::sync::Arc::new(crate::uplink::NoCommands),
+        None,
+    )?)
+}
+
+fn status_line(c: &Config) -> String {
+    format!(
+        "polling {} device(s) on {} bus(es); config {}",
+        c.devices.len(),
+        c.buses.len(),
+        c.hash
+    )
+}
+
+// ---- status -------------------------------------------------------------------------------------
+
+/// `meterd status`
+#[derive(Debug, Args)]
+pub struct StatusCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusCmd {
+    /// Asks the running daemon over its control socket.
+    pub async fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let v = crate::control::request(
+            &c.gateway.control_socket,
+            &serde_json::json!({"op": "status"}),
+        )
+        .await?;
+        if self.json {
+            out(&json(&v)?);
+            return Ok(());
+        }
+        let s = |x: &serde_json::Value| match x {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out(&format!(
+            "meterd {} on {}: up {} s, config {} ({})\n",
+            s(&v["version"]),
+            s(&v["gateway"]),
+            s(&v["uptime_s"]),
+            s(&v["config"]["hash"]),
+            s(&v["config"]["source"])
+        ));
+        let mut rows = Vec::new();
+        for b in v["buses"].as_array().into_iter().flatten() {
+            for d in b["devices"].as_array().into_iter().flatten() {
+                let ok = d["polls_ok"].as_u64().unwrap_or(0);
+                let failed = d["polls_failed"].as_u64().unwrap_or(0);
+                let rate = if ok + failed > 0 {
+                    format!("{:.1} %", ok as f64 * 100.0 / (ok + failed) as f64)
+                } else {
+                    "-".into()
+                };
+                rows.push(vec![
+                    s(&b["name"]),
+                    s(&d["name"]),
+                    s(&d["unit"]),
+                    rate,
+                    format!("{ok}/{failed}"),
+                    d["last_latency_ms"]
+                        .as_f64()
+                        .map(|l| format!("{l:.1}"))
+                        .unwrap_or_else(|| "-".into()),
+                    s(&d["offline_since"]),
+                    s(&d["last_error"]).chars().take(60).collect(),
+                ]);
+            }
+        }
+        out(&table(
+            &[
+                "bus",
+                "device",
+                "unit",
+                "success",
+                "ok/failed",
+                "latency_ms",
+                "offline since",
+                "last error",
+            ],
+            &rows,
+        ));
+        let o = &v["outbox"];
+        out(&format!(
+            "\noutbox: {} record(s) waiting, oldest {}, last publish error {}, store error {}\n",
+            s(&o["rows"]),
+            s(&o["oldest_ts"]),
+            s(&o["last_publish_error"]),
+            s(&v["store_error"])
+        ));
+        let m = &v["mqtt"];
+        if m.is_null() {
+            out("mqtt: not configured\n");
+        } else {
+            out(&format!(
+                "mqtt: {} since {}, {} record(s) acknowledged, {} reconnect(s), last error {}\n",
+                if m["connected"] == true {
+                    "connected"
+                } else {
+                    "DISCONNECTED"
+                },
+                s(&m["connected_since"]),
+                s(&m["records_acked"]),
+                s(&m["reconnects"]),
+                s(&m["last_error"])
+            ));
+        }
+        if let Some(relays) = v["relays"].as_array() {
+            let rows: Vec<Vec<String>> = relays
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(&r["relay"]),
+                        s(&r["room"]),
+                        s(&r["desired"]),
+                        s(&r["actual"]),
+                        s(&r["rule"]),
+                    ]
+                })
+                .collect();
+            out("\n");
+            out(&table(
+                &["relay", "room", "desired", "actual", "rule"],
+                &rows,
+            ));
+        }
         Ok(())
     }
 }
@@ -1308,7 +1489,6 @@ pub struct RelayCmd {
 impl RelayCmd {
     /// Talks to the running daemon over its local control socket.
     pub async fn execute(self) -> Result<()> {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let c = self.config.load()?;
         let req = match (self.target.as_str(), self.action) {
             ("list", None) => serde_json::json!({"op": "list"}),
@@ -1331,21 +1511,7 @@ impl RelayCmd {
                 serde_json::json!({"op": "override", "room": room, "relay": self.relay, "on": matches!(a, RelayAction::Open), "reason": reason, "for_s": self.duration.map(|d| d.as_secs()), "by": format!("cli:{by}")})
             }
         };
-        let path = &c.enforcement.control_socket;
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .with_context(|| format!("cannot reach the daemon at {}: is meterd running, and are you root or in its group?", path.display()))?;
-        let (rd, mut wr) = stream.into_split();
-        wr.write_all(format!("{req}\n").as_bytes()).await?;
-        let mut line = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            BufReader::new(rd).read_line(&mut line),
-        )
-        .await
-        .context("the daemon did not answer within 30s")??;
-        let reply: serde_json::Value =
-            serde_json::from_str(&line).context("unreadable answer from the daemon")?;
+        let reply = crate::control::request(&c.gateway.control_socket, &req).await?;
         if reply["ok"] != true {
             bail!("{}", reply["error"].as_str().unwrap_or("refused"));
         }
@@ -1448,7 +1614,7 @@ pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     point_buses_at(&mut config, &running);
     // The demo's outbox and control socket are scratch files, removed when the demo ends.
     config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
-    config.enforcement.control_socket =
+    config.gateway.control_socket =
         std::env::temp_dir().join(format!("meterd-demo-{}.sock", std::process::id()));
     Ok((running, config))
 }
@@ -1516,7 +1682,7 @@ impl DemoCmd {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
         }
-        let _ = std::fs::remove_file(&config.enforcement.control_socket);
+        let _ = std::fs::remove_file(&config.gateway.control_socket);
         Ok(())
     }
 }

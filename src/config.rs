@@ -61,7 +61,14 @@ pub struct Gateway {
     pub id: String,
     pub site: String,
     pub timezone: chrono_tz::Tz,
+    /// Local socket for `meterd status` and `meterd relay` (root and the service's group only).
+    pub control_socket: PathBuf,
+    /// Log filter for `meterd run` (RUST_LOG and --log-level override it).
+    pub log_level: Option<String>,
 }
+
+/// Default local control socket (systemd's RuntimeDirectory).
+pub const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
 
 /// Serial parity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -250,6 +257,7 @@ impl Config {
     pub fn from_str_at(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
         let mut v = Validator {
             file: file.to_string(),
+            base: base.to_path_buf(),
             issues: Vec::new(),
         };
         let config = v.build(text, base);
@@ -278,6 +286,8 @@ struct RawGateway {
     id: String,
     site: String,
     timezone: String,
+    control_socket: Option<PathBuf>,
+    log_level: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -430,6 +440,8 @@ fn fnv1a(text: &str) -> String {
 
 struct Validator {
     file: String,
+    /// Directory relative paths are resolved against.
+    base: PathBuf,
     issues: Vec<Issue>,
 }
 
@@ -815,10 +827,25 @@ impl Validator {
                 None
             }
         };
+        if let Some(l) = &g.log_level {
+            if tracing_subscriber::EnvFilter::try_new(l).is_err() {
+                self.push(
+                    "gateway.log_level",
+                    format!(
+                        "{l:?}: expected error, warn, info, debug, trace or a tracing directive"
+                    ),
+                );
+            }
+        }
         Some(Gateway {
             id: g.id,
             site: g.site,
             timezone: tz?,
+            control_socket: g
+                .control_socket
+                .map(|p| self.base.join(p))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            log_level: g.log_level,
         })
     }
 
@@ -1195,6 +1222,7 @@ struct Defaults {
 pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<Issue>> {
     let mut v = Validator {
         file: dir.display().to_string(),
+        base: dir.to_path_buf(),
         issues: Vec::new(),
     };
     let base = dir.parent().unwrap_or(Path::new("."));

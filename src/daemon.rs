@@ -32,6 +32,8 @@ pub struct Engine {
     pub status: Vec<Arc<BusStatus>>,
     /// Where to send relay actions, by device name (to the bus task that owns the device).
     pub actuators: std::collections::HashMap<String, mpsc::Sender<bus::Actuation>>,
+    /// One sender per bus task, for liveness probes.
+    pub buses: Vec<mpsc::Sender<bus::Actuation>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -42,6 +44,7 @@ impl Engine {
         let mut status = Vec::new();
         let mut tasks = Vec::new();
         let mut actuators = std::collections::HashMap::new();
+        let mut buses = Vec::new();
         for (i, b) in config.buses.iter().enumerate() {
             let devices: Vec<_> = config
                 .devices
@@ -55,6 +58,9 @@ impl Engine {
             for d in &devices {
                 actuators.insert(d.name.to_string(), act_tx.clone());
             }
+            if !devices.is_empty() {
+                buses.push(act_tx.clone());
+            }
             tasks.push(tokio::spawn(bus::run(
                 b.clone(),
                 devices,
@@ -67,6 +73,7 @@ impl Engine {
             readings: rx,
             status,
             actuators,
+            buses,
             tasks,
         }
     }
@@ -210,13 +217,6 @@ impl Daemon {
                 store.clone(),
             )?;
             tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
-            let socket = config.enforcement.control_socket.clone();
-            let control_tx = enf_tx.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::enforce::task::serve_control(socket.clone(), control_tx).await {
-                    tracing::error!(socket = %socket.display(), error = %e, "local control socket unavailable; `meterd relay` will not reach this daemon");
-                }
-            }));
             handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
                 key: config.enforcement.public_key,
                 seen,
@@ -224,6 +224,7 @@ impl Daemon {
             }));
             Some(enf_tx)
         };
+        let enforcement_tx = enforcement.clone();
 
         let (_, dummy) = mpsc::channel(1);
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
@@ -284,6 +285,22 @@ impl Daemon {
             };
             tokio::spawn(u.run(shutdown_rx))
         });
+        let control = crate::control::ControlState {
+            gateway: config.gateway.id.clone(),
+            config_source: config.source.clone(),
+            config_hash: config.hash.clone(),
+            started_at: Utc::now(),
+            buses: bus_status.clone(),
+            store: store.clone(),
+            uplink: uplink_task.as_ref().map(|_| uplink.clone()),
+            enforcement: enforcement_tx,
+        };
+        let socket = config.gateway.control_socket.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::control::serve(socket.clone(), control).await {
+                tracing::error!(socket = %socket.display(), error = %e, "local control socket unavailable; `meterd status` and `meterd relay` will not reach this daemon");
+            }
+        }));
         Ok(Daemon {
             bus_status,
             store,
@@ -295,6 +312,31 @@ impl Daemon {
             uplink_task,
             shutdown,
         })
+    }
+
+    /// Liveness for the systemd watchdog: every bus task's dispatcher answers a probe (so it is not
+    /// wedged and has a free poller) and the store thread answers, each within `within`.
+    pub async fn healthy(&self, within: Duration) -> Result<(), String> {
+        for (i, tx) in self.engine.buses.iter().enumerate() {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let probe = bus::Actuation {
+                device: String::new(),
+                output: String::new(),
+                set: None,
+                reply,
+            };
+            tx.try_send(probe)
+                .map_err(|_| format!("bus task {i} is not taking requests"))?;
+            tokio::time::timeout(within, rx)
+                .await
+                .map_err(|_| format!("bus task {i} did not answer within {within:?}"))?
+                .map_err(|_| format!("bus task {i} stopped"))?
+                .ok();
+        }
+        tokio::time::timeout(within, self.store.depth())
+            .await
+            .map_err(|_| "store thread did not answer".to_string())?;
+        Ok(())
     }
 
     /// Stops polling, commits what was read, publishes the offline status and disconnects.

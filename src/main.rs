@@ -6,8 +6,18 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     let cli = Cli::parse();
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    // --log-level, else RUST_LOG, else the config's [gateway] log_level (for `run`), else info.
+    let from_config = || match &cli.command {
+        Command::Run(r) => meterd::config::Config::from_path(&r.config.config)
+            .ok()
+            .and_then(|c| c.gateway.log_level),
+        _ => None,
+    };
+    let filter = match &cli.log_level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(from_config().unwrap_or_else(|| "info".into()))),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -34,6 +44,7 @@ fn main() {
             Command::Topology(c) => c.execute(),
             Command::Apportion(c) => c.execute(),
             Command::Relay(c) => c.execute().await,
+            Command::Status(c) => c.execute().await,
             Command::Simulate(c) => c.execute().await,
             Command::Demo(c) => c.execute().await,
             Command::Bench(c) => c.execute().await,

@@ -62,6 +62,7 @@ fn config_text(sim: &meterd::sim::RunningSim, dir: &Path, broker: u16) -> String
 id = "gw"
 site = "t"
 timezone = "Europe/London"
+control_socket = "{sock}"
 
 [poll]
 interval = "200ms"
@@ -85,7 +86,6 @@ weekends = true
 grace = "0s"
 low_balance = 500
 recheck_every = "300ms"
-control_socket = "{sock}"
 fire_alarm = {{ device = "doors", register = "input8", active = 1 }}
 
 [[bus]]

@@ -1,7 +1,6 @@
 //! The `[enforcement]`, `[[relay]]` and `[[prepaid]]` sections, validated with the rest of the config.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{NaiveDate, NaiveTime};
@@ -31,7 +30,6 @@ pub struct RawEnforcement {
     pub low_balance: Option<i64>,
     #[serde(default, with = "humantime_serde")]
     pub recheck_every: Option<Duration>,
-    pub control_socket: Option<PathBuf>,
     pub fire_alarm: Option<RawFireAlarm>,
 }
 
@@ -118,7 +116,6 @@ pub struct Enforcement {
     pub public_key: Option<VerifyingKey>,
     pub low_balance: i64,
     pub recheck_every: Duration,
-    pub control_socket: PathBuf,
     pub fire_alarm: Option<FireAlarm>,
     pub relays: Vec<Relay>,
     pub prepaid: Vec<PrepaidAccount>,
@@ -130,9 +127,6 @@ impl Enforcement {
         self.relays.is_empty() && self.prepaid.is_empty()
     }
 }
-
-/// Default local control socket (systemd's RuntimeDirectory).
-pub const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
 
 fn time(s: &str) -> Result<NaiveTime, String> {
     NaiveTime::parse_from_str(s, "%H:%M").map_err(|_| format!("{s:?}: expected HH:MM"))
@@ -146,7 +140,7 @@ pub fn build(
     timezone: chrono_tz::Tz,
     devices: &[Device],
     site: &Site,
-    base: &std::path::Path,
+    _base: &std::path::Path,
 ) -> (Enforcement, Vec<(String, String)>) {
     let mut issues = Vec::new();
     let mut t = |key: &str, v: Option<&String>, default: &str| match time(
@@ -370,10 +364,6 @@ pub fn build(
         public_key,
         low_balance: raw.low_balance.unwrap_or(2000),
         recheck_every,
-        control_socket: raw
-            .control_socket
-            .map(|p| base.join(p))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         fire_alarm,
         relays: out_relays,
         prepaid: out_prepaid,

@@ -772,52 +772,8 @@ fn prepaid_event(room: &str, utility: Utility, e: &PrepaidEvent) -> NewRecord {
     }
 }
 
-/// Serves the local control socket: one JSON request per line, one JSON reply per line. The socket
-/// is created mode 0660 (owner root, group `meterd` when that group exists): root and the service's
-/// group only.
-pub async fn serve_control(
-    path: std::path::PathBuf,
-    tx: mpsc::Sender<Input>,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
-    if let Some(gid) = group_id("meterd") {
-        let _ = std::os::unix::fs::chown(&path, None, Some(gid));
-    }
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = match serde_json::from_str::<ControlRequest>(&line) {
-                    Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-                    Ok(req) => {
-                        let (r, rx) = oneshot::channel();
-                        if tx.send(Input::Control { req, reply: r }).await.is_err() {
-                            json!({"ok": false, "error": "enforcement stopped"})
-                        } else {
-                            rx.await
-                                .unwrap_or_else(|_| json!({"ok": false, "error": "no reply"}))
-                        }
-                    }
-                };
-                if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-fn group_id(name: &str) -> Option<u32> {
+/// The numeric id of a group from /etc/group (for the control socket's owner).
+pub fn group_id(name: &str) -> Option<u32> {
     std::fs::read_to_string("/etc/group")
         .ok()?
         .lines()

@@ -1,0 +1,257 @@
+//! `meterd run` as systemd runs it: readiness and watchdog over NOTIFY_SOCKET, `meterd status`,
+//! SIGHUP reload (valid and invalid), SIGTERM stop with the offline status published.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::broker::{Broker, Subscriber};
+use serde_json::Value;
+
+const BUILDING: &str = r#"
+[[endpoint]]
+name = "lan"
+kind = "tcp"
+[[unit]]
+endpoint = "lan"
+unit = 1
+profile = "chint_ddsu666"
+load_w = 1000.0
+[[unit]]
+endpoint = "lan"
+unit = 10
+profile = "relay_waveshare_8ch"
+"#;
+
+fn config(addr: std::net::SocketAddr, dir: &Path, broker: u16, interval: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "UTC"
+control_socket = "{sock}"
+[poll]
+interval = "{interval}"
+[store]
+path = "{db}"
+[mqtt]
+host = "127.0.0.1"
+port = {broker}
+topic_prefix = "test"
+reconnect_min = "200ms"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "{ip}"
+port = {port}
+[[device]]
+name = "m1"
+bus = "lan"
+unit = 1
+profile = "chint_ddsu666"
+[[device]]
+name = "doors"
+bus = "lan"
+unit = 10
+profile = "relay_waveshare_8ch"
+[[room]]
+id = "101"
+[[relay]]
+name = "101-door"
+room = "101"
+kind = "door"
+device = "doors"
+output = "relay1"
+"#,
+        sock = dir.join("control.sock").display(),
+        db = dir.join("outbox.db").display(),
+        ip = addr.ip(),
+        port = addr.port(),
+    )
+}
+
+fn try_status(cfg: &Path) -> Option<Value> {
+    let o = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["status", "--json", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).unwrap())
+}
+
+fn status(cfg: &Path) -> Value {
+    try_status(cfg).expect("meterd status answers")
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_under_systemd_notify_status_reload_and_stop() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-svc", "test/gw/status").await;
+    let sim = common::start(BUILDING).await;
+    let addr = match sim.addr("lan").unwrap() {
+        meterd::sim::EndpointAddr::Tcp(a) => *a,
+        _ => unreachable!(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("meterd.toml");
+    std::fs::write(&cfg, config(addr, dir.path(), broker.port, "500ms")).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // As systemd does: WATCHDOG_PID is the service's own pid (the shell execs into meterd).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            env!("CARGO_BIN_EXE_meterd"),
+            cfg.display()
+        ))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "600000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("meterd.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+
+    // systemd's view: READY=1, then a WATCHDOG=1 every ~300 ms while the tasks make progress. Keep
+    // reading, as systemd does: a full notify socket would block the sender.
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let reader = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = notify.recv(&mut buf) {
+            reader
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    });
+    wait(
+        "READY and three watchdog pings",
+        Duration::from_secs(10),
+        || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m.contains("WATCHDOG=1"))
+                .count()
+                >= 3
+        },
+    );
+    assert!(
+        seen.lock().unwrap()[0].contains("READY=1"),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+
+    // `meterd status` over the control socket.
+    wait("first polls", Duration::from_secs(10), || {
+        try_status(&cfg).is_some_and(|v| {
+            v["buses"][0]["devices"][0]["polls_ok"]
+                .as_u64()
+                .unwrap_or(0)
+                > 1
+                && v["mqtt"]["connected"] == true
+        })
+    });
+    let v = status(&cfg);
+    let hash1 = v["config"]["hash"].as_str().unwrap().to_string();
+    assert_eq!(v["gateway"], "gw");
+    assert_eq!(v["relays"][0]["relay"], "101-door");
+    assert_eq!(v["relays"][0]["actual"], "on");
+    let o = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("ok/failed") && text.contains("mqtt: connected") && text.contains("101-door"),
+        "{text}"
+    );
+
+    // SIGHUP with a valid new config: applied; the outbox and the relay are untouched.
+    let writes = sim.writes_seen("lan", 10);
+    let last_seq = v["outbox"]["last_seq"].as_i64().unwrap();
+    std::fs::write(&cfg, config(addr, dir.path(), broker.port, "300ms")).unwrap();
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    // (While the daemon restarts inside the process the socket is briefly away.)
+    wait("reloaded config", Duration::from_secs(15), || {
+        try_status(&cfg).is_some_and(|v| v["config"]["hash"] != hash1.as_str())
+    });
+    let v = status(&cfg);
+    let hash2 = v["config"]["hash"].as_str().unwrap().to_string();
+    assert!(
+        v["outbox"]["last_seq"].as_i64().unwrap() >= last_seq,
+        "outbox kept across reload"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sim.writes_seen("lan", 10), writes, "reload toggled a relay");
+
+    // SIGHUP with a broken config: refused, the old one keeps running (asked with a copy of the good
+    // config, which names the same socket).
+    let good = dir.path().join("good.toml");
+    std::fs::copy(&cfg, &good).unwrap();
+    std::fs::write(&cfg, "[gateway]\nid = \"gw\"\n").unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        status(&good)["config"]["hash"],
+        hash2.as_str(),
+        "an invalid config is not applied"
+    );
+    std::fs::write(&cfg, config(addr, dir.path(), broker.port, "300ms")).unwrap();
+
+    // SIGTERM: clean stop, offline status published.
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "meterd did not stop on SIGTERM: {}",
+            std::fs::read_to_string(dir.path().join("meterd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "{code:?}");
+    // Logs went to a file: a pipe nobody reads would fill up and block the daemon.
+    let err = std::fs::read_to_string(dir.path().join("meterd.log")).unwrap();
+    assert!(err.contains("reload refused"), "{err}");
+    assert!(
+        err.contains("gateway.timezone") || err.contains("missing field"),
+        "the refusal names the problem: {err}"
+    );
+    let msgs = sub
+        .wait_for("offline status", Duration::from_secs(10), |m| {
+            m.iter().any(|m| {
+                serde_json::from_slice::<Value>(&m.payload)
+                    .map(|v| v["state"] == "offline" && v["reason"] == "shutdown")
+                    .unwrap_or(false)
+            })
+        })
+        .await;
+    assert!(!msgs.is_empty());
+}
