@@ -65,6 +65,8 @@ pub enum Command {
     Relay(RelayCmd),
     /// Ask the running daemon how it is doing: buses, devices, outbox, MQTT, relays.
     Status(StatusCmd),
+    /// Run the installation acceptance pass (hil/bench.toml), on hardware or the simulator.
+    Acceptance(crate::acceptance::AcceptanceCmd),
     /// Serve a virtual building over Modbus TCP and RTU (pty).
     Simulate(SimulateCmd),
     /// Run the simulator and the daemon together on the built-in sample building.

@@ -5,6 +5,7 @@
 //! cloud through a durable outbox. See `docs/architecture.md` for how the pieces fit.
 #![forbid(unsafe_code)]
 
+pub mod acceptance;
 pub mod accounting;
 pub mod apportion;
 pub mod bench;

@@ -45,6 +45,7 @@ fn main() {
             Command::Apportion(c) => c.execute(),
             Command::Relay(c) => c.execute().await,
             Command::Status(c) => c.execute().await,
+            Command::Acceptance(c) => c.execute().await,
             Command::Simulate(c) => c.execute().await,
             Command::Demo(c) => c.execute().await,
             Command::Bench(c) => c.execute().await,

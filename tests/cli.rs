@@ -337,3 +337,43 @@ fn demo_runs_the_sample_building_and_shows_live_readings() {
     );
     assert!(last.contains("OFFLINE"), "{last}");
 }
+
+#[test]
+fn hil_acceptance_pass_runs_against_the_simulator_and_catches_a_wrong_display_value() {
+    let run = |_bench: &Path| {
+        Command::new(repo("hil/run"))
+            .arg("--sim")
+            .env("METERD", BIN)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(&repo("hil/bench.toml"));
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("8 passed, 0 failed"), "{}", stdout(&o));
+    // The same pass with a display value the meter does not show fails, and says which.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo("hil/bench.toml"))
+        .unwrap()
+        .replace("expect = 512.5", "expect = 600.0")
+        .replace(
+            "config = \"meterd.toml\"",
+            &format!("config = \"{}\"", repo("hil/meterd.toml").display()),
+        );
+    let bench = dir.path().join("bench.toml");
+    std::fs::write(&bench, text).unwrap();
+    let o = Command::new(BIN)
+        .args(["acceptance", "--bench"])
+        .arg(&bench)
+        .arg("--sim")
+        .arg(repo("hil/sim-building.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("FAIL    read 512.500 kWh, expected 600 ± 0.05"),
+        "{}",
+        stdout(&o)
+    );
+}
