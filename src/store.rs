@@ -649,22 +649,11 @@ fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
 
 /// Reads the stats of an outbox another process owns, without writing to it (`meterd buffer`).
 pub fn read_stats(path: &Path) -> Result<Stats, StoreError> {
-    if !path.exists() {
-        return Err(StoreError::Missing {
-            path: path.to_path_buf(),
-        });
-    }
-    let err = |source| StoreError::Sqlite {
+    let conn = open_read_only(path)?;
+    stats(&conn).map_err(|source| StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
-    };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(2)).map_err(err)?;
-    stats(&conn).map_err(err)
+    })
 }
 
 // ---- the store task -----------------------------------------------------------------------------
