@@ -245,7 +245,7 @@ pub async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
         .await;
         let (pass, detail) = match result {
             Ok((a, b, c)) => (
-                b == !a && c == a,
+                b != a && c == a,
                 format!(
                     "{} → {} → {} (read back each time)",
                     onoff(a),
