@@ -550,10 +550,15 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--reason"),
         "a reason is required"
     );
-    let audit = payloads(&sub.take(), "test/gw/audit");
-    assert!(audit.iter().any(|r| r["relay"] == "101-door"
-        && r["rule"] == "override"
-        && r["reason"].as_str().unwrap().contains("cli:")));
+    // The override's audit record reaches the broker shortly after the CLI's answer.
+    until(&sub, "override audit record", |m| {
+        payloads(m, "test/gw/audit").iter().any(|r| {
+            r["relay"] == "101-door"
+                && r["rule"] == "override"
+                && r["reason"].as_str().unwrap().contains("cli:")
+        })
+    })
+    .await;
     daemon.stop().await;
 
     // Restart: rules reload from SQLite, states are read first: nothing is written.
