@@ -222,6 +222,10 @@ impl Daemon {
                 seen,
                 tx: enf_tx.clone(),
             }));
+            handlers.push(Arc::new(crate::enforce::ledger::LedgerQuery {
+                path: config.store.path.clone(),
+                timezone: config.gateway.timezone,
+            }));
             Some(enf_tx)
         };
         let enforcement_tx = enforcement.clone();

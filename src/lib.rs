@@ -21,4 +21,5 @@ pub mod reading;
 pub mod sim;
 pub mod store;
 pub mod topology;
+pub mod tou;
 pub mod uplink;

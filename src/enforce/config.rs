@@ -73,15 +73,62 @@ pub struct RawPrepaid {
     pub tariff: String,
     #[serde(default)]
     pub bands: Vec<RawBand>,
+    /// The most the counter can advance in an hour (rated power in kW, rated flow in m³/h); a
+    /// reading beyond it is held as suspect. Default: 60 kW (a 3×100 A feeder), 10 m³/h.
+    pub max_rate: Option<f64>,
 }
 
 /// A time-of-use band as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBand {
+    /// "peak", "flat", "valley"; defaults to "HH:MM-HH:MM".
+    pub name: Option<String>,
     pub from: String,
     pub to: String,
     pub price: String,
+}
+
+/// Validates time-of-use bands (prepaid accounts and billing tariffs); problems as (key, message).
+pub fn bands(
+    key: &str,
+    raw: &[RawBand],
+    decimals: u32,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<Band> {
+    let mut out = Vec::new();
+    for (i, b) in raw.iter().enumerate() {
+        let k = format!("{key}.bands[{i}]");
+        match (
+            time(&b.from),
+            time(&b.to),
+            crate::money::Price::parse(&b.price, decimals),
+        ) {
+            (Ok(from), Ok(to), Ok(price)) if from != to => out.push(Band {
+                name: b
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", b.from, b.to)),
+                from,
+                to,
+                price,
+            }),
+            (Ok(_), Ok(_), Ok(_)) => issues.push((
+                k,
+                "from and to are the same time: a band needs a length (to < from wraps midnight)"
+                    .into(),
+            )),
+            (f, t, pr) => issues.push((
+                k,
+                [f.err(), t.err(), pr.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+        }
+    }
+    out
 }
 
 /// A relay with the device output that drives it.
@@ -99,6 +146,8 @@ pub struct PrepaidAccount {
     pub utility: Utility,
     pub device: String,
     pub tariff: PrepaidTariff,
+    /// Physical limit of the counter, for the plausibility check.
+    pub limits: super::prepaid::Limits,
 }
 
 /// Where the fire alarm is read.
@@ -313,24 +362,21 @@ pub fn build(
                 None
             }
         };
-        let mut bands = Vec::new();
-        for (i, b) in p.bands.iter().enumerate() {
-            let k = format!("{key}.bands[{i}]");
-            match (
-                time(&b.from),
-                time(&b.to),
-                crate::money::Price::parse(&b.price, base_price.map(|p| p.decimals).unwrap_or(2)),
-            ) {
-                (Ok(from), Ok(to), Ok(price)) => bands.push(Band { from, to, price }),
-                (f, t, pr) => issues.push((
-                    k,
-                    [f.err(), t.err(), pr.err()]
-                        .into_iter()
-                        .flatten()
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                )),
-            }
+        let bands = bands(
+            &key,
+            &p.bands,
+            base_price.map(|p| p.decimals).unwrap_or(2),
+            &mut issues,
+        );
+        let max_rate = p.max_rate.unwrap_or(match p.utility {
+            Utility::Electricity => 60.0,
+            Utility::Water => 10.0,
+        });
+        if !(max_rate.is_finite() && max_rate > 0.0) {
+            issues.push((
+                format!("{key}.max_rate"),
+                format!("{max_rate}: expected the meter's rated kW or m³/h, > 0"),
+            ));
         }
         if let Some(base) = base_price {
             out_prepaid.push(PrepaidAccount {
@@ -338,6 +384,11 @@ pub fn build(
                 utility: p.utility,
                 device: p.meter,
                 tariff: PrepaidTariff { base, bands },
+                limits: super::prepaid::Limits {
+                    max_milli_per_hour: (max_rate * 1000.0).round() as i64,
+                    // Two steps of a 0.01-resolution counter plus rounding: 50 thousandths.
+                    slack_milli: 50,
+                },
             });
         }
     }

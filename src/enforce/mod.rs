@@ -1,10 +1,12 @@
 //! Freeze rules and relay enforcement: door access and prepaid utilities, safe while offline.
 //!
-//! [`rules`] decides (pure), [`prepaid`] deducts metered consumption (pure), [`auth`] checks signed
+//! [`rules`] decides (pure), [`prepaid`] meters consumption exactly and deducts it (pure), [`ledger`]
+//! keeps every deduction and top-up, [`auth`] checks signed
 //! commands (pure), and the task in [`task`] feeds them and drives the relays through the bus tasks.
 
 pub mod auth;
 pub mod config;
+pub mod ledger;
 pub mod prepaid;
 pub mod rules;
 pub mod task;

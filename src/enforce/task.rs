@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::Relay;
-use super::prepaid::{self, PrepaidEvent};
+use super::ledger;
+use super::prepaid::{self, CounterState, PrepaidEvent, Step};
 use super::rules::{self, Desired, Freeze, Override, Prepaid, RoomRules};
 use crate::config::Config;
 use crate::modbus::bus::{Actuation, Batch, RelayState};
@@ -115,6 +116,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS enforcement_rooms (room TEXT PRIMARY KEY, rules TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enforcement_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (device, quantity));
 CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+-- Where each prepaid counter is billed up to, with the carried fraction (JSON of CounterState).
+CREATE TABLE IF NOT EXISTS prepaid_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (device, quantity));
 ";
 
 /// Loads the command ids already used (for the handler's replay check).
@@ -147,6 +150,8 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(|e| sql(path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| sql(path, e))?;
+    conn.execute_batch(ledger::SCHEMA)
+        .map_err(|e| sql(path, e))?;
     Ok(conn)
 }
 
@@ -157,7 +162,8 @@ pub struct Enforcer {
     /// only so the task is `Send`; it is never held across an await.
     conn: Mutex<Connection>,
     rooms: BTreeMap<String, RoomRules>,
-    counters: HashMap<String, f64>,
+    /// Prepaid counters: billed value, carried fraction, suspect reading (by `device/quantity`).
+    counters: HashMap<String, CounterState>,
     /// Read-back state per relay; absent until read.
     actual: BTreeMap<String, bool>,
     decided: BTreeMap<String, Desired>,
@@ -201,9 +207,33 @@ impl Enforcer {
         let mut counters = HashMap::new();
         {
             let mut stmt = conn
+                .prepare("SELECT device, quantity, state FROM prepaid_counters")
+                .map_err(|e| sql(&path, e))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(|e| sql(&path, e))?;
+            for row in rows {
+                let (d, q, state) = row.map_err(|e| sql(&path, e))?;
+                match serde_json::from_str::<CounterState>(&state) {
+                    Ok(st) => {
+                        counters.insert(format!("{d}/{q}"), st);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %d, error = %e, "prepaid counter state unreadable; the next reading is the new baseline")
+                    }
+                }
+            }
+            // Databases from before the exact ledger kept only the last reading: billed from there.
+            let mut old = conn
                 .prepare("SELECT device, quantity, value FROM enforcement_counters")
                 .map_err(|e| sql(&path, e))?;
-            for row in stmt
+            let rows = old
                 .query_map([], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -211,10 +241,17 @@ impl Enforcer {
                         r.get::<_, f64>(2)?,
                     ))
                 })
-                .map_err(|e| sql(&path, e))?
-            {
+                .map_err(|e| sql(&path, e))?;
+            for row in rows {
                 let (d, q, v) = row.map_err(|e| sql(&path, e))?;
-                counters.insert(format!("{d}/{q}"), v);
+                counters
+                    .entry(format!("{d}/{q}"))
+                    .or_insert_with(|| CounterState {
+                        billed_milli: crate::money::to_milli(v),
+                        billed_at: Utc::now(),
+                        carry: 0,
+                        suspect: None,
+                    });
             }
         }
         Ok(Enforcer {
@@ -237,9 +274,13 @@ impl Enforcer {
     }
 
     fn persist_room(&self, room: &str) {
+        let Ok(conn) = self.conn.lock() else { return };
+        self.persist_room_on(&conn, room);
+    }
+
+    fn persist_room_on(&self, conn: &Connection, room: &str) {
         if let Some(r) = self.rooms.get(room) {
             let json = serde_json::to_string(r).unwrap_or_default();
-            let Ok(conn) = self.conn.lock() else { return };
             if let Err(e) = conn.execute(
                 "INSERT INTO enforcement_rooms (room, rules) VALUES (?1, ?2) ON CONFLICT(room) DO UPDATE SET rules = excluded.rules",
                 params![room, json],
@@ -512,12 +553,32 @@ impl Enforcer {
                     empty_since: None,
                     warned: false,
                 });
+                let before = p.balance;
                 let ev = if name == "top_up" {
                     prepaid::top_up(p, amount)
                 } else {
                     prepaid::reconcile(p, amount, now)
                 };
+                let after = p.balance;
                 events.extend(ev.into_iter().map(|e| prepaid_event(&room, u, &e)));
+                let kind = if name == "top_up" {
+                    "top_up"
+                } else {
+                    "reconcile"
+                };
+                if let Ok(conn) = self.conn.lock() {
+                    if let Err(e) = ledger::add_adjustment(
+                        &conn,
+                        (&room, u),
+                        kind,
+                        now,
+                        after - before,
+                        after,
+                        id,
+                    ) {
+                        tracing::error!(room = %room, error = %e, "prepaid ledger: {kind} not recorded");
+                    }
+                }
             }
             other => return Err(format!("unknown relay command {other:?}")),
         }
@@ -548,6 +609,19 @@ impl Enforcer {
         let accounts = self.config.enforcement.prepaid.clone();
         let low = self.config.enforcement.low_balance;
         let tz = self.config.gateway.timezone;
+        let interval_ms = (self.config.topology.history_every.as_millis() as i64).max(1);
+        let Ok(mut conn) = self.conn.lock() else {
+            return out;
+        };
+        // Counter, balance and ledger move together in one transaction, so a restart or a power cut
+        // neither loses nor repeats consumption.
+        let tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!(error = %e, "prepaid: cannot write; readings not billed now, billed from the counter later");
+                return out;
+            }
+        };
         for acc in &accounts {
             let Some(r) = batch.iter().find(|r| {
                 *r.device == *acc.device
@@ -557,38 +631,106 @@ impl Enforcer {
                 continue;
             };
             let Some(value) = r.value else { continue };
-            let key = format!("{}/{}", acc.device, acc.utility.quantity());
-            let Some(last) = self.counters.get(&key).copied() else {
-                // First sight of this counter: the baseline (persisted with the first deduction).
-                self.counters.insert(key, value);
-                continue;
-            };
-            let used = crate::money::to_milli(value - last);
-            if used <= 0 {
-                if value < last {
-                    // Counter reset or meter exchanged: start again from here, deduct nothing.
-                    self.counters.insert(key, value);
+            let quantity = acc.utility.quantity();
+            let key = format!("{}/{}", acc.device, quantity);
+            let milli = crate::money::to_milli(value);
+            let mut state = self.counters.remove(&key);
+            // A long interval that crosses a band change is split with the history samples inside it.
+            let inside: Vec<(DateTime<Utc>, i64)> = match &state {
+                Some(st)
+                    if !acc.tariff.bands.is_empty()
+                        && r.ts - st.billed_at > chrono::Duration::minutes(1) =>
+                {
+                    crate::store::history_window(
+                        &tx,
+                        &acc.device,
+                        quantity.as_str(),
+                        st.billed_at.timestamp_millis() + 1,
+                        r.ts.timestamp_millis() - 1,
+                    )
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(t, v)| {
+                        Some((
+                            DateTime::from_timestamp_millis(t)?,
+                            crate::money::to_milli(v),
+                        ))
+                    })
+                    .collect()
                 }
-                continue;
-            }
-            self.counters.insert(key, value);
-            let price = acc.tariff.price_at(r.ts.with_timezone(&tz).time());
+                _ => Vec::new(),
+            };
+            let step = prepaid::meter(
+                &mut state,
+                r.ts,
+                milli,
+                &acc.tariff,
+                tz,
+                acc.limits,
+                &inside,
+            );
             let rules = self.rooms.entry(acc.room.clone()).or_default();
-            if let Some(p) = rules.prepaid.get_mut(&acc.utility) {
-                let ev = prepaid::deduct(p, used, price, low, now);
-                out.extend(
-                    ev.into_iter()
-                        .map(|e| prepaid_event(&acc.room, acc.utility, &e)),
-                );
+            match step {
+                Step::Baseline => {}
+                Step::Billed(charges) => match rules.prepaid.get_mut(&acc.utility) {
+                    Some(p) => {
+                        let total: i64 = charges.iter().map(|c| c.amount).sum();
+                        let mut balance = p.balance;
+                        for c in &charges {
+                            balance -= c.amount;
+                            let interval = c.piece.from.timestamp_millis().div_euclid(interval_ms)
+                                * interval_ms;
+                            if let Err(e) =
+                                ledger::add_usage(&tx, &acc.room, acc.utility, interval, c, balance)
+                            {
+                                tracing::error!(room = %acc.room, error = %e, "prepaid ledger: usage not recorded");
+                            }
+                        }
+                        let ev = prepaid::deduct(p, total, low, now);
+                        out.extend(
+                            ev.into_iter()
+                                .map(|e| prepaid_event(&acc.room, acc.utility, &e)),
+                        );
+                    }
+                    // No balance yet (the cloud sets it): nothing to deduct, no fraction to carry.
+                    None => {
+                        if let Some(st) = state.as_mut() {
+                            st.carry = 0;
+                        }
+                    }
+                },
+                Step::Suspect {
+                    reason,
+                    first,
+                    billed_milli,
+                    reading_milli,
+                } => {
+                    if first {
+                        tracing::warn!(device = %acc.device, room = %acc.room, ?reason, billed_milli, reading_milli, "prepaid counter reading held as suspect");
+                        out.push(counter_event("counter_suspect", acc, r.ts, json!({"reason": reason, "billed": billed_milli as f64 / 1000.0, "reading": reading_milli as f64 / 1000.0})));
+                    }
+                }
+                Step::Rebased {
+                    from_milli,
+                    to_milli,
+                } => {
+                    tracing::warn!(device = %acc.device, room = %acc.room, from_milli, to_milli, "prepaid counter re-based on a confirmed new level; the jump was not billed");
+                    out.push(counter_event("counter_rebased", acc, r.ts, json!({"from": from_milli as f64 / 1000.0, "to": to_milli as f64 / 1000.0, "unbilled": (to_milli - from_milli) as f64 / 1000.0})));
+                }
             }
-            // Counter and balance move together, so a restart neither loses nor repeats consumption.
-            if let Ok(c) = self.conn.lock() {
-                let _ = c.execute(
-                    "INSERT INTO enforcement_counters (device, quantity, value) VALUES (?1, ?2, ?3) ON CONFLICT(device, quantity) DO UPDATE SET value = excluded.value",
-                    params![acc.device, acc.utility.quantity().as_str(), value],
-                );
+            if let Some(st) = state {
+                if let Err(e) = tx.execute(
+                    "INSERT INTO prepaid_counters (device, quantity, state) VALUES (?1, ?2, ?3) ON CONFLICT(device, quantity) DO UPDATE SET state = excluded.state",
+                    params![acc.device, quantity.as_str(), serde_json::to_string(&st).unwrap_or_default()],
+                ) {
+                    tracing::error!(device = %acc.device, error = %e, "prepaid counter state not persisted");
+                }
+                self.counters.insert(key, st);
             }
-            self.persist_room(&acc.room);
+            self.persist_room_on(&tx, &acc.room);
+        }
+        if let Err(e) = tx.commit() {
+            tracing::error!(error = %e, "prepaid: deductions not committed");
         }
         out
     }
@@ -768,6 +910,25 @@ fn prepaid_event(room: &str, utility: Utility, e: &PrepaidEvent) -> NewRecord {
         kind: Kind::Event,
         topic: "events".into(),
         ts: Utc::now(),
+        payload: v.to_string().into_bytes(),
+    }
+}
+
+/// An event about a prepaid account's counter (`counter_suspect`, `counter_rebased`).
+fn counter_event(
+    event: &str,
+    acc: &super::config::PrepaidAccount,
+    at: DateTime<Utc>,
+    fields: Value,
+) -> NewRecord {
+    let mut v = json!({"event": event, "room": acc.room, "utility": acc.utility, "device": acc.device, "at": at.to_rfc3339()});
+    if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
+        m.extend(f);
+    }
+    NewRecord {
+        kind: Kind::Event,
+        topic: "events".into(),
+        ts: at,
         payload: v.to_string().into_bytes(),
     }
 }

@@ -1,0 +1,276 @@
+//! Time-of-use pricing (峰/平/谷): bands of local time with their own price, and the exact split of a
+//! counter's consumption across band changes. Pure; used by prepaid deduction and by the bills.
+//!
+//! Consumption between two counter points is assumed to flow evenly in time (the only honest
+//! assumption without a reading in between), so an interval that crosses a band change is split in
+//! proportion to the time spent in each band. Callers pass every reading they have inside a long
+//! interval (history samples), so the even-flow assumption only ever spans the gaps between them.
+//! Splits are done on cumulative integer thousandths, so the pieces always add up exactly.
+
+use chrono::{DateTime, Duration, NaiveTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::money::Price;
+
+/// Name of the part of the day no band covers (priced at the base price).
+pub const BASE_BAND: &str = "base";
+
+/// A band: `price` from `from` to `to` local time (wrapping midnight when `to < from`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Band {
+    /// What bills and the ledger call it ("peak", "valley"); defaults to "HH:MM-HH:MM".
+    pub name: String,
+    pub from: NaiveTime,
+    pub to: NaiveTime,
+    pub price: Price,
+}
+
+/// A base price and optional time-of-use bands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TouPrice {
+    pub base: Price,
+    #[serde(default)]
+    pub bands: Vec<Band>,
+}
+
+impl TouPrice {
+    /// A flat price.
+    pub fn flat(base: Price) -> TouPrice {
+        TouPrice {
+            base,
+            bands: Vec::new(),
+        }
+    }
+
+    /// The band in force at local time `t` and its price.
+    pub fn band_at(&self, t: NaiveTime) -> (&str, Price) {
+        self.bands
+            .iter()
+            .find(|b| {
+                if b.from <= b.to {
+                    t >= b.from && t < b.to
+                } else {
+                    t >= b.from || t < b.to
+                }
+            })
+            .map(|b| (b.name.as_str(), b.price))
+            .unwrap_or((BASE_BAND, self.base))
+    }
+
+    /// The price in force at local time `t`.
+    pub fn price_at(&self, t: NaiveTime) -> Price {
+        self.band_at(t).1
+    }
+
+    /// Local times of day at which the price may change, sorted.
+    pub fn changes(&self) -> Vec<NaiveTime> {
+        let mut v: Vec<NaiveTime> = self.bands.iter().flat_map(|b| [b.from, b.to]).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The first band change strictly after `t`, if the tariff has bands.
+    pub fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        next_local_time(&self.changes(), t, tz)
+    }
+}
+
+/// The first instant strictly after `t` whose local time of day (in `tz`) is one of `times`.
+pub fn next_local_time(
+    times: &[NaiveTime],
+    t: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+) -> Option<DateTime<Utc>> {
+    if times.is_empty() {
+        return None;
+    }
+    let day = t.with_timezone(&tz).date_naive();
+    // Three days cover any DST oddity; a time skipped by DST falls back to the next valid instant.
+    (0..3)
+        .flat_map(|d| {
+            times
+                .iter()
+                .map(move |tm| (day + Duration::days(d)).and_time(*tm))
+        })
+        .filter_map(|l| {
+            tz.from_local_datetime(&l)
+                .earliest()
+                .or_else(|| tz.from_local_datetime(&(l + Duration::hours(1))).earliest())
+                .map(|x| x.with_timezone(&Utc))
+        })
+        .filter(|x| *x > t)
+        .min()
+}
+
+/// Consumption of one band over one stretch of time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Piece {
+    pub band: String,
+    pub price: Price,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Counter (thousandths) at `from` and `to`; interpolated where between readings.
+    pub start_milli: i64,
+    pub end_milli: i64,
+}
+
+impl Piece {
+    /// Consumption in thousandths of a unit.
+    pub fn milli(&self) -> i64 {
+        self.end_milli - self.start_milli
+    }
+}
+
+/// Splits the consumption between consecutive counter points `(time, thousandths)` (sorted by time,
+/// non-decreasing counter) at every band change. The pieces' consumption sums exactly to
+/// `last − first`.
+pub fn split(price: &TouPrice, tz: chrono_tz::Tz, points: &[(DateTime<Utc>, i64)]) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for w in points.windows(2) {
+        let ((t0, m0), (t1, m1)) = (w[0], w[1]);
+        let mut cuts = vec![t0];
+        let mut t = t0;
+        while let Some(n) = price.next_change(t, tz).filter(|n| *n < t1) {
+            cuts.push(n);
+            t = n;
+        }
+        cuts.push(t1.max(t0));
+        let span = (t1 - t0).num_milliseconds().max(1) as i128;
+        let at = |x: DateTime<Utc>| -> i64 {
+            if x >= t1 {
+                return m1;
+            }
+            let f = (x - t0).num_milliseconds() as i128;
+            m0 + ((i128::from(m1 - m0) * f).div_euclid(span)) as i64
+        };
+        for c in cuts.windows(2) {
+            let (a, b) = (c[0], c[1]);
+            let (band, p) = price.band_at(a.with_timezone(&tz).time());
+            let (ma, mb) = (at(a), at(b));
+            // Merge with the previous piece of the same band (consecutive readings, same band).
+            if let Some(last) = out.last_mut() {
+                if last.band == band && last.to == a && last.price == p {
+                    last.to = b;
+                    last.end_milli = mb;
+                    continue;
+                }
+            }
+            out.push(Piece {
+                band: band.to_string(),
+                price: p,
+                from: a,
+                to: b,
+                start_milli: ma,
+                end_milli: mb,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn hm(h: u32, m: u32) -> NaiveTime {
+        NaiveTime::from_hms_opt(h, m, 0).unwrap()
+    }
+
+    /// Shanghai's common residential split: peak 08:00–22:00 at 0.5583, valley 22:00–08:00 at 0.3583.
+    pub(crate) fn peak_valley() -> TouPrice {
+        TouPrice {
+            base: Price::parse("0.8523", 2).unwrap(),
+            bands: vec![
+                Band {
+                    name: "peak".into(),
+                    from: hm(8, 0),
+                    to: hm(22, 0),
+                    price: Price::parse("0.5583", 2).unwrap(),
+                },
+                Band {
+                    name: "valley".into(),
+                    from: hm(22, 0),
+                    to: hm(8, 0),
+                    price: Price::parse("0.3583", 2).unwrap(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn bands_wrap_midnight_and_the_rest_is_base() {
+        let t = TouPrice {
+            base: Price::parse("1.00", 2).unwrap(),
+            bands: vec![Band {
+                name: "night".into(),
+                from: hm(22, 0),
+                to: hm(7, 0),
+                price: Price::parse("0.40", 2).unwrap(),
+            }],
+        };
+        assert_eq!(t.band_at(hm(23, 0)).0, "night");
+        assert_eq!(t.price_at(hm(3, 0)).micros, 400_000);
+        assert_eq!(t.band_at(hm(12, 0)), (BASE_BAND, t.base));
+        assert_eq!(t.changes(), vec![hm(7, 0), hm(22, 0)]);
+    }
+
+    #[test]
+    fn an_outage_from_evening_to_morning_is_split_by_the_hours_in_each_band() {
+        // Readings at 20:00 and 10:00 local (Shanghai) next day, 14.000 kWh in between (14 h):
+        // 20–22 peak (2 h), 22–08 valley (10 h), 08–10 peak (2 h) at an even flow of 1 kWh/h.
+        let tz = chrono_tz::Asia::Shanghai;
+        let a = tz
+            .with_ymd_and_hms(2026, 10, 14, 20, 0, 0)
+            .unwrap()
+            .with_timezone(&Utc);
+        let b = a + Duration::hours(14);
+        let pieces = split(&peak_valley(), tz, &[(a, 100_000), (b, 114_000)]);
+        let summary: Vec<(&str, i64)> = pieces
+            .iter()
+            .map(|p| (p.band.as_str(), p.milli()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![("peak", 2_000), ("valley", 10_000), ("peak", 2_000)]
+        );
+        assert_eq!(pieces[1].from.with_timezone(&tz).time(), hm(22, 0));
+    }
+
+    #[test]
+    fn consecutive_readings_in_one_band_merge_into_one_piece() {
+        let tz = chrono_tz::Asia::Shanghai;
+        let a = tz
+            .with_ymd_and_hms(2026, 10, 14, 12, 0, 0)
+            .unwrap()
+            .with_timezone(&Utc);
+        let pts: Vec<_> = (0..4)
+            .map(|i| (a + Duration::seconds(10 * i), 5_000 + 3 * i))
+            .collect();
+        let p = split(&peak_valley(), tz, &pts);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].milli(), 9);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pieces_add_up_exactly(
+            start in 0i64..10_000_000,
+            steps in proptest::collection::vec((1i64..200_000, 0i64..50_000), 1..30),
+            hour in 0u32..24,
+        ) {
+            let tz = chrono_tz::Asia::Shanghai;
+            let mut t = tz.with_ymd_and_hms(2026, 10, 31, hour, 0, 0).unwrap().with_timezone(&Utc);
+            let mut m = start;
+            let mut pts = vec![(t, m)];
+            for (secs, used) in steps {
+                t += Duration::seconds(secs);
+                m += used;
+                pts.push((t, m));
+            }
+            let pieces = split(&peak_valley(), tz, &pts);
+            proptest::prop_assert_eq!(pieces.iter().map(Piece::milli).sum::<i64>(), m - start);
+            proptest::prop_assert!(pieces.iter().all(|p| p.milli() >= 0));
+        }
+    }
+}
