@@ -1,9 +1,11 @@
-//! Accounting over real periods: balances every interval and the monthly apportionment, computed
-//! from the counter history in the outbox database and published as results and events.
+//! Accounting over real periods: balances every interval and the monthly bills, computed from the
+//! counter history in the outbox database and published as results and events.
 //!
-//! The arithmetic is in [`crate::topology`] and [`crate::apportion`]; this module finds the counter
-//! values at the period boundaries (site timezone), runs it on schedule or on demand, and keeps every
-//! run versioned with its inputs.
+//! The arithmetic is in [`crate::topology`], [`crate::apportion`] and [`crate::bill`]; this module
+//! finds the counter readings at the billing boundaries (site timezone), decides when a period can
+//! be run ([`next_step`], pure), runs missed periods oldest first, and keeps every run versioned
+//! with its inputs: a recomputation names the version it supersedes and publishes the per-room
+//! adjustments.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,9 +18,10 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
 use crate::apportion::{self, PoolResult};
+use crate::bill::{self, RoomBill, Segment, Series, Statement};
 use crate::config::Config;
-use crate::store::{self, Kind, NewRecord, StoreHandle};
-use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Source, Tariff};
+use crate::store::{self, Kind, NewRecord, NewRun, StoreHandle};
+use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Site, Source, Tariff};
 use crate::uplink::CommandHandler;
 
 /// Why a period could not be computed.
@@ -146,15 +149,300 @@ pub fn consumption(
     Ok(topology::meter_consumption(&config.site, &devices))
 }
 
-/// Every pool for a month.
+/// Every pool for a month (one result per pool and segment), computed as the bills are.
 pub fn apportion_period(
     conn: &Connection,
     config: &Config,
     period: &str,
 ) -> Result<Vec<PoolResult>, AccountingError> {
+    compute(conn, config, period)?
+        .pools
+        .into_iter()
+        .map(|p| serde_json::from_value(p).map_err(|e| AccountingError::History(e.to_string())))
+        .collect()
+}
+
+/// A reading this close after a billing boundary is taken as the boundary reading itself, at its own
+/// time: the bus reads every billing meter at the boundary, so this is the real reading a tenant can
+/// check, and one period's end reading is the next one's start (nothing billed twice or lost).
+/// Without one, the value is interpolated and flagged as estimated when the readings around it are
+/// more than two history intervals apart.
+pub const BOUNDARY_TOLERANCE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// The counter at boundary `t` from the history: `(time of the reading used, value)`.
+fn boundary_reading(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    t: DateTime<Utc>,
+    max_gap: i64,
+    rollover: Option<f64>,
+) -> Result<Option<(DateTime<Utc>, Boundary)>, AccountingError> {
+    let ms = t.timestamp_millis();
+    // Samples at or before t-1 ms and after it: an exact-time sample comes back as "after".
+    let around = store::history_around(conn, device, quantity, ms - 1)
+        .map_err(|e| AccountingError::History(e.to_string()))?;
+    if let Some(&(ta, va)) = around.iter().find(|(ts, _)| *ts >= ms) {
+        if ta - ms <= BOUNDARY_TOLERANCE.num_milliseconds() {
+            let at = DateTime::from_timestamp_millis(ta).unwrap_or(t);
+            return Ok(Some((
+                at,
+                Boundary {
+                    value: va,
+                    estimated: false,
+                },
+            )));
+        }
+    }
+    Ok(topology::value_at(&around, ms, max_gap, rollover).map(|b| (t, b)))
+}
+
+/// `[from, to)` cut at every dated assignment inside it, each piece with the site as it was then.
+pub fn segments(
+    site: &Site,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<(DateTime<Utc>, DateTime<Utc>, Site)> {
+    let mut cuts: Vec<DateTime<Utc>> = site
+        .assignments
+        .iter()
+        .map(|a| a.from)
+        .filter(|t| *t > from && *t < to)
+        .collect();
+    cuts.sort();
+    cuts.dedup();
+    let mut out = Vec::new();
+    let mut a = from;
+    for c in cuts.into_iter().chain(std::iter::once(to)) {
+        out.push((a, c, site.as_of(a)));
+        a = c;
+    }
+    out
+}
+
+/// Devices whose readings are needed at every band change: those billing a room (directly or
+/// through a virtual meter) whose tariff has bands.
+fn banded_devices(site: &Site) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for m in site.meters.values() {
+        let Some(room) = &m.room else { continue };
+        if site
+            .room_tariff(room, m.utility)
+            .is_none_or(|t| t.bands.is_empty())
+        {
+            continue;
+        }
+        let mut stack = vec![m.name.clone()];
+        while let Some(n) = stack.pop() {
+            match site.meters.get(&n).map(|m| &m.source) {
+                Some(Source::Device(d)) => {
+                    out.insert(d.clone());
+                }
+                Some(Source::Virtual(terms)) => stack.extend(terms.iter().map(|(_, t)| t.clone())),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// Every device's readings over `[from, to)`: at both ends, and at every band change for the devices
+/// that need them.
+fn series(
+    conn: &Connection,
+    config: &Config,
+    site: &Site,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<BTreeMap<String, Series>, AccountingError> {
+    let max_gap = 2 * config.topology.history_every.as_millis() as i64;
+    let calendar = bill::Calendar::new(
+        config.gateway.timezone,
+        site.tariffs.values().map(Tariff::tou),
+    );
+    let mut inner = Vec::new();
+    let mut t = from;
+    while !calendar.band_changes.is_empty() {
+        t = calendar.next_after(t);
+        if t >= to {
+            break;
+        }
+        inner.push(t);
+    }
+    let banded = banded_devices(site);
+    let mut out = BTreeMap::new();
+    for m in site.meters.values() {
+        let Source::Device(dev) = &m.source else {
+            continue;
+        };
+        if out.contains_key(dev) {
+            continue;
+        }
+        let q = m.utility.quantity().as_str();
+        let mut instants = vec![from];
+        if banded.contains(dev) {
+            instants.extend(inner.iter().copied());
+        }
+        instants.push(to);
+        let mut s: Series = Vec::with_capacity(instants.len());
+        for t in instants {
+            let r = boundary_reading(conn, dev, q, t, max_gap, m.rollover)?;
+            s.push(match r {
+                Some((at, b)) => (at, Some(b)),
+                None => (t, None),
+            });
+        }
+        out.insert(dev.clone(), s);
+    }
+    Ok(out)
+}
+
+/// A period's pools and per-room bills, computed now from the history.
+pub fn compute(
+    conn: &Connection,
+    config: &Config,
+    period: &str,
+) -> Result<Statement, AccountingError> {
     let (from, to) = period_bounds(period, config.gateway.timezone)?;
-    let c = consumption(conn, config, from, to)?;
-    Ok(apportion::apportion(&config.site, &c, period))
+    let parts = segments(&config.site, from, to);
+    let mut data = Vec::new();
+    for (a, b, site) in &parts {
+        let replacements: BTreeMap<String, Replacement> = config
+            .replacements
+            .iter()
+            .filter(|r| r.at > *a && r.at <= *b)
+            .map(|r| {
+                (
+                    r.meter.clone(),
+                    Replacement {
+                        final_reading: r.final_reading,
+                        initial_reading: r.initial_reading,
+                    },
+                )
+            })
+            .collect();
+        data.push((series(conn, config, site, *a, *b)?, replacements));
+    }
+    let segs: Vec<Segment> = parts
+        .iter()
+        .zip(&data)
+        .map(|((a, b, site), (series, replacements))| Segment {
+            from: *a,
+            to: *b,
+            site,
+            series,
+            replacements,
+        })
+        .collect();
+    Ok(bill::bills(period, config.gateway.timezone, &segs))
+}
+
+/// Device meters with no reading at or after `t` (the run waits for them).
+pub fn unread_after(
+    conn: &Connection,
+    config: &Config,
+    t: DateTime<Utc>,
+) -> Result<Vec<String>, AccountingError> {
+    let mut out = Vec::new();
+    for m in config.site.meters.values() {
+        let Source::Device(dev) = &m.source else {
+            continue;
+        };
+        let around = store::history_around(
+            conn,
+            dev,
+            m.utility.quantity().as_str(),
+            t.timestamp_millis() - 1,
+        )
+        .map_err(|e| AccountingError::History(e.to_string()))?;
+        if !around.iter().any(|(ts, _)| *ts >= t.timestamp_millis()) {
+            out.push(m.name.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// What the accounting task should do about billing now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Compute and publish `period`; `waited_out` when meters were still unread at the bound.
+    Run { period: String, waited_out: bool },
+    /// Look again at this time.
+    Wait(DateTime<Utc>),
+}
+
+/// When the oldest pending period is due and whether to run it now. Due: `apportion_day` 00:05 site
+/// time of the month after the period; from then on it runs as soon as every billing meter has a
+/// reading after the period's end, and at the latest `wait` later (missing meters named in the
+/// bills). Pure.
+pub fn next_step(
+    now: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+    apportion_day: u32,
+    wait: chrono::Duration,
+    pending: &str,
+    all_read: bool,
+) -> Result<Next, AccountingError> {
+    let (_, end) = period_bounds(pending, tz)?;
+    let due = next_run(end - chrono::Duration::seconds(1), tz, apportion_day).max(end);
+    if now < due {
+        return Ok(Next::Wait(due));
+    }
+    if all_read {
+        return Ok(Next::Run {
+            period: pending.to_string(),
+            waited_out: false,
+        });
+    }
+    if now >= due + wait {
+        return Ok(Next::Run {
+            period: pending.to_string(),
+            waited_out: true,
+        });
+    }
+    Ok(Next::Wait(
+        (now + chrono::Duration::minutes(1)).min(due + wait),
+    ))
+}
+
+/// Periods from `since` to the one before `now`'s month that have no run, oldest first.
+pub fn pending_periods(
+    since: &str,
+    now: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+    done: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let last = previous_period(now, tz);
+    let mut out = Vec::new();
+    let mut p = since.to_string();
+    // Bounded: at most 13 months of history are kept.
+    for _ in 0..24 {
+        if p > last {
+            break;
+        }
+        if !done.contains(&p) {
+            out.push(p.clone());
+        }
+        p = next_period(&p);
+    }
+    out
+}
+
+/// The month after `YYYY-MM`.
+pub fn next_period(p: &str) -> String {
+    let (y, m) = p.split_once('-').unwrap_or(("0", "0"));
+    let (y, m): (i32, u32) = (y.parse().unwrap_or(0), m.parse().unwrap_or(0));
+    if m >= 12 {
+        format!("{:04}-01", y + 1)
+    } else {
+        format!("{y:04}-{:02}", m + 1)
+    }
+}
+
+/// The month containing `t` in the site's timezone.
+pub fn period_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
+    let l = t.with_timezone(&tz);
+    format!("{:04}-{:02}", l.year(), l.month())
 }
 
 /// Every node's balance over `[from, to]`.
@@ -166,18 +454,6 @@ pub fn balances(
 ) -> Result<Vec<Balance>, AccountingError> {
     let c = consumption(conn, config, from, to)?;
     Ok(topology::balances(&config.site, &c))
-}
-
-/// The outbox record of one pool's result (topic `results/apportionment`).
-pub fn result_record(version: i64, r: &PoolResult) -> NewRecord {
-    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
-    v["version"] = json!(version);
-    NewRecord {
-        kind: Kind::Result,
-        topic: "results/apportionment".into(),
-        ts: Utc::now(),
-        payload: v.to_string().into_bytes(),
-    }
 }
 
 /// The event of a node whose balance is off.
@@ -203,11 +479,35 @@ pub fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>) -> New
     }
 }
 
-/// What the cloud can ask of the accounting task.
-#[derive(Debug, Clone)]
+/// What a billing run was asked for by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRequest {
+    pub period: String,
+    /// Why (kept with the version; "scheduled" for the monthly run).
+    pub reason: String,
+    /// The cloud command that asked, if any.
+    pub command_id: Option<String>,
+}
+
+/// What a run produced, for the CLI and the logs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunSummary {
+    pub period: String,
+    pub version: i64,
+    pub supersedes: Option<i64>,
+    pub provisional: bool,
+    pub bills: usize,
+    pub adjustments: Vec<bill::Adjustment>,
+}
+
+/// What the cloud and the control socket can ask of the accounting task.
+#[derive(Debug)]
 pub enum Request {
-    /// Compute and publish a month.
-    Apportion(String),
+    /// Compute and publish a period (a new version if it ran before).
+    Run(
+        RunRequest,
+        Option<tokio::sync::oneshot::Sender<Result<RunSummary, String>>>,
+    ),
     /// Set (or change) a tariff; persisted, and used from the next computation on.
     SetTariff(Tariff),
 }
@@ -245,42 +545,114 @@ pub fn apply_tariff_overrides(
     Ok(n)
 }
 
-/// Cloud commands `apportion {"period": "2026-10"}` (results follow on `results/apportionment`) and
-/// `set_tariff {"name", "utility", "price", "currency", "decimals"}`.
+/// Cloud commands: `apportion {"period"}` (results on `results/apportionment` and `results/bill`),
+/// `recompute {"period", "reason"}` (signed like relay commands: it changes money; adjustments on
+/// `results/adjustment`), `get_bill {"period", "version"?, "room"?}` and `set_tariff`.
 pub struct AccountingCommands {
     pub requests: mpsc::Sender<Request>,
     pub timezone: chrono_tz::Tz,
+    /// Verifies `recompute`; without a key it is refused.
+    pub key: Option<ed25519_dalek::VerifyingKey>,
+    /// Command ids already used (shared with enforcement's replay check).
+    pub seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The outbox database, for `get_bill`.
+    pub path: std::path::PathBuf,
+}
+
+fn period_arg(args: &Value, tz: chrono_tz::Tz, name: &str) -> Result<String, String> {
+    let Some(period) = args.get("period").and_then(Value::as_str) else {
+        return Err(format!("{name} needs {{\"period\": \"YYYY-MM\"}}"));
+    };
+    period_bounds(period, tz).map_err(|e| e.to_string())?;
+    Ok(period.to_string())
 }
 
 impl CommandHandler for AccountingCommands {
-    fn handle(&self, _id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
         let (request, reply) = match name {
             "apportion" => {
-                let Some(period) = args.get("period").and_then(Value::as_str) else {
-                    return Some(Err("apportion needs {\"period\": \"YYYY-MM\"}".into()));
+                let period = match period_arg(args, self.timezone, name) {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(e)),
                 };
-                if let Err(e) = period_bounds(period, self.timezone) {
-                    return Some(Err(e.to_string()));
-                }
                 (
-                    Request::Apportion(period.to_string()),
+                    Request::Run(
+                        RunRequest {
+                            period: period.clone(),
+                            reason: "apportion command".into(),
+                            command_id: None,
+                        },
+                        None,
+                    ),
                     json!({"queued": period, "results_topic": "results/apportionment"}),
                 )
             }
+            "recompute" => {
+                let Some(key) = &self.key else {
+                    return Some(Err("recompute is disabled: set [enforcement] public_key on the gateway (it changes bills, so it must be signed)".into()));
+                };
+                let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
+                if let Err(e) = crate::enforce::auth::verify(key, name, id, args, Utc::now(), seen)
+                {
+                    return Some(Err(e));
+                }
+                let period = match period_arg(args, self.timezone, name) {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(e)),
+                };
+                let reason = args
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                if reason.is_empty() {
+                    return Some(Err(
+                        "recompute needs a \"reason\" (it goes into the trail)".into()
+                    ));
+                }
+                if let Ok(mut s) = self.seen.lock() {
+                    s.insert(id.to_string());
+                }
+                (
+                    Request::Run(
+                        RunRequest {
+                            period: period.clone(),
+                            reason,
+                            command_id: Some(id.to_string()),
+                        },
+                        None,
+                    ),
+                    json!({"queued": period, "results_topic": "results/adjustment"}),
+                )
+            }
+            "get_bill" => return Some(self.get_bill(args)),
             "set_tariff" => {
                 let raw: topology::RawTariff = match serde_json::from_value(args.clone()) {
                     Ok(r) => r,
-                    Err(e) => return Some(Err(format!("set_tariff: {e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\"}}"))),
+                    Err(e) => return Some(Err(format!("set_tariff: {e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\", \"bands\"?, \"rooms\"?}}"))),
                 };
                 let price = match crate::money::Price::parse(&raw.price, raw.decimals) {
                     Ok(p) => p,
                     Err(e) => return Some(Err(format!("set_tariff: price {e}"))),
                 };
+                let mut issues = Vec::new();
+                let bands =
+                    crate::tou::parse_bands("set_tariff", &raw.bands, raw.decimals, &mut issues);
+                if !issues.is_empty() {
+                    let msg: Vec<String> = issues
+                        .into_iter()
+                        .map(|(k, m)| format!("{k}: {m}"))
+                        .collect();
+                    return Some(Err(msg.join("; ")));
+                }
                 let t = Tariff {
                     name: raw.name,
                     utility: raw.utility,
                     price,
                     currency: raw.currency,
+                    bands,
+                    rooms: raw.rooms,
                 };
                 let reply = json!({"tariff": t.name, "price_micros": t.price.micros});
                 (Request::SetTariff(t), reply)
@@ -294,30 +666,160 @@ impl CommandHandler for AccountingCommands {
     }
 }
 
-/// Runs one month and publishes it; returns the version.
-async fn run_period(
-    config: &Arc<Config>,
-    store: &StoreHandle,
-    period: String,
-) -> Result<(i64, Vec<PoolResult>), String> {
-    let c = config.clone();
-    let p = period.clone();
-    let results = tokio::task::spawn_blocking(move || -> Result<Vec<PoolResult>, String> {
-        let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
-        apportion_period(&conn, &c, &p).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-    let json = serde_json::to_string(&results).map_err(|e| e.to_string())?;
-    let version = store.save_apportionment(&period, json).await?;
-    store
-        .append(results.iter().map(|r| result_record(version, r)).collect())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((version, results))
+impl AccountingCommands {
+    fn get_bill(&self, args: &Value) -> Result<Value, String> {
+        let period = period_arg(args, self.timezone, "get_bill")?;
+        let version = args.get("version").and_then(Value::as_i64);
+        let conn = store::open_read_only(&self.path).map_err(|e| e.to_string())?;
+        let run = store::load_run(&conn, &period, version)
+            .map_err(|e| format!("billing runs: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "no bill for {period}{} on this gateway",
+                    version.map(|v| format!(" version {v}")).unwrap_or_default()
+                )
+            })?;
+        let st: Statement = serde_json::from_str(&run.body)
+            .map_err(|e| format!("stored run {}: {e}", run.version))?;
+        let room = args.get("room").and_then(Value::as_str);
+        let bills: Vec<&RoomBill> = st
+            .bills
+            .iter()
+            .filter(|b| room.is_none_or(|r| b.room == r))
+            .collect();
+        Ok(json!({
+            "period": period, "version": run.version, "supersedes": run.supersedes, "reason": run.reason,
+            "computed_at": run.computed_at, "config_hash": run.config_hash, "provisional": run.provisional,
+            "bills": bills,
+        }))
+    }
 }
 
-/// The accounting task: balance checks every `balance_every`, the monthly run, and on-demand runs.
+/// The outbox records of a run: one per pool and segment (`results/apportionment`), one per room and
+/// utility (`results/bill`), and one per changed room (`results/adjustment`). Each carries its time,
+/// period, version and config hash.
+pub fn run_records(
+    st: &Statement,
+    adjustments: &[bill::Adjustment],
+    meta: &RunMeta,
+    version: i64,
+) -> Vec<NewRecord> {
+    let stamp = |mut v: Value| {
+        v["ts"] = json!(meta.at.to_rfc3339());
+        v["version"] = json!(version);
+        v["config_hash"] = json!(meta.config_hash);
+        v["period"] = json!(meta.period);
+        v
+    };
+    let rec = |topic: &str, v: Value| NewRecord {
+        kind: Kind::Result,
+        topic: topic.into(),
+        ts: meta.at,
+        payload: stamp(v).to_string().into_bytes(),
+    };
+    let mut out: Vec<NewRecord> = st
+        .pools
+        .iter()
+        .map(|p| rec("results/apportionment", p.clone()))
+        .collect();
+    out.extend(
+        st.bills
+            .iter()
+            .map(|b| rec("results/bill", serde_json::to_value(b).unwrap_or_default())),
+    );
+    out.extend(adjustments.iter().map(|a| {
+        let mut v = serde_json::to_value(a).unwrap_or_default();
+        v["supersedes"] = json!(meta.supersedes);
+        v["reason"] = json!(meta.reason);
+        rec("results/adjustment", v)
+    }));
+    out
+}
+
+/// What every record of a run is stamped with.
+#[derive(Debug, Clone)]
+pub struct RunMeta {
+    pub period: String,
+    pub at: DateTime<Utc>,
+    pub config_hash: String,
+    pub supersedes: Option<i64>,
+    pub reason: String,
+}
+
+/// Computes a period and keeps it as a new version with its records (one durable transaction).
+pub async fn run_period(
+    config: &Arc<Config>,
+    store: &StoreHandle,
+    req: RunRequest,
+) -> Result<RunSummary, String> {
+    let c = config.clone();
+    let r = req.clone();
+    let (st, previous) = tokio::task::spawn_blocking(
+        move || -> Result<(Statement, Option<(i64, Statement)>), String> {
+            let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
+            if let Some(id) = &r.command_id {
+                if let Some(v) = store::run_of_command(&conn, id).map_err(|e| e.to_string())? {
+                    return Err(format!("command {id} already made version {v}"));
+                }
+            }
+            let st = compute(&conn, &c, &r.period).map_err(|e| e.to_string())?;
+            let prev = store::load_run(&conn, &r.period, None)
+                .map_err(|e| e.to_string())?
+                .and_then(|p| {
+                    serde_json::from_str::<Statement>(&p.body)
+                        .ok()
+                        .map(|s| (p.version, s))
+                });
+            Ok((st, prev))
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())??;
+    let adjustments = previous
+        .as_ref()
+        .map(|(_, old)| bill::adjustments(&old.bills, &st.bills))
+        .unwrap_or_default();
+    let meta = RunMeta {
+        period: req.period.clone(),
+        at: Utc::now(),
+        config_hash: config.hash.clone(),
+        supersedes: previous.as_ref().map(|(v, _)| *v),
+        reason: req.reason.clone(),
+    };
+    let provisional = st.bills.iter().any(|b| b.provisional);
+    let run = NewRun {
+        period: req.period.clone(),
+        supersedes: meta.supersedes,
+        reason: req.reason.clone(),
+        config_hash: config.hash.clone(),
+        provisional,
+        command_id: req.command_id.clone(),
+        body: serde_json::to_string(&st).map_err(|e| e.to_string())?,
+    };
+    let bills = st.bills.len();
+    let adj = adjustments.clone();
+    let m = meta.clone();
+    let version = store
+        .save_run(run, Box::new(move |v| run_records(&st, &adj, &m, v)))
+        .await?;
+    Ok(RunSummary {
+        period: req.period,
+        version,
+        supersedes: meta.supersedes,
+        provisional,
+        bills,
+        adjustments,
+    })
+}
+
+/// Meta key: the first period this gateway bills (the month it first ran).
+pub const BILLING_SINCE: &str = "billing_since";
+
+/// How long a due period waits for every billing meter to report after the boundary.
+pub const BOUNDARY_WAIT: chrono::Duration = chrono::Duration::hours(6);
+
+/// The accounting task: balance checks every `balance_every`, the monthly runs (missed ones caught
+/// up oldest first), and runs on request.
 pub async fn run(
     config: Arc<Config>,
     store: StoreHandle,
@@ -330,7 +832,15 @@ pub async fn run(
     // Tariffs the cloud set earlier survive restarts.
     let mut config = config;
     let mut overrides: Vec<Tariff> = Vec::new();
+    let mut since: Option<String> = None;
     if let Ok(conn) = store::open_read_only(&config.store.path) {
+        since = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [BILLING_SINCE],
+                |r| r.get(0),
+            )
+            .ok();
         let mut c = (*config).clone();
         if let Ok(n) = apply_tariff_overrides(&conn, &mut c.site) {
             if n > 0 {
@@ -346,18 +856,29 @@ pub async fn run(
             }
         }
     }
+    let tz = config.gateway.timezone;
+    let since = match since {
+        Some(s) => s,
+        None => {
+            let s = period_of(Utc::now(), tz);
+            store.set_meta(BILLING_SINCE, s.clone()).await;
+            s
+        }
+    };
     let every = config.topology.balance_every;
     // Without an uplink nobody can ask for a run: the channel closes, the schedule goes on.
     let mut requests_open = true;
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
-        let due = next_run(
-            Utc::now(),
-            config.gateway.timezone,
-            config.topology.apportion_day,
-        );
-        let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let step = billing_step(&config, &since).await;
+        let until = match &step {
+            Some(Next::Wait(t)) => (*t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            Some(Next::Run { .. }) => Duration::ZERO,
+            None => Duration::from_secs(3600),
+        }
+        // A wrong clock corrected by NTP must not leave the task asleep for days.
+        .min(Duration::from_secs(300));
         tokio::select! {
             _ = ticker.tick() => {
                 let (from, to) = live_window(&config, every);
@@ -381,21 +902,32 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "balance check failed"),
                 }
             }
-            _ = tokio::time::sleep(until_due) => {
-                let period = previous_period(Utc::now(), config.gateway.timezone);
-                match run_period(&config, &store, period.clone()).await {
-                    Ok((v, r)) => tracing::info!(period, version = v, pools = r.len(), "monthly apportionment published"),
-                    Err(e) => tracing::error!(period, error = %e, "monthly apportionment failed"),
+            _ = tokio::time::sleep(until) => {
+                if let Some(Next::Run { period, waited_out }) = step {
+                    let reason = if waited_out { "scheduled (some meters unread at the bound)" } else { "scheduled" };
+                    let req = RunRequest { period: period.clone(), reason: reason.into(), command_id: None };
+                    match run_period(&config, &store, req).await {
+                        Ok(s) => tracing::info!(period, version = s.version, bills = s.bills, provisional = s.provisional, "monthly bills published"),
+                        Err(e) => {
+                            tracing::error!(period, error = %e, "monthly bills failed; retrying in 5 minutes");
+                            tokio::time::sleep(Duration::from_secs(300)).await;
+                        }
+                    }
                 }
-                // Do not fire twice in the same minute.
-                tokio::time::sleep(Duration::from_secs(60)).await;
             }
             r = requests.recv(), if requests_open => match r {
                 None => requests_open = false,
-                Some(Request::Apportion(period)) => match run_period(&config, &store, period.clone()).await {
-                    Ok((v, r)) => tracing::info!(period, version = v, pools = r.len(), "apportionment published on request"),
-                    Err(e) => tracing::error!(period, error = %e, "apportionment on request failed"),
-                },
+                Some(Request::Run(req, reply)) => {
+                    let period = req.period.clone();
+                    let r = run_period(&config, &store, req).await;
+                    match &r {
+                        Ok(s) => tracing::info!(period, version = s.version, supersedes = ?s.supersedes, adjustments = s.adjustments.len(), "bills published on request"),
+                        Err(e) => tracing::error!(period, error = %e, "billing run on request failed"),
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
                 Some(Request::SetTariff(t)) => {
                     tracing::info!(tariff = %t.name, price_micros = t.price.micros, "tariff set by the cloud");
                     overrides.retain(|o| o.name != t.name);
@@ -408,6 +940,42 @@ pub async fn run(
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The next billing action: the oldest period without a run, and whether it can run now.
+async fn billing_step(config: &Arc<Config>, since: &str) -> Option<Next> {
+    let c = config.clone();
+    let since = since.to_string();
+    let r = tokio::task::spawn_blocking(move || -> Result<Option<Next>, String> {
+        let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
+        let done = store::run_periods(&conn).map_err(|e| e.to_string())?;
+        let tz = c.gateway.timezone;
+        let now = Utc::now();
+        let Some(p) = pending_periods(&since, now, tz, &done).into_iter().next() else {
+            return Ok(None);
+        };
+        let (_, end) = period_bounds(&p, tz).map_err(|e| e.to_string())?;
+        let unread = unread_after(&conn, &c, end).map_err(|e| e.to_string())?;
+        next_step(
+            now,
+            tz,
+            c.topology.apportion_day,
+            BOUNDARY_WAIT,
+            &p,
+            unread.is_empty(),
+        )
+        .map(Some)
+        .map_err(|e| e.to_string())
+    })
+    .await;
+    match r {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "billing schedule: cannot read the history now");
+            None
+        }
+        Err(_) => None,
     }
 }
 

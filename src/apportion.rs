@@ -8,13 +8,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::money::{self, Price};
 use crate::topology::{Basis, Consumption, Pool, Site, Source};
 
 /// One basis value of one room, before and after normalising.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BasisShare {
     pub basis: Basis,
     pub weight: f64,
@@ -25,7 +25,7 @@ pub struct BasisShare {
 }
 
 /// A room's line in a pool's result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoomShare {
     pub room: String,
     /// The room's own metered consumption in the period.
@@ -41,7 +41,7 @@ pub struct RoomShare {
 }
 
 /// A pool's result for a period.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolResult {
     pub pool: String,
     pub period: String,

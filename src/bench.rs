@@ -743,6 +743,8 @@ fn apportion_bench() -> Result<bool> {
             price: "0.8523".into(),
             currency: "CNY".into(),
             decimals: 2,
+            bands: Vec::new(),
+            rooms: vec!["*".into()],
         },
     )];
     let devices: BTreeMap<String, BTreeSet<Quantity>> = meters

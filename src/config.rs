@@ -379,6 +379,7 @@ const SECTIONS: &[&str] = &[
     "pool",
     "tariff",
     "replacement",
+    "assignment",
     "enforcement",
     "relay",
     "prepaid",
@@ -546,6 +547,8 @@ impl Validator {
             self.entries(&mut table, "tariff");
         let replacements: Vec<(String, Option<ReplacementRecord>)> =
             self.entries(&mut table, "replacement");
+        let assignments: Vec<(String, Option<crate::topology::RawAssignment>)> =
+            self.entries(&mut table, "assignment");
         let raw_enforcement: crate::enforce::config::RawEnforcement = table
             .remove("enforcement")
             .and_then(|v| self.typed("enforcement", v))
@@ -576,7 +579,7 @@ impl Validator {
         if !(threshold.is_finite() && threshold >= 0.0) {
             self.push("topology.loss_threshold_pct", "must be a percentage ≥ 0");
         }
-        let (site, topo_issues) = crate::topology::build(
+        let (mut site, topo_issues) = crate::topology::build(
             flat(rooms),
             flat(meters),
             flat(pools),
@@ -625,6 +628,12 @@ impl Validator {
             .as_ref()
             .map(|g| g.timezone)
             .unwrap_or(chrono_tz::UTC);
+        let mut assign_issues = Vec::new();
+        site.assignments =
+            crate::topology::assignments(&site, flat(assignments), tz, &mut assign_issues);
+        for (k, m) in assign_issues {
+            self.push(k, m);
+        }
         let (enforcement, enf_issues) = crate::enforce::config::build(
             raw_enforcement,
             flat(relays),

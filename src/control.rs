@@ -28,6 +28,8 @@ pub struct ControlState {
     pub uplink: Option<Arc<Mutex<UplinkStatus>>>,
     /// Relay requests go to the enforcement task, when there is one.
     pub enforcement: Option<mpsc::Sender<Input>>,
+    /// Recomputations go to the accounting task.
+    pub accounting: Option<mpsc::Sender<crate::accounting::Request>>,
 }
 
 impl ControlState {
@@ -41,6 +43,42 @@ impl ControlState {
         }
         rx.await
             .unwrap_or_else(|_| json!({"ok": false, "error": "no reply"}))
+    }
+
+    /// `{"op": "recompute", "period", "reason", "by"}`: a new version of a period's bills.
+    async fn recompute(&self, v: &Value) -> Value {
+        let Some(tx) = &self.accounting else {
+            return json!({"ok": false, "error": "no topology is configured on this gateway: nothing to bill"});
+        };
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let (period, reason, by) = (s("period"), s("reason"), s("by"));
+        if reason.is_empty() {
+            return json!({"ok": false, "error": "a reason is required (it goes into the trail)"});
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = crate::accounting::RunRequest {
+            period,
+            reason: format!("{reason} (by {by}, local)"),
+            command_id: None,
+        };
+        if tx
+            .send(crate::accounting::Request::Run(req, Some(reply)))
+            .await
+            .is_err()
+        {
+            return json!({"ok": false, "error": "accounting stopped"});
+        }
+        match rx.await {
+            Ok(Ok(summary)) => json!({"ok": true, "run": summary}),
+            Ok(Err(e)) => json!({"ok": false, "error": e}),
+            Err(_) => json!({"ok": false, "error": "no reply"}),
+        }
     }
 
     /// Everything `meterd status` shows.
@@ -78,8 +116,10 @@ impl ControlState {
             Ok(v) => v,
             Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
         };
-        if v.get("op").and_then(Value::as_str) == Some("status") {
-            return self.status().await;
+        match v.get("op").and_then(Value::as_str) {
+            Some("status") => return self.status().await,
+            Some("recompute") => return self.recompute(&v).await,
+            _ => {}
         }
         match serde_json::from_value::<ControlRequest>(v) {
             Ok(req) => self.relay(req).await,

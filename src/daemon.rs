@@ -38,11 +38,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts one task per bus that has devices.
+    /// Starts one task per bus that has devices, and the clock that has every bus read its billing
+    /// meters at each billing boundary.
     pub fn start(config: &Config) -> Engine {
         let (tx, rx) = mpsc::channel(READINGS_CAPACITY);
         let mut status = Vec::new();
         let mut tasks = Vec::new();
+        let (boundary_tx, boundary_rx) = watch::channel(0u64);
+        tasks.push(tokio::spawn(boundary_clock(calendar(config), boundary_tx)));
         let mut actuators = std::collections::HashMap::new();
         let mut buses = Vec::new();
         for (i, b) in config.buses.iter().enumerate() {
@@ -67,6 +70,7 @@ impl Engine {
                 tx.clone(),
                 s,
                 act_rx,
+                Some(boundary_rx.clone()),
             )));
         }
         Engine {
@@ -89,6 +93,31 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Signals every billing boundary of `calendar` (wall clock). Re-reads the clock at least once a
+/// minute, so a clock set by NTP after boot moves the next boundary with it.
+async fn boundary_clock(calendar: crate::bill::Calendar, tx: watch::Sender<u64>) {
+    let mut next = calendar.next_after(Utc::now());
+    loop {
+        let wait = (next - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(60));
+        tokio::time::sleep(wait).await;
+        let now = Utc::now();
+        if now >= next {
+            tracing::debug!(boundary = %next, "billing boundary: reading the billing meters");
+            tx.send_modify(|n| *n += 1);
+            next = calendar.next_after(now);
+        } else {
+            // A clock set backwards makes an earlier boundary the next one.
+            next = next.min(calendar.next_after(now));
+        }
+        if tx.is_closed() {
+            return;
+        }
     }
 }
 
@@ -115,17 +144,22 @@ pub fn telemetry_record(r: &Reading) -> NewRecord {
     }
 }
 
-/// Keeps one billing-counter sample per device and quantity per `every` for the history.
+/// Keeps billing-counter samples for the history: one per device and quantity per `every`, and at
+/// every billing boundary (month start, band change) the last reading before it and the first at or
+/// after it, with their exact times, so bills rest on real readings around each boundary.
 pub struct HistorySampler {
     every_ms: i64,
-    last: std::collections::HashMap<(Arc<str>, Quantity), i64>,
+    calendar: crate::bill::Calendar,
+    /// Per counter: the time of the last kept sample, and the last reading seen (kept or not).
+    last: std::collections::HashMap<(Arc<str>, Quantity), (i64, Option<Sample>)>,
 }
 
 impl HistorySampler {
-    /// A sampler keeping one sample per `every`.
-    pub fn new(every: Duration) -> HistorySampler {
+    /// A sampler keeping one sample per `every` and the readings around `calendar`'s boundaries.
+    pub fn new(every: Duration, calendar: crate::bill::Calendar) -> HistorySampler {
         HistorySampler {
             every_ms: every.as_millis() as i64,
+            calendar,
             last: Default::default(),
         }
     }
@@ -142,22 +176,52 @@ impl HistorySampler {
             let (Some(value), ts) = (r.value, r.ts.timestamp_millis()) else {
                 continue;
             };
-            let last = self
+            let sample = Sample {
+                device: r.device.to_string(),
+                quantity: r.quantity.as_str().to_string(),
+                ts_ms: ts,
+                value,
+            };
+            let (kept, prev) = self
                 .last
                 .entry((r.device.clone(), r.quantity))
-                .or_insert(i64::MIN);
-            if *last == i64::MIN || ts - *last >= self.every_ms {
-                *last = ts;
-                out.push(Sample {
-                    device: r.device.to_string(),
-                    quantity: r.quantity.as_str().to_string(),
-                    ts_ms: ts,
-                    value,
-                });
+                .or_insert((i64::MIN, None));
+            let crossed = prev.as_ref().is_some_and(|p| {
+                match (
+                    chrono::DateTime::from_timestamp_millis(p.ts_ms),
+                    chrono::DateTime::from_timestamp_millis(ts),
+                ) {
+                    (Some(a), Some(b)) => self.calendar.crossed(a, b),
+                    _ => false,
+                }
+            });
+            if crossed {
+                if let Some(p) = prev.take().filter(|p| p.ts_ms != *kept) {
+                    out.push(p);
+                }
             }
+            if crossed || *kept == i64::MIN || ts - *kept >= self.every_ms {
+                *kept = ts;
+                out.push(sample.clone());
+            }
+            *prev = Some(sample);
         }
         out
     }
+}
+
+/// The site's billing calendar: month starts and the band changes of every tariff and prepaid
+/// account.
+pub fn calendar(config: &Config) -> crate::bill::Calendar {
+    crate::bill::Calendar::new(
+        config.gateway.timezone,
+        config
+            .site
+            .tariffs
+            .values()
+            .map(crate::topology::Tariff::tou)
+            .chain(config.enforcement.prepaid.iter().map(|p| p.tariff.clone())),
+    )
 }
 
 /// The whole daemon: engine → recorder → store → uplink, and the accounting task.
@@ -204,13 +268,14 @@ impl Daemon {
 
         // Enforcement: rules loaded and relays read before anything is switched (see enforce::task).
         let mut handlers: Vec<Arc<dyn CommandHandler>> = Vec::new();
+        // Ids of signed commands already used (relay commands and recomputations share them).
+        let seen = Arc::new(Mutex::new(crate::enforce::task::load_seen(
+            &config.store.path,
+        )?));
         let enforcement = if config.enforcement.is_empty() {
             None
         } else {
             let (enf_tx, enf_rx) = mpsc::channel(256);
-            let seen = Arc::new(Mutex::new(crate::enforce::task::load_seen(
-                &config.store.path,
-            )?));
             let enforcer = crate::enforce::task::Enforcer::open(
                 shared.clone(),
                 engine.actuators.clone(),
@@ -219,7 +284,7 @@ impl Daemon {
             tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
             handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
                 key: config.enforcement.public_key,
-                seen,
+                seen: seen.clone(),
                 tx: enf_tx.clone(),
             }));
             handlers.push(Arc::new(crate::enforce::ledger::LedgerQuery {
@@ -233,7 +298,7 @@ impl Daemon {
         let (_, dummy) = mpsc::channel(1);
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
         let recorder_store = store.clone();
-        let mut sampler = HistorySampler::new(config.topology.history_every);
+        let mut sampler = HistorySampler::new(config.topology.history_every, calendar(config));
         let recorder = tokio::spawn(async move {
             let mut n = 0u64;
             while let Some(batch) = readings.recv().await {
@@ -267,8 +332,11 @@ impl Daemon {
             shutdown_rx.clone(),
         ));
         handlers.push(Arc::new(crate::accounting::AccountingCommands {
-            requests: acct_tx,
+            requests: acct_tx.clone(),
             timezone: config.gateway.timezone,
+            key: config.enforcement.public_key,
+            seen,
+            path: config.store.path.clone(),
         }));
         handlers.push(commands);
         let commands: Arc<dyn CommandHandler> = Arc::new(Chain(handlers));
@@ -298,6 +366,7 @@ impl Daemon {
             store: store.clone(),
             uplink: uplink_task.as_ref().map(|_| uplink.clone()),
             enforcement: enforcement_tx,
+            accounting: (!config.site.is_empty()).then_some(acct_tx),
         };
         let socket = config.gateway.control_socket.clone();
         tasks.push(tokio::spawn(async move {

@@ -9,6 +9,7 @@ pub mod acceptance;
 pub mod accounting;
 pub mod apportion;
 pub mod bench;
+pub mod bill;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -43,6 +43,8 @@ fn main() {
             Command::Buffer(c) => c.execute(),
             Command::Topology(c) => c.execute(),
             Command::Apportion(c) => c.execute(),
+            Command::Bill(c) => c.execute(),
+            Command::Recompute(c) => c.execute().await,
             Command::Relay(c) => c.execute().await,
             Command::Status(c) => c.execute().await,
             Command::Acceptance(c) => c.execute().await,

@@ -163,7 +163,21 @@ CREATE TABLE IF NOT EXISTS history (
     value    REAL    NOT NULL,
     PRIMARY KEY (device, quantity, ts_ms)
 ) WITHOUT ROWID;
--- Every apportionment run, versioned, with all its inputs (the full result JSON).
+-- Every billing run of a period (pools and per-room bills), versioned: a recomputation is a new
+-- version naming the one it supersedes, why, and the config it was computed with.
+CREATE TABLE IF NOT EXISTS billing_runs (
+    version     INTEGER PRIMARY KEY AUTOINCREMENT,
+    period      TEXT    NOT NULL,
+    computed_at TEXT    NOT NULL,
+    supersedes  INTEGER,
+    reason      TEXT    NOT NULL,
+    config_hash TEXT    NOT NULL,
+    provisional INTEGER NOT NULL,
+    command_id  TEXT UNIQUE,
+    body        TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS billing_runs_period ON billing_runs (period, version);
+-- Runs from before per-room bills (kept readable, no longer written).
 CREATE TABLE IF NOT EXISTS apportionment (
     version     INTEGER PRIMARY KEY AUTOINCREMENT,
     period      TEXT NOT NULL,
@@ -226,6 +240,126 @@ pub fn history_window(
     }
     Ok(out)
 }
+
+/// The last sample at or before `t` and the first after it: what the counter value at `t` needs.
+pub fn history_around(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    t_ms: i64,
+) -> rusqlite::Result<Vec<(i64, f64)>> {
+    let mut out = Vec::with_capacity(2);
+    let mut before = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms <= ?3 ORDER BY ts_ms DESC LIMIT 1",
+    )?;
+    if let Some(r) = before
+        .query_row(params![device, quantity, t_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+    {
+        out.push(r);
+    }
+    let mut after = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
+    )?;
+    if let Some(r) = after
+        .query_row(params![device, quantity, t_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+    {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// A billing run to keep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    pub period: String,
+    pub supersedes: Option<i64>,
+    pub reason: String,
+    pub config_hash: String,
+    pub provisional: bool,
+    /// The cloud command that asked for it (a resend finds the run instead of making another).
+    pub command_id: Option<String>,
+    /// The statement (pools and bills), JSON.
+    pub body: String,
+}
+
+/// A kept billing run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRun {
+    pub version: i64,
+    pub period: String,
+    pub computed_at: String,
+    pub supersedes: Option<i64>,
+    pub reason: String,
+    pub config_hash: String,
+    pub provisional: bool,
+    pub body: String,
+}
+
+/// The run of `period` with `version`, or its latest one.
+pub fn load_run(
+    conn: &Connection,
+    period: &str,
+    version: Option<i64>,
+) -> rusqlite::Result<Option<StoredRun>> {
+    conn.query_row(
+        "SELECT version, period, computed_at, supersedes, reason, config_hash, provisional, body FROM billing_runs
+         WHERE period = ?1 AND (?2 IS NULL OR version = ?2) ORDER BY version DESC LIMIT 1",
+        params![period, version],
+        |r| {
+            Ok(StoredRun {
+                version: r.get(0)?,
+                period: r.get(1)?,
+                computed_at: r.get(2)?,
+                supersedes: r.get(3)?,
+                reason: r.get(4)?,
+                config_hash: r.get(5)?,
+                provisional: r.get::<_, i64>(6)? != 0,
+                body: r.get(7)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Every version of a period: (version, computed_at, supersedes, reason), oldest first.
+pub fn run_versions(
+    conn: &Connection,
+    period: &str,
+) -> rusqlite::Result<Vec<(i64, String, Option<i64>, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, computed_at, supersedes, reason FROM billing_runs WHERE period = ?1 ORDER BY version",
+    )?;
+    let rows = stmt.query_map([period], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    rows.collect()
+}
+
+/// Periods that have a run.
+pub fn run_periods(conn: &Connection) -> rusqlite::Result<std::collections::BTreeSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT period FROM billing_runs")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// The run a cloud command made, if it made one.
+pub fn run_of_command(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT version FROM billing_runs WHERE command_id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Builds a run's outbox records once its version is known.
+pub type RunRecords = Box<dyn FnOnce(i64) -> Vec<NewRecord> + Send>;
 
 /// Opens an outbox read-only (CLI tools, the accounting task): safe beside the writer thanks to WAL.
 pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
@@ -507,23 +641,59 @@ impl Store {
         tx.commit().map_err(err)
     }
 
-    /// Keeps one apportionment run with its inputs; returns its version.
-    pub fn save_apportionment(&mut self, period: &str, results: &str) -> Result<i64, StoreError> {
+    /// Keeps a billing run and its outbox records in one durable transaction (`synchronous=FULL`):
+    /// a version exists exactly when its results are queued for the cloud. Returns the version.
+    pub fn save_run(&mut self, run: &NewRun, records: RunRecords) -> Result<i64, StoreError> {
         self.conn
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| self.err(e))?;
-        let r = self
-            .conn
-            .execute(
-                "INSERT INTO apportionment (period, computed_at, results) VALUES (?1, ?2, ?3)",
-                params![period, Utc::now().to_rfc3339(), results],
-            )
-            .map(|_| self.conn.last_insert_rowid())
-            .map_err(|e| self.err(e));
+        let r = self.insert_run(run, records);
         self.conn
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| self.err(e))?;
-        r
+        let (version, n, bytes) = r?;
+        self.rows += n;
+        self.bytes += bytes;
+        Ok(version)
+    }
+
+    fn insert_run(
+        &mut self,
+        run: &NewRun,
+        records: RunRecords,
+    ) -> Result<(i64, u64, u64), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT INTO billing_runs (period, computed_at, supersedes, reason, config_hash, provisional, command_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![run.period, Utc::now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, run.provisional as i64, run.command_id, run.body],
+        )
+        .map_err(err)?;
+        let version = tx.last_insert_rowid();
+        let records = records(version);
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for r in &records {
+                stmt.execute(params![
+                    r.kind as i64,
+                    r.topic,
+                    r.ts.timestamp_millis(),
+                    r.payload
+                ])
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        let bytes = records.iter().map(|r| r.payload.len() as u64).sum();
+        Ok((version, records.len() as u64, bytes))
     }
 
     /// Up to `limit` records with `after < seq <= upto`, oldest first.
@@ -674,9 +844,9 @@ enum Command {
     Flush(oneshot::Sender<()>),
     MaxPages(u64),
     History(Vec<Sample>),
-    SaveApportionment {
-        period: String,
-        results: String,
+    SaveRun {
+        run: NewRun,
+        records: RunRecords,
         reply: oneshot::Sender<Result<i64, String>>,
     },
 }
@@ -757,13 +927,13 @@ impl StoreHandle {
         let _ = self.tx.send(Command::History(samples)).await;
     }
 
-    /// Saves an apportionment run (versioned, with its inputs); returns the version.
-    pub async fn save_apportionment(&self, period: &str, results: String) -> Result<i64, String> {
+    /// Saves a billing run with its outbox records (built from the version); returns the version.
+    pub async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::SaveApportionment {
-                period: period.to_string(),
-                results,
+            .send(Command::SaveRun {
+                run,
+                records,
                 reply,
             })
             .await
@@ -912,16 +1082,18 @@ impl Writer {
                     tracing::error!(error = %e, "history: samples not stored; billing boundaries will be interpolated");
                 }
             }
-            Command::SaveApportionment {
-                period,
-                results,
+            Command::SaveRun {
+                run,
+                records,
                 reply,
             } => {
-                let _ = reply.send(
-                    store
-                        .save_apportionment(&period, &results)
-                        .map_err(|e| e.to_string()),
-                );
+                let r = store.save_run(&run, records).map_err(|e| e.to_string());
+                if r.is_ok() {
+                    if let Ok(last) = store.last_seq() {
+                        self.committed.send_replace(last);
+                    }
+                }
+                let _ = reply.send(r);
             }
         }
     }

@@ -110,8 +110,45 @@ pub struct Pool {
 pub struct Tariff {
     pub name: String,
     pub utility: Utility,
+    /// The base price (the whole day when there are no bands).
     pub price: crate::money::Price,
     pub currency: String,
+    /// Time-of-use bands (峰/平/谷) for rooms' own consumption; pools are priced at the base price.
+    #[serde(default)]
+    pub bands: Vec<crate::tou::Band>,
+    /// Rooms whose own consumption this tariff bills (ids, or `["*"]` for every room).
+    #[serde(default)]
+    pub rooms: Vec<String>,
+}
+
+impl Tariff {
+    /// The price schedule for splitting consumption by band.
+    pub fn tou(&self) -> crate::tou::TouPrice {
+        crate::tou::TouPrice {
+            base: self.price,
+            bands: self.bands.clone(),
+        }
+    }
+
+    /// Whether this tariff bills `room`'s own consumption.
+    pub fn bills_room(&self, room: &str) -> bool {
+        self.rooms.iter().any(|r| r == "*" || r == room)
+    }
+}
+
+/// A meter's room or parent from a date on (a correction, or a rewiring): periods from then on are
+/// computed with it, earlier ones with what was true before.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Assignment {
+    pub meter: String,
+    /// The first instant it holds: local midnight of its date, in UTC.
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// The date as written (site time).
+    pub date: chrono::NaiveDate,
+    pub room: Option<String>,
+    pub parent: Option<String>,
+    /// Why (kept in the trail).
+    pub reason: String,
 }
 
 /// The whole topology.
@@ -123,6 +160,8 @@ pub struct Site {
     pub tariffs: BTreeMap<String, Tariff>,
     /// Loss above this share of a node's consumption raises an event.
     pub loss_threshold_pct: f64,
+    /// Dated meter→room / meter→parent changes, oldest first.
+    pub assignments: Vec<Assignment>,
     /// parent → children, built once so a 20,000-room site is not rescanned per node.
     #[serde(skip)]
     children_idx: BTreeMap<String, Vec<String>>,
@@ -173,6 +212,34 @@ impl Site {
         self.meters.is_empty()
     }
 
+    /// The site as it was at `t`: every assignment from `t` or earlier applied, in date order.
+    pub fn as_of(&self, t: chrono::DateTime<chrono::Utc>) -> Site {
+        let mut s = self.clone();
+        let mut changed = false;
+        for a in self.assignments.iter().filter(|a| a.from <= t) {
+            if let Some(m) = s.meters.get_mut(&a.meter) {
+                if a.room.is_some() {
+                    m.room.clone_from(&a.room);
+                }
+                if a.parent.is_some() {
+                    m.parent.clone_from(&a.parent);
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            s.index();
+        }
+        s
+    }
+
+    /// The tariff that bills `room`'s own consumption of `utility`, if any.
+    pub fn room_tariff(&self, room: &str, utility: Utility) -> Option<&Tariff> {
+        self.tariffs
+            .values()
+            .find(|t| t.utility == utility && t.bills_room(room))
+    }
+
     /// Meters of a given room.
     pub fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
         self.room_idx
@@ -199,6 +266,96 @@ pub struct RawMeter {
     pub room: Option<String>,
     pub pool: Option<String>,
     pub rollover: Option<f64>,
+}
+
+/// `[[assignment]]` as written: `meter`, `from = "2026-10-15"`, and `room` and/or `parent`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssignment {
+    pub meter: String,
+    pub from: String,
+    pub room: Option<String>,
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Validates dated assignments against the site (`tz` resolves their dates); every problem as
+/// (key, message).
+pub fn assignments(
+    site: &Site,
+    raw: Vec<(String, RawAssignment)>,
+    tz: chrono_tz::Tz,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<Assignment> {
+    use chrono::TimeZone;
+    let mut out = Vec::new();
+    for (key, a) in raw {
+        let Some(m) = site.meters.get(&a.meter) else {
+            issues.push((
+                format!("{key}.meter"),
+                format!("unknown meter {:?}", a.meter),
+            ));
+            continue;
+        };
+        let date = match chrono::NaiveDate::parse_from_str(&a.from, "%Y-%m-%d") {
+            Ok(d) => d,
+            Err(_) => {
+                issues.push((
+                    format!("{key}.from"),
+                    format!(
+                        "{:?}: expected the first day it holds, YYYY-MM-DD (site time)",
+                        a.from
+                    ),
+                ));
+                continue;
+            }
+        };
+        if a.room.is_none() && a.parent.is_none() {
+            issues.push((
+                key.clone(),
+                "give room = \"...\" and/or parent = \"...\"".into(),
+            ));
+        }
+        if let Some(r) = &a.room {
+            if !site.rooms.contains_key(r) {
+                issues.push((format!("{key}.room"), format!("unknown room {r:?}")));
+            }
+        }
+        if let Some(p) = &a.parent {
+            match site.meters.get(p) {
+                None => issues.push((format!("{key}.parent"), format!("unknown meter {p:?}"))),
+                Some(pm) if pm.utility != m.utility => issues.push((
+                    format!("{key}.parent"),
+                    format!(
+                        "meter {p:?} is {} meter, {:?} is not",
+                        lower(pm.utility),
+                        a.meter
+                    ),
+                )),
+                Some(_) if *p == a.meter => issues.push((
+                    format!("{key}.parent"),
+                    "a meter cannot be its own parent".into(),
+                )),
+                Some(_) => {}
+            }
+        }
+        let from = tz
+            .from_local_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
+            .earliest()
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_default();
+        out.push(Assignment {
+            meter: a.meter,
+            from,
+            date,
+            room: a.room,
+            parent: a.parent,
+            reason: a.reason,
+        });
+    }
+    out.sort_by_key(|a| a.from);
+    out
 }
 
 /// `[[pool]]` as written.
@@ -232,6 +389,12 @@ pub struct RawTariff {
     pub currency: String,
     #[serde(default = "two")]
     pub decimals: u32,
+    /// Time-of-use bands for rooms' own consumption.
+    #[serde(default)]
+    pub bands: Vec<crate::tou::RawBand>,
+    /// Rooms whose own consumption this tariff bills (`["*"]` for all).
+    #[serde(default)]
+    pub rooms: Vec<String>,
 }
 
 fn cny() -> String {
@@ -465,6 +628,12 @@ pub fn build(
     for (key, t) in tariffs {
         match crate::money::Price::parse(&t.price, t.decimals) {
             Ok(price) => {
+                let bands = crate::tou::parse_bands(&key, &t.bands, t.decimals, &mut issues);
+                for r in t.rooms.iter().filter(|r| *r != "*") {
+                    if !site.rooms.contains_key(r) {
+                        issues.push((format!("{key}.rooms"), format!("unknown room {r:?}")));
+                    }
+                }
                 site.tariffs.insert(
                     t.name.clone(),
                     Tariff {
@@ -472,10 +641,29 @@ pub fn build(
                         utility: t.utility,
                         price,
                         currency: t.currency.clone(),
+                        bands,
+                        rooms: t.rooms.clone(),
                     },
                 );
             }
             Err(e) => issues.push((format!("{key}.price"), e)),
+        }
+    }
+    // One tariff per room and utility for own consumption.
+    for r in site.rooms.keys() {
+        for u in [Utility::Electricity, Utility::Water] {
+            let names: Vec<&str> = site
+                .tariffs
+                .values()
+                .filter(|t| t.utility == u && t.bills_room(r))
+                .map(|t| t.name.as_str())
+                .collect();
+            if names.len() > 1 {
+                issues.push((
+                    format!("tariff ({})", names.join(", ")),
+                    format!("room {r:?} is billed for {} by {} tariffs; give each room one (rooms = [...])", lower(u).trim_start_matches("an ").trim_start_matches("a "), names.len()),
+                ));
+            }
         }
     }
     for (key, p) in pools {
@@ -563,6 +751,10 @@ pub fn build(
                 Some(t) if t.utility != p.utility => issues.push((
                     format!("{key}.tariff"),
                     "tariff is for another utility".into(),
+                )),
+                Some(t) if !t.bands.is_empty() => issues.push((
+                    format!("{key}.tariff"),
+                    format!("tariff {:?} has time-of-use bands; a pool's common consumption is priced flat: give the pool a tariff without bands", t.name),
                 )),
                 Some(_) => {}
             }

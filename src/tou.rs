@@ -103,6 +103,86 @@ pub fn next_local_time(
         .min()
 }
 
+/// A time-of-use band as written in `[[tariff]]` and `[[prepaid]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBand {
+    /// "peak", "flat", "valley"; defaults to "HH:MM-HH:MM".
+    pub name: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub price: String,
+}
+
+fn time(s: &str) -> Result<NaiveTime, String> {
+    NaiveTime::parse_from_str(s, "%H:%M").map_err(|_| format!("{s:?}: expected HH:MM"))
+}
+
+/// Validates time-of-use bands; problems as (key, message), every one of them.
+pub fn parse_bands(
+    key: &str,
+    raw: &[RawBand],
+    decimals: u32,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<Band> {
+    let mut out: Vec<Band> = Vec::new();
+    for (i, b) in raw.iter().enumerate() {
+        let k = format!("{key}.bands[{i}]");
+        match (time(&b.from), time(&b.to), Price::parse(&b.price, decimals)) {
+            (Ok(from), Ok(to), Ok(price)) if from != to => out.push(Band {
+                name: b
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", b.from, b.to)),
+                from,
+                to,
+                price,
+            }),
+            (Ok(_), Ok(_), Ok(_)) => issues.push((
+                k,
+                "from and to are the same time: a band needs a length (to < from wraps midnight)"
+                    .into(),
+            )),
+            (f, t, pr) => issues.push((
+                k,
+                [f.err(), t.err(), pr.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+        }
+    }
+    // Bands must not overlap: sample every minute of the day against every band.
+    for m in 0..1440u32 {
+        let t = NaiveTime::from_hms_opt(m / 60, m % 60, 0).unwrap_or_default();
+        let covering: Vec<&str> = out
+            .iter()
+            .filter(|b| {
+                TouPrice {
+                    base: b.price,
+                    bands: vec![(*b).clone()],
+                }
+                .band_at(t)
+                .0 != BASE_BAND
+            })
+            .map(|b| b.name.as_str())
+            .collect();
+        if covering.len() > 1 {
+            issues.push((
+                format!("{key}.bands"),
+                format!(
+                    "bands {} overlap at {}; each minute of the day may have one band",
+                    covering.join(" and "),
+                    t.format("%H:%M")
+                ),
+            ));
+            break;
+        }
+    }
+    out
+}
+
 /// Consumption of one band over one stretch of time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Piece {

@@ -363,6 +363,11 @@ fn apportion_command_prints_the_table_and_explains_a_room() {
     let mut rec = v[0].clone();
     rec["version"] = serde_json::json!(1);
     rec["seq"] = serde_json::json!(5);
+    // A published record also carries its time, the config hash and the segment it covers.
+    rec["ts"] = serde_json::json!("2026-11-01T00:05:00+00:00");
+    rec["config_hash"] = serde_json::json!("0123abcd");
+    rec["from"] = serde_json::json!(from.to_rfc3339());
+    rec["to"] = serde_json::json!(to.to_rfc3339());
     common::broker::validate(
         "results.schema.json",
         &serde_json::json!({"gateway": "gw", "seq_first": 5, "seq_last": 5, "records": [rec]}),

@@ -7,7 +7,7 @@ use chrono::{NaiveDate, NaiveTime};
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
-use super::prepaid::{Band, PrepaidTariff};
+use super::prepaid::PrepaidTariff;
 use super::rules::{Calendar, Policy, RelayKind, RelaySpec};
 use crate::config::Device;
 use crate::topology::{Site, Utility};
@@ -78,58 +78,7 @@ pub struct RawPrepaid {
     pub max_rate: Option<f64>,
 }
 
-/// A time-of-use band as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawBand {
-    /// "peak", "flat", "valley"; defaults to "HH:MM-HH:MM".
-    pub name: Option<String>,
-    pub from: String,
-    pub to: String,
-    pub price: String,
-}
-
-/// Validates time-of-use bands (prepaid accounts and billing tariffs); problems as (key, message).
-pub fn bands(
-    key: &str,
-    raw: &[RawBand],
-    decimals: u32,
-    issues: &mut Vec<(String, String)>,
-) -> Vec<Band> {
-    let mut out = Vec::new();
-    for (i, b) in raw.iter().enumerate() {
-        let k = format!("{key}.bands[{i}]");
-        match (
-            time(&b.from),
-            time(&b.to),
-            crate::money::Price::parse(&b.price, decimals),
-        ) {
-            (Ok(from), Ok(to), Ok(price)) if from != to => out.push(Band {
-                name: b
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", b.from, b.to)),
-                from,
-                to,
-                price,
-            }),
-            (Ok(_), Ok(_), Ok(_)) => issues.push((
-                k,
-                "from and to are the same time: a band needs a length (to < from wraps midnight)"
-                    .into(),
-            )),
-            (f, t, pr) => issues.push((
-                k,
-                [f.err(), t.err(), pr.err()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )),
-        }
-    }
-    out
-}
+pub use crate::tou::RawBand;
 
 /// A relay with the device output that drives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -362,7 +311,7 @@ pub fn build(
                 None
             }
         };
-        let bands = bands(
+        let bands = crate::tou::parse_bands(
             &key,
             &p.bands,
             base_price.map(|p| p.decimals).unwrap_or(2),

@@ -321,11 +321,12 @@ pub async fn run(
     out: mpsc::Sender<Batch>,
     status: Arc<BusStatus>,
     actions: mpsc::Receiver<Actuation>,
+    boundaries: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     let pollers: Vec<Link> = (0..bus.concurrency().max(1))
         .map(|_| Link::new(&bus))
         .collect();
-    run_with(devices, pollers, out, status, actions).await
+    run_with_boundaries(devices, pollers, out, status, actions, boundaries).await
 }
 
 /// The dispatcher, with the pollers given. Returns when `out` is closed.
@@ -334,7 +335,20 @@ pub async fn run_with<P: Poller>(
     pollers: Vec<P>,
     out: mpsc::Sender<Batch>,
     status: Arc<BusStatus>,
+    actions: mpsc::Receiver<Actuation>,
+) {
+    run_with_boundaries(devices, pollers, out, status, actions, None).await
+}
+
+/// [`run_with`], plus a billing-boundary signal: each change of `boundaries` reads every device
+/// with a billing counter (kWh, m³) as soon as a poller is free, off its deadline grid.
+pub async fn run_with_boundaries<P: Poller>(
+    devices: Vec<Device>,
+    pollers: Vec<P>,
+    out: mpsc::Sender<Batch>,
+    status: Arc<BusStatus>,
     mut actions: mpsc::Receiver<Actuation>,
+    mut boundaries: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     if devices.is_empty() {
         return;
@@ -342,6 +356,20 @@ pub async fn run_with<P: Poller>(
     let devices: Arc<[Device]> = devices.into();
     let policies: Vec<_> = devices.iter().map(|d| d.policy).collect();
     let mut sched = Scheduler::new(&policies);
+    let billing: Vec<usize> = devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| {
+            d.profile.registers.iter().any(|r| {
+                matches!(
+                    r.quantity,
+                    crate::modbus::profile::Quantity::EnergyKwh
+                        | crate::modbus::profile::Quantity::WaterM3
+                )
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
     let mut last_good: Vec<Vec<LastGood>> = devices
         .iter()
         .map(|d| vec![None; d.profile.registers.len()])
@@ -423,6 +451,20 @@ pub async fn run_with<P: Poller>(
                 }
             }
             _ = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => {}
+            r = async {
+                match boundaries.as_mut() {
+                    Some(b) => b.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if boundaries.is_some() => match r {
+                Ok(()) => {
+                    let now = start.elapsed();
+                    for &i in &billing {
+                        sched.poll_now(i, now);
+                    }
+                }
+                Err(_) => boundaries = None,
+            },
             _ = out.closed() => return,
         }
     }

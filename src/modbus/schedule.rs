@@ -52,6 +52,10 @@ struct DeviceState {
     offline: bool,
     in_flight: bool,
     missed: u64,
+    /// When its queued attempt is due; older queue entries are stale.
+    due: Duration,
+    /// The attempt in flight is an extra one (a billing boundary read), off the deadline grid.
+    extra: bool,
 }
 
 impl DeviceState {
@@ -100,6 +104,8 @@ impl Scheduler {
                 offline: false,
                 in_flight: false,
                 missed: 0,
+                due: p.interval * (i as u32) / n,
+                extra: false,
             })
             .collect();
         let queue = devices
@@ -111,12 +117,39 @@ impl Scheduler {
     }
 
     /// When the earliest waiting device is due, if any is waiting.
-    pub fn next_due(&self) -> Option<Duration> {
+    pub fn next_due(&mut self) -> Option<Duration> {
+        self.prune();
         self.queue.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Drops queue entries that an extra poll made stale.
+    fn prune(&mut self) {
+        while let Some(Reverse((t, i))) = self.queue.peek() {
+            let d = &self.devices[*i];
+            if d.in_flight || d.due != *t {
+                self.queue.pop();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Polls `device` as soon as a poller is free (a billing boundary) without moving its deadline
+    /// grid: the regular deadline it was waiting for stays where it was. A device in flight already
+    /// reads now; an offline one keeps its probe schedule.
+    pub fn poll_now(&mut self, device: usize, now: Duration) {
+        let d = &mut self.devices[device];
+        if d.in_flight || d.offline || d.attempt > 0 || d.due <= now {
+            return;
+        }
+        d.extra = true;
+        d.due = now;
+        self.queue.push(Reverse((now, device)));
     }
 
     /// Takes a device that is due at `now`, marking it in flight until [`Scheduler::complete`].
     pub fn pop_due(&mut self, now: Duration) -> Option<usize> {
+        self.prune();
         match self.queue.peek() {
             Some(Reverse((t, _))) if *t <= now => {
                 let Reverse((_, i)) = self.queue.pop()?;
@@ -131,7 +164,13 @@ impl Scheduler {
     pub fn complete(&mut self, device: usize, ok: bool, now: Duration) -> Verdict {
         let d = &mut self.devices[device];
         d.in_flight = false;
-        let (verdict, due) = if ok {
+        let extra = std::mem::take(&mut d.extra);
+        let regular = d.deadline(d.k);
+        let (verdict, due) = if ok && extra && regular > now && !d.offline {
+            // The extra read served no deadline: the one it was waiting for still stands.
+            d.consecutive_failures = 0;
+            (Verdict::Polled, regular)
+        } else if ok {
             let verdict = if d.offline {
                 Verdict::BackOnline
             } else {
@@ -165,6 +204,7 @@ impl Scheduler {
                 (Verdict::Failed, self::next_regular(d, now))
             }
         };
+        d.due = due;
         self.queue.push(Reverse((due, device)));
         verdict
     }
@@ -220,9 +260,19 @@ mod tests {
         s: &mut Scheduler,
         until: Duration,
         cost: Duration,
+        ok: impl FnMut(usize, Duration) -> bool,
+    ) -> Vec<(usize, Duration)> {
+        drive_from(s, Duration::ZERO, until, cost, ok)
+    }
+
+    /// [`drive`] from `now`.
+    fn drive_from(
+        s: &mut Scheduler,
+        mut now: Duration,
+        until: Duration,
+        cost: Duration,
         mut ok: impl FnMut(usize, Duration) -> bool,
     ) -> Vec<(usize, Duration)> {
-        let mut now = Duration::ZERO;
         let mut log = Vec::new();
         while let Some(due) = s.next_due() {
             if due > until {
@@ -236,6 +286,51 @@ mod tests {
             s.complete(dev, result, now);
         }
         log
+    }
+
+    #[test]
+    fn a_boundary_read_polls_at_once_and_leaves_the_deadline_grid_where_it_was() {
+        // A water meter every 15 min (anchor 0) and an energy meter every 10 s; a billing boundary
+        // at 7 min 30.2 s: both are read then, and both keep their grids (next water poll at 15 min).
+        let mut s = Scheduler::new(&[policy(900 * S), policy(10 * S)]);
+        let b = Duration::from_millis(450_200);
+        let mut log = drive(
+            &mut s,
+            b - Duration::from_millis(1),
+            Duration::from_millis(40),
+            |_, _| true,
+        );
+        s.poll_now(0, b);
+        s.poll_now(1, b);
+        log.extend(drive_from(
+            &mut s,
+            b,
+            1000 * S,
+            Duration::from_millis(40),
+            |_, _| true,
+        ));
+        let water: Vec<Duration> = log
+            .iter()
+            .filter(|(d, _)| *d == 0)
+            .map(|(_, t)| *t)
+            .collect();
+        assert_eq!(water, vec![Duration::ZERO, b, 900 * S]);
+        let energy: Vec<Duration> = log
+            .iter()
+            .filter(|(d, _)| *d == 1)
+            .map(|(_, t)| *t)
+            .collect();
+        assert!(
+            energy.contains(&(b + Duration::from_millis(40))),
+            "read right after the water meter"
+        );
+        assert!(
+            energy.contains(&(450 * S + 5 * S)) && energy.contains(&(460 * S + 5 * S)),
+            "grid kept"
+        );
+        assert_eq!((s.missed(0), s.missed(1)), (0, 0));
+        // Nothing is read twice at the boundary: one extra read each.
+        assert_eq!(log.iter().filter(|(_, t)| *t >= b && *t < b + S).count(), 2);
     }
 
     #[test]

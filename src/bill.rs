@@ -1,0 +1,636 @@
+//! Per-room bills: a statement per room, utility and period that a tenant can check by hand. Pure:
+//! counter readings at the period's boundaries (and at every band change when the room's tariff has
+//! time-of-use bands) in, statements out.
+//!
+//! A period is cut into segments where a dated [`crate::topology::Assignment`] changes the topology;
+//! each segment is computed with the site as it was then, and the room's lines are added up.
+//!
+//! Money (see [`crate::money`]): each own-consumption line is its band's consumption × price,
+//! rounded half to even to the minor unit; pool shares are the pool's amount split by the largest
+//! remainder method; a bill's total is the sum of its lines. A line that cannot be priced makes the
+//! total `None` (never a silent 0), and a meter without a reading at a boundary makes the bill
+//! provisional, with the meter named.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::apportion::{self, BasisShare, PoolResult};
+use crate::money::Price;
+use crate::topology::{self, Boundary, Consumption, Replacement, Site, Source, Utility};
+use crate::tou::{self, TouPrice};
+
+/// Billing boundaries: local midnight on the 1st of every month, and every band change of a
+/// time-of-use tariff. The sampler keeps readings around them and the bus reads the billing meters
+/// at them, so bills never rest on a reading hours away.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calendar {
+    pub tz: chrono_tz::Tz,
+    /// Local times of day at which some tariff's price changes.
+    pub band_changes: Vec<NaiveTime>,
+}
+
+impl Calendar {
+    /// The calendar of a site: its timezone and the band changes of every tariff (billing and
+    /// prepaid).
+    pub fn new(tz: chrono_tz::Tz, tariffs: impl IntoIterator<Item = TouPrice>) -> Calendar {
+        let mut band_changes: Vec<NaiveTime> =
+            tariffs.into_iter().flat_map(|t| t.changes()).collect();
+        band_changes.sort();
+        band_changes.dedup();
+        Calendar { tz, band_changes }
+    }
+
+    /// The first billing boundary strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let l = t.with_timezone(&self.tz);
+        let (y, m) = if l.month() == 12 {
+            (l.year() + 1, 1)
+        } else {
+            (l.year(), l.month() + 1)
+        };
+        let month = chrono::NaiveDate::from_ymd_opt(y, m, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .and_then(|d| self.tz.from_local_datetime(&d).earliest())
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or(t + chrono::Duration::days(31));
+        match tou::next_local_time(&self.band_changes, t, self.tz) {
+            Some(b) if b < month => b,
+            _ => month,
+        }
+    }
+
+    /// Whether a boundary lies in `(a, b]`.
+    pub fn crossed(&self, a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+        a < b && self.next_after(a) <= b
+    }
+}
+
+/// A counter reading as a bill shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Read {
+    pub at: DateTime<Utc>,
+    pub value: f64,
+    /// Interpolated across a gap in the readings.
+    pub estimated: bool,
+}
+
+/// One meter of the room over one segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeterLine {
+    pub meter: String,
+    /// The polled device (absent for a virtual meter).
+    pub device: Option<String>,
+    pub start: Option<Read>,
+    pub end: Option<Read>,
+    /// Thousandths of a unit; `None` when a reading is missing.
+    pub consumption_milli: Option<i64>,
+    /// `ok`, `estimated` or `missing`.
+    pub status: String,
+}
+
+/// Own consumption in one band, priced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnergyLine {
+    pub band: String,
+    pub price: Price,
+    pub milli: i64,
+    pub amount: i64,
+}
+
+/// The room's share of one pool over one segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareLine {
+    pub pool: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The pool's common consumption (thousandths) and cost (minor units).
+    pub common_milli: i64,
+    pub common_amount: Option<i64>,
+    pub bases: Vec<BasisShare>,
+    pub coefficient: f64,
+    pub share_milli: i64,
+    pub amount: Option<i64>,
+    pub price: Option<Price>,
+}
+
+/// A room's statement for one utility and period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomBill {
+    pub room: String,
+    pub utility: Utility,
+    pub period: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub unit: String,
+    pub currency: Option<String>,
+    pub tariff: Option<String>,
+    pub meters: Vec<MeterLine>,
+    /// Own consumption, thousandths of a unit.
+    pub own_milli: i64,
+    pub own: Vec<EnergyLine>,
+    pub shares: Vec<ShareLine>,
+    /// Minor units; `None` when some line could not be priced (see `notes`).
+    pub total: Option<i64>,
+    /// A reading is missing or estimated: the figures may change when it is known.
+    pub provisional: bool,
+    pub notes: Vec<String>,
+}
+
+/// The readings of one device over one segment: `(instant, reading)` at the segment's start, at
+/// every band change inside it, and at its end.
+pub type Series = Vec<(DateTime<Utc>, Option<Boundary>)>;
+
+/// One stretch of a period with one topology.
+pub struct Segment<'a> {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub site: &'a Site,
+    /// By device name.
+    pub series: &'a BTreeMap<String, Series>,
+    pub replacements: &'a BTreeMap<String, Replacement>,
+}
+
+/// What a period's computation produced: the pools (per segment) and the rooms' bills.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Statement {
+    pub pools: Vec<serde_json::Value>,
+    pub bills: Vec<RoomBill>,
+}
+
+fn read(at: DateTime<Utc>, b: Option<Boundary>) -> Option<Read> {
+    b.map(|b| Read {
+        at,
+        value: b.value,
+        estimated: b.estimated,
+    })
+}
+
+/// Every meter's consumption in a segment, virtual ones included.
+pub fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption> {
+    let mut bounds = BTreeMap::new();
+    for (dev, s) in seg.series {
+        if let (Some((_, Some(a))), Some((_, Some(b)))) = (s.first(), s.last()) {
+            bounds.insert(dev.clone(), (*a, *b));
+        }
+    }
+    let devices = apportion::device_consumption(seg.site, &bounds, seg.replacements);
+    topology::meter_consumption(seg.site, &devices)
+}
+
+/// Thousandths per band of a meter's consumption in a segment, when it can be split: every point
+/// known, no exchange and no wrap inside.
+fn band_split(
+    seg: &Segment,
+    consumption: &BTreeMap<String, Consumption>,
+    meter: &str,
+    price: &TouPrice,
+    tz: chrono_tz::Tz,
+) -> Option<BTreeMap<(String, i64), i64>> {
+    let total = crate::money::to_milli(consumption.get(meter)?.value);
+    let m = seg.site.meters.get(meter)?;
+    match &m.source {
+        Source::Device(d) => {
+            if seg.replacements.contains_key(meter) {
+                return None;
+            }
+            let pts: Option<Vec<(DateTime<Utc>, i64)>> = seg
+                .series
+                .get(d)?
+                .iter()
+                .map(|(t, b)| b.map(|b| (*t, crate::money::to_milli(b.value))))
+                .collect();
+            let pts = pts?;
+            if pts.windows(2).any(|w| w[1].1 < w[0].1) || pts.last()?.1 - pts.first()?.1 != total {
+                return None;
+            }
+            let mut out: BTreeMap<(String, i64), i64> = BTreeMap::new();
+            for p in tou::split(price, tz, &pts) {
+                *out.entry((p.band.clone(), p.price.micros)).or_default() += p.milli();
+            }
+            Some(out)
+        }
+        Source::Virtual(terms) => {
+            let mut out: BTreeMap<(String, i64), i64> = BTreeMap::new();
+            for (sign, t) in terms {
+                for (k, v) in band_split(seg, consumption, t, price, tz)? {
+                    *out.entry(k).or_default() += i64::from(*sign) * v;
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+/// The room's bill being built, created on first use.
+fn bill_for<'b>(
+    acc: &'b mut BTreeMap<(String, Utility), RoomBill>,
+    site: &Site,
+    room: &str,
+    u: Utility,
+    period: &str,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+) -> &'b mut RoomBill {
+    acc.entry((room.to_string(), u)).or_insert_with(|| {
+        let t = site.room_tariff(room, u);
+        RoomBill {
+            room: room.to_string(),
+            utility: u,
+            period: period.to_string(),
+            from,
+            to,
+            unit: u.unit().to_string(),
+            currency: t.map(|t| t.currency.clone()),
+            tariff: t.map(|t| t.name.clone()),
+            meters: Vec::new(),
+            own_milli: 0,
+            own: Vec::new(),
+            shares: Vec::new(),
+            total: Some(0),
+            provisional: false,
+            notes: Vec::new(),
+        }
+    })
+}
+
+/// Bills of every room for a period made of `segments` (consecutive, covering it).
+pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement {
+    let mut pools = Vec::new();
+    let mut acc: BTreeMap<(String, Utility), RoomBill> = BTreeMap::new();
+    let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
+        return Statement {
+            pools,
+            bills: Vec::new(),
+        };
+    };
+    let (p_from, p_to) = (first.from, last.to);
+    for seg in segments {
+        let site = seg.site;
+        let consumption = segment_consumption(seg);
+        // Pools first: their missing inputs make every member's bill provisional.
+        let results: Vec<PoolResult> = apportion::apportion(site, &consumption, period);
+        let mut pool_missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in &results {
+            let pool = &site.pools[&r.pool];
+            let mut missing: Vec<String> = site
+                .meters
+                .values()
+                .filter(|m| {
+                    m.pool.as_deref() == Some(&r.pool)
+                        || pool.include_loss_of.contains(&m.name)
+                        || m.parent
+                            .as_ref()
+                            .is_some_and(|p| pool.include_loss_of.contains(p))
+                        || (pool
+                            .method
+                            .iter()
+                            .any(|(b, w)| *b == topology::Basis::Consumption && *w > 0.0)
+                            && m.utility == pool.utility
+                            && m.room.as_ref().is_some_and(|x| pool.rooms.contains(x)))
+                })
+                .filter(|m| !consumption.contains_key(&m.name) || consumption[&m.name].estimated)
+                .map(|m| m.name.clone())
+                .collect();
+            missing.dedup();
+            pool_missing.insert(r.pool.clone(), missing);
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["from"] = serde_json::json!(seg.from.to_rfc3339());
+            v["to"] = serde_json::json!(seg.to.to_rfc3339());
+            pools.push(v);
+        }
+        // Own consumption of every metered room.
+        for room in site.rooms.keys() {
+            for u in [Utility::Electricity, Utility::Water] {
+                let meters = site.room_meters(room, u);
+                if meters.is_empty() {
+                    continue;
+                }
+                let bill = bill_for(&mut acc, site, room, u, period, (p_from, p_to));
+                let tariff = site.room_tariff(room, u);
+                for m in meters {
+                    let device = match &m.source {
+                        Source::Device(d) => Some(d.clone()),
+                        Source::Virtual(_) => None,
+                    };
+                    let s = device.as_ref().and_then(|d| seg.series.get(d));
+                    let start = s.and_then(|s| s.first()).and_then(|(t, b)| read(*t, *b));
+                    let end = s.and_then(|s| s.last()).and_then(|(t, b)| read(*t, *b));
+                    let c = consumption.get(&m.name);
+                    let milli = c.map(|c| crate::money::to_milli(c.value));
+                    let status = match c {
+                        None => "missing",
+                        Some(c) if c.estimated => "estimated",
+                        Some(_) => "ok",
+                    };
+                    match status {
+                        "missing" => {
+                            bill.provisional = true;
+                            bill.notes.push(format!(
+                                "meter {}: no reading {} {}: consumption unknown, not billed yet",
+                                m.name,
+                                if start.is_none() {
+                                    "at or before"
+                                } else {
+                                    "at or after"
+                                },
+                                local(if start.is_none() { seg.from } else { seg.to }, tz)
+                            ));
+                        }
+                        "estimated" => {
+                            bill.provisional = true;
+                            bill.notes.push(format!(
+                                "meter {}: a boundary reading is interpolated across missing readings (estimated)",
+                                m.name
+                            ));
+                        }
+                        _ => {}
+                    }
+                    bill.meters.push(MeterLine {
+                        meter: m.name.clone(),
+                        device,
+                        start,
+                        end,
+                        consumption_milli: milli,
+                        status: status.to_string(),
+                    });
+                    let Some(milli) = milli else { continue };
+                    bill.own_milli += milli;
+                    let Some(t) = tariff else {
+                        if milli != 0 {
+                            bill.total = None;
+                            bill.notes.push(format!(
+                                "no [[tariff]] bills room {room}'s own {} (add it to a tariff's rooms): own consumption not priced",
+                                u.unit()
+                            ));
+                        }
+                        continue;
+                    };
+                    let split = if t.bands.is_empty() {
+                        None
+                    } else {
+                        let s = band_split(seg, &consumption, &m.name, &t.tou(), tz);
+                        if s.is_none() {
+                            bill.notes.push(format!(
+                                "meter {}: not split by band (a reading inside the period is missing, or the meter was exchanged or wrapped); priced at the base price",
+                                m.name
+                            ));
+                        }
+                        s
+                    };
+                    let lines = split.unwrap_or_else(|| {
+                        [((tou::BASE_BAND.to_string(), t.price.micros), milli)].into()
+                    });
+                    for ((band, micros), v) in lines {
+                        match bill
+                            .own
+                            .iter_mut()
+                            .find(|l| l.band == band && l.price.micros == micros)
+                        {
+                            Some(l) => l.milli += v,
+                            None => bill.own.push(EnergyLine {
+                                band,
+                                price: Price {
+                                    micros,
+                                    decimals: t.price.decimals,
+                                },
+                                milli: v,
+                                amount: 0,
+                            }),
+                        }
+                    }
+                }
+            }
+        }
+        // Pool shares.
+        for r in &results {
+            for share in &r.rooms {
+                let bill = bill_for(
+                    &mut acc,
+                    site,
+                    &share.room,
+                    r.utility,
+                    period,
+                    (p_from, p_to),
+                );
+                if bill.currency.is_none() {
+                    bill.currency.clone_from(&r.currency);
+                }
+                let missing = &pool_missing[&r.pool];
+                if !missing.is_empty() {
+                    bill.provisional = true;
+                    bill.notes.push(format!(
+                        "pool {}: meter(s) {} missing or estimated; the share may change",
+                        r.pool,
+                        missing.join(", ")
+                    ));
+                }
+                if share.share_amount.is_none() && share.share_milli != 0 {
+                    bill.total = None;
+                    bill.notes.push(format!(
+                        "pool {} has no tariff: its share is not priced",
+                        r.pool
+                    ));
+                }
+                bill.shares.push(ShareLine {
+                    pool: r.pool.clone(),
+                    from: seg.from,
+                    to: seg.to,
+                    common_milli: r.common_milli,
+                    common_amount: r.amount,
+                    bases: share.bases.clone(),
+                    coefficient: share.coefficient,
+                    share_milli: share.share_milli,
+                    amount: share.share_amount,
+                    price: r.price,
+                });
+            }
+        }
+    }
+    let mut bills: Vec<RoomBill> = acc.into_values().collect();
+    for b in &mut bills {
+        for l in &mut b.own {
+            l.amount = l.price.amount(l.milli);
+        }
+        b.notes.dedup();
+        b.total = b.total.map(|_| {
+            b.own.iter().map(|l| l.amount).sum::<i64>()
+                + b.shares.iter().filter_map(|s| s.amount).sum::<i64>()
+        });
+    }
+    Statement { pools, bills }
+}
+
+fn local(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
+    t.with_timezone(&tz).format("%Y-%m-%d %H:%M").to_string()
+}
+
+fn units(milli: i64) -> String {
+    let sign = if milli < 0 { "-" } else { "" };
+    format!("{sign}{}.{:03}", milli.abs() / 1000, milli.abs() % 1000)
+}
+
+/// Minor units as a decimal amount ("1234" → "12.34").
+pub fn money(amount: i64, decimals: u32) -> String {
+    let d = 10i64.pow(decimals);
+    let sign = if amount < 0 { "-" } else { "" };
+    format!(
+        "{sign}{}.{:0w$}",
+        amount.abs() / d,
+        amount.abs() % d,
+        w = decimals as usize
+    )
+}
+
+/// The statement as a tenant reads it: readings, consumption, each line's arithmetic, the total.
+pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
+    let mut s = String::new();
+    let cur = b.currency.clone().unwrap_or_default();
+    let dec = b
+        .own
+        .first()
+        .map(|l| l.price.decimals)
+        .or_else(|| b.shares.iter().find_map(|x| x.price.map(|p| p.decimals)))
+        .unwrap_or(2);
+    let _ = writeln!(
+        s,
+        "Room {} — {:?} — {} ({} to {}){}",
+        b.room,
+        b.utility,
+        b.period,
+        local(b.from, tz),
+        local(b.to, tz),
+        if b.provisional {
+            " — PROVISIONAL"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(s, "Meters:");
+    for m in &b.meters {
+        let r = |x: &Option<Read>| {
+            x.map(|r| {
+                format!(
+                    "{:.3} at {}{}",
+                    r.value,
+                    local(r.at, tz),
+                    if r.estimated { " (estimated)" } else { "" }
+                )
+            })
+            .unwrap_or_else(|| "missing".into())
+        };
+        let _ = writeln!(
+            s,
+            "  {:<16} start {:<34} end {:<34} = {} {}",
+            m.meter,
+            r(&m.start),
+            r(&m.end),
+            m.consumption_milli.map(units).unwrap_or_else(|| "?".into()),
+            b.unit
+        );
+    }
+    let _ = writeln!(s, "Own consumption: {} {}", units(b.own_milli), b.unit);
+    for l in &b.own {
+        let _ = writeln!(
+            s,
+            "  {:<10} {} {} × {} {cur}/{} = {} {cur}",
+            l.band,
+            units(l.milli),
+            b.unit,
+            money(l.price.micros, 6),
+            b.unit,
+            money(l.amount, l.price.decimals)
+        );
+    }
+    for x in &b.shares {
+        let _ = writeln!(
+            s,
+            "Share of pool {} ({} to {}):",
+            x.pool,
+            local(x.from, tz),
+            local(x.to, tz)
+        );
+        for bs in &x.bases {
+            let _ = writeln!(
+                s,
+                "  {:?}: {:.3} → share {:.6} × weight {}",
+                bs.basis, bs.value, bs.share, bs.weight
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  coefficient {:.6} × common {} {} = {} {}{}",
+            x.coefficient,
+            units(x.common_milli),
+            b.unit,
+            units(x.share_milli),
+            b.unit,
+            match (x.amount, x.common_amount) {
+                (Some(a), Some(c)) => format!(
+                    "; cost {} {cur} of {} {cur} (largest remainder)",
+                    money(a, dec),
+                    money(c, dec)
+                ),
+                _ => String::new(),
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Total: {}",
+        b.total
+            .map(|t| format!("{} {cur}", money(t, dec)))
+            .unwrap_or_else(|| "not priced (see notes)".into())
+    );
+    for n in &b.notes {
+        let _ = writeln!(s, "Note: {n}");
+    }
+    s
+}
+
+/// Per-room differences between two versions of a period's bills.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adjustment {
+    pub room: String,
+    pub utility: Utility,
+    pub old_total: Option<i64>,
+    pub new_total: Option<i64>,
+    /// new − old, minor units (`None` when either is not priced).
+    pub difference: Option<i64>,
+    pub currency: Option<String>,
+}
+
+/// Every room whose total changed (or that appears in only one version).
+pub fn adjustments(old: &[RoomBill], new: &[RoomBill]) -> Vec<Adjustment> {
+    let key = |b: &RoomBill| (b.room.clone(), b.utility);
+    let o: BTreeMap<_, _> = old.iter().map(|b| (key(b), b)).collect();
+    let n: BTreeMap<_, _> = new.iter().map(|b| (key(b), b)).collect();
+    let mut keys: Vec<_> = o.keys().chain(n.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (ob, nb) = (o.get(&k), n.get(&k));
+            let old_total = ob.and_then(|b| b.total);
+            let new_total = nb.and_then(|b| b.total);
+            let difference = match (ob, nb) {
+                (Some(_), Some(_)) => new_total.zip(old_total).map(|(a, b)| a - b),
+                (None, Some(_)) => new_total,
+                (Some(_), None) => old_total.map(|t| -t),
+                (None, None) => None,
+            };
+            if difference == Some(0) {
+                return None;
+            }
+            Some(Adjustment {
+                room: k.0,
+                utility: k.1,
+                old_total,
+                new_total,
+                difference,
+                currency: nb.or(ob).and_then(|b| b.currency.clone()),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,835 @@
+//! Bills from the history the daemon keeps: hand-checked statements, month boundaries crossed by the
+//! real scheduler and sampler (gateway down, rebooting, a dead meter), and dated corrections through
+//! the CLI with the superseded version kept.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use meterd::bill::{Calendar, RoomBill};
+use meterd::config::Config;
+use meterd::daemon::HistorySampler;
+use meterd::modbus::profile::Quantity;
+use meterd::modbus::schedule::{PollPolicy, Scheduler};
+use meterd::reading::{Quality, RawWords, Reading};
+use meterd::store::{Caps, Sample, Store};
+
+const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
+
+fn local(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+    TZ.with_ymd_and_hms(y, mo, d, h, mi, 0)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn config(db: &Path, body: &str) -> Config {
+    let text = format!(
+        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[store]\npath = \"{}\"\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n{body}",
+        db.display()
+    );
+    Config::from_str_at(&text, "billing.toml", Path::new("/"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn devices(names: &[&str]) -> String {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                "[[device]]\nname = \"{n}\"\nbus = \"lan\"\nunit = {}\nprofile = \"chint_ddsu666\"\ninterval = \"10s\"\n",
+                i + 1
+            )
+        })
+        .collect()
+}
+
+fn bill<'a>(bills: &'a [RoomBill], room: &str) -> &'a RoomBill {
+    bills
+        .iter()
+        .find(|b| b.room == room)
+        .unwrap_or_else(|| panic!("no bill for {room}: {bills:?}"))
+}
+
+// ---- a hand-checked bill ------------------------------------------------------------------------
+
+#[test]
+fn a_month_with_peak_and_valley_bands_a_pool_and_a_loss_bills_as_computed_by_hand() {
+    // October 2026, Shanghai. Peak 06:00–22:00 at 0.6170, valley 22:00–06:00 at 0.3070 for the
+    // rooms' own consumption; the lift and the loss of the main meter are a pool split by area
+    // (101: 30 m², 102: 70 m²) at a flat 0.8523.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let body = devices(&["main", "m101", "m102", "lift"])
+        + r#"
+[[room]]
+id = "101"
+area_m2 = 30.0
+[[room]]
+id = "102"
+area_m2 = 70.0
+[[meter]]
+name = "main"
+utility = "electricity"
+[[meter]]
+name = "m101"
+utility = "electricity"
+parent = "main"
+room = "101"
+[[meter]]
+name = "m102"
+utility = "electricity"
+parent = "main"
+room = "102"
+[[meter]]
+name = "lift"
+utility = "electricity"
+parent = "main"
+pool = "common"
+[[pool]]
+name = "common"
+utility = "electricity"
+rooms = ["*"]
+method = { area = 1.0 }
+include_loss_of = ["main"]
+tariff = "common-flat"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.6170"
+rooms = ["*"]
+bands = [
+  { name = "peak", from = "06:00", to = "22:00", price = "0.6170" },
+  { name = "valley", from = "22:00", to = "06:00", price = "0.3070" },
+]
+[[tariff]]
+name = "common-flat"
+utility = "electricity"
+price = "0.8523"
+"#;
+    let cfg = config(&db, &body);
+    // Loads: 101 draws 0.5 kW in peak and 0.2 kW in valley; 102 1 kW all day; the lift 0.3 kW;
+    // main meters all of it plus 35.2 kWh of loss over the month (spread evenly).
+    let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
+    let cal = Calendar::new(TZ, cfg.site.tariffs.values().map(|t| t.tou()));
+    let mut instants = vec![from];
+    let mut t = from;
+    loop {
+        t = cal.next_after(t);
+        if t > to {
+            break;
+        }
+        instants.push(t);
+    }
+    assert_eq!(
+        instants.len(),
+        1 + 62 + 1,
+        "the month start, 31 days × 2 band changes, the month end"
+    );
+    let mut wh = BTreeMap::from([
+        ("m101", 1_000_000i64),
+        ("m102", 2_000_000),
+        ("lift", 0),
+        ("main", 5_000_000),
+    ]);
+    let mut samples = Vec::new();
+    let month_ms = (to - from).num_milliseconds();
+    let mut loss_given = 0;
+    for (i, t) in instants.iter().enumerate() {
+        if i > 0 {
+            let prev = instants[i - 1];
+            let hours_ms = (*t - prev).num_milliseconds();
+            let peak = prev.with_timezone(&TZ).time()
+                >= chrono::NaiveTime::from_hms_opt(6, 0, 0).unwrap()
+                && prev.with_timezone(&TZ).time()
+                    < chrono::NaiveTime::from_hms_opt(22, 0, 0).unwrap();
+            let used = |kw_milli: i64| kw_milli * hours_ms / 3_600_000;
+            let a = used(if peak { 500 } else { 200 });
+            let b = used(1000);
+            let l = used(300);
+            let loss_to = 35_200 * (*t - from).num_milliseconds() / month_ms;
+            let loss = loss_to - loss_given;
+            loss_given = loss_to;
+            *wh.get_mut("m101").unwrap() += a;
+            *wh.get_mut("m102").unwrap() += b;
+            *wh.get_mut("lift").unwrap() += l;
+            *wh.get_mut("main").unwrap() += a + b + l + loss;
+        }
+        for (d, v) in &wh {
+            samples.push(Sample {
+                device: (*d).into(),
+                quantity: "energy_kwh".into(),
+                ts_ms: t.timestamp_millis(),
+                value: *v as f64 / 1000.0,
+            });
+        }
+    }
+    let mut store = Store::open(&db, Caps::default()).unwrap();
+    store.record_history(&samples).unwrap();
+    drop(store);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let st = meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap();
+
+    // By hand. Peak hours in October: 31 × 16 = 496 h, valley 31 × 8 = 248 h.
+    // 101 own: peak 0.5 × 496 = 248 kWh × 0.6170 = 153.016 → 153.02; valley 0.2 × 248 = 49.6 kWh ×
+    //   0.3070 = 15.2272 → 15.23 (each line rounded half to even to the fen).
+    // 102 own: peak 496 kWh × 0.6170 = 306.032 → 306.03; valley 248 kWh × 0.3070 = 76.136 → 76.14.
+    // Pool: lift 0.3 × 744 = 223.2 kWh + loss of main 35.2 kWh = 258.4 kWh × 0.8523 = 220.23432 →
+    //   220.23; by area 0.3 / 0.7: 66.069 → 66.06 + the remainder cent (largest .9) = 66.07; 154.16.
+    // 101 total: 153.02 + 15.23 + 66.07 = 234.32; 102: 306.03 + 76.14 + 154.16 = 536.33.
+    let b101 = bill(&st.bills, "101");
+    let lines: Vec<(&str, i64, i64)> = b101
+        .own
+        .iter()
+        .map(|l| (l.band.as_str(), l.milli, l.amount))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![("peak", 248_000, 15_302), ("valley", 49_600, 1_523)],
+        "{b101:#?}"
+    );
+    assert_eq!(b101.shares.len(), 1);
+    assert_eq!(
+        (b101.shares[0].common_milli, b101.shares[0].common_amount),
+        (258_400, Some(22_023))
+    );
+    assert_eq!(
+        (b101.shares[0].share_milli, b101.shares[0].amount),
+        (77_520, Some(6_607))
+    );
+    assert_eq!(b101.total, Some(23_432));
+    let b102 = bill(&st.bills, "102");
+    let lines: Vec<(&str, i64, i64)> = b102
+        .own
+        .iter()
+        .map(|l| (l.band.as_str(), l.milli, l.amount))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![("peak", 496_000, 30_603), ("valley", 248_000, 7_614)]
+    );
+    assert_eq!(
+        (b102.shares[0].share_milli, b102.shares[0].amount),
+        (180_880, Some(15_416))
+    );
+    assert_eq!(b102.total, Some(53_633));
+    assert!(
+        !b101.provisional && !b102.provisional,
+        "{:?} {:?}",
+        b101.notes,
+        b102.notes
+    );
+    // The readings a tenant checks: the meter's own values at the month's boundaries.
+    assert_eq!(b101.meters[0].start.unwrap().value, 1000.0);
+    assert_eq!(b101.meters[0].start.unwrap().at, from);
+    assert_eq!(b101.meters[0].end.unwrap().value, 1297.6);
+    let text = meterd::bill::explain(b101, TZ);
+    for needle in [
+        "m101",
+        "start 1000.000 at 2026-10-01 00:00",
+        "peak       248.000 kWh × 0.617000 CNY/kWh = 153.02 CNY",
+        "valley     49.600 kWh × 0.307000 CNY/kWh = 15.23 CNY",
+        "coefficient 0.300000 × common 258.400 kWh = 77.520 kWh; cost 66.07 CNY of 220.23 CNY",
+        "Total: 234.32 CNY",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+// ---- month boundaries crossed by the real scheduler and sampler ----------------------------------
+
+/// Meters of the boundary tests and their constant loads (W), 0.3–3 kW.
+const LOADS: &[(&str, f64)] = &[
+    ("m101", 650.0),
+    ("m102", 2870.0),
+    ("m103", 310.0),
+    ("lift", 1450.0),
+];
+
+fn boundary_config(db: &Path) -> Config {
+    let body = devices(&["main", "m101", "m102", "m103", "lift"])
+        + r#"
+[topology]
+history_every = "15m"
+[[room]]
+id = "101"
+area_m2 = 30.0
+[[room]]
+id = "102"
+area_m2 = 50.0
+[[room]]
+id = "103"
+area_m2 = 20.0
+[[meter]]
+name = "main"
+utility = "electricity"
+[[meter]]
+name = "m101"
+utility = "electricity"
+parent = "main"
+room = "101"
+[[meter]]
+name = "m102"
+utility = "electricity"
+parent = "main"
+room = "102"
+[[meter]]
+name = "m103"
+utility = "electricity"
+parent = "main"
+room = "103"
+[[meter]]
+name = "lift"
+utility = "electricity"
+parent = "main"
+pool = "lift"
+[[pool]]
+name = "lift"
+utility = "electricity"
+rooms = ["*"]
+method = { area = 1.0 }
+tariff = "home"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+"#;
+    config(db, &body)
+}
+
+/// The counter a meter shows at `t`: its load integrated since 1 Sep, truncated to 0.01 kWh.
+fn shown(meter: &str, t: DateTime<Utc>) -> f64 {
+    let secs = (t - local(2026, 9, 1, 0, 0)).num_milliseconds() as f64 / 1000.0;
+    let watts: f64 = if meter == "main" {
+        LOADS.iter().map(|(_, w)| w).sum::<f64>() * 1.03
+    } else {
+        LOADS.iter().find(|(m, _)| *m == meter).unwrap().1
+    };
+    (watts * secs / 3600.0 / 10.0).floor() / 100.0
+}
+
+/// Runs the gateway over `[up, down)`: the real deadline scheduler (10 s, one RS485 line, 46 ms a
+/// poll at 9600 baud), the billing boundary clock, and the real history sampler; a meter in `dead`
+/// does not answer from that time on. Returns the first reading of each meter at or after each
+/// boundary it crossed.
+fn run_gateway(
+    store: &mut Store,
+    cal: &Calendar,
+    up: DateTime<Utc>,
+    down: DateTime<Utc>,
+    dead: Option<(&str, DateTime<Utc>)>,
+) -> BTreeMap<(String, DateTime<Utc>), f64> {
+    let names = ["main", "m101", "m102", "m103", "lift"];
+    let policy = PollPolicy {
+        interval: Duration::from_secs(10),
+        retries: 1,
+        backoff: Duration::from_millis(500),
+        offline_after: 3,
+        probe_interval: Duration::from_secs(60),
+    };
+    let mut sched = Scheduler::new(&[policy; 5]);
+    let mut sampler = HistorySampler::new(Duration::from_secs(900), cal.clone());
+    let at = |d: Duration| up + chrono::Duration::from_std(d).unwrap();
+    let mut next_boundary = cal.next_after(up);
+    let mut waiting: Vec<(String, DateTime<Utc>)> = Vec::new();
+    let mut firsts = BTreeMap::new();
+    let mut now = Duration::ZERO;
+    for _ in 0..1_000_000 {
+        let Some(due) = sched.next_due() else { break };
+        if next_boundary <= at(now.max(due)) {
+            // The boundary clock fires: every billing meter is read as soon as the line is free.
+            now = now.max((next_boundary - up).to_std().unwrap());
+            for i in 0..names.len() {
+                sched.poll_now(i, now);
+            }
+            waiting.extend(names.iter().map(|n| (n.to_string(), next_boundary)));
+            next_boundary = cal.next_after(next_boundary);
+            continue;
+        }
+        now = now.max(due);
+        if at(now) >= down {
+            break;
+        }
+        let Some(i) = sched.pop_due(now) else {
+            continue;
+        };
+        now += Duration::from_millis(46);
+        let t = at(now);
+        let alive = dead.is_none_or(|(m, from)| m != names[i] || t < from);
+        if alive {
+            let value = shown(names[i], t);
+            let r = Reading {
+                device: names[i].into(),
+                register: "energy_import".into(),
+                quantity: Quantity::EnergyKwh,
+                value: Some(value),
+                unit: "kWh".into(),
+                ts: t,
+                quality: Quality::Good,
+                raw: RawWords::new(&[]),
+                error: None,
+            };
+            let samples = sampler.take(&[r]);
+            if !samples.is_empty() {
+                store.record_history(&samples).unwrap();
+            }
+            waiting.retain(|(m, b)| {
+                if m == names[i] {
+                    firsts.insert((m.clone(), *b), value);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        sched.complete(i, alive, now);
+    }
+    firsts
+}
+
+struct Outcome {
+    bills: Vec<RoomBill>,
+    firsts: BTreeMap<(String, DateTime<Utc>), f64>,
+    unread: Vec<String>,
+}
+
+/// October billed after the gateway ran across both of its boundaries, starting at `phase` past
+/// 23:00 (so the 15-minute history grid falls at every phase), with `outages` (down, up) on 1 Nov.
+fn october(
+    phase: chrono::Duration,
+    outages: &[(DateTime<Utc>, DateTime<Utc>)],
+    dead: Option<(&str, DateTime<Utc>)>,
+) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let cfg = boundary_config(&db);
+    let cal = meterd::daemon::calendar(&cfg);
+    let mut store = Store::open(&db, Caps::default()).unwrap();
+    let mut firsts = run_gateway(
+        &mut store,
+        &cal,
+        local(2026, 9, 30, 23, 0) + phase,
+        local(2026, 10, 1, 1, 0),
+        dead,
+    );
+    let mut up = local(2026, 10, 31, 23, 0) + phase;
+    for (down, back) in outages.iter().copied().chain(std::iter::once((
+        local(2026, 11, 1, 3, 0),
+        local(2026, 11, 1, 3, 0),
+    ))) {
+        firsts.extend(run_gateway(&mut store, &cal, up, down, dead));
+        up = back;
+    }
+    drop(store);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let unread = meterd::accounting::unread_after(&conn, &cfg, local(2026, 11, 1, 0, 0)).unwrap();
+    let st = meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap();
+    Outcome {
+        bills: st.bills,
+        firsts,
+        unread,
+    }
+}
+
+#[test]
+fn at_every_phase_of_the_history_grid_the_month_end_bill_rests_on_the_readings_at_the_boundaries() {
+    let price = meterd::money::Price::parse("0.8523", 2).unwrap();
+    let (start, end) = (local(2026, 10, 1, 0, 0), local(2026, 11, 1, 0, 0));
+    for phase_s in (0..900).step_by(67) {
+        let o = october(chrono::Duration::seconds(phase_s), &[], None);
+        assert!(o.unread.is_empty());
+        for (room, meter) in [("101", "m101"), ("102", "m102"), ("103", "m103")] {
+            let b = bill(&o.bills, room);
+            assert!(!b.provisional, "phase {phase_s}s: {:?}", b.notes);
+            let m = &b.meters[0];
+            let (s, e) = (m.start.unwrap(), m.end.unwrap());
+            // The boundary read itself, taken within a second of midnight, with its own time.
+            assert_eq!(
+                s.value,
+                o.firsts[&(meter.to_string(), start)],
+                "phase {phase_s}s"
+            );
+            assert_eq!(
+                e.value,
+                o.firsts[&(meter.to_string(), end)],
+                "phase {phase_s}s"
+            );
+            assert!(
+                s.at >= start && s.at - start < chrono::Duration::seconds(1),
+                "{:?}",
+                s.at
+            );
+            assert!(
+                e.at >= end && e.at - end < chrono::Duration::seconds(1),
+                "{:?}",
+                e.at
+            );
+            let used = meterd::money::to_milli(e.value - s.value);
+            assert_eq!(m.consumption_milli, Some(used));
+            assert_eq!(b.own[0].amount, price.amount(used));
+            // 0.3–3 kW for 31 days: about 230–2,140 kWh.
+            assert!((200_000..2_200_000).contains(&used), "{used}");
+        }
+    }
+}
+
+#[test]
+fn a_gateway_down_from_2350_to_0200_on_the_first_bills_estimated_readings_and_names_them() {
+    for phase_s in [0, 413, 899] {
+        let o = october(
+            chrono::Duration::seconds(phase_s),
+            &[(local(2026, 10, 31, 23, 50), local(2026, 11, 1, 2, 0))],
+            None,
+        );
+        assert!(o.unread.is_empty(), "readings resumed at 02:00");
+        for (room, meter) in [("101", "m101"), ("102", "m102"), ("103", "m103")] {
+            let b = bill(&o.bills, room);
+            assert!(b.provisional, "{b:?}");
+            assert_eq!(b.meters[0].status, "estimated");
+            assert!(
+                b.notes
+                    .iter()
+                    .any(|n| n.contains(meter) && n.contains("estimated")),
+                "{:?}",
+                b.notes
+            );
+            assert!(
+                b.notes
+                    .iter()
+                    .any(|n| n.contains("pool lift") && n.contains("lift")),
+                "{:?}",
+                b.notes
+            );
+            assert!(
+                b.total.is_some(),
+                "an estimate is still priced, and flagged"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_gateway_rebooting_at_0005_keeps_the_midnight_reading_and_bills_exactly() {
+    let o = october(
+        chrono::Duration::seconds(123),
+        &[(local(2026, 11, 1, 0, 5), local(2026, 11, 1, 0, 6))],
+        None,
+    );
+    for room in ["101", "102", "103"] {
+        let b = bill(&o.bills, room);
+        assert!(!b.provisional, "{:?}", b.notes);
+        assert!(
+            b.meters[0].end.unwrap().at - local(2026, 11, 1, 0, 0) < chrono::Duration::seconds(1)
+        );
+    }
+}
+
+#[test]
+fn a_meter_dead_at_month_end_is_named_and_its_room_is_provisional_while_the_others_are_exact() {
+    let o = october(
+        chrono::Duration::seconds(300),
+        &[],
+        Some(("m103", local(2026, 10, 31, 23, 30))),
+    );
+    assert_eq!(o.unread, vec!["m103".to_string()], "the run waits for it");
+    let b = bill(&o.bills, "103");
+    assert!(b.provisional);
+    assert_eq!(b.meters[0].status, "missing");
+    assert_eq!(b.meters[0].consumption_milli, None);
+    assert!(
+        b.notes
+            .iter()
+            .any(|n| n.contains("meter m103: no reading at or after 2026-11-01 00:00")),
+        "{:?}",
+        b.notes
+    );
+    assert!(b.total.is_some(), "its pool share is still priced");
+    for room in ["101", "102"] {
+        assert!(
+            !bill(&o.bills, room).provisional,
+            "{:?}",
+            bill(&o.bills, room).notes
+        );
+    }
+}
+
+#[test]
+fn a_due_period_waits_for_late_meters_up_to_the_bound_and_missed_runs_catch_up_oldest_first() {
+    use meterd::accounting::{next_step, pending_periods, Next, BOUNDARY_WAIT};
+    let (_, end) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
+    let due = local(2026, 11, 1, 0, 5);
+    // Before 00:05 on the 1st: wait for it.
+    assert_eq!(
+        next_step(end, TZ, 1, BOUNDARY_WAIT, "2026-10", true).unwrap(),
+        Next::Wait(due)
+    );
+    // Due, every meter read: run.
+    assert_eq!(
+        next_step(due, TZ, 1, BOUNDARY_WAIT, "2026-10", true).unwrap(),
+        Next::Run {
+            period: "2026-10".into(),
+            waited_out: false
+        }
+    );
+    // Due, a meter unread: look again in a minute, until the bound; then run naming it.
+    assert_eq!(
+        next_step(due, TZ, 1, BOUNDARY_WAIT, "2026-10", false).unwrap(),
+        Next::Wait(due + chrono::Duration::minutes(1))
+    );
+    assert_eq!(
+        next_step(due + BOUNDARY_WAIT, TZ, 1, BOUNDARY_WAIT, "2026-10", false).unwrap(),
+        Next::Run {
+            period: "2026-10".into(),
+            waited_out: true
+        }
+    );
+    // A gateway off from 28 Oct to 3 Dec catches up October then November, once each.
+    let now = local(2026, 12, 3, 9, 0);
+    let done: std::collections::BTreeSet<String> =
+        ["2026-08".to_string(), "2026-09".to_string()].into();
+    assert_eq!(
+        pending_periods("2026-08", now, TZ, &done),
+        vec!["2026-10", "2026-11"]
+    );
+    let done: std::collections::BTreeSet<String> = ["2026-08", "2026-09", "2026-10", "2026-11"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        pending_periods("2026-08", now, TZ, &done).is_empty(),
+        "never run twice unless asked"
+    );
+    // apportion_day = 3: November is due on 3 Dec 00:05 local, whatever the readings.
+    assert_eq!(
+        next_step(
+            local(2026, 12, 2, 12, 0),
+            TZ,
+            3,
+            BOUNDARY_WAIT,
+            "2026-11",
+            true
+        )
+        .unwrap(),
+        Next::Wait(local(2026, 12, 3, 0, 5))
+    );
+}
+
+// ---- corrections ---------------------------------------------------------------------------------
+
+const SWAP: &str = r#"
+[[room]]
+id = "201"
+[[room]]
+id = "202"
+[[meter]]
+name = "main"
+utility = "electricity"
+[[meter]]
+name = "mA"
+utility = "electricity"
+parent = "main"
+room = "201"
+[[meter]]
+name = "mB"
+utility = "electricity"
+parent = "main"
+room = "202"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+"#;
+
+#[test]
+fn a_swapped_pair_of_sibling_meters_corrected_from_a_date_adjusts_by_the_hand_computed_amount() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    // mA read 50 kWh before 16 Oct and 50 after; mB 150 and 150. Since the renovation on 16 Oct mA
+    // measures room 202 and mB room 201, but the config still says the opposite.
+    let at = [
+        local(2026, 10, 1, 0, 0),
+        local(2026, 10, 16, 0, 0),
+        local(2026, 11, 1, 0, 0),
+    ];
+    let mut samples = Vec::new();
+    for (d, vals) in [
+        ("main", [0.0, 200.0, 400.0]),
+        ("mA", [1000.0, 1050.0, 1100.0]),
+        ("mB", [2000.0, 2150.0, 2300.0]),
+    ] {
+        for (t, v) in at.iter().zip(vals) {
+            samples.push(Sample {
+                device: d.into(),
+                quantity: "energy_kwh".into(),
+                ts_ms: t.timestamp_millis(),
+                value: v,
+            });
+        }
+    }
+    let mut store = Store::open(&db, Caps::default()).unwrap();
+    store.record_history(&samples).unwrap();
+    drop(store);
+    let write = |extra: &str| {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\ncontrol_socket = \"{}\"\n[store]\npath = \"{}\"\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n{}{SWAP}{extra}",
+            dir.path().join("control.sock").display(),
+            db.display(),
+            devices(&["main", "mA", "mB"])
+        );
+        let p = dir.path().join("meterd.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let bin = env!("CARGO_BIN_EXE_meterd");
+    let run = |args: &[&str], cfg: &Path| {
+        let o = std::process::Command::new(bin)
+            .args(args)
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    // Version 1, as billed: 201 ← mA 100 kWh = 85.23, 202 ← mB 300 kWh = 255.69.
+    let cfg = write("");
+    let v1 = run(
+        &[
+            "recompute",
+            "--period",
+            "2026-10",
+            "--reason",
+            "monthly bills",
+            "--json",
+        ],
+        &cfg,
+    );
+    let v1: serde_json::Value = serde_json::from_str(&v1).unwrap();
+    assert_eq!(v1["version"], 1);
+    // The fix: from 16 Oct mA bills 202 and mB bills 201.
+    let cfg = write(
+        "[[assignment]]\nmeter = \"mA\"\nroom = \"202\"\nfrom = \"2026-10-16\"\nreason = \"swapped in the renovation\"\n[[assignment]]\nmeter = \"mB\"\nroom = \"201\"\nfrom = \"2026-10-16\"\n",
+    );
+    let v2 = run(
+        &[
+            "recompute",
+            "--period",
+            "2026-10",
+            "--reason",
+            "mA/mB swapped since 16 Oct",
+            "--json",
+        ],
+        &cfg,
+    );
+    let v2: serde_json::Value = serde_json::from_str(&v2).unwrap();
+    assert_eq!(
+        (v2["version"].as_i64(), v2["supersedes"].as_i64()),
+        (Some(2), Some(1))
+    );
+    // By hand: 201 = mA 50 + mB 150 = 200 kWh = 170.46; 202 = mB 150 + mA 50 = 200 kWh = 170.46.
+    // Adjustments: 201 +85.23 (170.46 − 85.23), 202 −85.23 (170.46 − 255.69).
+    let adj: Vec<(String, i64, i64, i64)> = v2["adjustments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["room"].as_str().unwrap().to_string(),
+                a["old_total"].as_i64().unwrap(),
+                a["new_total"].as_i64().unwrap(),
+                a["difference"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        adj,
+        vec![
+            ("201".into(), 8_523, 17_046, 8_523),
+            ("202".into(), 25_569, 17_046, -8_523)
+        ]
+    );
+    // The superseded version stays readable; the new one shows both segments.
+    let old: serde_json::Value = serde_json::from_str(&run(
+        &["bill", "--period", "2026-10", "--version", "1", "--json"],
+        &cfg,
+    ))
+    .unwrap();
+    let totals: Vec<i64> = old["bills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["total"].as_i64().unwrap())
+        .collect();
+    assert_eq!(totals, vec![8_523, 25_569]);
+    let text = run(&["bill", "--period", "2026-10", "--room", "201"], &cfg);
+    assert!(
+        text.contains("version 2 of 2") && text.contains("supersedes version 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mA") && text.contains("mB") && text.contains("Total: 170.46 CNY"),
+        "{text}"
+    );
+    // Everything the runs queued for the cloud carries its time, version and config hash, and fits
+    // the schemas.
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, topic, payload FROM outbox ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(i64, String, Vec<u8>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let by_topic = |t: &str| -> Vec<serde_json::Value> {
+        rows.iter()
+            .filter(|r| r.1 == t)
+            .map(|(seq, _, p)| {
+                let mut v: serde_json::Value = serde_json::from_slice(p).unwrap();
+                v["seq"] = serde_json::json!(seq);
+                v
+            })
+            .collect()
+    };
+    let bills = by_topic("results/bill");
+    assert_eq!(bills.len(), 4, "two rooms, two versions");
+    let adjustments = by_topic("results/adjustment");
+    assert_eq!(adjustments.len(), 2);
+    assert!(adjustments[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("mA/mB swapped since 16 Oct (by cli:"));
+    assert_eq!(
+        (
+            adjustments[0]["supersedes"].as_i64(),
+            adjustments[0]["version"].as_i64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert_eq!(adjustments[1]["difference"], -8_523);
+    for (schema, recs) in [
+        ("bill.schema.json", bills),
+        ("adjustment.schema.json", adjustments),
+        ("results.schema.json", by_topic("results/apportionment")),
+    ] {
+        if recs.is_empty() {
+            continue;
+        }
+        let first = recs[0]["seq"].as_i64().unwrap();
+        let last = recs[recs.len() - 1]["seq"].as_i64().unwrap();
+        common::broker::validate(
+            schema,
+            &serde_json::json!({"gateway": "gw", "seq_first": first, "seq_last": last, "records": recs}),
+        );
+    }
+}
