@@ -399,6 +399,37 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
             .any(|r| r["relay"] == "104-power" && r["to"] == "on")
     })
     .await;
+    // The ledger explains the balance: the cloud's figure, each interval's deductions, the top-up;
+    // every row's balance is the previous one's plus its amount.
+    send(
+        &sub,
+        "get_ledger",
+        &json!({"id": "g-1", "room": "104", "utility": "electricity", "from": (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339(), "to": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()}),
+    )
+    .await;
+    let msgs = until(&sub, "ledger reply", |m| reply(m, "g-1").is_some()).await;
+    let ledger = reply(&msgs, "g-1").unwrap();
+    assert_eq!(ledger["ok"], true, "{ledger}");
+    let rows = ledger["result"]["rows"].as_array().unwrap().clone();
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"reconcile"), "{rows:#?}");
+    assert_eq!(rows[0]["balance_after"], 300);
+    assert!(
+        kinds.contains(&"usage") && kinds.contains(&"top_up"),
+        "{kinds:?}"
+    );
+    for w in rows.windows(2) {
+        assert_eq!(
+            w[0]["balance_after"].as_i64().unwrap() + w[1]["amount"].as_i64().unwrap(),
+            w[1]["balance_after"].as_i64().unwrap(),
+            "{rows:#?}"
+        );
+    }
+    let usage = rows.iter().find(|r| r["kind"] == "usage").unwrap();
+    assert!(
+        usage["consumption"].as_i64().unwrap() > 0 && usage["amount"].as_i64().unwrap() < 0,
+        "{usage}"
+    );
     // In the lease quiet period top-ups are suspended, and say why.
     let soon = (chrono::Utc::now() + chrono::Duration::days(2))
         .date_naive()

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -34,14 +34,17 @@ CREATE TABLE IF NOT EXISTS prepaid_ledger (
     price_micros   INTEGER,
     amount         INTEGER NOT NULL,            -- minor units; deductions negative
     balance_after  INTEGER NOT NULL,
-    ref            TEXT
+    ref            TEXT,
+    epoch          INTEGER NOT NULL DEFAULT 0   -- usage: id of the account's last top-up/reconciliation
 );
 CREATE UNIQUE INDEX IF NOT EXISTS prepaid_ledger_usage
-    ON prepaid_ledger (room, utility, interval_ms, band, price_micros) WHERE kind = 'usage';
+    ON prepaid_ledger (room, utility, interval_ms, band, price_micros, epoch) WHERE kind = 'usage';
 CREATE INDEX IF NOT EXISTS prepaid_ledger_room ON prepaid_ledger (room, utility, id);
+CREATE INDEX IF NOT EXISTS prepaid_ledger_adjustments ON prepaid_ledger (room, utility, id) WHERE kind <> 'usage';
 ";
 
-/// Adds one priced charge to its interval's row (created on the first charge of the interval).
+/// Adds one priced charge to its interval's row (created on the first charge of the interval, or the
+/// first after a top-up or reconciliation, so rows in id order always chain their balances).
 pub fn add_usage(
     tx: &Connection,
     room: &str,
@@ -51,10 +54,17 @@ pub fn add_usage(
     balance_after: i64,
 ) -> rusqlite::Result<()> {
     let p = &charge.piece;
+    let epoch: i64 = tx
+        .prepare_cached(
+            "SELECT id FROM prepaid_ledger WHERE room = ?1 AND utility = ?2 AND kind <> 'usage' ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![room, utility_str(utility)], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
     tx.prepare_cached(
-        "INSERT INTO prepaid_ledger (room, utility, kind, interval_ms, band, start_ms, end_ms, start_counter, end_counter, consumption, price_micros, amount, balance_after)
-         VALUES (?1, ?2, 'usage', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-         ON CONFLICT (room, utility, interval_ms, band, price_micros) WHERE kind = 'usage' DO UPDATE SET
+        "INSERT INTO prepaid_ledger (room, utility, kind, interval_ms, band, start_ms, end_ms, start_counter, end_counter, consumption, price_micros, amount, balance_after, epoch)
+         VALUES (?1, ?2, 'usage', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+         ON CONFLICT (room, utility, interval_ms, band, price_micros, epoch) WHERE kind = 'usage' DO UPDATE SET
             end_ms = excluded.end_ms, end_counter = excluded.end_counter,
             consumption = consumption + excluded.consumption, amount = amount + excluded.amount,
             balance_after = excluded.balance_after",
@@ -71,7 +81,8 @@ pub fn add_usage(
         p.milli(),
         p.price.micros,
         -charge.amount,
-        balance_after
+        balance_after,
+        epoch
     ])?;
     Ok(())
 }

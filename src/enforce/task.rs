@@ -615,7 +615,10 @@ impl Enforcer {
         };
         // Counter, balance and ledger move together in one transaction, so a restart or a power cut
         // neither loses nor repeats consumption.
-        let tx = match conn.transaction() {
+        // IMMEDIATE: take the write lock at BEGIN (waiting out the store thread's commits). A deferred
+        // transaction that reads first cannot upgrade under WAL while another connection writes:
+        // SQLite answers "database is locked" at once and every write of the batch would be lost.
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::error!(error = %e, "prepaid: cannot write; readings not billed now, billed from the counter later");
@@ -941,4 +944,127 @@ pub fn group_id(name: &str) -> Option<u32> {
         .find(|l| l.split(':').next() == Some(name))
         .and_then(|l| l.split(':').nth(2))
         .and_then(|g| g.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modbus::profile::Quantity;
+    use crate::reading::{RawWords, Reading};
+
+    fn config(db: &std::path::Path) -> Arc<Config> {
+        let text = format!(
+            r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[store]
+path = "{}"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "meter104"
+bus = "lan"
+unit = 1
+profile = "hiking_dds238_zn"
+[[room]]
+id = "104"
+[[meter]]
+name = "meter104"
+utility = "electricity"
+room = "104"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+[[prepaid]]
+room = "104"
+utility = "electricity"
+meter = "meter104"
+tariff = "elec"
+"#,
+            db.display()
+        );
+        Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
+    }
+
+    fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
+        Reading {
+            device: "meter104".into(),
+            register: "energy_total".into(),
+            quantity: Quantity::EnergyKwh,
+            value: Some(kwh),
+            unit: "kWh".into(),
+            ts,
+            quality: Quality::Good,
+            raw: RawWords::new(&[]),
+            error: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prepaid_deductions_reach_the_ledger_while_the_store_thread_writes_telemetry() {
+        // Before the fix the enforcer's transaction read first and then could not upgrade to a
+        // write while the store thread committed: "database is locked", and the ledger lost rows.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let store = crate::store::spawn(
+            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
+        )
+        .unwrap();
+        let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
+        let t0 = Utc::now();
+        enf.apply_cloud(
+            "set_balance",
+            "b-1",
+            &json!({"room": "104", "utility": "electricity", "balance": 100_000}),
+            t0,
+        )
+        .unwrap();
+        // Telemetry committed continuously by the store thread, as in the daemon.
+        let writer = store.clone();
+        let hammer = tokio::spawn(async move {
+            for i in 0..4000 {
+                let r = reading(t0 + chrono::Duration::milliseconds(i), 1.0);
+                let _ = writer
+                    .append(vec![crate::daemon::telemetry_record(&r)])
+                    .await;
+            }
+        });
+        // 2 kW polled every 10 s for 1,000 readings (about 2.8 h): 5.56 kWh.
+        let mut wh = 1_234_560.0f64;
+        for k in 0..1000 {
+            wh += 2000.0 * 10.0 / 3600.0;
+            let t = t0 + chrono::Duration::seconds(10 * (k + 1));
+            enf.apply_readings(&vec![reading(t, (wh / 10.0).floor() / 100.0)], t);
+            tokio::task::yield_now().await;
+        }
+        hammer.await.unwrap();
+        let balance = enf.rooms["104"].prepaid[&Utility::Electricity].balance;
+        let conn = crate::store::open_read_only(&cfg.store.path).unwrap();
+        let (usage, rows): (i64, i64) = conn
+            .query_row(
+                "SELECT coalesce(sum(amount), 0), count(*) FROM prepaid_ledger WHERE kind = 'usage'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(balance < 100_000, "something was deducted");
+        assert_eq!(
+            100_000 + usage,
+            balance,
+            "every deduction is in the ledger ({rows} rows)"
+        );
+        let billed: String = conn
+            .query_row("SELECT state FROM prepaid_counters", [], |r| r.get(0))
+            .unwrap();
+        let st: CounterState = serde_json::from_str(&billed).unwrap();
+        assert_eq!(
+            st.billed_milli,
+            crate::money::to_milli((wh / 10.0).floor() / 100.0)
+        );
+    }
 }
