@@ -815,9 +815,6 @@ pub async fn run_period(
 /// Meta key: the first period this gateway bills (the month it first ran).
 pub const BILLING_SINCE: &str = "billing_since";
 
-/// How long a due period waits for every billing meter to report after the boundary.
-pub const BOUNDARY_WAIT: chrono::Duration = chrono::Duration::hours(6);
-
 /// The accounting task: balance checks every `balance_every`, the monthly runs (missed ones caught
 /// up oldest first), and runs on request.
 pub async fn run(
@@ -957,11 +954,13 @@ async fn billing_step(config: &Arc<Config>, since: &str) -> Option<Next> {
         };
         let (_, end) = period_bounds(&p, tz).map_err(|e| e.to_string())?;
         let unread = unread_after(&conn, &c, end).map_err(|e| e.to_string())?;
+        let wait = chrono::Duration::from_std(c.topology.boundary_wait)
+            .unwrap_or(chrono::Duration::hours(6));
         next_step(
             now,
             tz,
             c.topology.apportion_day,
-            BOUNDARY_WAIT,
+            wait,
             &p,
             unread.is_empty(),
         )
@@ -1017,5 +1016,71 @@ mod tests {
             next_run(before, chrono_tz::Asia::Shanghai, 1).to_rfc3339(),
             "2026-10-31T16:05:00+00:00"
         );
+    }
+
+    #[test]
+    fn recompute_from_the_cloud_must_be_signed_and_give_a_reason() {
+        use base64::Engine as _;
+        use ed25519_dalek::Signer as _;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let (tx, mut rx) = mpsc::channel(4);
+        let handler = AccountingCommands {
+            requests: tx,
+            timezone: chrono_tz::Asia::Shanghai,
+            key: Some(key.verifying_key()),
+            seen: Arc::default(),
+            path: "/nonexistent/outbox.db".into(),
+        };
+        let sign = |id: &str, mut args: Value| {
+            args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
+            let sig = key.sign(&crate::enforce::auth::signed_content(
+                "recompute",
+                id,
+                &args,
+            ));
+            args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+            args
+        };
+        let unsigned = json!({"period": "2026-10", "reason": "swap"});
+        assert!(handler
+            .handle("r-0", "recompute", &unsigned)
+            .unwrap()
+            .is_err());
+        let no_reason = sign("r-1", json!({"period": "2026-10"}));
+        assert!(handler
+            .handle("r-1", "recompute", &no_reason)
+            .unwrap()
+            .unwrap_err()
+            .contains("reason"));
+        let good = sign(
+            "r-2",
+            json!({"period": "2026-10", "reason": "mA/mB swapped"}),
+        );
+        let reply = handler.handle("r-2", "recompute", &good).unwrap().unwrap();
+        assert_eq!(reply["queued"], "2026-10");
+        match rx.try_recv().unwrap() {
+            Request::Run(r, None) => assert_eq!(
+                (
+                    r.period.as_str(),
+                    r.reason.as_str(),
+                    r.command_id.as_deref()
+                ),
+                ("2026-10", "mA/mB swapped", Some("r-2"))
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            handler.handle("r-2", "recompute", &good).unwrap().is_err(),
+            "a replay is refused"
+        );
+        let keyless = AccountingCommands {
+            key: None,
+            ..handler
+        };
+        assert!(keyless
+            .handle("r-3", "recompute", &good)
+            .unwrap()
+            .unwrap_err()
+            .contains("public_key"));
     }
 }

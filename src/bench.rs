@@ -40,6 +40,9 @@ pub enum Which {
     Replay,
     /// Monthly apportionment of 20,000 rooms in 200 pools (target < 1 s).
     Apportion,
+    /// `meterd bill` for 20,000 rooms from a month of history, flat and peak/valley tariffs
+    /// (targets < 5 s flat, < 30 s with bands).
+    Bill,
     /// All of the above.
     All,
 }
@@ -87,6 +90,9 @@ impl BenchCmd {
         }
         if wants(Which::Apportion) && !apportion_bench()? {
             failed.push("apportion");
+        }
+        if wants(Which::Bill) && !bill_bench()? {
+            failed.push("bill");
         }
         if !failed.is_empty() {
             bail!("targets missed: {}", failed.join(", "));
@@ -138,7 +144,12 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    /// Removed unless `METERD_BENCH_KEEP` is set (to inspect or profile what was measured).
     fn drop(&mut self) {
+        if std::env::var_os("METERD_BENCH_KEEP").is_some() {
+            println!("    scratch kept: {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -839,5 +850,137 @@ fn apportion_bench() -> Result<bool> {
         verdict(ok),
         build_s
     );
+    Ok(ok)
+}
+
+/// `meterd bill` as a field engineer runs it, on a scratch site of 20,000 rooms (100 per floor, a
+/// floor meter with its loss and a lift pool per floor) with a month of boundary readings in a
+/// scratch outbox. Scope: the whole command (config, history look-ups, bills, output), run as a
+/// child process; checks it printed a bill for every room.
+fn bill_bench() -> Result<bool> {
+    use std::fmt::Write as _;
+    let (rooms_n, per_floor) = (20_000usize, 100usize);
+    let floors = rooms_n / per_floor;
+    println!("\n[8] meterd bill: {rooms_n} rooms, {floors} floors (floor meter + lift pool with the floor's loss), October from the history");
+    let scratch = Scratch::new("bill")?;
+    let dir = scratch.0.clone();
+    let mut ok = true;
+    for banded in [false, true] {
+        let db = dir.join(format!("outbox-{banded}.db"));
+        let mut cfg = format!(
+            "[gateway]\nid = \"bench\"\nsite = \"bench\"\ntimezone = \"Asia/Shanghai\"\ncontrol_socket = \"{}\"\n[store]\npath = \"{}\"\n",
+            dir.join("none.sock").display(),
+            db.display()
+        );
+        let tariff = if banded {
+            "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.6170\"\nrooms = [\"*\"]\nbands = [{ name = \"peak\", from = \"06:00\", to = \"22:00\", price = \"0.6170\" }, { name = \"valley\", from = \"22:00\", to = \"06:00\", price = \"0.3070\" }]\n"
+        } else {
+            "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.8523\"\nrooms = [\"*\"]\n"
+        };
+        cfg += tariff;
+        cfg += "[[tariff]]\nname = \"common\"\nutility = \"electricity\"\nprice = \"0.8523\"\n";
+        let mut devices: Vec<String> = Vec::new();
+        for f in 0..floors {
+            let _ = write!(cfg, "[[meter]]\nname = \"floor{f:03}\"\nutility = \"electricity\"\n[[meter]]\nname = \"lift{f:03}\"\nutility = \"electricity\"\nparent = \"floor{f:03}\"\npool = \"lift{f:03}\"\n");
+            let _ = write!(cfg, "[[pool]]\nname = \"lift{f:03}\"\nutility = \"electricity\"\nrooms = [{}]\nmethod = {{ area = 1.0 }}\ninclude_loss_of = [\"floor{f:03}\"]\ntariff = \"common\"\n",
+                (f * per_floor..(f + 1) * per_floor).map(|r| format!("\"r{r:05}\"")).collect::<Vec<_>>().join(", "));
+            devices.push(format!("floor{f:03}"));
+            devices.push(format!("lift{f:03}"));
+            for r in f * per_floor..(f + 1) * per_floor {
+                let _ = write!(cfg, "[[room]]\nid = \"r{r:05}\"\narea_m2 = {}\n[[meter]]\nname = \"m{r:05}\"\nutility = \"electricity\"\nparent = \"floor{f:03}\"\nroom = \"r{r:05}\"\n", 20 + r % 80);
+                devices.push(format!("m{r:05}"));
+            }
+        }
+        // One Modbus TCP gateway per 200 meters (unit ids 1–200).
+        for (i, d) in devices.iter().enumerate() {
+            if i % 200 == 0 {
+                let _ = write!(
+                    cfg,
+                    "[[bus]]\nname = \"gw{}\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {}\n",
+                    i / 200,
+                    20_000 + i / 200
+                );
+            }
+            let _ = write!(cfg, "[[device]]\nname = \"{d}\"\nbus = \"gw{}\"\nunit = {}\nprofile = \"chint_ddsu666\"\n", i / 200, i % 200 + 1);
+        }
+        let path = dir.join(format!("bench-{banded}.toml"));
+        std::fs::write(&path, &cfg)?;
+        // History: a reading at the month's start and end, and at every band change when banded.
+        let config = crate::config::Config::from_path(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (from, to) = crate::accounting::period_bounds("2026-10", config.gateway.timezone)?;
+        let cal = crate::daemon::calendar(&config);
+        let mut instants = vec![from];
+        while let Some(t) = instants
+            .last()
+            .map(|t| cal.next_after(*t))
+            .filter(|t| *t <= to)
+        {
+            instants.push(t);
+        }
+        let mut store = crate::store::Store::open(&db, crate::store::Caps::default())?;
+        let mut samples = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            let kw = if d.starts_with("floor") {
+                0.0
+            } else {
+                0.3 + (i % 28) as f64 * 0.1
+            };
+            for t in &instants {
+                let h = (*t - from).num_seconds() as f64 / 3600.0;
+                let v = if d.starts_with("floor") {
+                    // The floor meter: its rooms and lift (0.3–3 kW each) plus 3 % loss.
+                    let base = devices.iter().position(|x| x == d).unwrap_or(0);
+                    (base + 1..base + 2 + per_floor)
+                        .map(|j| 0.3 + (j % 28) as f64 * 0.1)
+                        .sum::<f64>()
+                        * 1.03
+                        * h
+                } else {
+                    kw * h
+                };
+                samples.push(crate::store::Sample {
+                    device: d.clone(),
+                    quantity: "energy_kwh".into(),
+                    ts_ms: t.timestamp_millis(),
+                    value: 1000.0 + (v * 100.0).floor() / 100.0,
+                });
+            }
+            if samples.len() > 200_000 {
+                store.record_history(&samples)?;
+                samples.clear();
+            }
+        }
+        store.record_history(&samples)?;
+        drop(store);
+        let exe = std::env::current_exe()?;
+        let t0 = Instant::now();
+        let o = std::process::Command::new(&exe)
+            .args(["bill", "--period", "2026-10", "--config"])
+            .arg(&path)
+            .output()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&o.stdout);
+        let rooms_listed = text
+            .lines()
+            .filter(|l| l.starts_with('r') && l.contains("electricity"))
+            .count();
+        let priced = text.lines().filter(|l| l.contains(" CNY ")).count();
+        let target = if banded { 30.0 } else { 5.0 };
+        let good =
+            o.status.success() && rooms_listed == rooms_n && priced == rooms_n && secs < target;
+        println!(
+            "    {}: {secs:.2} s for {rooms_listed} room bills ({priced} priced; {} history rows) (target < {target} s: {})",
+            if banded { "peak/valley tariff, 62 band changes" } else { "flat tariff" },
+            devices.len() * instants.len(),
+            verdict(good)
+        );
+        if !o.status.success() {
+            println!(
+                "    meterd bill failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        ok &= good;
+    }
     Ok(ok)
 }

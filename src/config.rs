@@ -219,6 +219,9 @@ pub struct TopologyConfig {
     pub balance_every: Duration,
     /// Day of the month (site time) on which last month is apportioned and published.
     pub apportion_day: u32,
+    /// How long a due month waits for every billing meter to report after its end before it is run
+    /// with the missing meters named.
+    pub boundary_wait: Duration,
 }
 
 /// A meter exchanged at `at`: the old meter's final reading and the new one's first.
@@ -240,6 +243,8 @@ struct RawTopology {
     #[serde(default, with = "humantime_serde")]
     balance_every: Option<Duration>,
     apportion_day: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    boundary_wait: Option<Duration>,
 }
 
 impl Config {
@@ -615,7 +620,16 @@ impl Validator {
                 .balance_every
                 .unwrap_or(Duration::from_secs(3600)),
             apportion_day,
+            boundary_wait: raw_topology
+                .boundary_wait
+                .unwrap_or(Duration::from_secs(6 * 3600)),
         };
+        if topology.boundary_wait > Duration::from_secs(20 * 86_400) {
+            self.push(
+                "topology.boundary_wait",
+                "at most 20d: a month's bills cannot wait for the next month",
+            );
+        }
         if topology.history_every < Duration::from_secs(1)
             || topology.balance_every < topology.history_every
         {

@@ -559,7 +559,9 @@ fn a_meter_dead_at_month_end_is_named_and_its_room_is_provisional_while_the_othe
 
 #[test]
 fn a_due_period_waits_for_late_meters_up_to_the_bound_and_missed_runs_catch_up_oldest_first() {
-    use meterd::accounting::{next_step, pending_periods, Next, BOUNDARY_WAIT};
+    use meterd::accounting::{next_step, pending_periods, Next};
+    // The default `[topology] boundary_wait`.
+    const BOUNDARY_WAIT: chrono::Duration = chrono::Duration::hours(6);
     let (_, end) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
     let due = local(2026, 11, 1, 0, 5);
     // Before 00:05 on the 1st: wait for it.

@@ -947,12 +947,13 @@ pub fn group_id(name: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use crate::modbus::profile::Quantity;
     use crate::reading::{RawWords, Reading};
 
-    fn config(db: &std::path::Path) -> Arc<Config> {
+    /// A gateway with one prepaid DDS238 (room 104) at 0.8523 CNY/kWh.
+    pub(super) fn config(db: &std::path::Path) -> Arc<Config> {
         let text = format!(
             r#"
 [gateway]
@@ -991,7 +992,8 @@ tariff = "elec"
         Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
     }
 
-    fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
+    /// A Good energy reading of the prepaid meter.
+    pub(super) fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
         Reading {
             device: "meter104".into(),
             register: "energy_total".into(),
@@ -1004,6 +1006,12 @@ tariff = "elec"
             error: None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prepaid_deductions_reach_the_ledger_while_the_store_thread_writes_telemetry() {
@@ -1066,5 +1074,70 @@ tariff = "elec"
             st.billed_milli,
             crate::money::to_milli((wh / 10.0).floor() / 100.0)
         );
+    }
+}
+
+#[cfg(test)]
+mod counter_events {
+    use super::tests_support::*;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_zero_reading_after_a_meter_reboot_is_reported_once_and_not_billed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let store = crate::store::spawn(
+            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
+        )
+        .unwrap();
+        let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store).unwrap();
+        let t0 = Utc::now();
+        enf.apply_cloud(
+            "set_balance",
+            "b-1",
+            &json!({"room": "104", "utility": "electricity", "balance": 10_000}),
+            t0,
+        )
+        .unwrap();
+        let mut events = Vec::new();
+        for (k, kwh) in [(0, 5123.30), (1, 5123.31), (2, 0.0), (3, 0.0), (4, 5123.32)] {
+            let t = t0 + chrono::Duration::seconds(10 * k);
+            events.extend(enf.apply_readings(&vec![reading(t, kwh)], t));
+        }
+        // 0.02 kWh × 0.8523 = 1.7 fen: 1 fen deducted, 0.7 carried; the zeros billed nothing.
+        assert_eq!(
+            enf.rooms["104"].prepaid[&Utility::Electricity].balance,
+            9_999
+        );
+        let payloads: Vec<Value> = events
+            .iter()
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect();
+        assert_eq!(payloads.len(), 1, "one event for the episode: {payloads:?}");
+        assert_eq!(payloads[0]["event"], "counter_suspect");
+        assert_eq!(
+            (
+                payloads[0]["billed"].as_f64(),
+                payloads[0]["reading"].as_f64()
+            ),
+            (Some(5123.31), Some(0.0))
+        );
+        let mut rec = payloads[0].clone();
+        rec["seq"] = json!(1);
+        let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/schemas/events.schema.json");
+        let schema: Value =
+            serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
+        let mut schemas = boon::Schemas::new();
+        let mut compiler = boon::Compiler::new();
+        compiler.enable_format_assertions();
+        compiler.add_resource("events.schema.json", schema).unwrap();
+        let idx = compiler
+            .compile("events.schema.json", &mut schemas)
+            .unwrap();
+        let batch = json!({"gateway": "gw", "seq_first": 1, "seq_last": 1, "records": [rec]});
+        if let Err(e) = schemas.validate(&batch, idx) {
+            panic!("{e:#}");
+        }
     }
 }
