@@ -272,27 +272,40 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
         // Pools first: their missing inputs make every member's bill provisional.
         let results: Vec<PoolResult> = apportion::apportion(site, &consumption, period);
         let mut pool_missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // The meters each pool's figures rest on: its common meters, the nodes whose loss it
+        // carries and their children, and its rooms' meters when it splits by consumption.
+        let mut common: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for m in site.meters.values() {
+            if let Some(p) = &m.pool {
+                common.entry(p.as_str()).or_default().push(m.name.as_str());
+            }
+        }
         for r in &results {
             let pool = &site.pools[&r.pool];
-            let mut missing: Vec<String> = site
-                .meters
-                .values()
-                .filter(|m| {
-                    m.pool.as_deref() == Some(&r.pool)
-                        || pool.include_loss_of.contains(&m.name)
-                        || m.parent
-                            .as_ref()
-                            .is_some_and(|p| pool.include_loss_of.contains(p))
-                        || (pool
-                            .method
+            let mut inputs: Vec<&str> = common.get(r.pool.as_str()).cloned().unwrap_or_default();
+            for node in &pool.include_loss_of {
+                inputs.push(node.as_str());
+                inputs.extend(site.children(node).iter().map(|c| c.name.as_str()));
+            }
+            if pool
+                .method
+                .iter()
+                .any(|(b, w)| *b == topology::Basis::Consumption && *w > 0.0)
+            {
+                for room in &pool.rooms {
+                    inputs.extend(
+                        site.room_meters(room, pool.utility)
                             .iter()
-                            .any(|(b, w)| *b == topology::Basis::Consumption && *w > 0.0)
-                            && m.utility == pool.utility
-                            && m.room.as_ref().is_some_and(|x| pool.rooms.contains(x)))
-                })
-                .filter(|m| !consumption.contains_key(&m.name) || consumption[&m.name].estimated)
-                .map(|m| m.name.clone())
+                            .map(|m| m.name.as_str()),
+                    );
+                }
+            }
+            let mut missing: Vec<String> = inputs
+                .into_iter()
+                .filter(|m| consumption.get(*m).is_none_or(|c| c.estimated))
+                .map(str::to_string)
                 .collect();
+            missing.sort();
             missing.dedup();
             pool_missing.insert(r.pool.clone(), missing);
             let mut v = serde_json::to_value(r).unwrap_or_default();

@@ -327,11 +327,11 @@ pub fn load_run(
     .optional()
 }
 
-/// Every version of a period: (version, computed_at, supersedes, reason), oldest first.
-pub fn run_versions(
-    conn: &Connection,
-    period: &str,
-) -> rusqlite::Result<Vec<(i64, String, Option<i64>, String)>> {
+/// One version of a period in the list: (version, computed_at, supersedes, reason).
+pub type RunVersion = (i64, String, Option<i64>, String);
+
+/// Every version of a period, oldest first.
+pub fn run_versions(conn: &Connection, period: &str) -> rusqlite::Result<Vec<RunVersion>> {
     let mut stmt = conn.prepare_cached(
         "SELECT version, computed_at, supersedes, reason FROM billing_runs WHERE period = ?1 ORDER BY version",
     )?;
