@@ -131,7 +131,18 @@ pub fn consumption(
             boundaries.insert(dev.clone(), (a, b));
         }
     }
-    let replacements: BTreeMap<String, Replacement> = config
+    let replacements = replacements_in(config, from, to);
+    let devices = apportion::device_consumption(&config.site, &boundaries, &replacements);
+    Ok(topology::meter_consumption(&config.site, &devices))
+}
+
+/// The meter exchanges recorded in `(from, to]`, by meter.
+fn replacements_in(
+    config: &Config,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> BTreeMap<String, Replacement> {
+    config
         .replacements
         .iter()
         .filter(|r| r.at > from && r.at <= to)
@@ -144,9 +155,7 @@ pub fn consumption(
                 },
             )
         })
-        .collect();
-    let devices = apportion::device_consumption(&config.site, &boundaries, &replacements);
-    Ok(topology::meter_consumption(&config.site, &devices))
+        .collect()
 }
 
 /// Every pool for a month (one result per pool and segment), computed as the bills are.
@@ -307,21 +316,10 @@ pub fn compute(
     let parts = segments(&config.site, from, to);
     let mut data = Vec::new();
     for (a, b, site) in &parts {
-        let replacements: BTreeMap<String, Replacement> = config
-            .replacements
-            .iter()
-            .filter(|r| r.at > *a && r.at <= *b)
-            .map(|r| {
-                (
-                    r.meter.clone(),
-                    Replacement {
-                        final_reading: r.final_reading,
-                        initial_reading: r.initial_reading,
-                    },
-                )
-            })
-            .collect();
-        data.push((series(conn, config, site, *a, *b)?, replacements));
+        data.push((
+            series(conn, config, site, *a, *b)?,
+            replacements_in(config, *a, *b),
+        ));
     }
     let segs: Vec<Segment> = parts
         .iter()

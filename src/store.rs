@@ -207,18 +207,9 @@ pub fn history_window(
     from_ms: i64,
     to_ms: i64,
 ) -> rusqlite::Result<Vec<(i64, f64)>> {
-    let mut out = Vec::new();
-    let mut before = conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms < ?3 ORDER BY ts_ms DESC LIMIT 1",
-    )?;
-    if let Some(r) = before
-        .query_row(params![device, quantity, from_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?
-    {
-        out.push(r);
-    }
+    let mut out: Vec<(i64, f64)> = sample_at_or_before(conn, device, quantity, from_ms - 1)?
+        .into_iter()
+        .collect();
     let mut inside = conn.prepare_cached(
         "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms >= ?3 AND ts_ms <= ?4 ORDER BY ts_ms",
     )?;
@@ -227,18 +218,36 @@ pub fn history_window(
     })? {
         out.push(r?);
     }
-    let mut after = conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
-    )?;
-    if let Some(r) = after
-        .query_row(params![device, quantity, to_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?
-    {
-        out.push(r);
-    }
+    out.extend(sample_after(conn, device, quantity, to_ms)?);
     Ok(out)
+}
+
+/// The last sample of a counter at or before `t_ms`.
+fn sample_at_or_before(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    t_ms: i64,
+) -> rusqlite::Result<Option<(i64, f64)>> {
+    conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms <= ?3 ORDER BY ts_ms DESC LIMIT 1",
+    )?
+    .query_row(params![device, quantity, t_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
+}
+
+/// The first sample of a counter after `t_ms`.
+fn sample_after(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    t_ms: i64,
+) -> rusqlite::Result<Option<(i64, f64)>> {
+    conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
+    )?
+    .query_row(params![device, quantity, t_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
 }
 
 /// The last sample at or before `t` and the first after it: what the counter value at `t` needs.
@@ -248,30 +257,10 @@ pub fn history_around(
     quantity: &str,
     t_ms: i64,
 ) -> rusqlite::Result<Vec<(i64, f64)>> {
-    let mut out = Vec::with_capacity(2);
-    let mut before = conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms <= ?3 ORDER BY ts_ms DESC LIMIT 1",
-    )?;
-    if let Some(r) = before
-        .query_row(params![device, quantity, t_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?
-    {
-        out.push(r);
-    }
-    let mut after = conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
-    )?;
-    if let Some(r) = after
-        .query_row(params![device, quantity, t_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?
-    {
-        out.push(r);
-    }
-    Ok(out)
+    Ok(sample_at_or_before(conn, device, quantity, t_ms)?
+        .into_iter()
+        .chain(sample_after(conn, device, quantity, t_ms)?)
+        .collect())
 }
 
 /// A billing run to keep.
