@@ -513,6 +513,17 @@ pub enum Request {
 /// Meta key of the tariffs the cloud set (JSON list).
 pub const TARIFF_OVERRIDES: &str = "tariff_overrides";
 
+/// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price change
+/// must not leave rooms unpriced).
+pub fn apply_tariff(site: &mut topology::Site, mut t: Tariff) {
+    if t.rooms.is_empty() {
+        if let Some(old) = site.tariffs.get(&t.name) {
+            t.rooms.clone_from(&old.rooms);
+        }
+    }
+    site.tariffs.insert(t.name.clone(), t);
+}
+
 /// Applies the tariffs the cloud set (kept in the outbox database) over the configured ones.
 pub fn apply_tariff_overrides(
     conn: &Connection,
@@ -538,7 +549,7 @@ pub fn apply_tariff_overrides(
         .unwrap_or_default();
     let n = list.len();
     for t in list {
-        site.tariffs.insert(t.name.clone(), t);
+        apply_tariff(site, t);
     }
     Ok(n)
 }
@@ -929,7 +940,7 @@ pub async fn run(
                     overrides.push(t.clone());
                     store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&overrides).unwrap_or_default()).await;
                     let mut c = (*config).clone();
-                    c.site.tariffs.insert(t.name.clone(), t);
+                    apply_tariff(&mut c.site, t);
                     config = Arc::new(c);
                 }
             },
@@ -1080,5 +1091,26 @@ mod tests {
             .unwrap()
             .unwrap_err()
             .contains("public_key"));
+    }
+
+    #[test]
+    fn a_cloud_price_change_without_rooms_keeps_the_rooms_the_tariff_billed() {
+        let mut site = topology::Site::default();
+        let tariff = |price: &str, rooms: Vec<String>| Tariff {
+            name: "elec".into(),
+            utility: topology::Utility::Electricity,
+            price: crate::money::Price::parse(price, 2).unwrap(),
+            currency: "CNY".into(),
+            bands: Vec::new(),
+            rooms,
+        };
+        site.tariffs
+            .insert("elec".into(), tariff("0.8523", vec!["*".into()]));
+        apply_tariff(&mut site, tariff("0.9100", Vec::new()));
+        assert_eq!(site.tariffs["elec"].rooms, vec!["*".to_string()]);
+        assert_eq!(site.tariffs["elec"].price.micros, 910_000);
+        assert!(site
+            .room_tariff("101", topology::Utility::Electricity)
+            .is_some());
     }
 }
