@@ -673,6 +673,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .wait_for("replies and the result", Duration::from_secs(20), |m| {
             m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 4
                 && m.iter().any(|m| m.topic == "test/gw/results/apportionment")
+                && m.iter().any(|m| m.topic == "test/gw/results/bill")
         })
         .await;
     let replies: BTreeMap<String, Value> = msgs
@@ -712,5 +713,54 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .unwrap()
         .iter()
         .any(|w| w.as_str().unwrap().contains("no consumption")));
+    // One bill per room, each provisional and naming the meter it lacks, never a silent 0.
+    let bills: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/results/bill")
+        .map(json_of)
+        .inspect(|b| validate("bill.schema.json", b))
+        .flat_map(|b| b["records"].as_array().unwrap().clone())
+        .collect();
+    let rooms: Vec<&str> = bills.iter().map(|b| b["room"].as_str().unwrap()).collect();
+    assert_eq!(rooms, vec!["A", "B"]);
+    for (b, meter) in bills.iter().zip(["m2", "m3"]) {
+        assert_eq!(b["provisional"], true);
+        assert_eq!(
+            (b["version"].as_i64(), b["period"].as_str()),
+            (Some(1), Some("2026-10"))
+        );
+        assert!(b["ts"].as_str().is_some() && b["config_hash"].as_str().is_some());
+        let notes = b["notes"].to_string();
+        assert!(
+            notes.contains(&format!("meter {meter}: no reading")),
+            "{notes}"
+        );
+    }
+    // The kept version answers get_bill.
+    publish(
+        "get_bill",
+        json!({"id": "gb-1", "period": "2026-10", "room": "B"}),
+    )
+    .await;
+    let msgs = sub
+        .wait_for("get_bill reply", Duration::from_secs(10), |m| {
+            m.iter()
+                .any(|m| m.topic == "test/gw/reply" && json_of(m)["id"] == "gb-1")
+        })
+        .await;
+    let r = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .find(|v| v["id"] == "gb-1")
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        (
+            r["result"]["version"].as_i64(),
+            r["result"]["bills"][0]["room"].as_str()
+        ),
+        (Some(1), Some("B"))
+    );
     daemon.stop().await;
 }
