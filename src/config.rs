@@ -247,6 +247,18 @@ struct RawTopology {
     boundary_wait: Option<Duration>,
 }
 
+/// A log level as an operator writes it: `info`, or directives like `info,meterd::uplink=debug`.
+/// (tracing's own parser takes any word as a target name, so `"loud"` would pass it.)
+fn log_level_ok(l: &str) -> bool {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    let level = |s: &str| LEVELS.contains(&s.trim().to_ascii_lowercase().as_str());
+    !l.trim().is_empty()
+        && l.split(',').all(|d| match d.split_once('=') {
+            Some((target, lv)) => !target.trim().is_empty() && level(lv),
+            None => level(d),
+        })
+}
+
 impl Config {
     /// Reads and validates a config file; profile files are looked up next to it.
     pub fn from_path(path: &Path) -> Result<Config, ConfigError> {
@@ -851,7 +863,7 @@ impl Validator {
             }
         };
         if let Some(l) = &g.log_level {
-            if tracing_subscriber::EnvFilter::try_new(l).is_err() {
+            if !log_level_ok(l) || tracing_subscriber::EnvFilter::try_new(l).is_err() {
                 self.push(
                     "gateway.log_level",
                     format!(
@@ -1117,6 +1129,23 @@ impl Validator {
                 },
             ));
         }
+        // One line, one bus task: two tasks on one RS485 line would put two masters on it.
+        let mut lines: HashMap<String, String> = HashMap::new();
+        for (key, b) in &out {
+            let line = match &b.transport {
+                Transport::Rtu(s) => format!("serial device {}", s.device),
+                Transport::RtuOverTcp { host, port, .. } => {
+                    format!("RTU-over-TCP endpoint {host}:{port}")
+                }
+                Transport::Tcp { .. } => continue,
+            };
+            if let Some(first) = lines.insert(line.clone(), b.name.clone()) {
+                self.push(
+                    key.clone(),
+                    format!("bus {:?} uses the {line} of bus {first:?}: one RS485 line is one [[bus]]; put both buses' devices on one", b.name),
+                );
+            }
+        }
         out
     }
 
@@ -1321,6 +1350,71 @@ mod tests {
             Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
             other => panic!("expected invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_log_level_like_loud_is_refused_and_directives_are_accepted() {
+        let with = |l: &str| {
+            GOOD.replace(
+                "timezone = \"Asia/Shanghai\"",
+                &format!("timezone = \"Asia/Shanghai\"\nlog_level = \"{l}\""),
+            )
+        };
+        let i = issues(&with("loud"));
+        assert!(
+            i.iter().any(
+                |m| m.contains("gateway.log_level") && m.contains("expected error, warn, info")
+            ),
+            "{i:?}"
+        );
+        assert!(!issues(&with("info,meterd::uplink=verbose")).is_empty());
+        for ok in ["info", "DEBUG", "warn,meterd::uplink=debug", "off"] {
+            load(&with(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn two_buses_on_one_serial_device_or_one_rtu_over_tcp_endpoint_are_refused() {
+        let twice = GOOD.to_string()
+            + r#"
+        [[bus]]
+        name = "rs485-again"
+        kind = "rtu"
+        device = "/dev/ttyUSB0"
+        baud = 2400
+        parity = "even"
+        [[bus]]
+        name = "moxa-1"
+        kind = "rtu_over_tcp"
+        host = "192.168.1.50"
+        port = 4001
+        [[bus]]
+        name = "moxa-1-again"
+        kind = "rtu_over_tcp"
+        host = "192.168.1.50"
+        port = 4001
+        [[bus]]
+        name = "moxa-1-port-2"
+        kind = "rtu_over_tcp"
+        host = "192.168.1.50"
+        port = 4002
+        "#;
+        let i = issues(&twice);
+        assert!(
+            i.iter().any(|m| m.contains("rs485-again")
+                && m.contains("serial device /dev/ttyUSB0 of bus \"rs485-1\"")),
+            "{i:?}"
+        );
+        assert!(
+            i.iter()
+                .any(|m| m.contains("moxa-1-again") && m.contains("192.168.1.50:4001")),
+            "{i:?}"
+        );
+        assert_eq!(
+            i.len(),
+            2,
+            "the second port of the same server is another line: {i:?}"
+        );
     }
 
     #[test]

@@ -18,9 +18,11 @@ fn main() {
         None => EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new(from_config().unwrap_or_else(|| "info".into()))),
     };
+    // Colour only on a terminal: journald and log files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -377,3 +377,31 @@ fn hil_acceptance_pass_runs_against_the_simulator_and_catches_a_wrong_display_va
         stdout(&o)
     );
 }
+
+#[test]
+fn logs_written_to_a_pipe_or_journald_carry_no_colour_codes() {
+    // The demo's dead meter (room-105) logs a warning within a few seconds; stderr is a pipe here,
+    // as it is under systemd (journald).
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args([
+            "--log-level",
+            "info",
+            "demo",
+            "--duration",
+            "6s",
+            "--every",
+            "3s",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("INFO") || err.contains("WARN"),
+        "the demo logged: {err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI escape codes in a non-terminal log: {err:?}"
+    );
+}

@@ -152,6 +152,16 @@ pub fn build(
     };
     let allowed_from = t("allowed_from", raw.allowed_from.as_ref(), "09:00");
     let allowed_to = t("allowed_to", raw.allowed_to.as_ref(), "18:00");
+    if allowed_from >= allowed_to {
+        issues.push((
+            "enforcement.allowed_to".into(),
+            format!(
+                "the cut-off window {}–{} is empty: allowed_from must be before allowed_to (a window over midnight is not supported: cut-offs at night are what the window prevents)",
+                allowed_from.format("%H:%M"),
+                allowed_to.format("%H:%M")
+            ),
+        ));
+    }
     let public_key = raw
         .public_key
         .as_ref()
@@ -194,7 +204,17 @@ pub fn build(
     });
     let mut out_relays = Vec::new();
     let mut names = std::collections::HashSet::new();
+    let mut outputs: BTreeMap<(String, String), String> = BTreeMap::new();
     for (key, r) in relays {
+        if let Some(other) = outputs.insert((r.device.clone(), r.output.clone()), r.name.clone()) {
+            issues.push((
+                format!("{key}.output"),
+                format!(
+                    "output {:?} of device {:?} already drives relay {other:?}: two rules would fight over one contact",
+                    r.output, r.device
+                ),
+            ));
+        }
         if !names.insert(r.name.clone()) {
             issues.push((
                 format!("{key}.name"),
@@ -369,4 +389,74 @@ pub fn build(
         prepaid: out_prepaid,
     };
     (enforcement, issues)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    const BASE: &str = r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "doors"
+bus = "lan"
+unit = 1
+profile = "relay_waveshare_8ch"
+[[room]]
+id = "101"
+[[room]]
+id = "102"
+"#;
+
+    fn issues(extra: &str) -> Vec<String> {
+        match Config::from_str_at(
+            &format!("{BASE}{extra}"),
+            "t.toml",
+            std::path::Path::new("/"),
+        ) {
+            Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
+            Ok(_) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_cut_off_window_is_refused() {
+        let i = issues("[enforcement]\nallowed_from = \"18:00\"\nallowed_to = \"09:00\"\n");
+        assert!(
+            i.iter().any(|m| m.contains("enforcement.allowed_to") && m.contains("18:00–09:00 is empty")),
+            "{i:?}"
+        );
+        assert_eq!(
+            issues("[enforcement]\nallowed_from = \"09:00\"\nallowed_to = \"09:00\"\n").len(),
+            1
+        );
+        assert!(
+            issues("[enforcement]\nallowed_from = \"08:30\"\nallowed_to = \"17:30\"\n").is_empty()
+        );
+    }
+
+    #[test]
+    fn two_relays_on_one_output_are_refused() {
+        let relay = |name: &str, room: &str, output: &str| {
+            format!("[[relay]]\nname = \"{name}\"\nroom = \"{room}\"\nkind = \"door\"\ndevice = \"doors\"\noutput = \"{output}\"\n")
+        };
+        let i = issues(&(relay("101-door", "101", "relay1") + &relay("102-door", "102", "relay1")));
+        assert!(
+            i.iter()
+                .any(|m| m.contains("relay[1]") && m.contains("already drives relay \"101-door\"")),
+            "{i:?}"
+        );
+        assert!(issues(
+            &(relay("101-door", "101", "relay1") + &relay("102-door", "102", "relay2"))
+        )
+        .is_empty());
+    }
 }
