@@ -150,6 +150,9 @@ pub fn telemetry_record(r: &Reading) -> NewRecord {
 pub struct HistorySampler {
     every_ms: i64,
     calendar: crate::bill::Calendar,
+    /// `(t, next)`: no billing boundary lies in `(t, next)`, and `next` is one. Readings arrive in
+    /// about time order, so the boundary is computed once per boundary, not once per reading.
+    window: Option<(chrono::DateTime<Utc>, chrono::DateTime<Utc>)>,
     /// Per counter: the time of the last kept sample, and the last reading seen (kept or not).
     last: std::collections::HashMap<(Arc<str>, Quantity), (i64, Option<Sample>)>,
 }
@@ -160,8 +163,22 @@ impl HistorySampler {
         HistorySampler {
             every_ms: every.as_millis() as i64,
             calendar,
+            window: None,
             last: Default::default(),
         }
+    }
+
+    /// Whether a billing boundary lies in `(a, b]`.
+    fn crossed(&mut self, a: chrono::DateTime<Utc>, b: chrono::DateTime<Utc>) -> bool {
+        let next = match self.window {
+            Some((t, next)) if t <= a && a < next => next,
+            _ => {
+                let next = self.calendar.next_after(a);
+                self.window = Some((a, next));
+                next
+            }
+        };
+        a < b && next <= b
     }
 
     /// The samples of `batch` that are due.
@@ -182,19 +199,18 @@ impl HistorySampler {
                 ts_ms: ts,
                 value,
             };
+            let prev_ts = self
+                .last
+                .get(&(r.device.clone(), r.quantity))
+                .and_then(|(_, p)| p.as_ref().map(|p| p.ts_ms));
+            let crossed = match prev_ts.and_then(chrono::DateTime::from_timestamp_millis) {
+                Some(a) => self.crossed(a, r.ts),
+                None => false,
+            };
             let (kept, prev) = self
                 .last
                 .entry((r.device.clone(), r.quantity))
                 .or_insert((i64::MIN, None));
-            let crossed = prev.as_ref().is_some_and(|p| {
-                match (
-                    chrono::DateTime::from_timestamp_millis(p.ts_ms),
-                    chrono::DateTime::from_timestamp_millis(ts),
-                ) {
-                    (Some(a), Some(b)) => self.calendar.crossed(a, b),
-                    _ => false,
-                }
-            });
             if crossed {
                 if let Some(p) = prev.take().filter(|p| p.ts_ms != *kept) {
                     out.push(p);
