@@ -613,3 +613,62 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_or_reload_during_a_fire_alarm_never_locks_a_frozen_rooms_fail_open_door() {
+    let broker = Broker::start();
+    let sim = common::start(BUILDING).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&sim, dir.path(), broker.port);
+    let cfg =
+        Config::from_str_at(&text, "t.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+    // Room 101's lease ended: its access is frozen (as a signed `freeze` would have left it).
+    meterd::enforce::task::load_seen(&cfg.store.path).unwrap();
+    let frozen = meterd::enforce::rules::RoomRules {
+        access_freeze: Some(meterd::enforce::rules::Freeze {
+            reason: "lease ended".into(),
+            effective: chrono::Utc::now() - chrono::Duration::days(1),
+            by: "f-1".into(),
+        }),
+        ..Default::default()
+    };
+    rusqlite::Connection::open(&cfg.store.path)
+        .unwrap()
+        .execute(
+            "INSERT INTO enforcement_rooms (room, rules) VALUES ('101', ?1)",
+            [serde_json::to_string(&frozen).unwrap()],
+        )
+        .unwrap();
+    // The fire alarm goes off; the running gateway releases the fail-open door.
+    sim.set_input("lan", 10, 7, true);
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    while !coil(&sim, &cfg, 10, 0).await {
+        assert!(
+            Instant::now() < end,
+            "the door was not released for the fire alarm"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+    // A restart (watchdog, crash) and a reload (SIGHUP restarts the daemon in-process) while the
+    // alarm is still on: not one write to the door board, the door stays open throughout.
+    for what in ["restart", "reload"] {
+        let writes = sim.writes_seen("lan", 10);
+        let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            assert!(
+                coil(&sim, &cfg, 10, 0).await,
+                "{what}: the door was locked during the fire alarm"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            sim.writes_seen("lan", 10),
+            writes,
+            "{what} wrote to the door board"
+        );
+        daemon.stop().await;
+    }
+}

@@ -133,7 +133,7 @@ pub struct Desired {
 pub fn decide(
     relays: &[RelaySpec],
     rooms: &BTreeMap<String, RoomRules>,
-    fire_alarm: bool,
+    fire_alarm: Option<bool>,
     current: &BTreeMap<String, bool>,
     policy: &Policy,
     now: DateTime<Utc>,
@@ -149,8 +149,17 @@ pub fn decide(
                 rule: rule.to_string(),
                 reason,
             };
+            // 0. fire alarm input not read yet (start-up, reload): a fail-open door keeps its state,
+            // so a restart during an alarm never locks a door the alarm opened.
+            if fire_alarm.is_none() && r.kind == RelayKind::Door && r.fail_open {
+                return d(
+                    current.get(&r.name).copied().unwrap_or(true),
+                    "fire_unknown",
+                    "fire alarm input not read yet: a fail-open door is left as it is".into(),
+                );
+            }
             // 1. fire alarm
-            if fire_alarm {
+            if fire_alarm == Some(true) {
                 if r.kind == RelayKind::Door && r.fail_open {
                     return d(
                         true,
@@ -296,8 +305,38 @@ mod tests {
             ("power".to_string(), current_power),
         ]
         .into();
-        let d = decide(&relays(), &rooms, fire, &current, &policy(), now);
+        let d = decide(&relays(), &rooms, Some(fire), &current, &policy(), now);
         (d[0].clone(), d[1].clone())
+    }
+
+    #[test]
+    fn while_the_fire_input_is_unread_a_frozen_rooms_fail_open_door_keeps_its_state() {
+        let now = at(10);
+        let frozen = RoomRules {
+            access_freeze: Some(Freeze {
+                reason: "lease ended".into(),
+                effective: now - chrono::Duration::days(1),
+                by: "cloud".into(),
+            }),
+            ..Default::default()
+        };
+        let rooms = [("101".to_string(), frozen)].into();
+        for door_open in [true, false] {
+            let current = [("door".to_string(), door_open), ("power".to_string(), true)].into();
+            let d = decide(&relays(), &rooms, None, &current, &policy(), now);
+            assert_eq!((d[0].on, d[0].rule.as_str()), (door_open, "fire_unknown"));
+            assert_eq!(d[1].rule, "default", "other relays are decided as usual");
+        }
+        // Once read: no alarm → the freeze locks it; alarm → released.
+        let current = [("door".to_string(), true), ("power".to_string(), true)].into();
+        assert_eq!(
+            decide(&relays(), &rooms, Some(false), &current, &policy(), now)[0].rule,
+            "freeze"
+        );
+        assert_eq!(
+            decide(&relays(), &rooms, Some(true), &current, &policy(), now)[0].rule,
+            "fire_alarm"
+        );
     }
 
     fn empty_since(hours_ago: i64, now: DateTime<Utc>) -> RoomRules {

@@ -116,6 +116,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS enforcement_rooms (room TEXT PRIMARY KEY, rules TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enforcement_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (device, quantity));
 CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+-- Small persisted facts: the fire alarm's last known state ('on'/'off').
+CREATE TABLE IF NOT EXISTS enforcement_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Where each prepaid counter is billed up to, with the carried fraction (JSON of CounterState).
 CREATE TABLE IF NOT EXISTS prepaid_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (device, quantity));
 ";
@@ -167,7 +169,9 @@ pub struct Enforcer {
     /// Read-back state per relay; absent until read.
     actual: BTreeMap<String, bool>,
     decided: BTreeMap<String, Desired>,
-    fire: bool,
+    /// The fire alarm input: `None` until read (fail-open doors are then left as they are);
+    /// starts as active when it was active at the last stop (persisted).
+    fire: Option<bool>,
     actuators: HashMap<String, mpsc::Sender<Actuation>>,
     store: StoreHandle,
     /// (relay, rule) pairs already reported as deferred or life-critical alarms.
@@ -204,6 +208,19 @@ impl Enforcer {
         for (id, r) in &config.site.rooms {
             rooms.entry(id.clone()).or_default().life_critical |= r.life_critical;
         }
+        let fire_was_active = conn
+            .query_row(
+                "SELECT value FROM enforcement_state WHERE key = 'fire_alarm'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .map(|v| v == "on")
+            .unwrap_or(false);
+        let fire = if config.enforcement.fire_alarm.is_none() {
+            Some(false)
+        } else {
+            fire_was_active.then_some(true)
+        };
         let mut counters = HashMap::new();
         {
             let mut stmt = conn
@@ -261,7 +278,7 @@ impl Enforcer {
             counters,
             actual: BTreeMap::new(),
             decided: BTreeMap::new(),
-            fire: false,
+            fire,
             actuators,
             store,
             notified: HashSet::new(),
@@ -594,8 +611,19 @@ impl Enforcer {
                 *r.device == *f.device && *r.register == *f.register && r.quality == Quality::Good
             }) {
                 let on = r.value == Some(f.active);
-                if on != self.fire {
-                    self.fire = on;
+                let was = self.fire.replace(on);
+                if was != Some(on) {
+                    if let Ok(conn) = self.conn.lock() {
+                        if let Err(e) = conn.execute(
+                            "INSERT INTO enforcement_state (key, value) VALUES ('fire_alarm', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            [if on { "on" } else { "off" }],
+                        ) {
+                            tracing::error!(error = %e, "fire alarm state not persisted");
+                        }
+                    }
+                }
+                // Reported when it changes; the first read after a start reports an active alarm.
+                if was.map_or(on, |w| w != on) {
                     tracing::warn!(fire_alarm = on, "fire alarm input changed");
                     out.push(NewRecord {
                         kind: Kind::Audit,
