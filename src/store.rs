@@ -140,6 +140,9 @@ pub struct Store {
     /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
     last_age_check: Option<std::time::Instant>,
     last_prune: Option<std::time::Instant>,
+    /// Test fault: the next cap pass fails as on a full disk.
+    #[cfg(test)]
+    fail_next_cap_pass: bool,
 }
 
 const SCHEMA: &str = "
@@ -410,6 +413,8 @@ impl Store {
             dropped_total,
             last_age_check: None,
             last_prune: None,
+            #[cfg(test)]
+            fail_next_cap_pass: false,
         })
     }
 
@@ -448,7 +453,11 @@ impl Store {
         let last = result?;
         self.rows += records.len() as u64;
         self.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
-        self.enforce_caps(Utc::now())?;
+        // The records are committed: a failing cap pass (a full disk) must not make the caller hold
+        // them and insert them again under new seqs. The caps are enforced again on the next write.
+        if let Err(e) = self.enforce_caps(Utc::now()) {
+            tracing::error!(error = %e, "outbox: the cap pass failed; the records are stored, the cap is retried on the next write");
+        }
         Ok(last)
     }
 
@@ -482,6 +491,13 @@ impl Store {
 
     /// Drops the oldest telemetry while any cap is exceeded, and records an event that says how much.
     fn enforce_caps(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_cap_pass) {
+            return Err(self.err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some("database or disk is full".into()),
+            )));
+        }
         let over_rows = self.rows.saturating_sub(self.caps.max_rows);
         let over_bytes = self.bytes > self.caps.max_bytes;
         let age_limit =
@@ -1153,6 +1169,53 @@ mod tests {
             ts: Utc::now(),
             payload: format!("{{\"n\":{n}}}").into_bytes(),
         }
+    }
+
+    #[test]
+    fn a_cap_pass_failing_on_a_full_disk_after_the_insert_does_not_store_the_batch_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let caps = Caps {
+            max_rows: 50,
+            ..Caps::default()
+        };
+        let store = Store::open(&dir.path().join("o.db"), caps).unwrap();
+        let mut w = Writer {
+            store,
+            spill: VecDeque::new(),
+            spill_dropped: 0,
+            last_error_log: None,
+            committed: watch::channel(0).0,
+            health: Arc::new(Mutex::new(None)),
+        };
+        w.commit((0..40).map(|i| rec(Kind::Telemetry, i)).collect());
+        // The next batch crosses the cap; its cap pass fails after the batch was committed.
+        w.store.fail_next_cap_pass = true;
+        w.commit((40..60).map(|i| rec(Kind::Telemetry, i)).collect());
+        w.commit((60..70).map(|i| rec(Kind::Telemetry, i)).collect());
+        let all = w.store.fetch(0, i64::MAX, 1000).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for r in all.iter().filter(|r| r.kind == Kind::Telemetry) {
+            assert!(
+                seen.insert(r.payload.clone()),
+                "stored twice: {}",
+                String::from_utf8_lossy(&r.payload)
+            );
+        }
+        assert!(w.spill.is_empty(), "nothing held for a second insert");
+        assert!(
+            all.len() <= 51,
+            "the cap applied on the next write: {}",
+            all.len()
+        );
+        assert_eq!(
+            *w.committed.borrow(),
+            70,
+            "the batches took seqs 1..=70, once"
+        );
+        assert!(
+            w.store.last_seq().unwrap() <= 71,
+            "only the overflow event after them"
+        );
     }
 
     #[test]
