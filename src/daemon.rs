@@ -300,6 +300,7 @@ impl Daemon {
             tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
             handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
                 key: config.enforcement.public_key,
+                config: shared.clone(),
                 seen: seen.clone(),
                 tx: enf_tx.clone(),
             }));

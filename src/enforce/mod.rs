@@ -5,6 +5,7 @@
 //! commands (pure), and the task in [`task`] feeds them and drives the relays through the bus tasks.
 
 pub mod auth;
+pub mod command;
 pub mod config;
 pub mod ledger;
 pub mod prepaid;

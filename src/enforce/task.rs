@@ -10,17 +10,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use ed25519_dalek::VerifyingKey;
 use rusqlite::{params, Connection};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::command::{self, CloudCommand};
 use super::config::Relay;
 use super::ledger;
 use super::prepaid::{self, CounterState, PrepaidEvent, Step};
-use super::rules::{self, Desired, Freeze, Override, Prepaid, RoomRules};
+use super::rules::{self, Desired, Override, Prepaid, RoomRules};
 use crate::config::Config;
 use crate::modbus::bus::{Actuation, Batch, RelayState};
 use crate::reading::Quality;
@@ -79,6 +80,8 @@ pub const RELAY_COMMANDS: &[&str] = &[
 /// the task, in SQLite) so a redelivered or replayed command never acts twice.
 pub struct EnforcementCommands {
     pub key: Option<VerifyingKey>,
+    /// For validating a command before it is answered.
+    pub config: Arc<Config>,
     pub seen: Arc<Mutex<HashSet<String>>>,
     pub tx: mpsc::Sender<Input>,
 }
@@ -95,6 +98,17 @@ impl CommandHandler for EnforcementCommands {
         };
         let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
         if let Err(e) = super::auth::verify(key, name, id, args, Utc::now(), seen) {
+            return Some(Err(e));
+        }
+        // Everything the config can tell is checked before the answer.
+        if let Err(e) = command::parse(
+            name,
+            id,
+            args,
+            &self.config.enforcement,
+            &self.config.site,
+            Utc::now(),
+        ) {
             return Some(Err(e));
         }
         if let Ok(mut s) = self.seen.lock() {
@@ -467,97 +481,40 @@ impl Enforcer {
                 [now.timestamp_millis() - 86_400_000],
             );
         }
-        let s = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
-        let room = s("room").ok_or("missing \"room\"")?;
+        let cmd = command::parse(
+            name,
+            id,
+            args,
+            &self.config.enforcement,
+            &self.config.site,
+            now,
+        )?;
+        let room = cmd.room().to_string();
         let mut events = Vec::new();
-        let utility = |u: Option<String>| -> Result<Utility, String> {
-            match u.as_deref() {
-                Some("electricity") => Ok(Utility::Electricity),
-                Some("water") => Ok(Utility::Water),
-                other => Err(format!(
-                    "\"utility\" must be electricity or water, got {other:?}"
-                )),
-            }
-        };
-        match name {
-            "freeze" | "unfreeze" => {
-                let scope = s("scope").unwrap_or_else(|| "all".into());
-                if !matches!(scope.as_str(), "access" | "utilities" | "all") {
-                    return Err(format!(
-                        "\"scope\" must be access, utilities or all, got {scope:?}"
-                    ));
-                }
-                let effective = match s("effective_at") {
-                    Some(t) => DateTime::parse_from_rfc3339(&t)
-                        .map_err(|e| format!("\"effective_at\": {e}"))?
-                        .with_timezone(&Utc),
-                    None => now,
-                };
-                let freeze = Freeze {
-                    reason: s("reason").unwrap_or_default(),
-                    effective,
-                    by: id.to_string(),
-                };
+        match cmd {
+            CloudCommand::Freeze { scope, set, .. } => {
                 let r = self.room_mut(&room)?;
-                let set = if name == "freeze" { Some(freeze) } else { None };
-                if scope != "utilities" {
+                if scope.access() {
                     r.access_freeze = set.clone();
                 }
-                if scope != "access" {
+                if scope.utilities() {
                     r.utility_freeze = set;
                 }
             }
-            "set_lease" => {
-                let end = match s("lease_end") {
-                    Some(d) => Some(
-                        NaiveDate::parse_from_str(&d, "%Y-%m-%d")
-                            .map_err(|e| format!("\"lease_end\": {e}"))?,
-                    ),
-                    None => None,
-                };
-                let renewed = args
-                    .get("renewed")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+            CloudCommand::SetLease { end, renewed, .. } => {
                 let r = self.room_mut(&room)?;
                 r.lease_end = end;
                 r.lease_renewed = renewed;
             }
-            "set_life_critical" => {
-                let v = args
-                    .get("life_critical")
-                    .and_then(Value::as_bool)
-                    .ok_or("missing \"life_critical\": true|false")?;
-                self.room_mut(&room)?.life_critical = v;
+            CloudCommand::SetLifeCritical { on, .. } => {
+                self.room_mut(&room)?.life_critical = on;
             }
-            "set_balance" | "top_up" => {
-                let u = utility(s("utility"))?;
-                if !self
-                    .config
-                    .enforcement
-                    .prepaid
-                    .iter()
-                    .any(|p| p.room == room && p.utility == u)
-                {
-                    return Err(format!(
-                        "room {room:?} has no prepaid {u:?} account in the gateway config"
-                    ));
-                }
-                let amount = args
-                    .get(if name == "top_up" {
-                        "amount"
-                    } else {
-                        "balance"
-                    })
-                    .and_then(Value::as_i64)
-                    .ok_or("amount/balance must be an integer in minor units")?;
-                if name == "top_up" && amount <= 0 {
-                    return Err("a top-up must be positive".into());
-                }
+            CloudCommand::SetBalance { utility: u, .. }
+            | CloudCommand::TopUp { utility: u, .. } => {
+                let top_up = matches!(cmd, CloudCommand::TopUp { .. });
                 let policy = &self.config.enforcement.policy;
                 if let Some(r) = self.rooms.get(&room) {
-                    if let Some(end) = r.lease_end.filter(|_| !r.lease_renewed && name == "top_up")
-                    {
+                    if let Some(end) = r.lease_end.filter(|_| !r.lease_renewed && top_up) {
                         let today = now.with_timezone(&policy.calendar.timezone).date_naive();
                         if (end - today).num_days() <= policy.lease_notice_days {
                             return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal"));
@@ -571,18 +528,14 @@ impl Enforcer {
                     warned: false,
                 });
                 let before = p.balance;
-                let ev = if name == "top_up" {
-                    prepaid::top_up(p, amount)
-                } else {
-                    prepaid::reconcile(p, amount, now)
+                let ev = match cmd {
+                    CloudCommand::TopUp { amount, .. } => prepaid::top_up(p, amount),
+                    CloudCommand::SetBalance { balance, .. } => prepaid::reconcile(p, balance, now),
+                    _ => Vec::new(),
                 };
                 let after = p.balance;
                 events.extend(ev.into_iter().map(|e| prepaid_event(&room, u, &e)));
-                let kind = if name == "top_up" {
-                    "top_up"
-                } else {
-                    "reconcile"
-                };
+                let kind = if top_up { "top_up" } else { "reconcile" };
                 if let Ok(conn) = self.conn.lock() {
                     if let Err(e) = ledger::add_adjustment(
                         &conn,
@@ -597,7 +550,6 @@ impl Enforcer {
                     }
                 }
             }
-            other => return Err(format!("unknown relay command {other:?}")),
         }
         self.persist_room(&room);
         Ok(events)
@@ -1167,5 +1119,65 @@ mod counter_events {
         if let Err(e) = schemas.validate(&batch, idx) {
             panic!("{e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod command_replies {
+    use super::tests_support::config;
+    use super::*;
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+
+    #[test]
+    fn a_signed_freeze_for_an_unknown_room_is_answered_refused_not_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let (tx, mut rx) = mpsc::channel(8);
+        let handler = EnforcementCommands {
+            key: Some(key.verifying_key()),
+            config: config(&dir.path().join("outbox.db")),
+            seen: Arc::default(),
+            tx,
+        };
+        let signed = |name: &str, id: &str, mut args: Value| {
+            args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
+            let sig = key.sign(&super::super::auth::signed_content(name, id, &args));
+            args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+            args
+        };
+        let r = handler
+            .handle(
+                "f-1",
+                "freeze",
+                &signed("freeze", "f-1", json!({"room": "999", "scope": "access"})),
+            )
+            .unwrap();
+        assert!(r.unwrap_err().contains("unknown room \"999\""));
+        let r = handler
+            .handle(
+                "t-1",
+                "top_up",
+                &signed(
+                    "top_up",
+                    "t-1",
+                    json!({"room": "104", "utility": "electricity", "amount": 12.5}),
+                ),
+            )
+            .unwrap();
+        assert!(r.unwrap_err().contains("integer in minor units"));
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing refused reaches the enforcer"
+        );
+        let r = handler
+            .handle(
+                "f-2",
+                "freeze",
+                &signed("freeze", "f-2", json!({"room": "104", "scope": "access"})),
+            )
+            .unwrap();
+        assert_eq!(r.unwrap(), json!({"accepted": "freeze"}));
+        assert!(matches!(rx.try_recv(), Ok(Input::Cloud { .. })));
     }
 }

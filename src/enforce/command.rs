@@ -1,0 +1,301 @@
+//! Relay-affecting cloud commands, parsed and validated completely against the gateway's config
+//! before anything is answered: an unknown room, a bad scope or a non-integer amount is refused
+//! with the reason, never "accepted" first. Pure.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
+
+use super::config::Enforcement;
+use super::rules::Freeze;
+use crate::topology::{Site, Utility};
+
+/// Which relays of a room a freeze speaks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Access,
+    Utilities,
+    All,
+}
+
+impl Scope {
+    /// Whether the freeze applies to door access.
+    pub fn access(self) -> bool {
+        self != Scope::Utilities
+    }
+    /// Whether the freeze applies to utility supplies.
+    pub fn utilities(self) -> bool {
+        self != Scope::Access
+    }
+}
+
+/// A validated relay command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CloudCommand {
+    /// `freeze` (with the freeze) or `unfreeze` (`None`).
+    Freeze {
+        room: String,
+        scope: Scope,
+        set: Option<Freeze>,
+    },
+    SetLease {
+        room: String,
+        end: Option<NaiveDate>,
+        renewed: bool,
+    },
+    SetLifeCritical {
+        room: String,
+        on: bool,
+    },
+    /// The cloud's balance (a reconciliation).
+    SetBalance {
+        room: String,
+        utility: Utility,
+        balance: i64,
+    },
+    TopUp {
+        room: String,
+        utility: Utility,
+        amount: i64,
+    },
+}
+
+impl CloudCommand {
+    /// The room it acts on.
+    pub fn room(&self) -> &str {
+        match self {
+            CloudCommand::Freeze { room, .. }
+            | CloudCommand::SetLease { room, .. }
+            | CloudCommand::SetLifeCritical { room, .. }
+            | CloudCommand::SetBalance { room, .. }
+            | CloudCommand::TopUp { room, .. } => room,
+        }
+    }
+}
+
+/// Parses and validates command `name` (id `id`) against the config; the reason when refused.
+pub fn parse(
+    name: &str,
+    id: &str,
+    args: &Value,
+    enforcement: &Enforcement,
+    site: &Site,
+    now: DateTime<Utc>,
+) -> Result<CloudCommand, String> {
+    let s = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_string);
+    let room = s("room").ok_or("missing \"room\"")?;
+    if !site.rooms.contains_key(&room) {
+        return Err(format!(
+            "unknown room {room:?}: this gateway's rooms are in its [[room]] config"
+        ));
+    }
+    let utility = || -> Result<Utility, String> {
+        match s("utility").as_deref() {
+            Some("electricity") => Ok(Utility::Electricity),
+            Some("water") => Ok(Utility::Water),
+            other => Err(format!(
+                "\"utility\" must be electricity or water, got {other:?}"
+            )),
+        }
+    };
+    Ok(match name {
+        "freeze" | "unfreeze" => {
+            let scope = match s("scope").as_deref().unwrap_or("all") {
+                "access" => Scope::Access,
+                "utilities" => Scope::Utilities,
+                "all" => Scope::All,
+                other => {
+                    return Err(format!(
+                        "\"scope\" must be access, utilities or all, got {other:?}"
+                    ))
+                }
+            };
+            let effective = match s("effective_at") {
+                Some(t) => DateTime::parse_from_rfc3339(&t)
+                    .map_err(|e| format!("\"effective_at\": {e}; expected RFC 3339"))?
+                    .with_timezone(&Utc),
+                None => now,
+            };
+            let set = (name == "freeze").then(|| Freeze {
+                reason: s("reason").unwrap_or_default(),
+                effective,
+                by: id.to_string(),
+            });
+            CloudCommand::Freeze { room, scope, set }
+        }
+        "set_lease" => {
+            let end = match s("lease_end") {
+                Some(d) => Some(
+                    NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                        .map_err(|e| format!("\"lease_end\": {e}; expected YYYY-MM-DD"))?,
+                ),
+                None => None,
+            };
+            let renewed = match args.get("renewed") {
+                None => false,
+                Some(v) => v.as_bool().ok_or("\"renewed\" must be true or false")?,
+            };
+            CloudCommand::SetLease { room, end, renewed }
+        }
+        "set_life_critical" => CloudCommand::SetLifeCritical {
+            on: args
+                .get("life_critical")
+                .and_then(Value::as_bool)
+                .ok_or("missing \"life_critical\": true|false")?,
+            room,
+        },
+        "set_balance" | "top_up" => {
+            let u = utility()?;
+            if !enforcement
+                .prepaid
+                .iter()
+                .any(|p| p.room == room && p.utility == u)
+            {
+                return Err(format!(
+                    "room {room:?} has no prepaid {u:?} account in the gateway config"
+                ));
+            }
+            let key = if name == "top_up" {
+                "amount"
+            } else {
+                "balance"
+            };
+            let amount = args.get(key).and_then(Value::as_i64).ok_or(format!(
+                "\"{key}\" must be an integer in minor units (fen), e.g. 5000 for 50.00"
+            ))?;
+            if name == "top_up" {
+                if amount <= 0 {
+                    return Err("a top-up must be positive".into());
+                }
+                CloudCommand::TopUp {
+                    room,
+                    utility: u,
+                    amount,
+                }
+            } else {
+                CloudCommand::SetBalance {
+                    room,
+                    utility: u,
+                    balance: amount,
+                }
+            }
+        }
+        other => return Err(format!("unknown relay command {other:?}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> crate::config::Config {
+        let text = r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "meter104"
+bus = "lan"
+unit = 1
+profile = "hiking_dds238_zn"
+[[room]]
+id = "104"
+[[meter]]
+name = "meter104"
+utility = "electricity"
+room = "104"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+[[prepaid]]
+room = "104"
+utility = "electricity"
+meter = "meter104"
+tariff = "elec"
+"#;
+        crate::config::Config::from_str_at(text, "t.toml", std::path::Path::new("/")).unwrap()
+    }
+
+    #[test]
+    fn a_command_the_config_cannot_carry_out_is_refused_with_the_reason() {
+        let c = config();
+        let now = Utc::now();
+        let p = |name: &str, args: Value| parse(name, "c-1", &args, &c.enforcement, &c.site, now);
+        let refused = [
+            ("freeze", json!({"room": "999"}), "unknown room \"999\""),
+            (
+                "freeze",
+                json!({"room": "104", "scope": "doors"}),
+                "\"scope\" must be",
+            ),
+            (
+                "freeze",
+                json!({"room": "104", "effective_at": "tomorrow"}),
+                "RFC 3339",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": 12.5}),
+                "integer in minor units",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": "5000"}),
+                "integer in minor units",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": -5}),
+                "positive",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "water", "amount": 100}),
+                "no prepaid Water account",
+            ),
+            (
+                "set_lease",
+                json!({"room": "104", "lease_end": "31/12/2026"}),
+                "YYYY-MM-DD",
+            ),
+            ("set_life_critical", json!({"room": "104"}), "life_critical"),
+        ];
+        for (name, args, why) in refused {
+            let e = p(name, args.clone()).unwrap_err();
+            assert!(e.contains(why), "{name} {args}: {e}");
+        }
+        assert_eq!(
+            p(
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": 5000})
+            )
+            .unwrap(),
+            CloudCommand::TopUp {
+                room: "104".into(),
+                utility: Utility::Electricity,
+                amount: 5000
+            }
+        );
+        let Ok(CloudCommand::Freeze {
+            scope,
+            set: Some(f),
+            ..
+        }) = p(
+            "freeze",
+            json!({"room": "104", "scope": "access", "reason": "lease ended"}),
+        )
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (scope, f.reason.as_str(), f.by.as_str(), f.effective),
+            (Scope::Access, "lease ended", "c-1", now)
+        );
+    }
+}
