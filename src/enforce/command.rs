@@ -188,43 +188,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn config() -> crate::config::Config {
-        let text = r#"
-[gateway]
-id = "gw"
-site = "t"
-timezone = "Asia/Shanghai"
-[[bus]]
-name = "lan"
-kind = "tcp"
-host = "127.0.0.1"
-[[device]]
-name = "meter104"
-bus = "lan"
-unit = 1
-profile = "hiking_dds238_zn"
-[[room]]
-id = "104"
-[[meter]]
-name = "meter104"
-utility = "electricity"
-room = "104"
-[[tariff]]
-name = "elec"
-utility = "electricity"
-price = "0.8523"
-[[prepaid]]
-room = "104"
-utility = "electricity"
-meter = "meter104"
-tariff = "elec"
-"#;
-        crate::config::Config::from_str_at(text, "t.toml", std::path::Path::new("/")).unwrap()
-    }
-
     #[test]
     fn a_command_the_config_cannot_carry_out_is_refused_with_the_reason() {
-        let c = config();
+        let c =
+            crate::enforce::test_support::config(std::path::Path::new("/nonexistent/outbox.db"));
         let now = Utc::now();
         let p = |name: &str, args: Value| parse(name, "c-1", &args, &c.enforcement, &c.site, now);
         let refused = [

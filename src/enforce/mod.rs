@@ -11,3 +11,5 @@ pub mod ledger;
 pub mod prepaid;
 pub mod rules;
 pub mod task;
+#[cfg(test)]
+pub(crate) mod test_support;

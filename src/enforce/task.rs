@@ -927,70 +927,8 @@ pub fn group_id(name: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests_support {
-    use super::*;
-    use crate::modbus::profile::Quantity;
-    use crate::reading::{RawWords, Reading};
-
-    /// A gateway with one prepaid DDS238 (room 104) at 0.8523 CNY/kWh.
-    pub(super) fn config(db: &std::path::Path) -> Arc<Config> {
-        let text = format!(
-            r#"
-[gateway]
-id = "gw"
-site = "t"
-timezone = "Asia/Shanghai"
-[store]
-path = "{}"
-[[bus]]
-name = "lan"
-kind = "tcp"
-host = "127.0.0.1"
-[[device]]
-name = "meter104"
-bus = "lan"
-unit = 1
-profile = "hiking_dds238_zn"
-[[room]]
-id = "104"
-[[meter]]
-name = "meter104"
-utility = "electricity"
-room = "104"
-[[tariff]]
-name = "elec"
-utility = "electricity"
-price = "0.8523"
-[[prepaid]]
-room = "104"
-utility = "electricity"
-meter = "meter104"
-tariff = "elec"
-"#,
-            db.display()
-        );
-        Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
-    }
-
-    /// A Good energy reading of the prepaid meter.
-    pub(super) fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
-        Reading {
-            device: "meter104".into(),
-            register: "energy_total".into(),
-            quantity: Quantity::EnergyKwh,
-            value: Some(kwh),
-            unit: "kWh".into(),
-            ts,
-            quality: Quality::Good,
-            raw: RawWords::new(&[]),
-            error: None,
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::tests_support::*;
+    use super::super::test_support::*;
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1059,7 +997,7 @@ mod tests {
 
 #[cfg(test)]
 mod counter_events {
-    use super::tests_support::*;
+    use super::super::test_support::*;
     use super::*;
 
     #[tokio::test]
@@ -1124,7 +1062,7 @@ mod counter_events {
 
 #[cfg(test)]
 mod command_replies {
-    use super::tests_support::config;
+    use super::super::test_support::config;
     use super::*;
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;

@@ -1,0 +1,64 @@
+//! Fixtures shared by the enforcement tests.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
+use crate::modbus::profile::Quantity;
+use crate::reading::{Quality, RawWords, Reading};
+
+/// A gateway with one prepaid DDS238 (room 104) at 0.8523 CNY/kWh.
+pub(crate) fn config(db: &std::path::Path) -> Arc<Config> {
+    let text = format!(
+        r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[store]
+path = "{}"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "meter104"
+bus = "lan"
+unit = 1
+profile = "hiking_dds238_zn"
+[[room]]
+id = "104"
+[[meter]]
+name = "meter104"
+utility = "electricity"
+room = "104"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+[[prepaid]]
+room = "104"
+utility = "electricity"
+meter = "meter104"
+tariff = "elec"
+"#,
+        db.display()
+    );
+    Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
+}
+
+/// A Good energy reading of the prepaid meter.
+pub(crate) fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
+    Reading {
+        device: "meter104".into(),
+        register: "energy_total".into(),
+        quantity: Quantity::EnergyKwh,
+        value: Some(kwh),
+        unit: "kWh".into(),
+        ts,
+        quality: Quality::Good,
+        raw: RawWords::new(&[]),
+        error: None,
+    }
+}
