@@ -321,7 +321,22 @@ impl StatusCmd {
             s(&v["config"]["source"])
         ));
         let mut rows = Vec::new();
+        let mut lines = String::new();
         for b in v["buses"].as_array().into_iter().flatten() {
+            let l = &b["line"];
+            let n = |k: &str| l[k].as_u64().unwrap_or(0);
+            if n("foreign_frames") + n("mismatched_frames") + n("noise_bytes") + n("stale_bytes")
+                > 0
+            {
+                lines += &format!(
+                    "bus {}: dropped {} frames of other units, {} late or mismatched answers, {} bytes of noise, {} stale bytes\n",
+                    s(&b["name"]),
+                    n("foreign_frames"),
+                    n("mismatched_frames"),
+                    n("noise_bytes"),
+                    n("stale_bytes")
+                );
+            }
             for d in b["devices"].as_array().into_iter().flatten() {
                 let ok = d["polls_ok"].as_u64().unwrap_or(0);
                 let failed = d["polls_failed"].as_u64().unwrap_or(0);
@@ -358,6 +373,7 @@ impl StatusCmd {
             ],
             &rows,
         ));
+        out(&lines);
         let o = &v["outbox"];
         out(&format!(
             "\noutbox: {} record(s) waiting, oldest {}, last publish error {}, store error {}\n",

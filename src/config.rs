@@ -1249,6 +1249,11 @@ impl Validator {
                     backoff: defaults.backoff,
                     offline_after: defaults.offline_after.max(1),
                     probe_interval: defaults.probe_interval,
+                    settle: if matches!(buses[bus].1.transport, Transport::Tcp { .. }) {
+                        Duration::ZERO
+                    } else {
+                        timeout
+                    },
                 },
                 timeout,
                 pause,

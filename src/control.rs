@@ -86,7 +86,7 @@ impl ControlState {
         let buses: Vec<Value> = self
             .buses
             .iter()
-            .map(|b| json!({"name": b.name, "devices": b.snapshot()}))
+            .map(|b| json!({"name": b.name, "devices": b.snapshot(), "line": &*b.line}))
             .collect();
         let outbox = self.store.stats().await;
         let health = self.store.health.lock().ok().and_then(|h| h.clone());

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
@@ -214,7 +216,55 @@ impl std::fmt::Display for EndpointAddr {
 pub struct RunningSim {
     pub endpoints: Vec<(String, EndpointAddr)>,
     units: HashMap<(String, u8), Arc<SimUnit>>,
+    lines: HashMap<String, Arc<SharedLine>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// What an RTU line emulator saw: requests, and the silence the master left before each.
+#[derive(Debug)]
+pub struct LineLog {
+    /// Request frames the master sent.
+    pub requests: AtomicU64,
+    /// Requests that started less than t3.5 after the previous frame on the line ended: on a real
+    /// line the slaves would have merged them with that frame.
+    pub gap_violations: AtomicU64,
+    /// The shortest silence before a request, µs (`u64::MAX` until the second frame).
+    pub shortest_gap_us: AtomicU64,
+    /// Frames the units (and injected noise) put on the line.
+    pub answers: AtomicU64,
+}
+
+impl Default for LineLog {
+    fn default() -> LineLog {
+        LineLog {
+            requests: AtomicU64::new(0),
+            gap_violations: AtomicU64::new(0),
+            shortest_gap_us: AtomicU64::new(u64::MAX),
+            answers: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LineLog {
+    /// Requests, gap violations, shortest gap (for test messages).
+    pub fn summary(&self) -> (u64, u64, Option<Duration>) {
+        let g = self.shortest_gap_us.load(Ordering::Relaxed);
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.gap_violations.load(Ordering::Relaxed),
+            (g != u64::MAX).then(|| Duration::from_micros(g)),
+        )
+    }
+}
+
+/// Bytes to put on the line when their time comes.
+type WireTx = mpsc::UnboundedSender<(Instant, Vec<u8>)>;
+
+/// Per RTU endpoint: its log, and the noise inlets of the clients connected now.
+#[derive(Default)]
+struct SharedLine {
+    log: LineLog,
+    noise: Mutex<Vec<WireTx>>,
 }
 
 impl Drop for RunningSim {
@@ -268,6 +318,30 @@ impl RunningSim {
         }
     }
 
+    /// Changes a unit's own answer delay at run time: a meter that starts (or stops) answering late.
+    pub fn set_delay(&self, endpoint: &str, unit: u8, delay: Duration) {
+        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            if let Ok(mut s) = u.state.lock() {
+                s.delay = delay;
+            }
+        }
+    }
+
+    /// What the line emulator of an RTU endpoint has seen (`None` for Modbus TCP endpoints).
+    pub fn line(&self, endpoint: &str) -> Option<&LineLog> {
+        self.lines.get(endpoint).map(|l| &l.log)
+    }
+
+    /// Puts `bytes` of noise on an RTU endpoint's line, as a contactor switching next to the cable
+    /// would: every client connected to it receives them.
+    pub fn inject_noise(&self, endpoint: &str, bytes: &[u8]) {
+        if let Some(l) = self.lines.get(endpoint) {
+            if let Ok(mut txs) = l.noise.lock() {
+                txs.retain(|tx| tx.send((Instant::now(), bytes.to_vec())).is_ok());
+            }
+        }
+    }
+
     /// Changes a unit's load at run time (tests, demo).
     pub fn set_load_w(&self, endpoint: &str, unit: u8, load_w: f64) {
         if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
@@ -304,6 +378,8 @@ struct UnitState {
     answers: u64,
     /// Writes received (coils and registers).
     writes: u64,
+    /// Extra turnaround on top of the endpoint's (from the spec; changed at run time by tests).
+    delay: Duration,
     /// Load and flow of the fed units at the last advance.
     downstream_w: f64,
     downstream_flow: f64,
@@ -435,6 +511,7 @@ impl SimUnit {
             requests: 0,
             answers: 0,
             writes: 0,
+            delay: spec.delay.unwrap_or_default(),
             downstream_w: 0.0,
             downstream_flow: 0.0,
         };
@@ -693,8 +770,11 @@ impl Service for EndpointService {
                     Ok(None)
                 };
             };
-            let delay = delay + unit.spec.delay.unwrap_or_default();
+            let own = unit.state.lock().map(|s| s.delay).unwrap_or_default();
             let answer = unit.answer(req.request, tcp);
+            // On RTU lines the line emulator delays each answer, so the server never blocks the
+            // line behind a slow unit (a real bus does not wait for it either).
+            let delay = if tcp { delay + own } else { Duration::ZERO };
             if !delay.is_zero() && answer.is_some() {
                 crate::clock::sleep_until_precise(Instant::now() + delay).await;
             }
@@ -715,6 +795,7 @@ pub async fn start(
     let mut sim = RunningSim {
         endpoints: Vec::new(),
         units: HashMap::new(),
+        lines: HashMap::new(),
         tasks: Vec::new(),
     };
     for ep in &building.endpoint {
@@ -761,18 +842,43 @@ pub async fn start(
                 })?;
                 let kind = ep.kind;
                 let name = ep.name.clone();
+                let shared = Arc::new(SharedLine::default());
+                if kind == EndpointKind::RtuOverTcp {
+                    sim.lines.insert(ep.name.clone(), shared.clone());
+                }
+                let line = LineTiming::of(ep);
+                let endpoint_delay = service.delay;
                 sim.tasks.push(tokio::spawn(async move {
-                    let on_connected = |stream: tokio::net::TcpStream, _addr| {
-                        let service = service.clone();
-                        let _ = stream.set_nodelay(true);
-                        async move { Ok(Some((service, stream))) }
-                    };
                     let on_error = |e| tracing::debug!(error = %e, "simulator connection ended");
                     let r = if kind == EndpointKind::Tcp {
+                        let on_connected = |stream: tokio::net::TcpStream, _addr| {
+                            let service = service.clone();
+                            let _ = stream.set_nodelay(true);
+                            async move { Ok(Some((service, stream))) }
+                        };
                         tokio_modbus::server::tcp::Server::new(listener)
                             .serve(&on_connected, on_error)
                             .await
                     } else {
+                        // The gateway's serial side: the client's socket goes through a line
+                        // emulator to the server, which reads its end of an in-memory pipe.
+                        let on_connected = |stream: tokio::net::TcpStream, _addr| {
+                            let service = service.clone();
+                            let _ = stream.set_nodelay(true);
+                            let (server_end, line_end) = tokio::io::duplex(4096);
+                            tokio::spawn(relay(
+                                stream,
+                                line_end,
+                                LineSetup {
+                                    timing: line,
+                                    units: service.units.clone(),
+                                    delay: endpoint_delay,
+                                    shared: shared.clone(),
+                                    reopens: false,
+                                },
+                            ));
+                            async move { Ok(Some((service, server_end))) }
+                        };
                         tokio_modbus::server::rtu_over_tcp::Server::new(listener)
                             .serve(&on_connected, on_error)
                             .await
@@ -805,8 +911,15 @@ pub async fn start(
                         detail: "the pty has no path".into(),
                     })?;
                 drop(client_side);
-                let line = LineTiming::of(ep);
-                let units = service.units.clone();
+                let shared = Arc::new(SharedLine::default());
+                sim.lines.insert(ep.name.clone(), shared.clone());
+                let setup = LineSetup {
+                    timing: LineTiming::of(ep),
+                    units: service.units.clone(),
+                    delay: service.delay,
+                    shared,
+                    reopens: true,
+                };
                 sim.tasks.push(tokio::spawn(async move {
                     if let Err(e) = tokio_modbus::server::rtu::Server::new(server_side)
                         .serve_forever(service)
@@ -815,8 +928,7 @@ pub async fn start(
                         tracing::error!(error = %e, "simulator rtu endpoint stopped");
                     }
                 }));
-                sim.tasks
-                    .push(tokio::spawn(relay(line_a, line_b, line, units)));
+                sim.tasks.push(tokio::spawn(relay(line_b, line_a, setup)));
                 EndpointAddr::Pty(path)
             }
         };
@@ -883,54 +995,164 @@ impl LineTiming {
     }
 }
 
-/// Moves bytes between the server's pty and the client's, adding wire time and garbling the answers
-/// of units set to corrupt (the last byte, i.e. the CRC, is flipped).
-async fn relay(
-    server_line: SerialStream,
-    client_line: SerialStream,
-    line: LineTiming,
+/// What a line emulator needs to know about its line.
+struct LineSetup {
+    timing: LineTiming,
     units: Arc<HashMap<u8, Arc<SimUnit>>>,
-) {
-    let (mut srv_rx, mut srv_tx) = tokio::io::split(server_line);
-    let (mut cli_rx, mut cli_tx) = tokio::io::split(client_line);
+    /// The endpoint's turnaround, added to every answer.
+    delay: Duration,
+    shared: Arc<SharedLine>,
+    /// The client side is a pty that the next client reopens (rather than a socket that ends).
+    reopens: bool,
+}
+
+/// The RS485 line between the master (`client`) and the server of the units (`server`), the way a
+/// real bus behaves:
+/// - a request reaches the units after its wire time and the t3.5 silence that ends it; the
+///   silence the master left before it is measured against t3.5 and violations are counted;
+/// - each answer goes out when its unit is ready (turnaround plus the unit's own delay), whatever
+///   the master did meanwhile: a late unit answers in its own time while the master moves on, and
+///   answers never overlap (each waits for the line to be free);
+/// - a unit set to corrupt gets its CRC flipped; injected noise goes out like an answer.
+async fn relay<C, S>(client: C, server: S, setup: LineSetup)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let LineSetup {
+        timing,
+        units,
+        delay,
+        shared,
+        reopens,
+    } = setup;
+    let (mut cli_rx, mut cli_tx) = tokio::io::split(client);
+    let (mut srv_rx, mut srv_tx) = tokio::io::split(server);
+    // End of the last frame on the wire, either direction.
+    let line_free = Arc::new(Mutex::new(Instant::now()));
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    if let Ok(mut n) = shared.noise.lock() {
+        n.push(out_tx.clone());
+    }
+    let log = shared.clone();
+    let free = line_free.clone();
     let requests = async move {
         let mut buf = vec![0u8; 512];
+        let mut pending: Vec<u8> = Vec::new();
         loop {
             let n = match cli_rx.read(&mut buf).await {
-                Ok(0) | Err(_) => {
+                Ok(n) if n > 0 => n,
+                _ if reopens => {
                     // The client closed its end: wait for the next one.
+                    pending.clear();
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                Ok(n) => n,
+                _ => return,
             };
             let arrived = Instant::now();
-            crate::clock::sleep_until_precise(arrived + line.frame(n) + line.t35()).await;
-            if srv_tx.write_all(&buf[..n]).await.is_err() {
-                return;
+            if pending.is_empty() {
+                let prev_end = free.lock().map(|f| *f).unwrap_or(arrived);
+                let gap = arrived.saturating_duration_since(prev_end);
+                let l = &log.log;
+                if l.requests.fetch_add(1, Ordering::Relaxed) > 0
+                    || l.answers.load(Ordering::Relaxed) > 0
+                {
+                    l.shortest_gap_us
+                        .fetch_min(gap.as_micros() as u64, Ordering::Relaxed);
+                    if timing.baud.is_some() && gap < timing.t35() {
+                        l.gap_violations.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            pending.extend_from_slice(&buf[..n]);
+            // Forward whole frames; what cannot be a request goes through as it is.
+            while !pending.is_empty() {
+                let len = match crate::modbus::frame::request_len(&pending) {
+                    Some(len) if pending.len() >= len => len,
+                    Some(_) => break,
+                    None if pending.len() < 2 => break,
+                    None => pending.len(),
+                };
+                let frame: Vec<u8> = pending.drain(..len).collect();
+                let end = arrived + timing.frame(len);
+                if let Ok(mut f) = free.lock() {
+                    *f = (*f).max(end);
+                }
+                crate::clock::sleep_until_precise(end + timing.t35()).await;
+                if srv_tx.write_all(&frame).await.is_err() {
+                    return;
+                }
             }
         }
     };
-    let responses = async move {
-        let mut buf = vec![0u8; 512];
+    let answers = async move {
+        let mut buf = vec![0u8; 1024];
+        let mut pending: Vec<u8> = Vec::new();
         loop {
             let n = match srv_rx.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
             let arrived = Instant::now();
-            if let Some(u) = units.get(&buf[0]) {
-                if u.garble_next() {
-                    buf[n - 1] ^= 0xFF;
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(len) = crate::modbus::frame::frame_at_start(&pending) {
+                let mut frame: Vec<u8> = pending.drain(..len).collect();
+                let unit = units.get(&frame[0]);
+                let own = unit
+                    .and_then(|u| u.state.lock().ok().map(|s| s.delay))
+                    .unwrap_or_default();
+                if unit.is_some_and(|u| u.garble_next()) {
+                    if let Some(last) = frame.last_mut() {
+                        *last ^= 0xFF;
+                    }
+                }
+                if out_tx.send((arrived + delay + own, frame)).is_err() {
+                    return;
                 }
             }
-            crate::clock::sleep_until_precise(arrived + line.frame(n)).await;
-            if cli_tx.write_all(&buf[..n]).await.is_err() {
-                return;
+            if pending.len() > 512 {
+                pending.clear();
             }
         }
     };
-    tokio::join!(requests, responses);
+    let log = shared.clone();
+    let wire = async move {
+        // Answers by the time their unit is ready, in order of readiness.
+        let mut queue: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>> =
+            Default::default();
+        let mut seq = 0u64;
+        loop {
+            let next = queue.peek().map(|std::cmp::Reverse((at, _, _))| *at);
+            tokio::select! {
+                m = out_rx.recv() => match m {
+                    Some((at, bytes)) => {
+                        seq += 1;
+                        queue.push(std::cmp::Reverse((at, seq, bytes)));
+                    }
+                    None => return,
+                },
+                _ = crate::clock::sleep_until_precise(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                    let Some(std::cmp::Reverse((at, _, bytes))) = queue.pop() else { continue };
+                    let start = line_free.lock().map(|f| (*f).max(at)).unwrap_or(at);
+                    let end = start + timing.frame(bytes.len());
+                    if let Ok(mut f) = line_free.lock() {
+                        *f = end;
+                    }
+                    crate::clock::sleep_until_precise(end).await;
+                    log.log.answers.fetch_add(1, Ordering::Relaxed);
+                    if cli_tx.write_all(&bytes).await.is_err() && !reopens {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = answers => {}
+        _ = wire => {}
+    }
 }
 
 /// Loads a building and the profiles next to it (`<building dir>/profiles`).

@@ -330,6 +330,7 @@ fn run_gateway(
         backoff: Duration::from_millis(500),
         offline_after: 3,
         probe_interval: Duration::from_secs(60),
+        settle: Duration::ZERO,
     };
     let mut sched = Scheduler::new(&[policy; 5]);
     let mut sampler = HistorySampler::new(Duration::from_secs(900), cal.clone());

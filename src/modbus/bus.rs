@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::decode;
-use super::link::{Data, FailureKind, Link, LinkError};
+use super::link::{Data, FailureKind, LineStats, Link, LinkError};
 use super::schedule::{Scheduler, Verdict};
 use crate::config::{Bus, Device};
 use crate::reading::{Quality, RawWords, Reading};
@@ -53,6 +53,8 @@ pub struct DeviceStatus {
 pub struct BusStatus {
     pub name: String,
     pub devices: Mutex<Vec<DeviceStatus>>,
+    /// What the line guard dropped on an RTU line (late answers, other units' frames, noise).
+    pub line: Arc<LineStats>,
 }
 
 impl BusStatus {
@@ -324,7 +326,7 @@ pub async fn run(
     boundaries: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     let pollers: Vec<Link> = (0..bus.concurrency().max(1))
-        .map(|_| Link::new(&bus))
+        .map(|_| Link::with_stats(&bus, status.line.clone()))
         .collect();
     run_with_boundaries(devices, pollers, out, status, actions, boundaries).await
 }
@@ -580,5 +582,6 @@ pub fn new_status(bus: &Bus, devices: &[Device]) -> Arc<BusStatus> {
                 })
                 .collect(),
         ),
+        line: Arc::default(),
     })
 }

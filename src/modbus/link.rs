@@ -3,12 +3,16 @@
 //! tokio-modbus does the framing and CRC; this layer adds what it leaves to the caller: a timeout on
 //! every call, the silent interval between frames on RS485, reconnecting, and telling apart the ways a
 //! transaction fails (no answer, a garbled answer, a Modbus exception, a broken transport).
+//!
+//! On RTU lines (serial and RTU over TCP) a [`LineGuard`] sits under tokio-modbus: it only hands up
+//! the frame that answers the request on the line (see [`super::frame`]), drops late answers, other
+//! units' frames and noise, and after a failed request keeps the line quiet until it is in step again.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -21,6 +25,7 @@ use tokio_modbus::prelude::{Request, Response, SlaveContext};
 use tokio_modbus::Slave;
 use tokio_serial::SerialPortBuilderExt;
 
+use super::frame::{self, Resync};
 use super::plan::ReadRequest;
 use super::profile::Function;
 use crate::config::{Bus, Parity, Transport};
@@ -103,42 +108,241 @@ pub enum Data {
     Bits(Vec<bool>),
 }
 
-/// Counts bytes received, so a timeout with bytes on the line can be told from silence: tokio-modbus
-/// drops a frame whose CRC fails and keeps waiting, which surfaces as a timeout.
-#[derive(Debug)]
-struct Counted<T> {
-    inner: T,
-    rx: Arc<AtomicU64>,
+/// What the line guard saw on an RTU line, for `meterd status` and the tests.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct LineStats {
+    /// Bytes received.
+    pub rx_bytes: AtomicU64,
+    /// Bytes that were part of no valid frame (noise, garbled or cut frames).
+    pub noise_bytes: AtomicU64,
+    /// Valid frames from another unit than the one asked (late answers, duplicate addresses).
+    pub foreign_frames: AtomicU64,
+    /// Valid frames from the right unit that did not answer the request (a late answer to an
+    /// earlier request).
+    pub mismatched_frames: AtomicU64,
+    /// Bytes discarded because they arrived before the request they would have answered.
+    pub stale_bytes: AtomicU64,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl LineStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The RTU line under tokio-modbus: drops what arrived before a request and lets only the answer to
+/// the request through (see [`frame::Receiver`]). Shared with the [`Link`], which uses it to keep
+/// the line quiet between requests ([`LineHandle`]).
+struct Line<T> {
+    inner: T,
+    stats: Arc<LineStats>,
+    rx: frame::Receiver,
+    /// A new request starts with the next write.
+    begin: bool,
+    /// The request being written, to know what answers it.
+    tx: Vec<u8>,
+    armed: bool,
+    /// An accepted answer not yet handed up in full.
+    out: Vec<u8>,
+    out_pos: usize,
+    scratch: Box<[u8; 512]>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Line<T> {
+    /// Reads and discards whatever is readable now; true if anything was.
+    fn discard_readable(&mut self, cx: &mut TaskContext<'_>) -> io::Result<bool> {
+        let mut any = false;
+        loop {
+            let mut buf = ReadBuf::new(&mut self.scratch[..]);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let n = buf.filled().len() as u64;
+                    LineStats::add(&self.stats.rx_bytes, n);
+                    LineStats::add(&self.stats.stale_bytes, n);
+                    any = true;
+                }
+                Poll::Ready(Ok(())) | Poll::Pending => return Ok(any),
+                Poll::Ready(Err(e)) => return Err(e),
+            }
+        }
+    }
+
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        &mut self,
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.rx.fetch_add(n as u64, Ordering::Relaxed);
+        if !self.armed {
+            self.armed = true;
+            let stale = self.rx.expect(frame::Expect::of_request(&self.tx));
+            LineStats::add(&self.stats.stale_bytes, stale as u64);
+        }
+        loop {
+            if self.out_pos < self.out.len() {
+                let n = buf.remaining().min(self.out.len() - self.out_pos);
+                buf.put_slice(&self.out[self.out_pos..self.out_pos + n]);
+                self.out_pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            let noise_before = self.rx.noise;
+            let event = self.rx.next_event();
+            LineStats::add(&self.stats.noise_bytes, self.rx.noise - noise_before);
+            match event {
+                Some(frame::Event::Answer(f)) => {
+                    self.out = f;
+                    self.out_pos = 0;
+                }
+                Some(frame::Event::Foreign { unit, function }) => {
+                    LineStats::add(&self.stats.foreign_frames, 1);
+                    tracing::debug!(unit, function, "frame from another unit dropped");
+                }
+                Some(frame::Event::Mismatch { function, len }) => {
+                    LineStats::add(&self.stats.mismatched_frames, 1);
+                    tracing::debug!(
+                        function,
+                        len,
+                        "frame that does not answer the request dropped"
+                    );
+                }
+                None => {
+                    let mut rb = ReadBuf::new(&mut self.scratch[..]);
+                    match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        // End of stream: hand up nothing, tokio-modbus reports it.
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                            return Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Ok(())) => {
+                            LineStats::add(&self.stats.rx_bytes, rb.filled().len() as u64);
+                            self.rx.feed(rb.filled());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.begin {
+            // Anything that arrived since the last answer cannot answer this request.
+            self.discard_readable(cx)?;
+            let stale = self.rx.expect(None) + (self.out.len() - self.out_pos);
+            LineStats::add(&self.stats.stale_bytes, stale as u64);
+            self.out.clear();
+            self.out_pos = 0;
+            self.tx.clear();
+            self.armed = false;
+            self.begin = false;
+        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tx.extend_from_slice(&buf[..n]);
+        }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+/// The transport handed to tokio-modbus.
+struct LineGuard<T>(Arc<Mutex<Line<T>>>);
+
+impl<T> LineGuard<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Line<T>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for LineGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.lock().poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LineGuard<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.lock().poll_write(cx, buf)
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().inner).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().inner).poll_shutdown(cx)
     }
+}
+
+/// The link's side of an RTU line, whatever the transport under it.
+trait LineHandle: Send + Sync {
+    /// The next write starts a new request.
+    fn begin(&self);
+    /// Reads and discards what is readable; true if anything was.
+    fn discard(&self, cx: &mut TaskContext<'_>) -> io::Result<bool>;
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LineHandle for Mutex<Line<T>> {
+    fn begin(&self) {
+        self.lock().unwrap_or_else(|p| p.into_inner()).begin = true;
+    }
+    fn discard(&self, cx: &mut TaskContext<'_>) -> io::Result<bool> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .discard_readable(cx)
+    }
+}
+
+/// Wraps an RTU transport in a line guard: the transport for tokio-modbus and the link's handle.
+fn guard<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    inner: T,
+    stats: Arc<LineStats>,
+) -> (LineGuard<T>, Arc<dyn LineHandle>) {
+    let line = Arc::new(Mutex::new(Line {
+        inner,
+        stats,
+        rx: frame::Receiver::default(),
+        begin: true,
+        tx: Vec::new(),
+        armed: false,
+        out: Vec::new(),
+        out_pos: 0,
+        scratch: Box::new([0; 512]),
+    }));
+    (LineGuard(line.clone()), line)
+}
+
+/// Keeps the line quiet until `plan` is done: whatever arrives meanwhile is discarded and pushes the
+/// end out (up to the plan's limit).
+async fn wait_quiet(line: &dyn LineHandle, mut plan: Resync, origin: Instant) -> io::Result<()> {
+    let sleep = tokio::time::sleep_until(origin + plan.until);
+    tokio::pin!(sleep);
+    std::future::poll_fn(|cx| loop {
+        let now = Instant::now().duration_since(origin);
+        if line.discard(cx)? {
+            plan.bytes_arrived(now);
+        }
+        if plan.done(now) {
+            return Poll::Ready(Ok(()));
+        }
+        sleep.as_mut().reset(origin + plan.until);
+        if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+    })
+    .await
+}
+
+/// The request that last failed on an RTU line, for the resync before the next one.
+#[derive(Debug, Clone, Copy)]
+struct Failed {
+    unit: u8,
+    sent: Instant,
+    timeout: Duration,
 }
 
 /// One connection to a bus. Not shared: a bus task owns one per concurrent transaction slot, so on
@@ -146,7 +350,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 pub struct Link {
     bus: Bus,
     ctx: Option<Context>,
-    rx: Arc<AtomicU64>,
+    /// The guard under `ctx` on an RTU line.
+    line: Option<Arc<dyn LineHandle>>,
+    stats: Arc<LineStats>,
+    origin: Instant,
+    failed: Option<Failed>,
     last_end: Option<Instant>,
 }
 
@@ -162,12 +370,31 @@ impl fmt::Debug for Link {
 impl Link {
     /// A link that connects on first use.
     pub fn new(bus: &Bus) -> Link {
+        Link::with_stats(bus, Arc::default())
+    }
+
+    /// A link that counts what its line guard drops into `stats` (shared with the bus status).
+    pub fn with_stats(bus: &Bus, stats: Arc<LineStats>) -> Link {
         Link {
             bus: bus.clone(),
             ctx: None,
-            rx: Arc::new(AtomicU64::new(0)),
+            line: None,
+            stats,
+            origin: Instant::now(),
+            failed: None,
             last_end: None,
         }
+    }
+
+    /// What the line guard saw (RTU lines; all zero on Modbus TCP).
+    pub fn line_stats(&self) -> Arc<LineStats> {
+        self.stats.clone()
+    }
+
+    /// How long the line must be silent to count as quiet after a failure: the bus gap, and at
+    /// least 20 ms, the order of a USB adapter's latency timer (16 ms on FTDI chips).
+    fn silence(&self) -> Duration {
+        self.bus.gap.max(Duration::from_millis(20))
     }
 
     fn is_serial_line(&self) -> bool {
@@ -176,8 +403,8 @@ impl Link {
 
     async fn connect(&mut self) -> Result<&mut Context, LinkError> {
         if self.ctx.is_none() {
-            let rx = self.rx.clone();
-            let ctx = match &self.bus.transport {
+            let stats = self.stats.clone();
+            let (ctx, line) = match &self.bus.transport {
                 Transport::Rtu(s) => {
                     let parity = match s.parity {
                         Parity::None => tokio_serial::Parity::None,
@@ -199,7 +426,8 @@ impl Link {
                             path: s.device.clone(),
                             detail: e.to_string(),
                         })?;
-                    rtu::attach(Counted { inner: port, rx })
+                    let (io, line) = guard(port, stats);
+                    (rtu::attach(io), Some(line))
                 }
                 Transport::Tcp {
                     host,
@@ -208,7 +436,7 @@ impl Link {
                     ..
                 } => {
                     let stream = connect_tcp(&self.bus.name, host, *port, *connect_timeout).await?;
-                    tcp::attach(Counted { inner: stream, rx })
+                    (tcp::attach(stream), None)
                 }
                 Transport::RtuOverTcp {
                     host,
@@ -216,10 +444,12 @@ impl Link {
                     connect_timeout,
                 } => {
                     let stream = connect_tcp(&self.bus.name, host, *port, *connect_timeout).await?;
-                    rtu::attach(Counted { inner: stream, rx })
+                    let (io, line) = guard(stream, stats);
+                    (rtu::attach(io), Some(line))
                 }
             };
             self.ctx = Some(ctx);
+            self.line = line;
             if !self.bus.connect_delay.is_zero() {
                 tokio::time::sleep(self.bus.connect_delay).await;
             }
@@ -228,7 +458,8 @@ impl Link {
     }
 
     /// Runs one transaction with `unit`: waits out the line's silent interval (and the device's own
-    /// `pause`), sends, and waits at most `timeout` for the answer.
+    /// `pause`), after a failure also until the line is back in step, sends, and waits at most
+    /// `timeout` for the answer.
     pub async fn call(
         &mut self,
         unit: u8,
@@ -241,23 +472,51 @@ impl Link {
             crate::clock::sleep_until_precise(end + gap).await;
         }
         let serial = self.is_serial_line();
-        let rx_before = self.rx.load(Ordering::Relaxed);
-        let ctx = match self.connect().await {
-            Ok(c) => c,
-            Err(e) => {
+        if let Err(e) = self.connect().await {
+            self.last_end = Some(Instant::now());
+            return Err(e);
+        }
+        if let (Some(line), Some(f)) = (self.line.clone(), self.failed.take()) {
+            let now = Instant::now();
+            let plan = Resync::after_failure(
+                now.duration_since(self.origin),
+                f.sent.duration_since(self.origin),
+                f.timeout,
+                f.unit,
+                unit,
+                self.silence(),
+            );
+            if let Err(e) = wait_quiet(&*line, plan, self.origin).await {
+                self.drop_connection();
                 self.last_end = Some(Instant::now());
-                return Err(e);
+                return Err(LinkError::Transport {
+                    unit,
+                    detail: e.to_string(),
+                });
             }
-        };
+        }
+        if let Some(line) = &self.line {
+            line.begin();
+        }
+        let noise_before = self.stats.noise_bytes.load(Ordering::Relaxed);
+        let ctx = self.ctx.as_mut().expect("connected above");
         ctx.set_slave(Slave(unit));
+        let sent = Instant::now();
         let result = tokio::time::timeout(timeout, ctx.call(request)).await;
         self.last_end = Some(Instant::now());
+        let failed = Failed {
+            unit,
+            sent,
+            timeout,
+        };
         match result {
             Err(_) => {
-                let garbled = self.rx.load(Ordering::Relaxed) != rx_before;
-                if !serial {
+                let garbled = self.stats.noise_bytes.load(Ordering::Relaxed) != noise_before;
+                if serial {
+                    self.failed = Some(failed);
+                } else {
                     // A late answer would carry a stale transaction id: start a fresh connection.
-                    self.ctx = None;
+                    self.drop_connection();
                 }
                 if garbled && serial {
                     Err(LinkError::Garbled { unit })
@@ -271,8 +530,10 @@ impl Link {
                 code: code.into(),
             }),
             Ok(Err(tokio_modbus::Error::Protocol(p))) => {
-                if !serial {
-                    self.ctx = None;
+                if serial {
+                    self.failed = Some(failed);
+                } else {
+                    self.drop_connection();
                 }
                 Err(LinkError::Protocol {
                     unit,
@@ -280,7 +541,10 @@ impl Link {
                 })
             }
             Ok(Err(tokio_modbus::Error::Transport(e))) => {
-                self.ctx = None;
+                self.drop_connection();
+                if serial {
+                    self.failed = Some(failed);
+                }
                 if e.kind() == io::ErrorKind::InvalidData {
                     Err(LinkError::Garbled { unit })
                 } else {
@@ -291,6 +555,11 @@ impl Link {
                 }
             }
         }
+    }
+
+    fn drop_connection(&mut self) {
+        self.ctx = None;
+        self.line = None;
     }
 
     /// Reads one planned block.

@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod decode;
+pub mod frame;
 pub mod link;
 pub mod plan;
 pub mod profile;

@@ -22,6 +22,11 @@ pub struct PollPolicy {
     /// While offline, one attempt (no retries) per this period, so a dead meter costs its bus at most
     /// one timeout per probe.
     pub probe_interval: Duration,
+    /// After a failed attempt the device is not asked again for at least this long. On an RS485 line
+    /// this is its timeout: an answer later than the timeout may still arrive, and the next request
+    /// to the same unit must not take it for its own (see `frame::Resync`); the neighbours use the
+    /// time instead. Zero on Modbus TCP.
+    pub settle: Duration,
 }
 
 /// What a finished attempt means for the device, for the bus task to act on (emit readings, log).
@@ -204,6 +209,11 @@ impl Scheduler {
                 (Verdict::Failed, self::next_regular(d, now))
             }
         };
+        let due = if ok {
+            due
+        } else {
+            due.max(now + d.policy.settle)
+        };
         d.due = due;
         self.queue.push(Reverse((due, device)));
         verdict
@@ -252,7 +262,24 @@ mod tests {
             backoff: Duration::from_millis(200),
             offline_after: 3,
             probe_interval: Duration::from_secs(60),
+            settle: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_failed_meter_on_a_serial_line_is_not_asked_again_before_its_late_answer_window() {
+        let ms = Duration::from_millis;
+        let mut p = policy(S);
+        p.settle = ms(400);
+        let mut s = Scheduler::new(&[p]);
+        assert_eq!(s.pop_due(ms(0)), Some(0));
+        // Timed out at 400 ms: the retry (backoff 200 ms) waits for the window to pass instead.
+        assert_eq!(s.complete(0, false, ms(400)), Verdict::Retrying);
+        assert_eq!(s.pop_due(ms(799)), None);
+        assert_eq!(s.pop_due(ms(800)), Some(0));
+        // A success is not held back.
+        assert_eq!(s.complete(0, true, ms(900)), Verdict::Polled);
+        assert_eq!(s.next_due(), Some(ms(1000)));
     }
 
     /// Runs the scheduler with polls that take `cost` each and succeed per `ok`.
