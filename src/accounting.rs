@@ -22,7 +22,7 @@ use crate::bill::{self, RoomBill, Segment, Series, Statement};
 use crate::config::Config;
 use crate::store::{self, Kind, NewRecord, NewRun, StoreHandle};
 use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Site, Source, Tariff};
-use crate::uplink::CommandHandler;
+use crate::uplink::{Answer, CommandHandler};
 
 /// Why a period could not be computed.
 #[derive(Debug, Error)]
@@ -577,7 +577,13 @@ fn period_arg(args: &Value, tz: chrono_tz::Tz, name: &str) -> Result<String, Str
 }
 
 impl CommandHandler for AccountingCommands {
-    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
+        self.answer(id, name, args).map(Answer::Now)
+    }
+}
+
+impl AccountingCommands {
+    fn answer(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
         let (request, reply) = match name {
             "apportion" => {
                 let period = match period_arg(args, self.timezone, name) {
@@ -729,7 +735,8 @@ pub fn run_records(
     let mut out: Vec<NewRecord> = st
         .pools
         .iter()
-        .map(|p| rec("results/apportionment", p.clone()))
+        .flat_map(|p| split_pool(p, POOL_PART_ROOMS))
+        .map(|p| rec("results/apportionment", p))
         .collect();
     out.extend(
         st.bills
@@ -743,6 +750,35 @@ pub fn run_records(
         rec("results/adjustment", v)
     }));
     out
+}
+
+/// Rooms per `results/apportionment` record: a pool of a large site is published in parts of this
+/// many rooms (about 100 KiB each), well under what one publish may carry.
+pub const POOL_PART_ROOMS: usize = 500;
+
+/// A pool result with more than `per` rooms as parts: each a copy of the pool's figures with a slice
+/// of its rooms and `"part"`/`"parts"`, so the backend joins them by pool, period and version. The
+/// room shares of all parts sum to the pool's total exactly as before.
+pub fn split_pool(pool: &Value, per: usize) -> Vec<Value> {
+    let Some(rooms) = pool.get("rooms").and_then(Value::as_array) else {
+        return vec![pool.clone()];
+    };
+    if rooms.len() <= per {
+        return vec![pool.clone()];
+    }
+    let parts = rooms.len().div_ceil(per.max(1));
+    rooms
+        .chunks(per.max(1))
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut p = pool.clone();
+            p["rooms"] = Value::Array(chunk.to_vec());
+            p["part"] = json!(i + 1);
+            p["parts"] = json!(parts);
+            p["rooms_total"] = json!(rooms.len());
+            p
+        })
+        .collect()
 }
 
 /// What every record of a run is stamped with.
@@ -989,6 +1025,42 @@ async fn billing_step(config: &Arc<Config>, since: &str) -> Option<Next> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pool_of_5000_rooms_is_published_in_parts_that_each_fit_one_publish() {
+        let rooms: Vec<Value> = (0..5000)
+            .map(|i| json!({"room": format!("{}-{:04}", i / 100, i), "share_milli": 1234 + i, "amount": 105 + i % 7, "basis": {"area_m2": "68.50"}}))
+            .collect();
+        let pool = json!({"pool": "tower-a-common", "period": "2026-10", "common_milli": 9_876_543, "amount": 841_811, "rooms": rooms});
+        let parts = split_pool(&pool, POOL_PART_ROOMS);
+        assert_eq!(parts.len(), 10);
+        let mut seen = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(
+                (p["part"].clone(), p["parts"].clone()),
+                (json!(i + 1), json!(10))
+            );
+            assert_eq!(p["rooms_total"], 5000);
+            assert_eq!(
+                p["amount"], 841_811,
+                "the pool's figures travel with every part"
+            );
+            assert!(p.to_string().len() < crate::store::MAX_RECORD_BYTES / 4);
+            seen.extend(p["rooms"].as_array().unwrap().iter().cloned());
+        }
+        assert_eq!(
+            seen,
+            pool["rooms"].as_array().unwrap().clone(),
+            "every room once, in order"
+        );
+        assert!(
+            pool.to_string().len() > 300_000,
+            "the whole pool would have been one large record"
+        );
+        // A small pool stays one record, unchanged.
+        let small = json!({"pool": "p", "rooms": [{"room": "101"}]});
+        assert_eq!(split_pool(&small, POOL_PART_ROOMS), vec![small]);
+    }
+
     use super::*;
 
     #[test]
@@ -1052,12 +1124,12 @@ mod tests {
         };
         let unsigned = json!({"period": "2026-10", "reason": "swap"});
         assert!(handler
-            .handle("r-0", "recompute", &unsigned)
+            .answer("r-0", "recompute", &unsigned)
             .unwrap()
             .is_err());
         let no_reason = sign("r-1", json!({"period": "2026-10"}));
         assert!(handler
-            .handle("r-1", "recompute", &no_reason)
+            .answer("r-1", "recompute", &no_reason)
             .unwrap()
             .unwrap_err()
             .contains("reason"));
@@ -1065,7 +1137,7 @@ mod tests {
             "r-2",
             json!({"period": "2026-10", "reason": "mA/mB swapped"}),
         );
-        let reply = handler.handle("r-2", "recompute", &good).unwrap().unwrap();
+        let reply = handler.answer("r-2", "recompute", &good).unwrap().unwrap();
         assert_eq!(reply["queued"], "2026-10");
         match rx.try_recv().unwrap() {
             Request::Run(r, None) => assert_eq!(
@@ -1079,7 +1151,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(
-            handler.handle("r-2", "recompute", &good).unwrap().is_err(),
+            handler.answer("r-2", "recompute", &good).unwrap().is_err(),
             "a replay is refused"
         );
         let keyless = AccountingCommands {
@@ -1087,7 +1159,7 @@ mod tests {
             ..handler
         };
         assert!(keyless
-            .handle("r-3", "recompute", &good)
+            .answer("r-3", "recompute", &good)
             .unwrap()
             .unwrap_err()
             .contains("public_key"));

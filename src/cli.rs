@@ -1073,11 +1073,15 @@ impl BufferCmd {
             vec!["outbox".into(), c.store.path.display().to_string()],
             vec!["records waiting".into(), s.rows.to_string()],
             vec![
-                "  telemetry / events / results / audit".into(),
+                "  telemetry / events / results / audit / replies".into(),
                 format!(
-                    "{} / {} / {} / {}",
-                    s.by_kind[0], s.by_kind[1], s.by_kind[2], s.by_kind[3]
+                    "{} / {} / {} / {} / {}",
+                    s.by_kind[0], s.by_kind[1], s.by_kind[2], s.by_kind[3], s.by_kind[4]
                 ),
+            ],
+            vec![
+                "set aside (too large to publish)".into(),
+                s.oversized.to_string(),
             ],
             vec!["payload bytes".into(), s.payload_bytes.to_string()],
             vec!["oldest record".into(), age],

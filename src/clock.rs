@@ -1,4 +1,9 @@
-//! Sleeping to sub-millisecond precision.
+//! Time on a gateway: whether the wall clock can be believed, and sleeping to sub-millisecond
+//! precision.
+//!
+//! A gateway without a battery-backed RTC boots in 1970 (or the RTC's default year) and jumps to
+//! the real time when NTP syncs. [`ClockWatch`] tells readings taken before that apart (they are
+//! marked, and kept out of billing history and the age cap) and reports each jump.
 //!
 //! tokio's timer wheel has 1 ms granularity and rounds up, which on an RS485 line at 9600 baud adds up
 //! to ~25 % to a 4 ms t3.5 gap. The bus task (and the simulator's line emulation) sleep on the timer
@@ -7,7 +12,73 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio::time::Instant;
+
+/// Earliest wall-clock time meterd believes: 2026-01-01T00:00:00Z, before this release was built.
+/// A clock earlier than this has not been set since boot.
+pub const PLAUSIBLE_FROM_MS: i64 = 1_767_225_600_000;
+
+/// Latest wall-clock time meterd believes: 2056-01-01T00:00:00Z (an RTC set to garbage, far ahead).
+pub const PLAUSIBLE_UNTIL_MS: i64 = 2_714_774_400_000;
+
+/// True when `t` can be the real time.
+pub fn plausible(t: DateTime<Utc>) -> bool {
+    (PLAUSIBLE_FROM_MS..PLAUSIBLE_UNTIL_MS).contains(&t.timestamp_millis())
+}
+
+/// A step of the wall clock against the monotonic one: NTP setting a clock that booted wrong, or an
+/// operator changing it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClockJump {
+    /// The wall clock just before the step (as it would read now without the step).
+    pub from: DateTime<Utc>,
+    /// The wall clock after it.
+    pub to: DateTime<Utc>,
+    /// `to - from`, seconds (negative: set back).
+    pub by_s: f64,
+    /// Whether the clock is plausible after the step.
+    pub plausible: bool,
+}
+
+/// What one look at the clocks says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub plausible: bool,
+    pub jump: Option<ClockJump>,
+}
+
+/// Follows the wall clock against the monotonic clock (pure: both are passed in).
+#[derive(Debug, Default)]
+pub struct ClockWatch {
+    /// wall − monotonic at the last observation, ms.
+    offset_ms: Option<i64>,
+}
+
+/// A change of wall − monotonic below this is drift or NTP slewing, not a step.
+const JUMP_MS: i64 = 5_000;
+
+impl ClockWatch {
+    /// Looks at the clocks: `wall` now, and `mono_ms` a monotonic time in ms (any origin).
+    pub fn observe(&mut self, wall: DateTime<Utc>, mono_ms: i64) -> Observation {
+        let offset = wall.timestamp_millis() - mono_ms;
+        let jump = match self.offset_ms {
+            Some(prev) if (offset - prev).abs() >= JUMP_MS => Some(ClockJump {
+                from: DateTime::from_timestamp_millis(prev + mono_ms).unwrap_or(wall),
+                to: wall,
+                by_s: (offset - prev) as f64 / 1000.0,
+                plausible: plausible(wall),
+            }),
+            _ => None,
+        };
+        self.offset_ms = Some(offset);
+        Observation {
+            plausible: plausible(wall),
+            jump,
+        }
+    }
+}
 
 /// Below this, the remainder is slept on a blocking thread instead of the timer wheel.
 const FINE: Duration = Duration::from_micros(1500);
@@ -34,4 +105,66 @@ pub async fn sleep_until_precise(deadline: Instant) {
         return;
     }
     let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn the_plausible_range_is_the_release_year_to_thirty_years_on() {
+        assert_eq!(
+            DateTime::from_timestamp_millis(PLAUSIBLE_FROM_MS).unwrap(),
+            t("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            DateTime::from_timestamp_millis(PLAUSIBLE_UNTIL_MS).unwrap(),
+            t("2056-01-01T00:00:00Z")
+        );
+        assert!(!plausible(t("1970-01-01T00:00:12Z")));
+        assert!(!plausible(t("2000-01-01T00:05:00Z")));
+        assert!(plausible(t("2026-11-30T00:05:00Z")));
+        assert!(!plausible(t("2099-03-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_gateway_booting_in_1970_sees_the_ntp_step_as_one_jump() {
+        let mut w = ClockWatch::default();
+        // Boot: 1970 + uptime, monotonic in ms since boot.
+        let boot = t("1970-01-01T00:00:00Z");
+        for s in 0..30 {
+            let o = w.observe(boot + chrono::Duration::seconds(s), s * 1000);
+            assert_eq!(
+                o,
+                Observation {
+                    plausible: false,
+                    jump: None
+                }
+            );
+        }
+        // NTP syncs at 30 s of uptime: 2026-11-30 00:05:30 +08:00.
+        let synced = t("2026-11-29T16:05:30Z");
+        let o = w.observe(synced, 30_000);
+        let j = o.jump.expect("a jump");
+        assert!(o.plausible && j.plausible);
+        assert_eq!(j.from, t("1970-01-01T00:00:30Z"));
+        assert_eq!(j.to, synced);
+        assert!(j.by_s > 1.7e9);
+        // Afterwards, seconds tick with the monotonic clock: no more jumps, small slews ignored.
+        let o = w.observe(synced + chrono::Duration::milliseconds(10_200), 40_000);
+        assert_eq!(
+            o,
+            Observation {
+                plausible: true,
+                jump: None
+            }
+        );
+        // An operator sets it back an hour.
+        let o = w.observe(synced + chrono::Duration::seconds(20 - 3600), 50_000);
+        assert!((o.jump.unwrap().by_s + 3600.0).abs() < 1.0);
+    }
 }

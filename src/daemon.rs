@@ -133,14 +133,33 @@ pub enum DaemonError {
     },
 }
 
-/// A reading as an outbox record (topic `telemetry`).
+/// A reading as an outbox record (topic `telemetry`). A reading stamped before the clock was
+/// plausible carries `"clock_unsynced": true`.
 pub fn telemetry_record(r: &Reading) -> NewRecord {
+    // Serializing a plain struct of strings and numbers cannot fail.
+    let mut payload = serde_json::to_vec(r).unwrap_or_default();
+    if !crate::clock::plausible(r.ts) && payload.last() == Some(&b'}') {
+        payload.pop();
+        payload.extend_from_slice(b",\"clock_unsynced\":true}");
+    }
     NewRecord {
         kind: Kind::Telemetry,
         topic: "telemetry".into(),
         ts: r.ts,
-        // Serializing a plain struct of strings and numbers cannot fail.
-        payload: serde_json::to_vec(r).unwrap_or_default(),
+        payload,
+    }
+}
+
+/// The `clock_jump` event: when the wall clock was stepped, from what to what.
+pub fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
+    let mut v = serde_json::to_value(j).unwrap_or_default();
+    v["event"] = serde_json::json!("clock_jump");
+    v["ts"] = serde_json::json!(j.to.to_rfc3339());
+    NewRecord {
+        kind: Kind::Event,
+        topic: "events".into(),
+        ts: j.to,
+        payload: v.to_string().into_bytes(),
     }
 }
 
@@ -318,8 +337,22 @@ impl Daemon {
         let mut sampler = HistorySampler::new(config.topology.history_every, calendar(config));
         let recorder = tokio::spawn(async move {
             let mut n = 0u64;
+            let mut clock = crate::clock::ClockWatch::default();
+            let mono = std::time::Instant::now();
+            // The first look: a gateway that boots with a wrong clock says so at once.
+            let first = clock.observe(Utc::now(), 0);
+            if !first.plausible {
+                tracing::warn!(now = %Utc::now(), "the wall clock is not plausible (no RTC, NTP not synced?): readings are marked clock_unsynced until it is set");
+            }
             while let Some(batch) = readings.recv().await {
                 n += batch.len() as u64;
+                if let Some(j) = clock
+                    .observe(Utc::now(), mono.elapsed().as_millis() as i64)
+                    .jump
+                {
+                    tracing::warn!(from = %j.from, to = %j.to, by_s = j.by_s, "the wall clock was stepped");
+                    let _ = recorder_store.append(vec![clock_jump_record(&j)]).await;
+                }
                 if let Some(tap) = &tap {
                     let _ = tap.try_send(batch.clone());
                 }
@@ -327,7 +360,9 @@ impl Daemon {
                     // Prepaid deduction and the fire alarm; never blocks storing the readings.
                     let _ = enf.try_send(crate::enforce::task::Input::Readings(batch.clone()));
                 }
-                let samples = sampler.take(&batch);
+                // Billing history rests on real times only.
+                let mut samples = sampler.take(&batch);
+                samples.retain(|s| s.ts_ms >= crate::clock::PLAUSIBLE_FROM_MS);
                 if !samples.is_empty() {
                     recorder_store.record_history(samples).await;
                 }
@@ -444,5 +479,37 @@ impl Daemon {
         if let Some(t) = self.uplink_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_taken_before_the_clock_was_set_is_marked_and_the_step_is_an_event() {
+        let at = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let mut r = crate::enforce::test_support::reading(at("1970-01-01T00:00:42Z"), 1520.37);
+        let v: serde_json::Value = serde_json::from_slice(&telemetry_record(&r).payload).unwrap();
+        assert_eq!(v["clock_unsynced"], true);
+        assert_eq!(
+            v["ts"], "1970-01-01T00:00:42Z",
+            "the time it was read, as the gateway had it"
+        );
+        r.ts = at("2026-11-30T00:05:00Z");
+        let v: serde_json::Value = serde_json::from_slice(&telemetry_record(&r).payload).unwrap();
+        assert!(v.get("clock_unsynced").is_none());
+
+        let mut w = crate::clock::ClockWatch::default();
+        w.observe(at("1970-01-01T00:00:42Z"), 42_000);
+        let j = w.observe(at("2026-11-29T16:05:00Z"), 43_000).jump.unwrap();
+        let e: serde_json::Value = serde_json::from_slice(&clock_jump_record(&j).payload).unwrap();
+        assert_eq!(e["event"], "clock_jump");
+        assert_eq!(e["from"], "1970-01-01T00:00:43Z");
+        assert_eq!(e["plausible"], true);
     }
 }

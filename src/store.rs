@@ -15,7 +15,7 @@
 //! reuse, even after every row was acknowledged and deleted and the process restarted: the backend
 //! deduplicates redeliveries by `seq`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +38,8 @@ pub enum Kind {
     Result = 2,
     /// Relay audit trail: never dropped.
     Audit = 3,
+    /// The reply to a cloud command: never dropped (exactly one per command).
+    Reply = 4,
 }
 
 impl Kind {
@@ -46,13 +48,14 @@ impl Kind {
             0 => Kind::Telemetry,
             1 => Kind::Event,
             2 => Kind::Result,
+            4 => Kind::Reply,
             _ => Kind::Audit,
         }
     }
 
     /// Records whose loss on power failure is not acceptable.
     fn critical(self) -> bool {
-        matches!(self, Kind::Result | Kind::Audit)
+        matches!(self, Kind::Result | Kind::Audit | Kind::Reply)
     }
 }
 
@@ -120,8 +123,10 @@ pub struct Stats {
     /// by the cap, which an event reports).
     pub oldest_seq: Option<i64>,
     pub last_seq: i64,
-    /// Rows per kind (telemetry, event, result, audit).
-    pub by_kind: [u64; 4],
+    /// Rows per kind (telemetry, event, result, audit, reply).
+    pub by_kind: [u64; 5],
+    /// Records too large to publish, kept aside in `oversized` (see [`MAX_RECORD_BYTES`]).
+    pub oversized: u64,
     pub dropped_total: u64,
     pub last_publish_error: Option<String>,
     pub last_publish_ok: Option<String>,
@@ -180,6 +185,23 @@ CREATE TABLE IF NOT EXISTS billing_runs (
     body        TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS billing_runs_period ON billing_runs (period, version);
+-- The reply to every cloud command with an id, so a command resent with the same id gets the
+-- original reply again (its effect is not applied twice). Kept 30 days.
+CREATE TABLE IF NOT EXISTS command_replies (
+    id      TEXT PRIMARY KEY,
+    command TEXT    NOT NULL,
+    ts_ms   INTEGER NOT NULL,
+    reply   BLOB    NOT NULL
+);
+-- Records larger than a publish may be, set aside whole instead of wedging the uplink; an event
+-- names each one. `meterd buffer` counts them.
+CREATE TABLE IF NOT EXISTS oversized (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind    INTEGER NOT NULL,
+    topic   TEXT    NOT NULL,
+    ts_ms   INTEGER NOT NULL,
+    payload BLOB    NOT NULL
+);
 -- Runs from before per-room bills (kept readable, no longer written).
 CREATE TABLE IF NOT EXISTS apportionment (
     version     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -188,6 +210,22 @@ CREATE TABLE IF NOT EXISTS apportionment (
     results     TEXT NOT NULL
 );
 ";
+
+/// The largest record the outbox hands to the uplink (the uplink's packet limit is set above it).
+/// Results of large pools are split into parts below it; a reply above it is refused with a reason.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// How long a command's reply is kept for a resend with the same id: 30 days.
+const REPLY_KEEP_MS: i64 = 30 * 86_400_000;
+
+/// A command's reply, remembered by its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remembered {
+    pub id: String,
+    pub command: String,
+    pub ts_ms: i64,
+    pub reply: Vec<u8>,
+}
 
 /// One counter sample for the history.
 #[derive(Debug, Clone, PartialEq)]
@@ -435,6 +473,16 @@ impl Store {
 
     /// Appends records in one transaction and applies the caps. Returns the seq of the last record.
     pub fn append(&mut self, records: &[NewRecord]) -> Result<i64, StoreError> {
+        self.append_remembering(records, &[])
+    }
+
+    /// [`Store::append`], and in the same transaction remembers command replies by id (see
+    /// [`Store::replies_of`]).
+    pub fn append_remembering(
+        &mut self,
+        records: &[NewRecord],
+        remember: &[Remembered],
+    ) -> Result<i64, StoreError> {
         if records.is_empty() {
             return self.last_seq();
         }
@@ -444,7 +492,7 @@ impl Store {
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(|e| self.err(e))?;
         }
-        let result = self.insert(records);
+        let result = self.insert(records, remember);
         if critical {
             self.conn
                 .pragma_update(None, "synchronous", "NORMAL")
@@ -452,7 +500,10 @@ impl Store {
         }
         let last = result?;
         self.rows += records.len() as u64;
-        self.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        self.bytes += records
+            .iter()
+            .map(|r| r.payload.len().min(MAX_RECORD_BYTES) as u64)
+            .sum::<u64>();
         // The records are committed: a failing cap pass (a full disk) must not make the caller hold
         // them and insert them again under new seqs. The caps are enforced again on the next write.
         if let Err(e) = self.enforce_caps(Utc::now()) {
@@ -461,7 +512,11 @@ impl Store {
         Ok(last)
     }
 
-    fn insert(&mut self, records: &[NewRecord]) -> Result<i64, StoreError> {
+    fn insert(
+        &mut self,
+        records: &[NewRecord],
+        remember: &[Remembered],
+    ) -> Result<i64, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -475,6 +530,31 @@ impl Store {
                 )
                 .map_err(err)?;
             for r in records {
+                if r.payload.len() > MAX_RECORD_BYTES {
+                    // Kept whole, but never handed to the uplink: an event says where it is.
+                    tx.execute(
+                        "INSERT INTO oversized (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                        params![r.kind as i64, r.topic, r.ts.timestamp_millis(), r.payload],
+                    )
+                    .map_err(err)?;
+                    let event = serde_json::json!({
+                        "event": "record_too_large",
+                        "topic": r.topic,
+                        "bytes": r.payload.len(),
+                        "limit": MAX_RECORD_BYTES,
+                        "kept_as": tx.last_insert_rowid(),
+                        "ts": r.ts.to_rfc3339(),
+                    });
+                    tracing::error!(topic = %r.topic, bytes = r.payload.len(), "outbox record too large to publish; kept aside in the oversized table");
+                    stmt.execute(params![
+                        Kind::Event as i64,
+                        "events",
+                        r.ts.timestamp_millis(),
+                        event.to_string().into_bytes()
+                    ])
+                    .map_err(err)?;
+                    continue;
+                }
                 stmt.execute(params![
                     r.kind as i64,
                     r.topic,
@@ -485,11 +565,48 @@ impl Store {
             }
         }
         let last = tx.last_insert_rowid();
+        if !remember.is_empty() {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO command_replies (id, command, ts_ms, reply) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for r in remember {
+                stmt.execute(params![r.id, r.command, r.ts_ms, r.reply])
+                    .map_err(err)?;
+            }
+            drop(stmt);
+            let keep_from = Utc::now().timestamp_millis() - REPLY_KEEP_MS;
+            tx.execute("DELETE FROM command_replies WHERE ts_ms < ?1", [keep_from])
+                .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(last)
     }
 
-    /// Drops the oldest telemetry while any cap is exceeded, and records an event that says how much.
+    /// The replies already given to these command ids (those that have one).
+    pub fn replies_of(&self, ids: &[String]) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT reply FROM command_replies WHERE id = ?1")
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(r) = stmt
+                .query_row([id], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+                .map_err(|e| self.err(e))?
+            {
+                out.insert(id.clone(), r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops telemetry past the caps and records an event that says how much: by timestamp what is
+    /// older than `max_age`, then the oldest by seq while rows or bytes are over. With an implausible
+    /// clock (a gateway without RTC before NTP) the age cap is skipped: "now" is nonsense, and records
+    /// stamped before the clock was set are never "old" either.
     fn enforce_caps(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_cap_pass) {
@@ -498,76 +615,88 @@ impl Store {
                 Some("database or disk is full".into()),
             )));
         }
+        let check_age = crate::clock::plausible(now)
+            && self
+                .last_age_check
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if check_age {
+            self.last_age_check = Some(std::time::Instant::now());
+            let age_limit = now
+                - chrono::Duration::from_std(self.caps.max_age).unwrap_or(chrono::Duration::MAX);
+            // Among the oldest 100,000 rows (appended in about time order), those stamped at a
+            // plausible time older than the limit.
+            let aged = "seq IN (SELECT seq FROM outbox WHERE kind = 0 ORDER BY seq LIMIT 100000) AND ts_ms >= ?1 AND ts_ms < ?2";
+            self.drop_telemetry(
+                now,
+                aged,
+                &[
+                    crate::clock::PLAUSIBLE_FROM_MS,
+                    age_limit.timestamp_millis(),
+                ],
+                "max_age",
+            )?;
+        }
         let over_rows = self.rows.saturating_sub(self.caps.max_rows);
         let over_bytes = self.bytes > self.caps.max_bytes;
-        let age_limit =
-            now - chrono::Duration::from_std(self.caps.max_age).unwrap_or(chrono::Duration::MAX);
-        let check_age = self
-            .last_age_check
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-        let aged: i64 = if check_age {
-            self.last_age_check = Some(std::time::Instant::now());
-            // Rows are appended in time order, so the aged ones are at the head of the seq order.
-            self.conn
-                .query_row(
-                    "SELECT count(*) FROM (SELECT ts_ms FROM outbox WHERE kind = 0 ORDER BY seq LIMIT 100000) WHERE ts_ms < ?1",
-                    [age_limit.timestamp_millis()],
-                    |r| r.get(0),
-                )
-                .map_err(|e| self.err(e))?
-        } else {
-            0
-        };
-        if over_rows == 0 && !over_bytes && aged == 0 {
+        if over_rows == 0 && !over_bytes {
             return Ok(());
         }
-        // Drop in one go what the row and age caps need; for bytes, 10 % headroom avoids dropping on
-        // every append once full.
-        let mut want = over_rows.max(aged as u64);
+        // Drop in one go what the row cap needs; for bytes, 10 % headroom avoids dropping on every
+        // append once full.
+        let mut want = over_rows;
         if over_bytes {
             let avg = (self.bytes / self.rows.max(1)).max(1);
             let excess = self.bytes - self.caps.max_bytes + self.caps.max_bytes / 10;
             want = want.max(excess / avg + 1);
         }
-        let reason = if aged > 0 && over_rows == 0 && !over_bytes {
-            "max_age"
-        } else if over_rows > 0 {
+        let reason = if over_rows > 0 {
             "max_rows"
         } else {
             "max_bytes"
         };
-        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        let (first, last, n, freed): (Option<i64>, Option<i64>, i64, i64) = tx
-            .query_row(
-                "SELECT min(seq), max(seq), count(*), coalesce(sum(length(payload)), 0) FROM
-                   (SELECT seq, payload FROM outbox WHERE kind = 0 ORDER BY seq LIMIT ?1)",
-                [want as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .map_err(|e| StoreError::Sqlite {
-                path: self.path.clone(),
-                source: e,
-            })?;
-        let (Some(first), Some(last)) = (first, last) else {
-            // Only results, audit and events left: they are never dropped.
+        let oldest = "seq IN (SELECT seq FROM outbox WHERE kind = 0 ORDER BY seq LIMIT ?1)";
+        let dropped = self.drop_telemetry(now, oldest, &[want as i64], reason)?;
+        if dropped == 0 {
+            // Only results, audit, replies and events left: they are never dropped.
             tracing::warn!(
                 rows = self.rows,
                 bytes = self.bytes,
                 "outbox over its cap but holds only records that are never dropped"
             );
-            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Deletes the telemetry rows matching `filter` (an SQL condition on the outbox taking `args`)
+    /// in one transaction with an `outbox_overflow` event; returns how many.
+    fn drop_telemetry(
+        &mut self,
+        now: DateTime<Utc>,
+        filter: &str,
+        args: &[i64],
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let (first, last, n, freed): (Option<i64>, Option<i64>, i64, i64) = tx
+            .query_row(
+                &format!("SELECT min(seq), max(seq), count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE kind = 0 AND {filter}"),
+                rusqlite::params_from_iter(args),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(err)?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(0);
         };
         tx.execute(
-            "DELETE FROM outbox WHERE kind = 0 AND seq BETWEEN ?1 AND ?2",
-            [first, last],
+            &format!("DELETE FROM outbox WHERE kind = 0 AND {filter}"),
+            rusqlite::params_from_iter(args),
         )
-        .map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        .map_err(err)?;
         let dropped_total = self.dropped_total + n as u64;
         let event = serde_json::json!({
             "event": "outbox_overflow",
@@ -585,33 +714,24 @@ impl Store {
                 event.to_string().into_bytes()
             ],
         )
-        .map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        .map_err(err)?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('dropped_total', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [dropped_total.to_string()],
         )
-        .map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        tx.commit().map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
         tracing::warn!(
             dropped = n,
             seq_first = first,
             seq_last = last,
             reason,
-            "outbox full: dropped oldest telemetry"
+            "outbox full: dropped telemetry"
         );
         self.dropped_total = dropped_total;
         self.rows = self.rows - n as u64 + 1;
         self.bytes = self.bytes - freed as u64 + event.to_string().len() as u64;
-        Ok(())
+        Ok(n as u64)
     }
 
     /// Adds counter samples to the history and prunes what is older than 13 months.
@@ -794,13 +914,19 @@ fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
 fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     let mut s = Stats::default();
     // One pass, constant memory: a GROUP BY here would sort the whole outbox in a temp table.
-    let (k0, k1, k2, k3, bytes, oldest): (i64, i64, i64, i64, i64, Option<i64>) = conn.query_row(
+    let (k, bytes, oldest): ([i64; 5], i64, Option<i64>) = conn.query_row(
         "SELECT coalesce(sum(kind = 0), 0), coalesce(sum(kind = 1), 0), coalesce(sum(kind = 2), 0), coalesce(sum(kind = 3), 0),
-                coalesce(sum(length(payload)), 0), min(ts_ms) FROM outbox",
+                coalesce(sum(kind = 4), 0), coalesce(sum(length(payload)), 0), min(ts_ms) FROM outbox",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        |r| Ok(([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?], r.get(5)?, r.get(6)?)),
     )?;
-    s.by_kind = [k0 as u64, k1 as u64, k2 as u64, k3 as u64];
+    s.by_kind = k.map(|n| n as u64);
+    s.oversized = conn
+        .query_row("SELECT count(*) FROM oversized", [], |r| r.get::<_, i64>(0))
+        .optional()
+        .ok()
+        .flatten()
+        .unwrap_or(0) as u64;
     s.rows = s.by_kind.iter().sum();
     s.payload_bytes = bytes as u64;
     s.oldest_ts = oldest.and_then(DateTime::from_timestamp_millis);
@@ -849,6 +975,15 @@ enum Command {
     Flush(oneshot::Sender<()>),
     MaxPages(u64),
     History(Vec<Sample>),
+    Replies {
+        ids: Vec<String>,
+        reply: oneshot::Sender<HashMap<String, Vec<u8>>>,
+    },
+    Reply {
+        records: Vec<NewRecord>,
+        remember: Vec<Remembered>,
+        done: oneshot::Sender<()>,
+    },
     SaveRun {
         run: NewRun,
         records: RunRecords,
@@ -932,6 +1067,33 @@ impl StoreHandle {
         let _ = self.tx.send(Command::History(samples)).await;
     }
 
+    /// The replies already given to these command ids.
+    pub async fn replies_of(&self, ids: Vec<String>) -> HashMap<String, Vec<u8>> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Replies { ids, reply }).await.is_err() {
+            return HashMap::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Appends reply records and remembers them by command id, in one durable transaction;
+    /// returns once they are committed (or held in memory if the disk refuses them).
+    pub async fn reply(&self, records: Vec<NewRecord>, remember: Vec<Remembered>) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Reply {
+                records,
+                remember,
+                done,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
     /// Saves a billing run with its outbox records (built from the version); returns the version.
     pub async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
         let (reply, rx) = oneshot::channel();
@@ -986,13 +1148,13 @@ struct Writer {
 
 impl Writer {
     /// Commits `batch` (after anything held in memory) in one transaction; on failure holds it.
-    fn commit(&mut self, batch: Vec<NewRecord>) {
+    fn commit(&mut self, batch: Vec<NewRecord>, remember: &[Remembered]) {
         if batch.is_empty() && self.spill.is_empty() {
             return;
         }
         let mut all: Vec<NewRecord> = self.spill.drain(..).collect();
         all.extend(batch);
-        match self.store.append(&all) {
+        match self.store.append_remembering(&all, remember) {
             Ok(last) => {
                 self.committed.send_replace(last);
                 if self
@@ -1048,7 +1210,22 @@ impl Writer {
     fn handle(&mut self, cmd: Command) {
         let store = &mut self.store;
         match cmd {
-            Command::Append(r) => self.commit(r),
+            Command::Append(r) => self.commit(r, &[]),
+            Command::Replies { ids, reply } => {
+                let r = store.replies_of(&ids).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "command replies could not be read; commands are handled afresh");
+                    HashMap::new()
+                });
+                let _ = reply.send(r);
+            }
+            Command::Reply {
+                records,
+                remember,
+                done,
+            } => {
+                self.commit(records, &remember);
+                let _ = done.send(());
+            }
             Command::Fetch {
                 after,
                 upto,
@@ -1141,7 +1318,7 @@ fn store_loop(
             match cmd {
                 Command::Append(mut r) => batch.append(&mut r),
                 other => {
-                    w.commit(std::mem::take(&mut batch));
+                    w.commit(std::mem::take(&mut batch), &[]);
                     w.handle(other);
                 }
             }
@@ -1150,13 +1327,14 @@ fn store_loop(
             }
             next = rx.try_recv().ok();
         }
-        w.commit(batch);
+        w.commit(batch, &[]);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn rec(kind: Kind, n: usize) -> NewRecord {
         NewRecord {
@@ -1169,6 +1347,94 @@ mod tests {
             ts: Utc::now(),
             payload: format!("{{\"n\":{n}}}").into_bytes(),
         }
+    }
+
+    /// Before the fix the age cap dropped the oldest telemetry by seq as soon as any of it looked
+    /// old: readings stamped 1970 by a gateway without RTC went at once (and with them, by seq,
+    /// young ones), and a clock in the future would have aged out everything.
+    #[test]
+    fn the_age_cap_drops_by_timestamp_and_never_on_a_wrong_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let caps = Caps {
+            max_age: Duration::from_secs(30 * 86_400),
+            ..Caps::default()
+        };
+        let mut s = Store::open(&dir.path().join("outbox.db"), caps).unwrap();
+        // The append's own cap pass must not look at the age: this test sets "now" itself.
+        s.last_age_check = Some(std::time::Instant::now());
+        let at = |t: &str, n: usize| NewRecord {
+            kind: Kind::Telemetry,
+            topic: "telemetry".into(),
+            ts: DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc),
+            payload: format!("{{\"n\":{n}}}").into_bytes(),
+        };
+        // Boot without RTC: 1970 stamps; then NTP: real ones, a young one among old ones.
+        s.append(&[
+            at("1970-01-01T00:00:05Z", 1),
+            at("1970-01-01T00:00:15Z", 2),
+            at("2026-10-01T08:00:00Z", 3),
+            at("2026-11-29T23:59:50Z", 4),
+            at("2026-10-02T08:00:00Z", 5),
+        ])
+        .unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-11-30T00:05:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        // A wrong clock (2099): the age cap is not applied at all.
+        s.last_age_check = None;
+        s.enforce_caps(now + chrono::Duration::days(26_000))
+            .unwrap();
+        assert_eq!(s.fetch(0, i64::MAX, 100).unwrap().len(), 5);
+        // The right clock: exactly the two plausible records older than 30 days go.
+        s.last_age_check = None;
+        s.enforce_caps(now).unwrap();
+        let left: Vec<String> = s
+            .fetch(0, i64::MAX, 100)
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+            .collect();
+        assert_eq!(left[..3], [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":4}"#]);
+        let ev: Value =
+            serde_json::from_slice(&s.fetch(0, i64::MAX, 100).unwrap()[3].payload).unwrap();
+        assert_eq!(
+            (ev["reason"].clone(), ev["dropped"].clone()),
+            (json!("max_age"), json!(2))
+        );
+        assert_eq!(
+            (ev["seq_first"].clone(), ev["seq_last"].clone()),
+            (json!(3), json!(5))
+        );
+    }
+
+    #[test]
+    fn a_reply_is_remembered_with_its_record_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let reply = br#"{"id":"c-1","command":"top_up","ok":false,"error":"top-up suspended"}"#;
+        {
+            let mut s = Store::open(&path, Caps::default()).unwrap();
+            let rec = NewRecord {
+                kind: Kind::Reply,
+                topic: "reply".into(),
+                ts: Utc::now(),
+                payload: reply.to_vec(),
+            };
+            let remember = Remembered {
+                id: "c-1".into(),
+                command: "top_up".into(),
+                ts_ms: Utc::now().timestamp_millis(),
+                reply: reply.to_vec(),
+            };
+            s.append_remembering(&[rec], &[remember]).unwrap();
+        }
+        let s = Store::open(&path, Caps::default()).unwrap();
+        let known = s.replies_of(&["c-1".into(), "c-2".into()]).unwrap();
+        assert_eq!(known.len(), 1);
+        assert_eq!(known["c-1"], reply.to_vec());
+        let st = s.stats().unwrap();
+        assert_eq!(st.by_kind[Kind::Reply as usize], 1);
+        assert_eq!(s.fetch(0, i64::MAX, 10).unwrap()[0].kind, Kind::Reply);
     }
 
     #[test]
@@ -1187,11 +1453,11 @@ mod tests {
             committed: watch::channel(0).0,
             health: Arc::new(Mutex::new(None)),
         };
-        w.commit((0..40).map(|i| rec(Kind::Telemetry, i)).collect());
+        w.commit((0..40).map(|i| rec(Kind::Telemetry, i)).collect(), &[]);
         // The next batch crosses the cap; its cap pass fails after the batch was committed.
         w.store.fail_next_cap_pass = true;
-        w.commit((40..60).map(|i| rec(Kind::Telemetry, i)).collect());
-        w.commit((60..70).map(|i| rec(Kind::Telemetry, i)).collect());
+        w.commit((40..60).map(|i| rec(Kind::Telemetry, i)).collect(), &[]);
+        w.commit((60..70).map(|i| rec(Kind::Telemetry, i)).collect(), &[]);
         let all = w.store.fetch(0, i64::MAX, 1000).unwrap();
         let mut seen = std::collections::HashSet::new();
         for r in all.iter().filter(|r| r.kind == Kind::Telemetry) {

@@ -18,10 +18,10 @@ use rumqttc::{
 use serde::Serialize;
 use serde_json::{json, Value};
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Mqtt;
-use crate::store::{StoreHandle, Stored};
+use crate::store::{Kind, NewRecord, Remembered, StoreHandle, Stored};
 
 /// Why a connection ended.
 #[derive(Debug, Error)]
@@ -49,19 +49,33 @@ pub struct UplinkStatus {
     pub reconnects: u64,
 }
 
+/// A handler's answer: the reply's `result` (or the reason for an error reply) now, or later from
+/// the task that applies the command (the enforcer answers once the change is applied and durable).
+#[derive(Debug)]
+pub enum Answer {
+    Now(Result<Value, String>),
+    Later(oneshot::Receiver<Result<Value, String>>),
+}
+
+impl From<Result<Value, String>> for Answer {
+    fn from(r: Result<Value, String>) -> Answer {
+        Answer::Now(r)
+    }
+}
+
 /// Handles cloud commands beyond the uplink's own (`ping`, `status`). Later modules (tariffs, relay
 /// rules) register theirs here; a handler must answer quickly and never panic on bad arguments.
 pub trait CommandHandler: Send + Sync + 'static {
-    /// Returns the reply's `result`, or the reason for an error reply; `None` if the command is not
-    /// this handler's. `id` is the command's id (signatures and idempotency use it).
-    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>>;
+    /// Returns the answer; `None` if the command is not this handler's. `id` is the command's id
+    /// (signatures and idempotency use it).
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer>;
 }
 
 /// Several handlers, asked in order.
 pub struct Chain(pub Vec<Arc<dyn CommandHandler>>);
 
 impl CommandHandler for Chain {
-    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
         self.0.iter().find_map(|h| h.handle(id, name, args))
     }
 }
@@ -70,7 +84,7 @@ impl CommandHandler for Chain {
 pub struct NoCommands;
 
 impl CommandHandler for NoCommands {
-    fn handle(&self, _: &str, _: &str, _: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, _: &str, _: &str, _: &Value) -> Option<Answer> {
         None
     }
 }
@@ -281,9 +295,12 @@ fn options(cfg: &Mqtt, topics: &Topics, identity: &Identity) -> Result<MqttOptio
     o.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(5)));
     o.set_clean_session(true);
     o.set_inflight(cfg.inflight);
-    // Outgoing batches up to the configured size; incoming up to 4 MiB so an oversized command is read
-    // and refused with a reply instead of breaking the connection.
-    o.set_max_packet_size(4 * 1024 * 1024, cfg.batch_max_bytes * 2 + 64 * 1024);
+    // Outgoing: a batch, or the largest record the outbox hands out (a record above it is set aside
+    // by the store), so no record can make a publish fail and the session loop on it. Incoming up
+    // to 4 MiB so an oversized command is read and refused with a reply instead of breaking the
+    // connection.
+    let outgoing = (cfg.batch_max_bytes * 2).max(crate::store::MAX_RECORD_BYTES) + 64 * 1024;
+    o.set_max_packet_size(4 * 1024 * 1024, outgoing);
     o.set_request_channel_capacity(usize::from(cfg.inflight) * 2 + 16);
     if let Some((u, p)) = &cfg.credentials {
         o.set_credentials(u, p);
@@ -339,12 +356,24 @@ impl Uplink {
     /// Runs until `shutdown` turns true; then publishes the offline status and disconnects.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let topics = Topics::new(&self.config.topic_prefix, &self.identity.gateway);
+        let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
+        let worker = CommandWorker {
+            max_command_bytes: self.config.max_command_bytes,
+            store: self.store.clone(),
+            status: self.status.clone(),
+            commands: self.commands.clone(),
+        };
+        // The worker outlives sessions: a command taken off one connection is answered even if the
+        // connection drops meanwhile (the reply waits in the outbox).
+        let _worker = AbortOnDrop(tokio::spawn(worker.run(rx)));
         let mut attempt = 0u32;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let result = self.session(&topics, &mut shutdown, &mut attempt).await;
+            let result = self
+                .session(&topics, &mut shutdown, &mut attempt, &commands)
+                .await;
             if let Ok(mut s) = self.status.lock() {
                 s.connected = false;
                 s.connected_since = None;
@@ -384,6 +413,7 @@ impl Uplink {
         topics: &Topics,
         shutdown: &mut watch::Receiver<bool>,
         attempt: &mut u32,
+        commands: &mpsc::Sender<Incoming>,
     ) -> Result<(), UplinkError> {
         let cfg = &self.config;
         let conn_err = |detail: String| UplinkError::Connection {
@@ -503,10 +533,15 @@ impl Uplink {
                     }
                     continue;
                 }
-                let n = next_batch(&rows, cfg.batch_max_records, cfg.batch_max_bytes);
+                // A reply goes alone, as the reply object itself; other records in batches.
+                let (n, payload) = if rows[0].kind == Kind::Reply {
+                    (1, reply_message(&rows[0]))
+                } else {
+                    let n = next_batch(&rows, cfg.batch_max_records, cfg.batch_max_bytes);
+                    (n, message(&self.identity.gateway, &rows[..n]))
+                };
                 let batch = &rows[..n];
                 let (first, last) = (batch[0].seq, batch[n - 1].seq);
-                let payload = message(&self.identity.gateway, batch);
                 let sent = Sent {
                     first,
                     last,
@@ -548,9 +583,13 @@ impl Uplink {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // Waits while the worker is behind: the connection is not read meanwhile,
+                        // so the broker holds the rest. The reply comes through the outbox.
                         let name = p.topic.rsplit('/').next().unwrap_or("").to_string();
-                        let answer = self.answer(&name, &p.payload).await;
-                        try_publish(&mut awaiting, topics.reply(), false, answer, None)?;
+                        commands
+                            .send(Incoming { name, payload: p.payload.to_vec() })
+                            .await
+                            .map_err(|_| conn_err("command worker stopped".into()))?;
                     }
                     Ok(_) => {}
                     Err(e) => return Err(conn_err(e.to_string())),
@@ -594,17 +633,105 @@ impl Uplink {
             }
         }
     }
+}
 
-    /// Validates and executes one command; always returns a reply.
-    async fn answer(&self, name: &str, payload: &[u8]) -> Vec<u8> {
-        let cmd = match parse_command(name, payload, self.config.max_command_bytes) {
-            Ok(c) => c,
-            Err(r) => {
-                tracing::warn!(command = name, reason = %r.reason, "refused malformed command");
-                return reply(r.id.as_deref(), name, Err(r.reason));
+/// Commands waiting for the worker; when it is full the uplink stops reading the connection, so
+/// the broker holds further commands (back-pressure) instead of the session being dropped.
+const COMMAND_QUEUE: usize = 64;
+
+/// How long an answer from another task (the enforcer) may take before the command is answered as
+/// not applied (the enforcer refuses it after its own deadline, a little earlier).
+const LATER_WITHIN: Duration = Duration::from_secs(35);
+
+/// A command publish as received.
+#[derive(Debug)]
+struct Incoming {
+    name: String,
+    payload: Vec<u8>,
+}
+
+/// Answers commands one batch at a time: every command gets exactly one reply, written durably to
+/// the outbox (kind `reply`) and remembered by id, so a command resent with the same id gets its
+/// original reply again instead of being applied twice.
+struct CommandWorker {
+    max_command_bytes: usize,
+    store: StoreHandle,
+    status: Arc<Mutex<UplinkStatus>>,
+    commands: Arc<dyn CommandHandler>,
+}
+
+impl CommandWorker {
+    async fn run(self, mut rx: mpsc::Receiver<Incoming>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < COMMAND_QUEUE {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
             }
-        };
-        let result = match cmd.name.as_str() {
+            self.answer_batch(batch).await;
+        }
+    }
+
+    async fn answer_batch(&self, batch: Vec<Incoming>) {
+        let parsed: Vec<(String, Result<Command, Rejected>)> = batch
+            .into_iter()
+            .map(|c| {
+                let r = parse_command(&c.name, &c.payload, self.max_command_bytes);
+                (c.name, r)
+            })
+            .collect();
+        let ids: Vec<String> = parsed
+            .iter()
+            .filter_map(|(_, r)| match r {
+                Ok(c) => Some(c.id.clone()),
+                Err(r) => r.id.clone(),
+            })
+            .collect();
+        let mut known = self.store.replies_of(ids).await;
+        let mut records = Vec::with_capacity(parsed.len());
+        let mut remember = Vec::new();
+        for (name, parsed) in parsed {
+            let now = Utc::now();
+            let id = match &parsed {
+                Ok(c) => Some(c.id.clone()),
+                Err(r) => r.id.clone(),
+            };
+            if let Some(original) = id.as_ref().and_then(|i| known.get(i)) {
+                tracing::info!(command = %name, id = ?id, "command resent: answering with its original reply");
+                records.push(reply_record(now, original.clone()));
+                continue;
+            }
+            let payload = match parsed {
+                Err(r) => {
+                    tracing::warn!(command = %name, reason = %r.reason, "refused malformed command");
+                    reply(r.id.as_deref(), &name, Err(r.reason))
+                }
+                Ok(cmd) => {
+                    let result = self.execute(&cmd).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(command = %cmd.name, id = %cmd.id, error = %e, "command failed");
+                    }
+                    bounded_reply(&cmd.id, &cmd.name, result)
+                }
+            };
+            if let Some(id) = id {
+                known.insert(id.clone(), payload.clone());
+                remember.push(Remembered {
+                    id,
+                    command: name,
+                    ts_ms: now.timestamp_millis(),
+                    reply: payload.clone(),
+                });
+            }
+            records.push(reply_record(now, payload));
+        }
+        self.store.reply(records, remember).await;
+    }
+
+    async fn execute(&self, cmd: &Command) -> Result<Value, String> {
+        match cmd.name.as_str() {
             "ping" => Ok(json!({"pong": Utc::now().to_rfc3339()})),
             "status" => {
                 let stats = self.store.stats().await;
@@ -612,15 +739,60 @@ impl Uplink {
                 Ok(json!({"outbox": stats, "uplink": uplink}))
             }
             other => match self.commands.handle(&cmd.id, other, &cmd.args) {
-                Some(r) => r,
+                Some(Answer::Now(r)) => r,
+                Some(Answer::Later(rx)) => match tokio::time::timeout(LATER_WITHIN, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(
+                        "not applied: the task that handles it stopped; resend with a new id"
+                            .into(),
+                    ),
+                    Err(_) => Err("not applied within its deadline; resend with a new id".into()),
+                },
                 None => Err(format!("unknown command {other:?}")),
             },
-        };
-        if let Err(e) = &result {
-            tracing::warn!(command = %cmd.name, id = %cmd.id, error = %e, "command failed");
         }
-        reply(Some(&cmd.id), &cmd.name, result)
     }
+}
+
+/// A reply as an outbox record.
+fn reply_record(ts: DateTime<Utc>, payload: Vec<u8>) -> NewRecord {
+    NewRecord {
+        kind: Kind::Reply,
+        topic: "reply".into(),
+        ts,
+        payload,
+    }
+}
+
+/// The reply, or an error reply saying how to ask for less when the result would not fit in one
+/// publish (a `get_bill` of every room of a large site).
+fn bounded_reply(id: &str, name: &str, result: Result<Value, String>) -> Vec<u8> {
+    let payload = reply(Some(id), name, result);
+    if payload.len() <= crate::store::MAX_RECORD_BYTES {
+        return payload;
+    }
+    reply(
+        Some(id),
+        name,
+        Err(format!(
+            "the result is {} bytes, more than one reply may carry ({}); ask for less (one room, or page with \"after\")",
+            payload.len(),
+            crate::store::MAX_RECORD_BYTES
+        )),
+    )
+}
+
+/// A reply record as published: one reply per message, the outbox seq spliced in as its first key
+/// (`{"seq": 41, "id": "c-1", "command": "ping", "ok": true, ...}`).
+pub fn reply_message(row: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.payload.len() + 24);
+    out.extend_from_slice(format!("{{\"seq\":{}", row.seq).as_bytes());
+    let body = row.payload.strip_prefix(b"{").unwrap_or(b"}");
+    if body.first() != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(body);
+    out
 }
 
 #[cfg(test)]

@@ -764,3 +764,239 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     );
     daemon.stop().await;
 }
+
+/// Before the fix a burst of ~200 commands overflowed rumqttc's request queue ("Failed to send mqtt
+/// requests to eventloop"), the session dropped and, with a clean session, 134 of 206 commands never
+/// got a reply. Now: 500 commands in one burst (a third malformed) while 1,000 readings a second flow;
+/// every command is answered exactly once, the session never drops, telemetry keeps its rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_each() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-burst", "test/gw/#").await;
+    // 25 DTSU666s of 11 registers polled every 250 ms: 1,100 readings a second.
+    let sim = common::start(&building(25, "chint_dtsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(25, "chint_dtsu666", "250ms"),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("birth", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/status")
+    })
+    .await;
+    let readings = |msgs: &[Msg]| -> usize {
+        msgs.iter()
+            .filter(|m| m.topic == "test/gw/telemetry")
+            .map(|m| json_of(m)["records"].as_array().unwrap().len())
+            .sum()
+    };
+    // The rate before the burst, over 3 s.
+    let before = readings(&sub.take());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rate_before = (readings(&sub.take()) - before) as f64 / 3.0;
+
+    let mut o = rumqttc::MqttOptions::new("cloud", "127.0.0.1", broker.port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (cloud, mut ev) = rumqttc::AsyncClient::new(o, 1024);
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let mut with_id = Vec::new();
+    let mut without_id = 0;
+    let burst_start = Instant::now();
+    let at_burst = readings(&sub.take());
+    for i in 0..500 {
+        let (name, payload): (&str, Vec<u8>) = match i % 6 {
+            0 => ("ping", b"{not json".to_vec()),
+            1 => ("ping", br#"{"noid": 1}"#.to_vec()),
+            2 => ("reboot_now", format!(r#"{{"id": "u-{i}"}}"#).into_bytes()),
+            3 => ("status", format!(r#"{{"id": "s-{i}"}}"#).into_bytes()),
+            _ => ("ping", format!(r#"{{"id": "p-{i}"}}"#).into_bytes()),
+        };
+        match i % 6 {
+            0 | 1 => without_id += 1,
+            2 => with_id.push(format!("u-{i}")),
+            3 => with_id.push(format!("s-{i}")),
+            _ => with_id.push(format!("p-{i}")),
+        }
+        cloud
+            .publish(
+                format!("test/gw/cmd/{name}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+    let msgs = sub
+        .wait_for("500 replies", Duration::from_secs(60), |m| {
+            m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 500
+        })
+        .await;
+    let answered_in = burst_start.elapsed();
+    // A moment for any duplicate to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let msgs_after = sub.take();
+    let replies: Vec<Value> = msgs_after
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .collect();
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    let mut null_ids = 0;
+    for r in &replies {
+        validate("reply.schema.json", r);
+        match r["id"].as_str() {
+            Some(id) => *per_id.entry(id.to_string()).or_default() += 1,
+            None => null_ids += 1,
+        }
+    }
+    for id in &with_id {
+        assert_eq!(
+            per_id.get(id),
+            Some(&1),
+            "command {id} answered {:?} times",
+            per_id.get(id)
+        );
+    }
+    assert_eq!(per_id.len(), with_id.len(), "replies to ids never sent");
+    assert_eq!(
+        null_ids, without_id,
+        "one reply per command without a readable id"
+    );
+    assert!(replies
+        .iter()
+        .filter(|r| r["id"].as_str().is_some_and(|i| i.starts_with("p-")))
+        .all(|r| r["ok"] == true));
+    assert!(replies
+        .iter()
+        .filter(|r| r["id"].as_str().is_some_and(|i| i.starts_with("u-")))
+        .all(|r| r["ok"] == false));
+    let uplink = daemon.uplink.lock().unwrap().clone();
+    assert_eq!(
+        uplink.reconnects, 0,
+        "the session dropped: {:?}",
+        uplink.last_error
+    );
+    assert!(uplink.connected);
+    let burst_readings = readings(&msgs) - at_burst;
+    let rate_during = burst_readings as f64 / answered_in.as_secs_f64();
+    println!(
+        "500 commands ({} without an id) answered in {answered_in:?}, each once; telemetry {rate_before:.0}/s before, {rate_during:.0}/s during; reconnects {}",
+        without_id, uplink.reconnects
+    );
+    assert!(
+        rate_before >= 900.0,
+        "the load is not there: {rate_before:.0} readings/s"
+    );
+    assert!(
+        rate_during >= rate_before * 0.8,
+        "telemetry fell from {rate_before:.0}/s to {rate_during:.0}/s during the burst"
+    );
+    pump.abort();
+    daemon.stop().await;
+}
+
+/// Before the fix the client's packet limit was twice the batch size: one results record larger
+/// than that (a pool of thousands of rooms) failed its publish, the session dropped, and on every
+/// reconnect the same record came first: the uplink was wedged. Now the limit covers the largest
+/// record the outbox hands out, and a record above even that is set aside with an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_record_never_wedges_the_uplink() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.port, "sub-big", "test/gw/#").await;
+    let sim = common::start(&building(1, "chint_dtsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(1, "chint_dtsu666", "500ms"),
+        &uplink_sections(dir.path(), broker.port, "batch_max_bytes = 65536\n", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("birth", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/status")
+    })
+    .await;
+    let record = |kb: usize, tag: &str| NewRecord {
+        kind: Kind::Result,
+        topic: "results/apportionment".into(),
+        ts: Utc::now(),
+        payload: json!({"pool": tag, "pad": "r".repeat(kb * 1024)})
+            .to_string()
+            .into_bytes(),
+    };
+    // 900 KiB: more than 2 × batch_max_bytes, less than a record may be.
+    daemon
+        .store
+        .append(vec![record(900, "large")])
+        .await
+        .unwrap();
+    // 1.5 MiB: more than any record may be.
+    daemon
+        .store
+        .append(vec![record(1536, "huge")])
+        .await
+        .unwrap();
+    let msgs = sub
+        .wait_for(
+            "the large record and the event for the huge one",
+            Duration::from_secs(20),
+            |m| {
+                let results = m
+                    .iter()
+                    .filter(|m| m.topic == "test/gw/results/apportionment")
+                    .count();
+                let event = m.iter().filter(|m| m.topic == "test/gw/events").any(|m| {
+                    json_of(m)["records"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r["event"] == "record_too_large")
+                });
+                results >= 1 && event
+            },
+        )
+        .await;
+    let big = msgs
+        .iter()
+        .find(|m| m.topic == "test/gw/results/apportionment")
+        .unwrap();
+    assert_eq!(json_of(big)["records"][0]["pool"], "large");
+    assert!(big.payload.len() > 900 * 1024);
+    let ev = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/events")
+        .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
+        .find(|r| r["event"] == "record_too_large")
+        .unwrap();
+    let batch = msgs
+        .iter()
+        .find(|m| {
+            m.topic == "test/gw/events"
+                && json_of(m)["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["event"] == "record_too_large")
+        })
+        .unwrap();
+    validate("events.schema.json", &json_of(batch));
+    assert_eq!(ev["topic"], "results/apportionment");
+    assert!(ev["bytes"].as_u64().unwrap() > 1536 * 1024);
+    // Set aside, not lost.
+    assert_eq!(daemon.store.stats().await.oversized, 1);
+    // Telemetry keeps flowing, and the session never dropped.
+    let n = sub
+        .take()
+        .iter()
+        .filter(|m| m.topic == "test/gw/telemetry")
+        .count();
+    sub.wait_for("telemetry after", Duration::from_secs(10), |m| {
+        m.iter().filter(|m| m.topic == "test/gw/telemetry").count() > n + 2
+    })
+    .await;
+    let uplink = daemon.uplink.lock().unwrap().clone();
+    assert_eq!(uplink.reconnects, 0, "{:?}", uplink.last_error);
+    daemon.stop().await;
+}

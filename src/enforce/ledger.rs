@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::prepaid::Charge;
 use crate::topology::Utility;
-use crate::uplink::CommandHandler;
+use crate::uplink::{Answer, CommandHandler};
 
 /// The ledger's table (created with the enforcement tables).
 pub const SCHEMA: &str = "
@@ -198,8 +198,8 @@ pub struct LedgerQuery {
 }
 
 impl CommandHandler for LedgerQuery {
-    fn handle(&self, _id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
-        (name == "get_ledger").then(|| self.get_ledger(args))
+    fn handle(&self, _id: &str, name: &str, args: &Value) -> Option<Answer> {
+        (name == "get_ledger").then(|| self.get_ledger(args).into())
     }
 }
 

@@ -27,16 +27,20 @@ use crate::modbus::bus::{Actuation, Batch, RelayState};
 use crate::reading::Quality;
 use crate::store::{Kind, NewRecord, StoreError, StoreHandle};
 use crate::topology::Utility;
-use crate::uplink::CommandHandler;
+use crate::uplink::{Answer, CommandHandler};
 
 /// What reaches the enforcement task.
 #[derive(Debug)]
 pub enum Input {
-    /// A cloud command that passed authentication.
+    /// A cloud command that passed authentication and validation. It is applied only before
+    /// `deadline` (after it the uplink has answered that it was not applied), and answered on
+    /// `reply` once applied and durable.
     Cloud {
         name: String,
         id: String,
         args: Value,
+        deadline: DateTime<Utc>,
+        reply: Option<oneshot::Sender<Result<Value, String>>>,
     },
     /// A request from the local control socket.
     Control {
@@ -86,43 +90,60 @@ pub struct EnforcementCommands {
     pub tx: mpsc::Sender<Input>,
 }
 
+/// How long a relay command may wait for the enforcer before it is answered as not applied.
+pub const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl CommandHandler for EnforcementCommands {
-    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
         if !RELAY_COMMANDS.contains(&name) {
             return None;
         }
+        Some(match self.check(id, name, args) {
+            Err(e) => Answer::Now(Err(e)),
+            Ok(()) => {
+                let (reply, rx) = oneshot::channel();
+                let input = Input::Cloud {
+                    name: name.to_string(),
+                    id: id.to_string(),
+                    args: args.clone(),
+                    deadline: Utc::now()
+                        + chrono::Duration::from_std(APPLY_WITHIN).unwrap_or_default(),
+                    reply: Some(reply),
+                };
+                match self.tx.try_send(input) {
+                    Ok(()) => Answer::Later(rx),
+                    Err(_) => Answer::Now(Err(
+                        "not applied: enforcement is busy; resend with a new id".into(),
+                    )),
+                }
+            }
+        })
+    }
+}
+
+impl EnforcementCommands {
+    /// Authenticates and validates a relay command against the config; remembers its id.
+    fn check(&self, id: &str, name: &str, args: &Value) -> Result<(), String> {
         let Some(key) = &self.key else {
-            return Some(Err(
+            return Err(
                 "relay commands are disabled: set [enforcement] public_key on the gateway".into(),
-            ));
+            );
         };
         let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
-        if let Err(e) = super::auth::verify(key, name, id, args, Utc::now(), seen) {
-            return Some(Err(e));
-        }
-        // Everything the config can tell is checked before the answer.
-        if let Err(e) = command::parse(
+        super::auth::verify(key, name, id, args, Utc::now(), seen)?;
+        // Everything the config can tell is checked before the command goes to the enforcer.
+        command::parse(
             name,
             id,
             args,
             &self.config.enforcement,
             &self.config.site,
             Utc::now(),
-        ) {
-            return Some(Err(e));
-        }
+        )?;
         if let Ok(mut s) = self.seen.lock() {
             s.insert(id.to_string());
         }
-        let input = Input::Cloud {
-            name: name.to_string(),
-            id: id.to_string(),
-            args: args.clone(),
-        };
-        Some(match self.tx.try_send(input) {
-            Ok(()) => Ok(json!({"accepted": name})),
-            Err(_) => Err("enforcement is busy; retry with a new id".into()),
-        })
+        Ok(())
     }
 }
 
@@ -455,6 +476,41 @@ impl Enforcer {
             return Err(format!("unknown room {room:?}"));
         }
         Ok(self.rooms.entry(room.to_string()).or_default())
+    }
+
+    /// Applies a cloud command in one transaction with `synchronous=FULL`: once it is answered, a
+    /// power cut cannot take it back.
+    fn apply_cloud_durably(
+        &mut self,
+        name: &str,
+        id: &str,
+        args: &Value,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<NewRecord>, String> {
+        let begin = self
+            .conn
+            .lock()
+            .map_err(|_| "enforcement state unavailable".to_string())
+            .and_then(|c| {
+                c.pragma_update(None, "synchronous", "FULL")
+                    .and_then(|()| c.execute_batch("BEGIN IMMEDIATE"))
+                    .map_err(|e| format!("not applied: enforcement state cannot be written: {e}"))
+            });
+        begin?;
+        let result = self.apply_cloud(name, id, args, now);
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| "enforcement state unavailable".to_string())?;
+        let commit = conn.execute_batch("COMMIT");
+        let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+        if let Err(e) = commit {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(format!(
+                "not applied: enforcement state cannot be written: {e}"
+            ));
+        }
+        result
     }
 
     /// Applies an authenticated cloud command.
@@ -810,16 +866,28 @@ impl Enforcer {
                     let Some(input) = input else { return };
                     let now = Utc::now();
                     let mut r = match input {
-                        Input::Cloud { name, id, args } => match self.apply_cloud(&name, &id, &args, now) {
-                            Ok(ev) => {
-                                tracing::info!(command = %name, id = %id, "relay command applied");
-                                ev
+                        Input::Cloud { name, id, args, deadline, reply } => {
+                            let result = if now >= deadline {
+                                Err(format!("not applied: enforcement was busy until after {}; resend with a new id", deadline.to_rfc3339()))
+                            } else {
+                                self.apply_cloud_durably(&name, &id, &args, now)
+                            };
+                            let (answer, records) = match result {
+                                Ok(ev) => {
+                                    tracing::info!(command = %name, id = %id, "relay command applied");
+                                    (Ok(json!({"applied": name})), ev)
+                                }
+                                Err(e) => {
+                                    tracing::warn!(command = %name, id = %id, error = %e, "relay command rejected");
+                                    let audit = NewRecord { kind: Kind::Audit, topic: "audit".into(), ts: now, payload: json!({"event": "command_rejected", "command": name, "id": id, "error": e}).to_string().into_bytes() };
+                                    (Err(e), vec![audit])
+                                }
+                            };
+                            if let Some(reply) = reply {
+                                let _ = reply.send(answer);
                             }
-                            Err(e) => {
-                                tracing::warn!(command = %name, id = %id, error = %e, "relay command rejected");
-                                vec![NewRecord { kind: Kind::Audit, topic: "audit".into(), ts: now, payload: json!({"event": "command_rejected", "command": name, "id": id, "error": e}).to_string().into_bytes() }]
-                            }
-                        },
+                            records
+                        }
                         Input::Control { req, reply } => {
                             let v = self.control(req, now);
                             // Apply an override at once, then answer with the resulting state.
@@ -1067,55 +1135,117 @@ mod command_replies {
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
 
+    fn key() -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[9u8; 32])
+    }
+
+    fn signed(name: &str, id: &str, mut args: Value) -> Value {
+        args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
+        let sig = key().sign(&super::super::auth::signed_content(name, id, &args));
+        args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+        args
+    }
+
+    fn now(a: Option<Answer>) -> Result<Value, String> {
+        match a {
+            Some(Answer::Now(r)) => r,
+            other => panic!("expected an immediate answer, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_signed_freeze_for_an_unknown_room_is_answered_refused_not_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
         let (tx, mut rx) = mpsc::channel(8);
         let handler = EnforcementCommands {
-            key: Some(key.verifying_key()),
+            key: Some(key().verifying_key()),
             config: config(&dir.path().join("outbox.db")),
             seen: Arc::default(),
             tx,
         };
-        let signed = |name: &str, id: &str, mut args: Value| {
-            args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
-            let sig = key.sign(&super::super::auth::signed_content(name, id, &args));
-            args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
-            args
-        };
-        let r = handler
-            .handle(
-                "f-1",
-                "freeze",
-                &signed("freeze", "f-1", json!({"room": "999", "scope": "access"})),
-            )
-            .unwrap();
+        let r = now(handler.handle(
+            "f-1",
+            "freeze",
+            &signed("freeze", "f-1", json!({"room": "999", "scope": "access"})),
+        ));
         assert!(r.unwrap_err().contains("unknown room \"999\""));
-        let r = handler
-            .handle(
-                "t-1",
+        let r = now(handler.handle(
+            "t-1",
+            "top_up",
+            &signed(
                 "top_up",
-                &signed(
-                    "top_up",
-                    "t-1",
-                    json!({"room": "104", "utility": "electricity", "amount": 12.5}),
-                ),
-            )
-            .unwrap();
+                "t-1",
+                json!({"room": "104", "utility": "electricity", "amount": 12.5}),
+            ),
+        ));
         assert!(r.unwrap_err().contains("integer in minor units"));
         assert!(
             rx.try_recv().is_err(),
             "nothing refused reaches the enforcer"
         );
-        let r = handler
-            .handle(
-                "f-2",
-                "freeze",
-                &signed("freeze", "f-2", json!({"room": "104", "scope": "access"})),
-            )
-            .unwrap();
-        assert_eq!(r.unwrap(), json!({"accepted": "freeze"}));
+        let r = handler.handle(
+            "f-2",
+            "freeze",
+            &signed("freeze", "f-2", json!({"room": "104", "scope": "access"})),
+        );
+        assert!(matches!(r, Some(Answer::Later(_))), "{r:?}");
         assert!(matches!(rx.try_recv(), Ok(Input::Cloud { .. })));
+    }
+
+    /// Before the fix a top-up in the lease's quiet period was answered `accepted` and only an audit
+    /// record said it was refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_top_up_in_the_lease_quiet_period_is_answered_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let store = crate::store::spawn(
+            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
+        )
+        .unwrap();
+        let enf = Enforcer::open(cfg.clone(), HashMap::new(), store).unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let (_stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(enf.run(rx, shutdown));
+        let handler = EnforcementCommands {
+            key: Some(key().verifying_key()),
+            config: cfg.clone(),
+            seen: Arc::default(),
+            tx,
+        };
+        let later = |a: Option<Answer>| async move {
+            match a {
+                Some(Answer::Later(rx)) => tokio::time::timeout(Duration::from_secs(10), rx)
+                    .await
+                    .expect("answered")
+                    .expect("enforcer alive"),
+                other => panic!("expected a deferred answer, got {other:?}"),
+            }
+        };
+        // The lease ends in 3 days, not renewed: inside the 7-day notice.
+        let end = (Utc::now()
+            .with_timezone(&chrono_tz::Asia::Shanghai)
+            .date_naive()
+            + chrono::Duration::days(3))
+        .to_string();
+        let r = later(handler.handle(
+            "l-1",
+            "set_lease",
+            &signed("set_lease", "l-1", json!({"room": "104", "lease_end": end})),
+        ))
+        .await;
+        assert_eq!(r, Ok(json!({"applied": "set_lease"})));
+        let r = later(handler.handle(
+            "t-1",
+            "top_up",
+            &signed(
+                "top_up",
+                "t-1",
+                json!({"room": "104", "utility": "electricity", "amount": 5000}),
+            ),
+        ))
+        .await;
+        let e = r.unwrap_err();
+        assert!(e.contains("top-up suspended"), "{e}");
+        task.abort();
     }
 }
