@@ -240,7 +240,7 @@ pub async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
             let flipped = bus::actuate(link, d, &t.output, Some(!first.after)).await?;
             tokio::time::sleep(Duration::from_millis(200)).await;
             let back = bus::actuate(link, d, &t.output, Some(first.after)).await?;
-            Ok::<_, String>((first.after, flipped.after, back.after))
+            Ok::<_, bus::ActuateError>((first.after, flipped.after, back.after))
         }
         .await;
         let (pass, detail) = match result {
@@ -253,7 +253,7 @@ pub async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
                     onoff(c)
                 ),
             ),
-            Err(e) => (false, e),
+            Err(e) => (false, e.to_string()),
         };
         steps.push(Step {
             step: "toggle".into(),

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 pub const PLAUSIBLE_FROM_MS: i64 = 1_767_225_600_000;
 
 /// Latest wall-clock time meterd believes: 2056-01-01T00:00:00Z (an RTC set to garbage, far ahead).
-pub const PLAUSIBLE_UNTIL_MS: i64 = 2_714_774_400_000;
+pub const PLAUSIBLE_UNTIL_MS: i64 = 2_713_910_400_000;
 
 /// True when `t` can be the real time.
 pub fn plausible(t: DateTime<Utc>) -> bool {

@@ -215,6 +215,11 @@ CREATE TABLE IF NOT EXISTS apportionment (
 /// Results of large pools are split into parts below it; a reply above it is refused with a reason.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
+/// A write of another module's state (enforcement rules, prepaid counters, ledger), run by the store
+/// thread inside the transaction that also appends that step's outbox records: SQLite has one
+/// writer, and a state change and the records that report it commit together or not at all.
+pub type Write = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
+
 /// How long a command's reply is kept for a resend with the same id: 30 days.
 const REPLY_KEEP_MS: i64 = 30 * 86_400_000;
 
@@ -582,6 +587,72 @@ impl Store {
         }
         tx.commit().map_err(err)?;
         Ok(last)
+    }
+
+    /// Runs `writes` and appends `records` in one transaction (see [`StoreHandle::transact`]).
+    /// Returns the seq of the last record.
+    pub fn transact(
+        &mut self,
+        records: &[NewRecord],
+        writes: Vec<Write>,
+        durable: bool,
+    ) -> Result<i64, StoreError> {
+        let full = durable || records.iter().any(|r| r.kind.critical());
+        if full {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.err(e))?;
+        }
+        let result = (|| {
+            let path = self.path.clone();
+            let err = |source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            };
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err)?;
+            for w in writes {
+                w(&tx).map_err(err)?;
+            }
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(err)?;
+                for r in records {
+                    stmt.execute(params![
+                        r.kind as i64,
+                        r.topic,
+                        r.ts.timestamp_millis(),
+                        r.payload
+                    ])
+                    .map_err(err)?;
+                }
+            }
+            let last = if records.is_empty() {
+                None
+            } else {
+                Some(tx.last_insert_rowid())
+            };
+            tx.commit().map_err(err)?;
+            Ok(last)
+        })();
+        if full {
+            self.conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| self.err(e))?;
+        }
+        match result? {
+            Some(last) => {
+                self.rows += records.len() as u64;
+                self.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                Ok(last)
+            }
+            None => self.last_seq(),
+        }
     }
 
     /// The replies already given to these command ids (those that have one).
@@ -984,6 +1055,12 @@ enum Command {
         remember: Vec<Remembered>,
         done: oneshot::Sender<()>,
     },
+    Transact {
+        records: Vec<NewRecord>,
+        writes: Vec<Write>,
+        durable: bool,
+        done: oneshot::Sender<Result<(), String>>,
+    },
     SaveRun {
         run: NewRun,
         records: RunRecords,
@@ -1092,6 +1169,28 @@ impl StoreHandle {
         {
             let _ = rx.await;
         }
+    }
+
+    /// Runs `writes` and appends `records` in one transaction on the store thread (after what was
+    /// queued before), with `synchronous=FULL` when `durable` (a state change that is acknowledged to
+    /// someone). Nothing is written if any write fails; the error says why.
+    pub async fn transact(
+        &self,
+        records: Vec<NewRecord>,
+        writes: Vec<Write>,
+        durable: bool,
+    ) -> Result<(), String> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Transact {
+                records,
+                writes,
+                durable,
+                done,
+            })
+            .await
+            .map_err(|_| "store stopped".to_string())?;
+        rx.await.map_err(|_| "store stopped".to_string())?
     }
 
     /// Saves a billing run with its outbox records (built from the version); returns the version.
@@ -1225,6 +1324,27 @@ impl Writer {
             } => {
                 self.commit(records, &remember);
                 let _ = done.send(());
+            }
+            Command::Transact {
+                records,
+                writes,
+                durable,
+                done,
+            } => {
+                // Records held from an earlier failure go first, in their own commit.
+                self.commit(Vec::new(), &[]);
+                let r = self.store.transact(&records, writes, durable);
+                match r {
+                    Ok(last) => {
+                        self.committed.send_replace(last);
+                        let _ = done.send(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "state change not written; its records are held in memory");
+                        self.spill.extend(records);
+                        let _ = done.send(Err(e.to_string()));
+                    }
+                }
             }
             Command::Fetch {
                 after,

@@ -269,6 +269,134 @@ pub fn pick_backlog(
     }
 }
 
+/// Which outbox records to fetch next, from which stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    pub backlog: bool,
+    /// Records with `after < seq <= upto`.
+    pub after: i64,
+    pub upto: i64,
+}
+
+/// A publish of outbox records, waiting for its packet id and then its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub first: i64,
+    pub last: i64,
+    pub records: u64,
+}
+
+/// The uplink's bookkeeping for one connection, as a pure state machine: which records to fetch
+/// next (backlog recorded before the connection, or live), the publishes handed to rumqttc in order
+/// (`handed`), their packet ids once rumqttc reports them (`outgoing`), and which seq range a PUBACK
+/// acknowledges (`acked`). Untracked publishes (status) take a place in the order but ack nothing.
+/// The window bounds what is handed and not yet acknowledged.
+#[derive(Debug)]
+pub struct OutboxSync {
+    window: usize,
+    share: f64,
+    backlog_upto: i64,
+    backlog_cursor: i64,
+    live_cursor: i64,
+    backlog_sent: u64,
+    live_sent: u64,
+    /// Handed to the client, packet id not known yet, in hand-over order.
+    awaiting: VecDeque<Option<Sent>>,
+    inflight: HashMap<u16, Option<Sent>>,
+}
+
+impl OutboxSync {
+    /// A connection that starts with everything up to `backlog_upto` committed (the backlog).
+    pub fn new(backlog_upto: i64, window: usize, share: f64) -> OutboxSync {
+        OutboxSync {
+            window: window.max(1),
+            share,
+            backlog_upto,
+            backlog_cursor: 0,
+            live_cursor: backlog_upto,
+            backlog_sent: 0,
+            live_sent: 0,
+            awaiting: VecDeque::new(),
+            inflight: HashMap::new(),
+        }
+    }
+
+    /// True while another publish may be handed over.
+    pub fn has_room(&self) -> bool {
+        self.awaiting.len() + self.inflight.len() < self.window
+    }
+
+    /// The next records to fetch with `latest` the newest committed seq, or `None` (window full, or
+    /// nothing new).
+    pub fn next_fetch(&self, latest: i64) -> Option<Fetch> {
+        if !self.has_room() {
+            return None;
+        }
+        let backlog = pick_backlog(
+            self.backlog_cursor < self.backlog_upto,
+            self.live_cursor < latest,
+            self.backlog_sent,
+            self.live_sent,
+            self.share,
+        )?;
+        Some(if backlog {
+            Fetch {
+                backlog,
+                after: self.backlog_cursor,
+                upto: self.backlog_upto,
+            }
+        } else {
+            Fetch {
+                backlog,
+                after: self.live_cursor,
+                upto: latest,
+            }
+        })
+    }
+
+    /// The fetch found nothing: everything up to its end was acknowledged or dropped meanwhile.
+    pub fn fetched_nothing(&mut self, f: Fetch) {
+        if f.backlog {
+            self.backlog_cursor = f.upto;
+        } else {
+            self.live_cursor = self.live_cursor.max(f.upto);
+        }
+    }
+
+    /// Records `sent` of fetch `f` were handed to the client.
+    pub fn handed(&mut self, f: Fetch, sent: Sent) {
+        if f.backlog {
+            self.backlog_cursor = sent.last;
+            self.backlog_sent += sent.records;
+        } else {
+            self.live_cursor = sent.last;
+            self.live_sent += sent.records;
+        }
+        self.awaiting.push_back(Some(sent));
+    }
+
+    /// A publish that acknowledges no records (status) was handed to the client.
+    pub fn handed_untracked(&mut self) {
+        self.awaiting.push_back(None);
+    }
+
+    /// rumqttc wrote the oldest handed publish under packet id `pkid`.
+    pub fn outgoing(&mut self, pkid: u16) {
+        let sent = self.awaiting.pop_front().flatten();
+        self.inflight.insert(pkid, sent);
+    }
+
+    /// The broker acknowledged `pkid`: the records to delete, if it carried any.
+    pub fn acked(&mut self, pkid: u16) -> Option<Sent> {
+        self.inflight.remove(&pkid).flatten()
+    }
+
+    /// Nothing handed is still waiting for its packet id or PUBACK, except untracked publishes.
+    pub fn settled(&self) -> bool {
+        self.awaiting.is_empty() && self.inflight.values().all(Option::is_none)
+    }
+}
+
 // ---- the task ----------------------------------------------------------------------------------
 
 /// Identity reported in the birth message.
@@ -340,16 +468,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// One publish handed to rumqttc, waiting for its packet id; `None` for untracked ones (status, replies).
-type Pending = Option<Sent>;
-
-#[derive(Debug)]
-struct Sent {
-    first: i64,
-    last: i64,
-    records: u64,
 }
 
 impl Uplink {
@@ -457,19 +575,10 @@ impl Uplink {
             s.last_error = None;
         }
 
-        let mut awaiting: VecDeque<Pending> = VecDeque::new();
-        let mut inflight: HashMap<u16, Pending> = HashMap::new();
-        let try_publish = |awaiting: &mut VecDeque<Pending>,
-                           topic: String,
-                           retain: bool,
-                           payload: Vec<u8>,
-                           sent: Pending|
-         -> Result<(), UplinkError> {
+        let try_publish = |topic: String, retain: bool, payload: Vec<u8>| {
             client
                 .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-                .map_err(|e| conn_err(format!("publish queue: {e}")))?;
-            awaiting.push_back(sent);
-            Ok(())
+                .map_err(|e| conn_err(format!("publish queue: {e}")))
         };
         client
             .try_subscribe(topics.commands(), QoS::AtLeastOnce)
@@ -486,51 +595,29 @@ impl Uplink {
             "outbox_depth": depth,
             "ts": Utc::now().to_rfc3339(),
         });
-        try_publish(
-            &mut awaiting,
-            topics.status(),
-            true,
-            birth.to_string().into_bytes(),
-            None,
-        )?;
-
         let mut committed = self.store.committed.clone();
-        let backlog_upto = *committed.borrow_and_update();
-        let mut backlog_cursor = 0i64;
-        let mut live_cursor = backlog_upto;
-        let (mut backlog_sent, mut live_sent) = (0u64, 0u64);
-        let window = usize::from(cfg.inflight);
+        let mut sync = OutboxSync::new(
+            *committed.borrow_and_update(),
+            usize::from(cfg.inflight),
+            cfg.backlog_share,
+        );
+        try_publish(topics.status(), true, birth.to_string().into_bytes())?;
+        sync.handed_untracked();
         let mut last_ok_meta = std::time::Instant::now() - Duration::from_secs(10);
         loop {
             // Fill the in-flight window from the outbox.
-            while awaiting.len() + inflight.len() < window {
+            loop {
                 let latest = *committed.borrow();
-                let Some(from_backlog) = pick_backlog(
-                    backlog_cursor < backlog_upto,
-                    live_cursor < latest,
-                    backlog_sent,
-                    live_sent,
-                    cfg.backlog_share,
-                ) else {
+                let Some(f) = sync.next_fetch(latest) else {
                     break;
-                };
-                let (after, upto) = if from_backlog {
-                    (backlog_cursor, backlog_upto)
-                } else {
-                    (live_cursor, latest)
                 };
                 let rows = self
                     .store
-                    .fetch(after, upto, cfg.batch_max_records)
+                    .fetch(f.after, f.upto, cfg.batch_max_records)
                     .await
                     .map_err(UplinkError::Store)?;
                 if rows.is_empty() {
-                    // Everything up to `upto` was acknowledged or dropped meanwhile.
-                    if from_backlog {
-                        backlog_cursor = backlog_upto;
-                    } else {
-                        live_cursor = upto;
-                    }
+                    sync.fetched_nothing(f);
                     continue;
                 }
                 // A reply goes alone, as the reply object itself; other records in batches.
@@ -540,37 +627,22 @@ impl Uplink {
                     let n = next_batch(&rows, cfg.batch_max_records, cfg.batch_max_bytes);
                     (n, message(&self.identity.gateway, &rows[..n]))
                 };
-                let batch = &rows[..n];
-                let (first, last) = (batch[0].seq, batch[n - 1].seq);
-                let sent = Sent {
-                    first,
-                    last,
-                    records: n as u64,
-                };
-                try_publish(
-                    &mut awaiting,
-                    topics.record(&batch[0].topic),
-                    false,
-                    payload,
-                    Some(sent),
-                )?;
-                if from_backlog {
-                    backlog_cursor = last;
-                    backlog_sent += n as u64;
-                } else {
-                    live_cursor = last;
-                    live_sent += n as u64;
-                }
+                try_publish(topics.record(&rows[0].topic), false, payload)?;
+                sync.handed(
+                    f,
+                    Sent {
+                        first: rows[0].seq,
+                        last: rows[n - 1].seq,
+                        records: n as u64,
+                    },
+                );
             }
-            let room = awaiting.len() + inflight.len() < window;
+            let room = sync.has_room();
             tokio::select! {
                 ev = events.recv() => match ev.ok_or_else(|| conn_err(closed()))? {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let sent = awaiting.pop_front().flatten();
-                        inflight.insert(pkid, sent);
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => sync.outgoing(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(Some(sent)) = inflight.remove(&ack.pkid) {
+                        if let Some(sent) = sync.acked(ack.pkid) {
                             self.store.ack(vec![(sent.first, sent.last)]).await;
                             if let Ok(mut s) = self.status.lock() {
                                 s.messages_acked += 1;
@@ -601,22 +673,19 @@ impl Uplink {
                 }
                 _ = shutdown.changed() => {
                     let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": Utc::now().to_rfc3339()});
-                    let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, bye.to_string().into_bytes());
+                    if client.try_publish(topics.status(), QoS::AtLeastOnce, true, bye.to_string().into_bytes()).is_ok() {
+                        sync.handed_untracked();
+                    }
                     // Give the goodbye (and any acks in flight) a moment, then disconnect.
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        let mut bye_written = false;
                         while let Some(ev) = events.recv().await {
                             match ev {
-                                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                                    let sent = awaiting.pop_front().flatten();
-                                    inflight.insert(pkid, sent);
-                                    bye_written = awaiting.is_empty();
-                                }
+                                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => sync.outgoing(pkid),
                                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                                    if let Some(Some(sent)) = inflight.remove(&ack.pkid) {
+                                    if let Some(sent) = sync.acked(ack.pkid) {
                                         self.store.ack(vec![(sent.first, sent.last)]).await;
                                     }
-                                    if bye_written && inflight.values().all(|s| s.is_none()) && inflight.len() <= 1 {
+                                    if sync.settled() {
                                         break;
                                     }
                                 }
@@ -875,6 +944,112 @@ mod tests {
             (v["ok"].clone(), v["error"].clone(), v["id"].clone()),
             (json!(false), json!("nope"), json!("c-1"))
         );
+    }
+
+    /// Runs the fetch → hand → packet id bookkeeping against an outbox of seqs `1..=latest`, one
+    /// record per publish, and returns what was handed.
+    fn hand_all(sync: &mut OutboxSync, latest: i64, acked_upto: i64) -> Vec<Sent> {
+        let mut out = Vec::new();
+        while let Some(f) = sync.next_fetch(latest) {
+            let next = f.after.max(acked_upto) + 1;
+            if next > f.upto {
+                sync.fetched_nothing(f);
+                continue;
+            }
+            let sent = Sent {
+                first: next,
+                last: next,
+                records: 1,
+            };
+            sync.handed(f, sent);
+            out.push(sent);
+        }
+        out
+    }
+
+    #[test]
+    fn the_window_bounds_what_is_handed_and_each_puback_frees_its_own_records() {
+        // 5 records before the connection, window 3.
+        let mut sync = OutboxSync::new(5, 3, 0.5);
+        sync.handed_untracked(); // the birth message
+        let handed = hand_all(&mut sync, 8, 0);
+        assert_eq!(handed.len(), 2, "birth + 2 fill the window of 3");
+        assert!(!sync.has_room());
+        // Packet ids in hand-over order: 1 = birth, 2 and 3 the records.
+        for pkid in 1..=3 {
+            sync.outgoing(pkid);
+        }
+        // Acks out of order still map to their own records.
+        assert_eq!(sync.acked(3), Some(handed[1]));
+        assert_eq!(sync.acked(1), None, "the birth acknowledges no record");
+        assert_eq!(sync.acked(2), Some(handed[0]));
+        assert_eq!(sync.acked(2), None, "a duplicate ack frees nothing twice");
+        assert!(sync.settled());
+        // Backlog and live alternate by the share: 5 backlog and 3 live records in all.
+        let mut all: Vec<i64> = handed.iter().map(|s| s.first).collect();
+        for pkid in 4..20 {
+            let more = hand_all(&mut sync, 8, 0);
+            for (i, s) in more.iter().enumerate() {
+                all.push(s.first);
+                sync.outgoing(pkid * 10 + i as u16);
+                sync.acked(pkid * 10 + i as u16);
+            }
+        }
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=8).collect::<Vec<_>>(),
+            "every record handed exactly once"
+        );
+    }
+
+    proptest::proptest! {
+        /// Against a model: whatever the interleaving of commits, packet ids and acks, no record is
+        /// handed twice in a connection, the window is never exceeded, and every PUBACK names
+        /// exactly the records of the publish that got that packet id.
+        #[test]
+        fn outbox_sync_matches_a_model(
+            backlog in 0i64..20,
+            window in 1usize..6,
+            ops in proptest::collection::vec(0u8..4, 1..200),
+        ) {
+            let mut sync = OutboxSync::new(backlog, window, 0.3);
+            let mut latest = backlog;
+            let mut handed: Vec<Sent> = Vec::new();
+            let mut waiting_id: std::collections::VecDeque<Sent> = Default::default();
+            let mut by_pkid: HashMap<u16, Sent> = HashMap::new();
+            let mut next_pkid = 1u16;
+            for op in ops {
+                match op {
+                    0 => latest += 1,
+                    1 => {
+                        for s in hand_all(&mut sync, latest, 0) {
+                            handed.push(s);
+                            waiting_id.push_back(s);
+                        }
+                    }
+                    2 => {
+                        if let Some(s) = waiting_id.pop_front() {
+                            sync.outgoing(next_pkid);
+                            by_pkid.insert(next_pkid, s);
+                            next_pkid += 1;
+                        }
+                    }
+                    _ => {
+                        if let Some(&k) = by_pkid.keys().min() {
+                            let s = by_pkid.remove(&k).unwrap();
+                            proptest::prop_assert_eq!(sync.acked(k), Some(s));
+                        }
+                    }
+                }
+                proptest::prop_assert!(waiting_id.len() + by_pkid.len() <= window);
+            }
+            let mut seqs: Vec<i64> = handed.iter().map(|s| s.first).collect();
+            let n = seqs.len();
+            seqs.sort_unstable();
+            seqs.dedup();
+            proptest::prop_assert_eq!(seqs.len(), n, "a record handed twice");
+        }
     }
 
     #[test]

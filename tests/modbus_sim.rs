@@ -452,3 +452,57 @@ async fn a_meter_that_only_takes_fc16_switches_its_relay_and_stops_counting() {
     assert_eq!(value(&r.readings, "relay"), 0.0);
     assert_eq!(value(&r.readings, "power"), 0.0, "no load once cut off");
 }
+
+/// Before `ActuateError` every failure was a string: the enforcer retried a relay board that
+/// answered "illegal address" three times like a silent one, and the audit could not say which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_board_that_refuses_is_told_from_one_that_is_silent() {
+    let building = r#"
+        [[endpoint]]
+        name = "lan"
+        kind = "tcp"
+        [[unit]]
+        endpoint = "lan"
+        unit = 10
+        profile = "relay_waveshare_8ch"
+        fault = "exception"
+        exception_code = 2
+        [[unit]]
+        endpoint = "lan"
+        unit = 11
+        profile = "relay_waveshare_8ch"
+        fault = "dead"
+    "#;
+    let sim = common::start(building).await;
+    let config = common::config_for(
+        &sim,
+        "timeout = \"300ms\"\n",
+        "[[device]]\nname = \"refuses\"\nbus = \"lan\"\nunit = 10\nprofile = \"relay_waveshare_8ch\"\n[[device]]\nname = \"silent\"\nbus = \"lan\"\nunit = 11\nprofile = \"relay_waveshare_8ch\"\n",
+    );
+    let mut link = Link::new(&config.buses[0]);
+    let e = bus::actuate(
+        &mut link,
+        config.device("refuses").unwrap(),
+        "relay1",
+        Some(true),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), "exception", "{e}");
+    assert!(e.device_answered());
+    assert!(e.to_string().contains("read of refuses relay1"), "{e}");
+    let e = bus::actuate(
+        &mut link,
+        config.device("silent").unwrap(),
+        "relay1",
+        Some(true),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), "timeout", "{e}");
+    assert!(!e.device_answered());
+    let e = bus::actuate(&mut link, config.device("silent").unwrap(), "relay9", None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "config", "{e}");
+}

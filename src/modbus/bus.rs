@@ -76,6 +76,57 @@ pub struct PollResult {
     pub latency: Duration,
 }
 
+/// Why switching or reading an output failed. The enforcer treats them apart: a timeout or a broken
+/// transport is worth retrying soon, a device that answered with an exception is not (it will say
+/// the same again), and a configuration mistake needs a person.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuateError {
+    #[error("device {device} has no output {output:?}; check the profile's [[output]] names")]
+    UnknownOutput { device: String, output: String },
+    #[error("output {output:?} of {device} has no read-back register; the profile must name one")]
+    NoReadback { device: String, output: String },
+    #[error("device {0} is not on this bus")]
+    NotOnBus(String),
+    /// The transaction failed at `stage` (`read`, `write`, `read back`).
+    #[error("{stage} of {device} {output}: {source}")]
+    Link {
+        device: String,
+        output: String,
+        stage: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("the bus task of device {0} is not running")]
+    BusStopped(String),
+    #[error("this poller cannot switch outputs")]
+    Unsupported,
+}
+
+impl ActuateError {
+    /// The device answered (a Modbus exception): retrying will not help.
+    pub fn device_answered(&self) -> bool {
+        matches!(self, ActuateError::Link { source, .. } if source.device_answered())
+    }
+
+    /// A short class for the audit trail: `timeout`, `garbled`, `exception`, `transport`, `config`,
+    /// `bus`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActuateError::Link { source, .. } => match source.kind() {
+                FailureKind::Timeout => "timeout",
+                FailureKind::Garbled => "garbled",
+                FailureKind::Exception(_) => "exception",
+                FailureKind::Transport => "transport",
+            },
+            ActuateError::UnknownOutput { .. }
+            | ActuateError::NoReadback { .. }
+            | ActuateError::NotOnBus(_)
+            | ActuateError::Unsupported => "config",
+            ActuateError::BusStopped(_) => "bus",
+        }
+    }
+}
+
 /// A request to read (and optionally switch) one output of a device, executed by the bus task
 /// between polls so the line is never shared: relay actions go through the same single transaction
 /// slot as polling on RS485.
@@ -85,7 +136,7 @@ pub struct Actuation {
     pub output: String,
     /// `Some(true)` energise/grant, `Some(false)` release/cut, `None` only read the state.
     pub set: Option<bool>,
-    pub reply: tokio::sync::oneshot::Sender<Result<RelayState, String>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<RelayState, ActuateError>>,
 }
 
 /// An output's state around an actuation, as read back from the device.
@@ -110,8 +161,8 @@ pub trait Poller: Send + 'static {
         _device: &'a Device,
         _output: &'a str,
         _set: Option<bool>,
-    ) -> BoxFuture<'a, Result<RelayState, String>> {
-        Box::pin(async { Err("this poller cannot switch outputs".to_string()) })
+    ) -> BoxFuture<'a, Result<RelayState, ActuateError>> {
+        Box::pin(async { Err(ActuateError::Unsupported) })
     }
 }
 
@@ -125,7 +176,7 @@ impl Poller for Link {
         device: &'a Device,
         output: &'a str,
         set: Option<bool>,
-    ) -> BoxFuture<'a, Result<RelayState, String>> {
+    ) -> BoxFuture<'a, Result<RelayState, ActuateError>> {
         Box::pin(actuate(self, device, output, set))
     }
 }
@@ -137,13 +188,16 @@ pub async fn actuate(
     device: &Device,
     output: &str,
     set: Option<bool>,
-) -> Result<RelayState, String> {
+) -> Result<RelayState, ActuateError> {
     let o = device
         .profile
         .outputs
         .iter()
         .find(|o| o.name == output)
-        .ok_or_else(|| format!("device {} has no output {output:?}", device.name))?;
+        .ok_or_else(|| ActuateError::UnknownOutput {
+            device: device.name.to_string(),
+            output: output.to_string(),
+        })?;
     let reg = o
         .readback
         .as_ref()
@@ -154,18 +208,26 @@ pub async fn actuate(
                 .iter()
                 .find(|x| &*x.name == r.as_str())
         })
-        .ok_or_else(|| {
-            format!(
-                "output {output:?} of {} has no read-back register",
-                device.name
-            )
+        .ok_or_else(|| ActuateError::NoReadback {
+            device: device.name.to_string(),
+            output: output.to_string(),
         })?;
     let req = super::plan::ReadRequest {
         function: reg.function,
         address: reg.address,
         count: reg.width(),
     };
-    let before = read_state(link, device, req, o.on_value).await?;
+    let failed = |stage: &'static str| {
+        move |source: LinkError| ActuateError::Link {
+            device: device.name.to_string(),
+            output: output.to_string(),
+            stage,
+            source,
+        }
+    };
+    let before = read_state(link, device, req, o.on_value)
+        .await
+        .map_err(failed("read"))?;
     let Some(want) = set.filter(|w| *w != before) else {
         return Ok(RelayState {
             before,
@@ -190,8 +252,10 @@ pub async fn actuate(
             .await
         }
     };
-    r.map_err(|e| format!("write to {} {output}: {e}", device.name))?;
-    let after = read_state(link, device, req, o.on_value).await?;
+    r.map_err(failed("write"))?;
+    let after = read_state(link, device, req, o.on_value)
+        .await
+        .map_err(failed("read back"))?;
     Ok(RelayState {
         before,
         after,
@@ -206,11 +270,10 @@ async fn read_state(
     device: &Device,
     req: super::plan::ReadRequest,
     on_value: u16,
-) -> Result<bool, String> {
+) -> Result<bool, LinkError> {
     match link
         .read(device.unit, req, device.timeout, device.pause)
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
     {
         Data::Bits(b) => Ok(b.first().copied().unwrap_or(false)),
         Data::Words(w) => Ok(w
@@ -416,9 +479,7 @@ pub async fn run_with_boundaries<P: Poller>(
                 },
             };
             let Some(d) = devices.iter().position(|d| *d.name == *a.device) else {
-                let _ = a
-                    .reply
-                    .send(Err(format!("device {} is not on this bus", a.device)));
+                let _ = a.reply.send(Err(ActuateError::NotOnBus(a.device.clone())));
                 continue;
             };
             idle.pop();
