@@ -1090,19 +1090,28 @@ impl StoreHandle {
             .map_err(|_| StoreError::Stopped)
     }
 
-    /// Records with `after < seq <= upto`, oldest first.
-    pub async fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, String> {
+    /// Sends the command `make` builds around a reply channel and waits for the reply.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Fetch {
-                after,
-                upto,
-                limit,
-                reply,
-            })
+            .send(make(reply))
             .await
             .map_err(|_| "store stopped".to_string())?;
-        rx.await.map_err(|_| "store stopped".to_string())?
+        rx.await.map_err(|_| "store stopped".to_string())
+    }
+
+    /// Records with `after < seq <= upto`, oldest first.
+    pub async fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, String> {
+        self.request(|reply| Command::Fetch {
+            after,
+            upto,
+            limit,
+            reply,
+        })
+        .await?
     }
 
     /// Deletes acknowledged records.
@@ -1180,31 +1189,23 @@ impl StoreHandle {
         writes: Vec<Write>,
         durable: bool,
     ) -> Result<(), String> {
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Transact {
-                records,
-                writes,
-                durable,
-                done,
-            })
-            .await
-            .map_err(|_| "store stopped".to_string())?;
-        rx.await.map_err(|_| "store stopped".to_string())?
+        self.request(|done| Command::Transact {
+            records,
+            writes,
+            durable,
+            done,
+        })
+        .await?
     }
 
     /// Saves a billing run with its outbox records (built from the version); returns the version.
     pub async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::SaveRun {
-                run,
-                records,
-                reply,
-            })
-            .await
-            .map_err(|_| "store stopped".to_string())?;
-        rx.await.map_err(|_| "store stopped".to_string())?
+        self.request(|reply| Command::SaveRun {
+            run,
+            records,
+            reply,
+        })
+        .await?
     }
 
     /// Waits until everything queued before this call is committed (or held in memory if the disk

@@ -2,7 +2,8 @@
 //!
 //! [`rules`] decides (pure), [`prepaid`] meters consumption exactly and deducts it (pure), [`ledger`]
 //! keeps every deduction and top-up, [`auth`] checks signed
-//! commands (pure), and the task in [`task`] feeds them and drives the relays through the bus tasks.
+//! commands (pure), [`state`] is the enforcer as a state machine (`step(now, event) -> actions`),
+//! and the task in [`task`] executes its actions and drives the relays through the bus tasks.
 
 pub mod auth;
 pub mod command;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod ledger;
 pub mod prepaid;
 pub mod rules;
+pub mod state;
 pub mod task;
 #[cfg(test)]
 pub(crate) mod test_support;

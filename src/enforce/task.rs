@@ -6,27 +6,25 @@
 //! actual state is read before anything is written, so a restart or power cycle never flickers a door
 //! or a tenant's supply.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ed25519_dalek::VerifyingKey;
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::command::{self, CloudCommand};
-use super::config::Relay;
+use super::command;
 use super::ledger;
-use super::prepaid::{self, CounterState, PrepaidEvent, Step};
-use super::rules::{self, Desired, Override, Prepaid, RoomRules};
+use super::prepaid::CounterState;
+use super::rules::RoomRules;
+use super::state::{Action, EnforcerState, Event, History, Snapshot};
 use crate::config::Config;
 use crate::modbus::bus::{ActuateError, Actuation, Batch, RelayState};
-use crate::reading::Quality;
-use crate::store::{Kind, NewRecord, StoreError, StoreHandle, Write};
-use crate::topology::Utility;
+use crate::store::{StoreError, StoreHandle};
 use crate::uplink::{Answer, CommandHandler};
 
 /// What reaches the enforcement task.
@@ -188,30 +186,16 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The task's state.
+/// The enforcement task: the I/O around [`EnforcerState`].
 pub struct Enforcer {
-    config: Arc<Config>,
     /// Own connection to the outbox database, for reading (the history around a band change) and
     /// creating the schema at start. Every write goes through the store's one writer
     /// ([`StoreHandle::transact`]). Behind a mutex only so the task is `Send`; never held across an
     /// await.
     conn: Mutex<Connection>,
-    rooms: BTreeMap<String, RoomRules>,
-    /// Prepaid counters: billed value, carried fraction, suspect reading (by `device/quantity`).
-    counters: HashMap<String, CounterState>,
-    /// Read-back state per relay; absent until read.
-    actual: BTreeMap<String, bool>,
-    decided: BTreeMap<String, Desired>,
-    /// The fire alarm input: `None` until read (fail-open doors are then left as they are);
-    /// starts as active when it was active at the last stop (persisted).
-    fire: Option<bool>,
+    pub(crate) state: EnforcerState,
     actuators: HashMap<String, mpsc::Sender<Actuation>>,
     store: StoreHandle,
-    /// (relay, rule) pairs already reported as deferred or life-critical alarms.
-    notified: HashSet<(String, String)>,
-    /// Relays whose last switch failed, with the state they were asked for: retried on the re-check
-    /// timer only, so one jammed relay does not slow every other decision.
-    failed: HashMap<String, bool>,
 }
 
 impl Enforcer {
@@ -305,41 +289,103 @@ impl Enforcer {
             }
         }
         Ok(Enforcer {
-            config,
             conn: Mutex::new(conn),
-            rooms,
-            counters,
-            actual: BTreeMap::new(),
-            decided: BTreeMap::new(),
-            fire,
+            state: EnforcerState::new(config, rooms, counters, fire),
             actuators,
             store,
-            notified: HashSet::new(),
-            failed: HashMap::new(),
         })
     }
 
-    fn relays(&self) -> &[Relay] {
-        &self.config.enforcement.relays
+    /// Executes a step's actions in order, feeding relay outcomes back into the state. A durable
+    /// write that fails undoes the step in memory (`undo`) and turns its answer into "not applied".
+    /// Returns the answers of the step (cloud command, control request).
+    async fn execute(
+        &mut self,
+        actions: Vec<Action>,
+        mut undo: Option<Snapshot>,
+    ) -> (Option<Result<Value, String>>, Option<Value>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        let (mut answer, mut control) = (None, None);
+        let mut failed: Option<String> = None;
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Persist {
+                    records,
+                    writes,
+                    durable,
+                } => {
+                    if let Err(e) = self.store.transact(records, writes, durable).await {
+                        if let Some(s) = undo.take().filter(|_| durable) {
+                            self.state.restore(s);
+                            failed = Some(format!("not applied: state cannot be written: {e}"));
+                            // Decide again from the restored state.
+                            queue = self
+                                .state
+                                .step(
+                                    Utc::now(),
+                                    Event::Reconcile {
+                                        retry_failed: false,
+                                    },
+                                )
+                                .into();
+                        } else {
+                            tracing::error!(error = %e, "enforcement: state not written (kept in memory, written with the next change)");
+                        }
+                    }
+                }
+                Action::Publish(records) => {
+                    if !records.is_empty() {
+                        let _ = self.store.append(records).await;
+                    }
+                }
+                Action::Read { relay } => {
+                    let result = self.actuate(&relay, None).await;
+                    let more = self.state.step(Utc::now(), Event::Read { relay, result });
+                    for a in more.into_iter().rev() {
+                        queue.push_front(a);
+                    }
+                }
+                Action::Switch {
+                    relay,
+                    want,
+                    attempt,
+                    of,
+                    after,
+                } => {
+                    if !after.is_zero() {
+                        tokio::time::sleep(after).await;
+                    }
+                    let result = self.actuate(&relay, Some(want)).await;
+                    let more = self.state.step(
+                        Utc::now(),
+                        Event::Switched {
+                            relay,
+                            want,
+                            attempt,
+                            of,
+                            result,
+                        },
+                    );
+                    // The same relay's next attempt goes before the other relays.
+                    for a in more.into_iter().rev() {
+                        queue.push_front(a);
+                    }
+                }
+                Action::Answer(a) => answer = Some(a),
+                Action::ControlAnswer(v) => control = Some(v),
+            }
+        }
+        if let Some(e) = failed {
+            answer = answer.map(|_| Err(e.clone()));
+            control = control.map(|_| json!({"ok": false, "error": e}));
+        }
+        (answer, control)
     }
 
-    /// The write that persists a room's rules, balances and overrides as they are now.
-    fn room_write(&self, room: &str) -> Option<Write> {
-        let r = self.rooms.get(room)?;
-        let (room, json) = (
-            room.to_string(),
-            serde_json::to_string(r).unwrap_or_default(),
-        );
-        Some(Box::new(move |c: &Connection| {
-            c.execute(
-                "INSERT INTO enforcement_rooms (room, rules) VALUES (?1, ?2) ON CONFLICT(room) DO UPDATE SET rules = excluded.rules",
-                params![room, json],
-            )
-            .map(drop)
-        }))
-    }
-
-    async fn actuate(&self, relay: &Relay, set: Option<bool>) -> Result<RelayState, ActuateError> {
+    async fn actuate(&self, relay: &str, set: Option<bool>) -> Result<RelayState, ActuateError> {
+        let Some(relay) = self.state.relay(relay).cloned() else {
+            return Err(ActuateError::Unsupported);
+        };
         let stopped = || ActuateError::BusStopped(relay.device.clone());
         let tx = self.actuators.get(&relay.device).ok_or_else(stopped)?;
         let (reply, rx) = oneshot::channel();
@@ -357,335 +403,19 @@ impl Enforcer {
             .map_err(|_| stopped())?
     }
 
-    /// Reads every relay's state; reports relays switched behind the gateway's back.
-    async fn read_all(&mut self) -> Vec<NewRecord> {
-        let mut out = Vec::new();
-        for relay in self.relays().to_vec() {
-            match self.actuate(&relay, None).await {
-                Ok(s) => {
-                    if let Some(prev) = self.actual.insert(relay.spec.name.clone(), s.after) {
-                        if prev != s.after {
-                            tracing::warn!(relay = %relay.spec.name, from = prev, to = s.after, "relay changed outside meterd");
-                            out.push(audit(
-                                "relay_changed_externally",
-                                &relay,
-                                json!({"from": onoff(prev), "to": onoff(s.after)}),
-                            ));
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(relay = %relay.spec.name, error = %e, "cannot read relay state")
-                }
-            }
+    /// Reads the history the state needs to bill `batch` (this task's own reading connection).
+    fn history_for(&self, batch: &Batch) -> History {
+        let mut out = History::new();
+        let queries = self.state.history_needed(batch);
+        if queries.is_empty() {
+            return out;
         }
-        out
-    }
-
-    /// Brings every relay whose state is known to its desired state. A relay that failed to switch to
-    /// the same state before is retried only when `retry_failed` (the re-check timer).
-    async fn reconcile(&mut self, now: DateTime<Utc>, retry_failed: bool) -> Vec<NewRecord> {
-        let specs: Vec<_> = self.relays().iter().map(|r| r.spec.clone()).collect();
-        let desired = rules::decide(
-            &specs,
-            &self.rooms,
-            self.fire,
-            &self.actual,
-            &self.config.enforcement.policy,
-            now,
-        );
-        let mut out = Vec::new();
-        for d in desired {
-            let relay = self
-                .relays()
-                .iter()
-                .find(|r| r.spec.name == d.relay)
-                .cloned()
-                .expect("decided relays come from the config");
-            if matches!(d.rule.as_str(), "deferred" | "life_critical")
-                && self.notified.insert((d.relay.clone(), d.rule.clone()))
-            {
-                let event = if d.rule == "deferred" {
-                    "cutoff_deferred"
-                } else {
-                    "life_critical_alarm"
-                };
-                out.push(audit(event, &relay, json!({"reason": d.reason})));
-            }
-            self.decided.insert(d.relay.clone(), d.clone());
-            let Some(actual) = self.actual.get(&d.relay).copied() else {
-                continue;
-            };
-            if actual == d.on {
-                self.failed.remove(&d.relay);
-                continue;
-            }
-            let known_bad = self.failed.get(&d.relay) == Some(&d.on);
-            if !retry_failed && known_bad {
-                continue;
-            }
-            // A fresh decision gets three attempts; a relay already known to be stuck one per re-check.
-            let attempts = if known_bad { 1 } else { 3 };
-            let mut last = Err(ActuateError::Unsupported);
-            for attempt in 1..=attempts {
-                last = self.actuate(&relay, Some(d.on)).await;
-                // A device that refused with an exception says the same again: no more attempts.
-                if last.as_ref().is_err_and(ActuateError::device_answered) {
-                    break;
-                }
-                match &last {
-                    Ok(s) if s.after == d.on => {
-                        out.push(audit(
-                            "relay_switched",
-                            &relay,
-                            json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "readback": onoff(s.after), "confirmed": true, "attempts": attempt}),
-                        ));
-                        self.actual.insert(d.relay.clone(), s.after);
-                        self.failed.remove(&d.relay);
-                        break;
-                    }
-                    _ if attempt < attempts => tokio::time::sleep(Duration::from_millis(300)).await,
-                    _ => {}
-                }
-            }
-            match last {
-                Ok(s) if s.after == d.on => {}
-                Ok(s) => {
-                    self.failed.insert(d.relay.clone(), d.on);
-                    tracing::error!(relay = %d.relay, wanted = d.on, readback = s.after, "relay did not switch");
-                    self.actual.insert(d.relay.clone(), s.after);
-                    out.push(audit(
-                        "relay_mismatch",
-                        &relay,
-                        json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "readback": onoff(s.after), "confirmed": false, "attempts": attempts}),
-                    ));
-                }
-                Err(e) => {
-                    self.failed.insert(d.relay.clone(), d.on);
-                    tracing::error!(relay = %d.relay, error = %e, "relay write failed");
-                    out.push(audit("relay_error", &relay, json!({"from": onoff(actual), "to": onoff(d.on), "rule": d.rule, "reason": d.reason, "error": e.to_string(), "error_kind": e.kind(), "attempts": attempts})));
-                }
-            }
-        }
-        out
-    }
-
-    fn room_mut(&mut self, room: &str) -> Result<&mut RoomRules, String> {
-        if !self.config.site.rooms.contains_key(room) {
-            return Err(format!("unknown room {room:?}"));
-        }
-        Ok(self.rooms.entry(room.to_string()).or_default())
-    }
-
-    /// Applies a cloud command and writes it, with the records that report it, through the store
-    /// in one transaction with `synchronous=FULL`: once it is answered, a power cut cannot take it
-    /// back. If the write fails the command is undone in memory too and answered as not applied.
-    async fn apply_cloud_durably(
-        &mut self,
-        name: &str,
-        id: &str,
-        args: &Value,
-        now: DateTime<Utc>,
-    ) -> Result<(), String> {
-        let before = (self.rooms.clone(), self.counters.clone());
-        let (result, writes) = self.apply_cloud(name, id, args, now);
-        let records = match &result {
-            Ok(events) => events.clone(),
-            Err(e) => vec![NewRecord {
-                kind: Kind::Audit,
-                topic: "audit".into(),
-                ts: now,
-                payload:
-                    json!({"event": "command_rejected", "command": name, "id": id, "error": e})
-                        .to_string()
-                        .into_bytes(),
-            }],
-        };
-        if let Err(e) = self.store.transact(records, writes, true).await {
-            (self.rooms, self.counters) = before;
-            return Err(format!(
-                "not applied: enforcement state cannot be written: {e}"
-            ));
-        }
-        result.map(drop)
-    }
-
-    /// Applies an authenticated cloud command to the state in memory: the events it raises (or why
-    /// it was refused), and the writes that persist it (the command id always).
-    fn apply_cloud(
-        &mut self,
-        name: &str,
-        id: &str,
-        args: &Value,
-        now: DateTime<Utc>,
-    ) -> (Result<Vec<NewRecord>, String>, Vec<Write>) {
-        let expires = args
-            .get("expires_at")
-            .and_then(Value::as_str)
-            .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
-            .map(|e| e.timestamp_millis())
-            .unwrap_or(0);
-        let (cmd_id, prune_before) = (id.to_string(), now.timestamp_millis() - 86_400_000);
-        let mut writes: Vec<Write> = vec![Box::new(move |c: &Connection| {
-            c.execute(
-                "INSERT OR IGNORE INTO command_ids (id, expires_ms) VALUES (?1, ?2)",
-                params![cmd_id, expires],
-            )?;
-            c.execute(
-                "DELETE FROM command_ids WHERE expires_ms < ?1",
-                [prune_before],
-            )
-            .map(drop)
-        })];
-        let r = self.apply_cloud_state(name, id, args, now, &mut writes);
-        (r, writes)
-    }
-
-    fn apply_cloud_state(
-        &mut self,
-        name: &str,
-        id: &str,
-        args: &Value,
-        now: DateTime<Utc>,
-        writes: &mut Vec<Write>,
-    ) -> Result<Vec<NewRecord>, String> {
-        let cmd = command::parse(
-            name,
-            id,
-            args,
-            &self.config.enforcement,
-            &self.config.site,
-            now,
-        )?;
-        let room = cmd.room().to_string();
-        let mut events = Vec::new();
-        match cmd {
-            CloudCommand::Freeze { scope, set, .. } => {
-                let r = self.room_mut(&room)?;
-                if scope.access() {
-                    r.access_freeze = set.clone();
-                }
-                if scope.utilities() {
-                    r.utility_freeze = set;
-                }
-            }
-            CloudCommand::SetLease { end, renewed, .. } => {
-                let r = self.room_mut(&room)?;
-                r.lease_end = end;
-                r.lease_renewed = renewed;
-            }
-            CloudCommand::SetLifeCritical { on, .. } => {
-                self.room_mut(&room)?.life_critical = on;
-            }
-            CloudCommand::SetBalance { utility: u, .. }
-            | CloudCommand::TopUp { utility: u, .. } => {
-                let top_up = matches!(cmd, CloudCommand::TopUp { .. });
-                let policy = &self.config.enforcement.policy;
-                if let Some(r) = self.rooms.get(&room) {
-                    if let Some(end) = r.lease_end.filter(|_| !r.lease_renewed && top_up) {
-                        let today = now.with_timezone(&policy.calendar.timezone).date_naive();
-                        if (end - today).num_days() <= policy.lease_notice_days {
-                            return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal"));
-                        }
-                    }
-                }
-                let r = self.room_mut(&room)?;
-                let p = r.prepaid.entry(u).or_insert(Prepaid {
-                    balance: 0,
-                    empty_since: None,
-                    warned: false,
-                });
-                let before = p.balance;
-                let ev = match cmd {
-                    CloudCommand::TopUp { amount, .. } => prepaid::top_up(p, amount),
-                    CloudCommand::SetBalance { balance, .. } => prepaid::reconcile(p, balance, now),
-                    _ => Vec::new(),
-                };
-                let after = p.balance;
-                events.extend(ev.into_iter().map(|e| prepaid_event(&room, u, &e)));
-                let kind = if top_up { "top_up" } else { "reconcile" };
-                let (r, reference) = (room.clone(), id.to_string());
-                writes.push(Box::new(move |c: &Connection| {
-                    ledger::add_adjustment(c, (&r, u), kind, now, after - before, after, &reference)
-                }));
-            }
-        }
-        writes.extend(self.room_write(&room));
-        Ok(events)
-    }
-
-    /// Deducts prepaid consumption and follows the fire alarm: the records to publish and the
-    /// writes that persist the new state, for one transaction.
-    fn apply_readings(
-        &mut self,
-        batch: &Batch,
-        now: DateTime<Utc>,
-    ) -> (Vec<NewRecord>, Vec<Write>) {
-        let mut out = Vec::new();
-        let mut writes: Vec<Write> = Vec::new();
-        if let Some(f) = &self.config.enforcement.fire_alarm {
-            if let Some(r) = batch.iter().find(|r| {
-                *r.device == *f.device && *r.register == *f.register && r.quality == Quality::Good
-            }) {
-                let on = r.value == Some(f.active);
-                let was = self.fire.replace(on);
-                if was != Some(on) {
-                    writes.push(Box::new(move |c: &Connection| {
-                        c.execute(
-                            "INSERT INTO enforcement_state (key, value) VALUES ('fire_alarm', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            [if on { "on" } else { "off" }],
-                        )
-                        .map(drop)
-                    }));
-                }
-                // Reported when it changes; the first read after a start reports an active alarm.
-                if was.map_or(on, |w| w != on) {
-                    tracing::warn!(fire_alarm = on, "fire alarm input changed");
-                    out.push(NewRecord {
-                        kind: Kind::Audit,
-                        topic: "audit".into(),
-                        ts: now,
-                        payload: json!({"event": if on { "fire_alarm_on" } else { "fire_alarm_off" }, "device": f.device, "register": f.register}).to_string().into_bytes(),
-                    });
-                }
-            }
-        }
-        let accounts = self.config.enforcement.prepaid.clone();
-        let low = self.config.enforcement.low_balance;
-        let tz = self.config.gateway.timezone;
-        let interval_ms = (self.config.topology.history_every.as_millis() as i64).max(1);
-        // Counter, balance and ledger move together in one transaction (with the events), run by
-        // the store's writer, so a restart or a power cut neither loses nor repeats consumption.
-        // The history is read here, on this task's own (reading) connection.
         let Ok(conn) = self.conn.lock() else {
-            return (out, writes);
+            return out;
         };
-        for acc in &accounts {
-            let Some(r) = batch.iter().find(|r| {
-                *r.device == *acc.device
-                    && r.quantity == acc.utility.quantity()
-                    && r.quality == Quality::Good
-            }) else {
-                continue;
-            };
-            let Some(value) = r.value else { continue };
-            let quantity = acc.utility.quantity();
-            let key = format!("{}/{}", acc.device, quantity);
-            let milli = crate::money::to_milli(value);
-            let mut state = self.counters.remove(&key);
-            // A long interval that crosses a band change is split with the history samples inside it.
-            let inside: Vec<(DateTime<Utc>, i64)> = match &state {
-                Some(st)
-                    if !acc.tariff.bands.is_empty()
-                        && r.ts - st.billed_at > chrono::Duration::minutes(1) =>
-                {
-                    crate::store::history_window(
-                        &conn,
-                        &acc.device,
-                        quantity.as_str(),
-                        st.billed_at.timestamp_millis() + 1,
-                        r.ts.timestamp_millis() - 1,
-                    )
+        for q in queries {
+            let samples =
+                crate::store::history_window(&conn, &q.device, q.quantity, q.from_ms, q.to_ms)
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|(t, v)| {
@@ -694,161 +424,48 @@ impl Enforcer {
                             crate::money::to_milli(v),
                         ))
                     })
-                    .collect()
-                }
-                _ => Vec::new(),
-            };
-            let step = prepaid::meter(
-                &mut state,
-                r.ts,
-                milli,
-                &acc.tariff,
-                tz,
-                acc.limits,
-                &inside,
-            );
-            let rules = self.rooms.entry(acc.room.clone()).or_default();
-            match step {
-                Step::Baseline => {}
-                Step::Billed(charges) => match rules.prepaid.get_mut(&acc.utility) {
-                    Some(p) => {
-                        let total: i64 = charges.iter().map(|c| c.amount).sum();
-                        let mut balance = p.balance;
-                        for c in charges.iter().cloned() {
-                            balance -= c.amount;
-                            let interval = c.piece.from.timestamp_millis().div_euclid(interval_ms)
-                                * interval_ms;
-                            let (room, utility, after) = (acc.room.clone(), acc.utility, balance);
-                            writes.push(Box::new(move |tx: &Connection| {
-                                ledger::add_usage(tx, &room, utility, interval, &c, after)
-                            }));
-                        }
-                        let ev = prepaid::deduct(p, total, low, now);
-                        out.extend(
-                            ev.into_iter()
-                                .map(|e| prepaid_event(&acc.room, acc.utility, &e)),
-                        );
-                    }
-                    // No balance yet (the cloud sets it): nothing to deduct, no fraction to carry.
-                    None => {
-                        if let Some(st) = state.as_mut() {
-                            st.carry = 0;
-                        }
-                    }
-                },
-                Step::Suspect {
-                    reason,
-                    first,
-                    billed_milli,
-                    reading_milli,
-                } => {
-                    if first {
-                        tracing::warn!(device = %acc.device, room = %acc.room, ?reason, billed_milli, reading_milli, "prepaid counter reading held as suspect");
-                        out.push(counter_event("counter_suspect", acc, r.ts, json!({"reason": reason, "billed": billed_milli as f64 / 1000.0, "reading": reading_milli as f64 / 1000.0})));
-                    }
-                }
-                Step::Rebased {
-                    from_milli,
-                    to_milli,
-                } => {
-                    tracing::warn!(device = %acc.device, room = %acc.room, from_milli, to_milli, "prepaid counter re-based on a confirmed new level; the jump was not billed");
-                    out.push(counter_event("counter_rebased", acc, r.ts, json!({"from": from_milli as f64 / 1000.0, "to": to_milli as f64 / 1000.0, "unbilled": (to_milli - from_milli) as f64 / 1000.0})));
-                }
-            }
-            if let Some(st) = state {
-                let (device, json) = (
-                    acc.device.to_string(),
-                    serde_json::to_string(&st).unwrap_or_default(),
-                );
-                writes.push(Box::new(move |tx: &Connection| {
-                    tx.execute(
-                        "INSERT INTO prepaid_counters (device, quantity, state) VALUES (?1, ?2, ?3) ON CONFLICT(device, quantity) DO UPDATE SET state = excluded.state",
-                        params![device, quantity.as_str(), json],
-                    )
-                    .map(drop)
-                }));
-                self.counters.insert(key, st);
-            }
-            writes.extend(self.room_write(&acc.room));
+                    .collect();
+            out.insert(q.key, samples);
         }
-        (out, writes)
+        out
     }
 
-    /// Answers a local control request; the writes persist what it changed.
-    fn control(&mut self, req: ControlRequest, now: DateTime<Utc>) -> (Value, Vec<Write>) {
-        let mut writes: Vec<Write> = Vec::new();
-        let v = match req {
-            ControlRequest::List => {
-                let relays: Vec<Value> = self
-                    .relays()
-                    .iter()
-                    .map(|r| {
-                        let d = self.decided.get(&r.spec.name);
-                        json!({
-                            "relay": r.spec.name, "room": r.spec.room, "kind": r.spec.kind, "device": r.device, "output": r.output,
-                            "desired": d.map(|d| onoff(d.on)), "actual": self.actual.get(&r.spec.name).map(|a| onoff(*a)),
-                            "rule": d.map(|d| d.rule.clone()), "reason": d.map(|d| d.reason.clone()),
-                        })
-                    })
-                    .collect();
-                json!({"ok": true, "fire_alarm": self.fire, "relays": relays})
-            }
-            ControlRequest::Override {
-                room,
-                relay,
-                on,
-                reason,
-                for_s,
-                by,
-            } => {
-                let names: Vec<String> = self
-                    .relays()
-                    .iter()
-                    .filter(|r| {
-                        r.spec.room == room && relay.as_ref().is_none_or(|n| *n == r.spec.name)
-                    })
-                    .map(|r| r.spec.name.clone())
-                    .collect();
-                if names.is_empty() {
-                    return (
-                        json!({"ok": false, "error": format!("no relay {} in room {room:?}", relay.unwrap_or_default())}),
-                        Vec::new(),
-                    );
-                }
-                if reason.trim().is_empty() {
-                    return (
-                        json!({"ok": false, "error": "a reason is required (it goes into the audit trail)"}),
-                        Vec::new(),
-                    );
-                }
-                let until = for_s.map(|s| now + chrono::Duration::seconds(s as i64));
-                let rules = self.rooms.entry(room.clone()).or_default();
-                for n in &names {
-                    rules.overrides.insert(
-                        n.clone(),
-                        Override {
-                            on,
-                            reason: reason.clone(),
-                            until,
-                            by: by.clone(),
-                        },
-                    );
-                }
-                writes.extend(self.room_write(&room));
-                json!({"ok": true, "relays": names, "on": on, "until": until.map(|u| u.to_rfc3339())})
-            }
-            ControlRequest::ClearOverride { room, relay } => {
-                let rules = self.rooms.entry(room.clone()).or_default();
-                let before = rules.overrides.len();
-                rules
-                    .overrides
-                    .retain(|k, _| relay.as_ref().is_some_and(|n| n != k));
-                let n = before - rules.overrides.len();
-                writes.extend(self.room_write(&room));
-                json!({"ok": true, "cleared": n})
-            }
+    /// A cloud command: applied, written durably with its records, then answered (undone and
+    /// answered "not applied" if it cannot be written).
+    async fn cloud(
+        &mut self,
+        name: &str,
+        id: &str,
+        args: Value,
+        now: DateTime<Utc>,
+    ) -> Result<Value, String> {
+        let undo = self.state.snapshot();
+        let event = Event::Cloud {
+            name: name.to_string(),
+            id: id.to_string(),
+            args,
         };
-        (v, writes)
+        let actions = self.state.step(now, event);
+        self.execute(actions, Some(undo))
+            .await
+            .0
+            .unwrap_or_else(|| Err("no answer".into()))
+    }
+
+    /// A batch of readings: prepaid deduction, the fire alarm, and what they change.
+    async fn readings(&mut self, batch: Batch, now: DateTime<Utc>) {
+        let history = self.history_for(&batch);
+        let actions = self.state.step(now, Event::Readings { batch, history });
+        self.execute(actions, None).await;
+    }
+
+    /// Reads every relay's state (a read-back round).
+    async fn read_round(&mut self, relays: Vec<String>) {
+        let reads = relays
+            .into_iter()
+            .map(|relay| Action::Read { relay })
+            .collect();
+        self.execute(reads, None).await;
     }
 
     /// Runs until shutdown: read every relay first, then follow inputs and the re-check timer.
@@ -858,149 +475,60 @@ impl Enforcer {
         mut shutdown: watch::Receiver<bool>,
     ) {
         // Never write before the actual states are known (no flicker on restart).
-        let mut tries = 0;
-        while self.actual.len() < self.relays().len() && tries < 3 {
-            let _ = self.read_all().await;
-            tries += 1;
+        for _ in 0..3 {
+            let unknown = self.state.unknown_relays();
+            if unknown.is_empty() {
+                break;
+            }
+            self.read_round(unknown).await;
         }
-        let first = self.reconcile(Utc::now(), true).await;
-        self.publish(first).await;
-        let every = self.config.enforcement.recheck_every;
+        let first = self
+            .state
+            .step(Utc::now(), Event::Reconcile { retry_failed: true });
+        self.execute(first, None).await;
+        let every = self.state.config.enforcement.recheck_every;
         let mut next_check = tokio::time::Instant::now() + every;
         loop {
-            let records = tokio::select! {
+            tokio::select! {
                 // Inputs first: a command or a reading must not wait behind a slow re-check.
                 biased;
                 input = inputs.recv() => {
                     let Some(input) = input else { return };
                     let now = Utc::now();
-                    let mut r = match input {
+                    match input {
                         Input::Cloud { name, id, args, deadline, reply } => {
-                            let result = if now >= deadline {
+                            let answer = if now >= deadline {
                                 Err(format!("not applied: enforcement was busy until after {}; resend with a new id", deadline.to_rfc3339()))
                             } else {
-                                self.apply_cloud_durably(&name, &id, &args, now).await
+                                self.cloud(&name, &id, args, now).await
                             };
-                            let answer = match result {
-                                Ok(()) => {
-                                    tracing::info!(command = %name, id = %id, "relay command applied");
-                                    Ok(json!({"applied": name}))
-                                }
-                                Err(e) => {
-                                    tracing::warn!(command = %name, id = %id, error = %e, "relay command rejected");
-                                    Err(e)
-                                }
-                            };
+                            match &answer {
+                                Ok(_) => tracing::info!(command = %name, id = %id, "relay command applied"),
+                                Err(e) => tracing::warn!(command = %name, id = %id, error = %e, "relay command rejected"),
+                            }
                             if let Some(reply) = reply {
                                 let _ = reply.send(answer);
                             }
-                            Vec::new()
                         }
                         Input::Control { req, reply } => {
-                            let before = self.rooms.clone();
-                            let (mut v, writes) = self.control(req, now);
-                            // Durable before it is answered; undone if it cannot be written.
-                            if let Err(e) = self.store.transact(Vec::new(), writes, true).await {
-                                self.rooms = before;
-                                v = json!({"ok": false, "error": format!("not applied: cannot write the override: {e}")});
-                            }
-                            // Apply an override at once, then answer with the resulting state.
-                            let r = self.reconcile(now, false).await;
-                            let _ = reply.send(v);
-                            self.publish(r).await;
-                            Vec::new()
+                            let undo = self.state.snapshot();
+                            let actions = self.state.step(now, Event::Control(req));
+                            let v = self.execute(actions, Some(undo)).await.1;
+                            let _ = reply.send(v.unwrap_or(json!({"ok": false, "error": "no answer"})));
                         }
-                        Input::Readings(batch) => {
-                            let (records, writes) = self.apply_readings(&batch, now);
-                            if let Err(e) = self.store.transact(records, writes, false).await {
-                                tracing::error!(error = %e, "prepaid: this batch's state not written (kept in memory, written with the next one; its ledger rows are lost)");
-                            }
-                            Vec::new()
-                        }
-                    };
-                    r.extend(self.reconcile(now, false).await);
-                    r
+                        Input::Readings(batch) => self.readings(batch, now).await,
+                    }
                 }
                 _ = tokio::time::sleep_until(next_check) => {
                     // Notice hand-switched relays, retry stuck ones, apply time-based rules.
-                    let mut r = self.read_all().await;
-                    r.extend(self.reconcile(Utc::now(), true).await);
+                    self.read_round(self.state.all_relays()).await;
+                    let actions = self.state.step(Utc::now(), Event::Reconcile { retry_failed: true });
+                    self.execute(actions, None).await;
                     next_check = tokio::time::Instant::now() + every;
-                    r
                 }
                 _ = shutdown.changed() => return,
-            };
-            self.publish(records).await;
+            }
         }
-    }
-
-    async fn publish(&self, records: Vec<NewRecord>) {
-        if !records.is_empty() {
-            let _ = self.store.append(records).await;
-        }
-    }
-}
-
-fn onoff(v: bool) -> &'static str {
-    if v {
-        "on"
-    } else {
-        "off"
-    }
-}
-
-/// An audit record about one relay: never dropped from the outbox.
-fn audit(event: &str, relay: &Relay, fields: Value) -> NewRecord {
-    let mut v = json!({
-        "event": event,
-        "relay": relay.spec.name,
-        "room": relay.spec.room,
-        "kind": relay.spec.kind,
-        "device": relay.device,
-        "output": relay.output,
-    });
-    if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
-        m.extend(f);
-    }
-    NewRecord {
-        kind: Kind::Audit,
-        topic: "audit".into(),
-        ts: Utc::now(),
-        payload: v.to_string().into_bytes(),
-    }
-}
-
-fn prepaid_event(room: &str, utility: Utility, e: &PrepaidEvent) -> NewRecord {
-    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-    if let Value::String(name) = &v["event"] {
-        v["event"] = json!(format!("prepaid_{name}"));
-    }
-    v["room"] = json!(room);
-    v["utility"] = json!(utility);
-    NewRecord {
-        kind: Kind::Event,
-        topic: "events".into(),
-        ts: Utc::now(),
-        payload: v.to_string().into_bytes(),
-    }
-}
-
-/// An event about a prepaid account's counter (`counter_suspect`, `counter_rebased`).
-fn counter_event(
-    event: &str,
-    acc: &super::config::PrepaidAccount,
-    at: DateTime<Utc>,
-    fields: Value,
-) -> NewRecord {
-    let mut v = json!({"event": event, "room": acc.room, "utility": acc.utility, "device": acc.device, "at": at.to_rfc3339()});
-    if let (Value::Object(m), Value::Object(f)) = (&mut v, fields) {
-        m.extend(f);
-    }
-    NewRecord {
-        kind: Kind::Event,
-        topic: "events".into(),
-        ts: at,
-        payload: v.to_string().into_bytes(),
     }
 }
 
@@ -1018,6 +546,7 @@ pub fn group_id(name: &str) -> Option<u32> {
 mod tests {
     use super::super::test_support::*;
     use super::*;
+    use crate::topology::Utility;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prepaid_deductions_reach_the_ledger_while_the_store_thread_writes_telemetry() {
@@ -1031,10 +560,10 @@ mod tests {
         .unwrap();
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
-        enf.apply_cloud_durably(
+        enf.cloud(
             "set_balance",
             "b-1",
-            &json!({"room": "104", "utility": "electricity", "balance": 100_000}),
+            json!({"room": "104", "utility": "electricity", "balance": 100_000}),
             t0,
         )
         .await
@@ -1054,13 +583,12 @@ mod tests {
         for k in 0..1000 {
             wh += 2000.0 * 10.0 / 3600.0;
             let t = t0 + chrono::Duration::seconds(10 * (k + 1));
-            let (records, writes) =
-                enf.apply_readings(&vec![reading(t, (wh / 10.0).floor() / 100.0)], t);
-            store.transact(records, writes, false).await.unwrap();
+            enf.readings(vec![reading(t, (wh / 10.0).floor() / 100.0)], t)
+                .await;
             tokio::task::yield_now().await;
         }
         hammer.await.unwrap();
-        let balance = enf.rooms["104"].prepaid[&Utility::Electricity].balance;
+        let balance = enf.state.rooms["104"].prepaid[&Utility::Electricity].balance;
         let conn = crate::store::open_read_only(&cfg.store.path).unwrap();
         let (usage, rows): (i64, i64) = conn
             .query_row(
@@ -1090,6 +618,7 @@ mod tests {
 mod counter_events {
     use super::super::test_support::*;
     use super::*;
+    use crate::topology::Utility;
 
     #[tokio::test]
     async fn a_zero_reading_after_a_meter_reboot_is_reported_once_and_not_billed() {
@@ -1101,10 +630,10 @@ mod counter_events {
         .unwrap();
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
-        enf.apply_cloud_durably(
+        enf.cloud(
             "set_balance",
             "b-1",
-            &json!({"room": "104", "utility": "electricity", "balance": 10_000}),
+            json!({"room": "104", "utility": "electricity", "balance": 10_000}),
             t0,
         )
         .await
@@ -1112,16 +641,19 @@ mod counter_events {
         let mut events = Vec::new();
         for (k, kwh) in [(0, 5123.30), (1, 5123.31), (2, 0.0), (3, 0.0), (4, 5123.32)] {
             let t = t0 + chrono::Duration::seconds(10 * k);
-            let (records, writes) = enf.apply_readings(&vec![reading(t, kwh)], t);
-            store
-                .transact(records.clone(), writes, false)
-                .await
-                .unwrap();
-            events.extend(records);
+            let batch = vec![reading(t, kwh)];
+            let history = enf.history_for(&batch);
+            let actions = enf.state.step(t, Event::Readings { batch, history });
+            for a in &actions {
+                if let Action::Persist { records, .. } = a {
+                    events.extend(records.iter().cloned());
+                }
+            }
+            enf.execute(actions, None).await;
         }
         // 0.02 kWh × 0.8523 = 1.7 fen: 1 fen deducted, 0.7 carried; the zeros billed nothing.
         assert_eq!(
-            enf.rooms["104"].prepaid[&Utility::Electricity].balance,
+            enf.state.rooms["104"].prepaid[&Utility::Electricity].balance,
             9_999
         );
         let payloads: Vec<Value> = events
@@ -1235,17 +767,13 @@ mod command_replies {
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let now = Utc::now();
         let freeze = signed("freeze", "f-1", json!({"room": "104", "scope": "access"}));
-        enf.apply_cloud_durably("freeze", "f-1", &freeze, now)
-            .await
-            .unwrap();
-        assert!(enf.rooms["104"].access_freeze.is_some());
+        enf.cloud("freeze", "f-1", freeze, now).await.unwrap();
+        assert!(enf.state.rooms["104"].access_freeze.is_some());
         let unfreeze = signed("unfreeze", "u-1", json!({"room": "104", "scope": "access"}));
-        enf.apply_cloud_durably("unfreeze", "u-1", &unfreeze, now)
-            .await
-            .unwrap();
+        enf.cloud("unfreeze", "u-1", unfreeze, now).await.unwrap();
         // No shutdown, no flush: what was answered must already be there.
         let reopened = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
-        assert!(reopened.rooms["104"].access_freeze.is_none());
+        assert!(reopened.state.rooms["104"].access_freeze.is_none());
         let seen = load_seen(&cfg.store.path).unwrap();
         assert!(seen.contains("f-1") && seen.contains("u-1"));
     }
