@@ -5,10 +5,8 @@
 //! cloud through a durable outbox. See `docs/architecture.md` for how the pieces fit.
 #![forbid(unsafe_code)]
 
-pub mod acceptance;
 pub mod accounting;
 pub mod apportion;
-pub mod bench;
 pub mod bill;
 pub mod cli;
 pub mod clock;

@@ -171,7 +171,7 @@ pub fn message(gateway: &str, rows: &[Stored]) -> Vec<u8> {
 
 /// A command as received, validated.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Command {
+pub struct ParsedCommand {
     pub id: String,
     pub name: String,
     pub args: Value,
@@ -185,7 +185,11 @@ pub struct Rejected {
 }
 
 /// Validates a command publish on `cmd/{name}`: size, JSON object, an `id` string, a sane name.
-pub fn parse_command(name: &str, payload: &[u8], max_bytes: usize) -> Result<Command, Rejected> {
+pub fn parse_command(
+    name: &str,
+    payload: &[u8],
+    max_bytes: usize,
+) -> Result<ParsedCommand, Rejected> {
     let reject = |id: Option<String>, reason: String| Err(Rejected { id, reason });
     if payload.len() > max_bytes {
         return reject(
@@ -220,7 +224,7 @@ pub fn parse_command(name: &str, payload: &[u8], max_bytes: usize) -> Result<Com
             format!("command name {name:?} must be 1-64 characters of a-z, 0-9 and _"),
         );
     }
-    Ok(Command {
+    Ok(ParsedCommand {
         id,
         name: name.to_string(),
         args: Value::Object(obj),
@@ -744,7 +748,7 @@ impl CommandWorker {
     }
 
     async fn answer_batch(&self, batch: Vec<Incoming>) {
-        let parsed: Vec<(String, Result<Command, Rejected>)> = batch
+        let parsed: Vec<(String, Result<ParsedCommand, Rejected>)> = batch
             .into_iter()
             .map(|c| {
                 let r = parse_command(&c.name, &c.payload, self.max_command_bytes);
@@ -799,7 +803,7 @@ impl CommandWorker {
         self.store.reply(records, remember).await;
     }
 
-    async fn execute(&self, cmd: &Command) -> Result<Value, String> {
+    async fn execute(&self, cmd: &ParsedCommand) -> Result<Value, String> {
         match cmd.name.as_str() {
             "ping" => Ok(json!({"pong": Utc::now().to_rfc3339()})),
             "status" => {

@@ -17,32 +17,6 @@ use super::prepaid::Charge;
 use crate::topology::Utility;
 use crate::uplink::{Answer, CommandHandler};
 
-/// The ledger's table (created with the enforcement tables).
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS prepaid_ledger (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    room           TEXT    NOT NULL,
-    utility        TEXT    NOT NULL,
-    kind           TEXT    NOT NULL,            -- usage | top_up | reconcile
-    interval_ms    INTEGER NOT NULL,            -- usage: start of the history interval; else the time
-    band           TEXT    NOT NULL DEFAULT '',
-    start_ms       INTEGER NOT NULL,
-    end_ms         INTEGER NOT NULL,
-    start_counter  INTEGER,                     -- thousandths (Wh, litres)
-    end_counter    INTEGER,
-    consumption    INTEGER NOT NULL DEFAULT 0,  -- thousandths
-    price_micros   INTEGER,
-    amount         INTEGER NOT NULL,            -- minor units; deductions negative
-    balance_after  INTEGER NOT NULL,
-    ref            TEXT,
-    epoch          INTEGER NOT NULL DEFAULT 0   -- usage: id of the account's last top-up/reconciliation
-);
-CREATE UNIQUE INDEX IF NOT EXISTS prepaid_ledger_usage
-    ON prepaid_ledger (room, utility, interval_ms, band, price_micros, epoch) WHERE kind = 'usage';
-CREATE INDEX IF NOT EXISTS prepaid_ledger_room ON prepaid_ledger (room, utility, id);
-CREATE INDEX IF NOT EXISTS prepaid_ledger_adjustments ON prepaid_ledger (room, utility, id) WHERE kind <> 'usage';
-";
-
 /// Adds one priced charge to its interval's row (created on the first charge of the interval, or the
 /// first after a top-up or reconciliation, so rows in id order always chain their balances).
 pub fn add_usage(
@@ -277,7 +251,7 @@ mod tests {
     #[test]
     fn charges_of_one_interval_and_band_aggregate_into_one_row_that_keeps_the_balance_chain() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(crate::store::SCHEMA).unwrap();
         let t0 = Utc.with_ymd_and_hms(2026, 10, 14, 4, 0, 0).unwrap();
         let price = Price::parse("0.8523", 2).unwrap();
         let mut balance = 10_000;

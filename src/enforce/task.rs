@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command;
-use super::ledger;
 use super::prepaid::CounterState;
 use super::rules::RoomRules;
 use super::state::{Action, EnforcerState, Event, History, Snapshot};
@@ -145,16 +144,6 @@ impl EnforcementCommands {
     }
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS enforcement_rooms (room TEXT PRIMARY KEY, rules TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS enforcement_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (device, quantity));
-CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
--- Small persisted facts: the fire alarm's last known state ('on'/'off').
-CREATE TABLE IF NOT EXISTS enforcement_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Where each prepaid counter is billed up to, with the carried fraction (JSON of CounterState).
-CREATE TABLE IF NOT EXISTS prepaid_counters (device TEXT NOT NULL, quantity TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (device, quantity));
-";
-
 /// Loads the command ids already used (for the handler's replay check).
 pub fn load_seen(path: &std::path::Path) -> Result<HashSet<String>, StoreError> {
     let conn = open(path)?;
@@ -180,8 +169,8 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(|e| sql(path, e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| sql(path, e))?;
-    conn.execute_batch(SCHEMA).map_err(|e| sql(path, e))?;
-    conn.execute_batch(ledger::SCHEMA)
+    // Every table, the store's included, in case this runs before the store opened the file.
+    conn.execute_batch(crate::store::SCHEMA)
         .map_err(|e| sql(path, e))?;
     Ok(conn)
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{out, table};
+use super::{out, table};
 use crate::config::Config;
 use crate::modbus::bus;
 use crate::modbus::link::Link;
@@ -91,12 +91,12 @@ impl AcceptanceCmd {
             .with_context(|| format!("{}: not a bench description", self.bench.display()))?;
         let base = self.bench.parent().unwrap_or(Path::new("."));
         let mut config = Config::from_path(&base.join(&bench.bench.config))
-            .map_err(|e| anyhow::Error::new(crate::cli::InvalidConfig(e)))?;
+            .map_err(|e| anyhow::Error::new(super::InvalidConfig(e)))?;
         let _sim = match &self.sim {
             Some(b) => {
                 let (building, profiles) = crate::sim::load(b)?;
                 let running = crate::sim::start(&building, &profiles).await?;
-                crate::cli::point_buses_at(&mut config, &running);
+                super::point_buses_at(&mut config, &running);
                 Some(running)
             }
             None => None,

@@ -1,0 +1,115 @@
+//! `meterd apportion`: the apportionment of common consumption for a month.
+
+use super::*;
+
+/// `meterd apportion --period 2026-10`
+#[derive(Debug, Args)]
+pub struct ApportionCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Month in the site's timezone, `YYYY-MM`.
+    #[arg(long)]
+    pub period: String,
+    /// Show the calculation for one room, step by step.
+    #[arg(long)]
+    pub explain: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ApportionCmd {
+    /// Computes from the counter history the daemon keeps (read-only).
+    pub fn execute(self) -> Result<()> {
+        let mut c = self.config.load()?;
+        let conn = crate::store::open_read_only(&c.store.path)?;
+        crate::accounting::apply_tariff_overrides(&conn, &mut c.site)?;
+        let results = crate::accounting::apportion_period(&conn, &c, &self.period)?;
+        if results.is_empty() {
+            bail!("{}: no [[pool]] configured: nothing to apportion", c.source);
+        }
+        if let Some(room) = &self.explain {
+            let mut any = false;
+            for r in &results {
+                if let Some(t) = crate::apportion::explain(r, room) {
+                    out(&t);
+                    out("\n");
+                    any = true;
+                }
+            }
+            if !any {
+                bail!("room {room:?} is in no pool");
+            }
+            return Ok(());
+        }
+        if self.json {
+            out(&json(&results)?);
+            return Ok(());
+        }
+        for r in &results {
+            let money = |a: Option<i64>| match (a, r.price) {
+                (Some(a), Some(p)) => {
+                    let d = 10i64.pow(p.decimals);
+                    format!("{}.{:0w$}", a / d, a % d, w = p.decimals as usize)
+                }
+                _ => "-".into(),
+            };
+            out(&format!(
+                "\npool {} ({:?}), period {}: common {}.{:03} {}{}{}{}\n",
+                r.pool,
+                r.utility,
+                r.period,
+                r.common_milli / 1000,
+                r.common_milli % 1000,
+                r.unit,
+                r.amount
+                    .map(|_| format!(
+                        ", cost {} {}",
+                        money(r.amount),
+                        r.currency.clone().unwrap_or_default()
+                    ))
+                    .unwrap_or_default(),
+                if r.estimated {
+                    ", ESTIMATED (readings missing)"
+                } else {
+                    ""
+                },
+                r.method
+                    .iter()
+                    .map(|(b, w)| format!(", {b:?} {w}"))
+                    .collect::<String>()
+                    .to_lowercase()
+            ));
+            let rows: Vec<Vec<String>> = r
+                .rooms
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.room.clone(),
+                        format!("{:.3}", x.own),
+                        format!("{:.6}", x.coefficient),
+                        format!("{}.{:03}", x.share_milli / 1000, x.share_milli % 1000),
+                        money(x.share_amount),
+                        money(x.own_amount),
+                        money(x.share_amount.zip(x.own_amount).map(|(a, b)| a + b)),
+                    ]
+                })
+                .collect();
+            out(&table(
+                &[
+                    "room",
+                    "own",
+                    "coefficient",
+                    "share",
+                    "share cost",
+                    "own cost",
+                    "total",
+                ],
+                &rows,
+            ));
+            for w in &r.warnings {
+                out(&format!("warning: {w}\n"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! `meterd buffer`: the outbox, read without disturbing the daemon.
+
+use super::*;
+
+/// `meterd buffer`
+#[derive(Debug, Args)]
+pub struct BufferCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BufferCmd {
+    /// Reads the outbox the daemon writes (read-only; safe while it runs).
+    pub fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let s = crate::store::read_stats(&c.store.path)?;
+        if self.json {
+            out(&json(&s)?);
+            return Ok(());
+        }
+        let age = s
+            .oldest_ts
+            .map(|t| {
+                let secs = (chrono::Utc::now() - t).num_seconds().max(0);
+                format!(
+                    "{} ({}h{:02}m{:02}s ago)",
+                    t.to_rfc3339(),
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let rows = vec![
+            vec!["outbox".into(), c.store.path.display().to_string()],
+            vec!["records waiting".into(), s.rows.to_string()],
+            vec![
+                "  telemetry / events / results / audit / replies".into(),
+                format!(
+                    "{} / {} / {} / {} / {}",
+                    s.by_kind[0], s.by_kind[1], s.by_kind[2], s.by_kind[3], s.by_kind[4]
+                ),
+            ],
+            vec![
+                "set aside (too large to publish)".into(),
+                s.oversized.to_string(),
+            ],
+            vec!["payload bytes".into(), s.payload_bytes.to_string()],
+            vec!["oldest record".into(), age],
+            vec!["last seq assigned".into(), s.last_seq.to_string()],
+            vec![
+                "dropped by the cap (total)".into(),
+                s.dropped_total.to_string(),
+            ],
+            vec![
+                "last publish ok".into(),
+                s.last_publish_ok.clone().unwrap_or_else(|| "-".into()),
+            ],
+            vec![
+                "last publish error".into(),
+                s.last_publish_error
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+            ],
+            vec![
+                "store error".into(),
+                s.store_error
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+            ],
+        ];
+        out(&table(&["", ""], &rows));
+        Ok(())
+    }
+}

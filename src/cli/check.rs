@@ -1,0 +1,35 @@
+//! `meterd check`: validates a configuration and lists every problem.
+
+use super::*;
+
+/// `meterd check`
+#[derive(Debug, Args)]
+pub struct CheckCmd {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+impl CheckCmd {
+    /// Prints a summary of a valid config; an invalid one fails with every problem listed.
+    pub fn execute(self) -> Result<()> {
+        let c = self.config.load()?;
+        let requests: usize = c.devices.iter().map(|d| d.plan.requests.len()).sum();
+        out(&format!(
+            "{}: OK: gateway {} ({}), {} bus(es), {} device(s), {} read request(s) per full poll cycle, {} profile(s); topology: {} meter node(s), {} room(s), {} pool(s); enforcement: {} relay(s), {} prepaid account(s); uplink: {}\n",
+            c.source,
+            c.gateway.id,
+            c.gateway.timezone,
+            c.buses.len(),
+            c.devices.len(),
+            requests,
+            c.profiles.len(),
+            c.site.meters.len(),
+            c.site.rooms.len(),
+            c.site.pools.len(),
+            c.enforcement.relays.len(),
+            c.enforcement.prepaid.len(),
+            c.mqtt.as_ref().map(|m| format!("mqtt {}:{}", m.host, m.port)).unwrap_or_else(|| "none (outbox only)".into())
+        ));
+        Ok(())
+    }
+}

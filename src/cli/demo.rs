@@ -1,0 +1,185 @@
+//! `meterd demo`: the simulator and the daemon together on the built-in building.
+
+use super::*;
+
+/// The sample building and the config that polls it, compiled in so the demo needs no files.
+pub const DEMO_BUILDING: &str = include_str!("../../config/building.toml");
+/// Config of the demo; its buses are pointed at the simulator's endpoints of the same name.
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+/// `meterd demo`
+#[derive(Debug, Args)]
+pub struct DemoCmd {
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Refresh the table this often.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+}
+
+/// Starts the embedded sample building and returns a config whose buses point at it.
+pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
+    let building = sim::Building::from_str_named(DEMO_BUILDING, "<builtin>/config/building.toml")?;
+    let profiles: BTreeMap<_, _> = crate::modbus::profile::builtin()
+        .map_err(|e| anyhow::anyhow!("built-in profiles: {e:?}"))?
+        .into_iter()
+        .map(|(k, v)| (k, std::sync::Arc::new(v)))
+        .collect();
+    let running = sim::start(&building, &profiles).await?;
+    let mut config = Config::from_str_at(
+        DEMO_CONFIG,
+        "<builtin>/config/demo.toml",
+        Path::new("/nonexistent"),
+    )
+    .map_err(config_failure)?;
+    point_buses_at(&mut config, &running);
+    // The demo's outbox and control socket are scratch files, removed when the demo ends.
+    config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
+    config.gateway.control_socket =
+        std::env::temp_dir().join(format!("meterd-demo-{}.sock", std::process::id()));
+    Ok((running, config))
+}
+
+/// Rewrites each bus whose name matches a simulator endpoint to that endpoint's address.
+pub fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
+    for b in &mut config.buses {
+        match (sim.addr(&b.name), &mut b.transport) {
+            (Some(sim::EndpointAddr::Tcp(a)), Transport::Tcp { host, port, .. })
+            | (Some(sim::EndpointAddr::RtuOverTcp(a)), Transport::RtuOverTcp { host, port, .. }) => {
+                *host = a.ip().to_string();
+                *port = a.port();
+            }
+            (Some(sim::EndpointAddr::Pty(p)), Transport::Rtu(s)) => {
+                s.device = p.display().to_string()
+            }
+            _ => {}
+        }
+    }
+}
+
+impl DemoCmd {
+    /// Runs the sample building and the engine, printing a live table.
+    pub async fn execute(self) -> Result<()> {
+        let (running, config) = start_demo_building().await?;
+        for (name, addr) in &running.endpoints {
+            out(&format!("simulator endpoint {name}: {addr}\n"));
+        }
+        out(&format!(
+            "polling {} device(s) on {} bus(es) of \"{}\"; Ctrl-C to stop\n",
+            config.devices.len(),
+            config.buses.len(),
+            config.gateway.site
+        ));
+        let (tap, mut readings) = tokio::sync::mpsc::channel(daemon::READINGS_CAPACITY);
+        let daemon = daemon::Daemon::start(
+            &config,
+            std::sync::Arc::new(crate::uplink::NoCommands),
+            Some(tap),
+        )?;
+        let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
+        let deadline = self.duration.map(|d| Instant::now() + d);
+        let mut tick = tokio::time::interval(self.every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                batch = readings.recv() => {
+                    let Some(batch) = batch else { break };
+                    for r in batch {
+                        latest.insert((r.device.to_string(), r.register.to_string()), r);
+                    }
+                }
+                _ = tick.tick() => {
+                    let depth = daemon.store.depth().await;
+                    out(&demo_table(&config, &latest, &daemon.bus_status));
+                    out(&format!("outbox {}: {depth} record(s) buffered for the cloud (no uplink in the demo)\n", config.store.path.display()));
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        daemon.stop().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
+        }
+        let _ = std::fs::remove_file(&config.gateway.control_socket);
+        Ok(())
+    }
+}
+
+pub(super) fn demo_table(
+    config: &Config,
+    latest: &BTreeMap<(String, String), Reading>,
+    buses: &[std::sync::Arc<crate::modbus::bus::BusStatus>],
+) -> String {
+    use crate::modbus::profile::Quantity as Q;
+    let status: BTreeMap<String, DeviceStatus> = buses
+        .iter()
+        .flat_map(|s| s.snapshot())
+        .map(|d| (d.name.clone(), d))
+        .collect();
+    let rows: Vec<Vec<String>> = config
+        .devices
+        .iter()
+        .map(|d| {
+            let get = |q: Q| {
+                latest
+                    .values()
+                    .find(|r| *r.device == *d.name && r.quantity == q)
+                    .map(|r| {
+                        if r.quality == Quality::Good {
+                            fmt_value(r)
+                        } else {
+                            format!("({:?})", r.quality).to_lowercase()
+                        }
+                    })
+                    .unwrap_or_else(|| "".into())
+            };
+            let relays: String = latest
+                .values()
+                .filter(|r| *r.device == *d.name && r.quantity == Q::RelayState)
+                .map(|r| if r.value == Some(1.0) { '1' } else { '0' })
+                .collect();
+            let s = status.get(&*d.name).cloned().unwrap_or_default();
+            vec![
+                d.name.to_string(),
+                config.buses[d.bus].name.clone(),
+                d.unit.to_string(),
+                get(Q::EnergyKwh),
+                get(Q::PowerW),
+                get(Q::WaterM3),
+                relays,
+                format!("{}/{}", s.polls_ok, s.polls_failed),
+                if s.offline_since.is_some() {
+                    "OFFLINE".into()
+                } else {
+                    String::new()
+                },
+                s.last_error.unwrap_or_default().chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    format!(
+        "\n{}\n{}",
+        chrono::Utc::now()
+            .with_timezone(&config.gateway.timezone)
+            .format("%Y-%m-%d %H:%M:%S %Z"),
+        table(
+            &[
+                "device",
+                "bus",
+                "unit",
+                "energy_kwh",
+                "power_w",
+                "water_m3",
+                "relays",
+                "ok/failed",
+                "state",
+                "last error"
+            ],
+            &rows
+        )
+    )
+}

@@ -1,0 +1,78 @@
+//! What the commands print: aligned tables, JSON, values; and the terminal prompt.
+
+use super::*;
+
+/// Writes to stdout; a closed pipe (`meterd read … | head`) ends the process quietly.
+pub fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// An aligned text table: the human output of every read command.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(c.chars().count());
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut s = line(headers.to_vec());
+    s += &line(
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|x| x.as_str())
+            .collect(),
+    );
+    for r in rows {
+        s += &line(r.iter().map(|c| c.as_str()).collect());
+    }
+    s
+}
+
+pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
+pub(crate) fn fmt_value(r: &Reading) -> String {
+    match r.value {
+        None => "-".into(),
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{v:.0}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+/// Asks on the terminal before a write; refuses on a non-interactive input.
+pub(crate) fn confirm(what: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "{what}: refusing to write without confirmation on a non-interactive input; pass --yes"
+        );
+    }
+    eprint!("{what}\nProceed? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}

@@ -1,0 +1,85 @@
+//! `meterd profiles`: the device profile library.
+
+use super::*;
+
+/// `meterd profiles [NAME]`
+#[derive(Debug, Args)]
+pub struct ProfilesCmd {
+    /// Directory of site profiles in addition to the built-in ones.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Show this profile's register table.
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ProfilesCmd {
+    /// Lists or shows profiles.
+    pub fn execute(self) -> Result<()> {
+        let dir = self
+            .dir
+            .unwrap_or_else(|| Path::new(config::DEFAULT_PATH).with_file_name("profiles"));
+        let lib =
+            config::load_profiles(&dir).map_err(|i| config_failure(ConfigError::Invalid(i)))?;
+        match self.name {
+            None => {
+                if self.json {
+                    out(&json(
+                        &lib.values().map(|p| p.as_ref()).collect::<Vec<_>>(),
+                    )?);
+                } else {
+                    let rows: Vec<Vec<String>> = lib
+                        .values()
+                        .map(|p| {
+                            vec![
+                                p.name.clone(),
+                                p.registers.len().to_string(),
+                                p.description.clone(),
+                            ]
+                        })
+                        .collect();
+                    out(&table(&["profile", "registers", "description"], &rows));
+                }
+            }
+            Some(n) => {
+                let p = lib
+                    .get(&n)
+                    .with_context(|| format!("no profile {n:?}; `meterd profiles` lists them"))?;
+                if self.json {
+                    out(&json(p.as_ref())?);
+                } else {
+                    out(&format!(
+                        "{}: {}\nsource: {}\n",
+                        p.name, p.description, p.source
+                    ));
+                    if let Some(c) = &p.commissioning {
+                        out(&format!("commissioning: {c}\n"));
+                    }
+                    let rows: Vec<Vec<String>> = p
+                        .registers
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.name.to_string(),
+                                r.quantity.to_string(),
+                                r.function.to_string(),
+                                format!("{:#06x}", r.address),
+                                format!("{:?}", r.ty).to_lowercase(),
+                                r.scale.to_string(),
+                                r.unit.to_string(),
+                            ]
+                        })
+                        .collect();
+                    out(&table(
+                        &[
+                            "register", "quantity", "table", "address", "type", "scale", "unit",
+                        ],
+                        &rows,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

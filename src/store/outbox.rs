@@ -1,0 +1,502 @@
+//! The outbox records: append (with the caps), fetch, ack, meta, stats, state writes in one
+//! transaction (`transact`), command replies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::schema::SCHEMA;
+use super::*;
+
+/// The SQLite outbox.
+pub struct Store {
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
+    pub(super) caps: Caps,
+    pub(super) rows: u64,
+    pub(super) bytes: u64,
+    pub(super) dropped_total: u64,
+    /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
+    pub(super) last_age_check: Option<std::time::Instant>,
+    pub(super) last_prune: Option<std::time::Instant>,
+    /// Test fault: the next cap pass fails as on a full disk.
+    #[cfg(test)]
+    pub(super) fail_next_cap_pass: bool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the outbox at `path`.
+    pub fn open(path: &Path, caps: Caps) -> Result<Store, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        // Keep the page cache small (the gateway has little RAM) and the WAL from growing unbounded.
+        conn.pragma_update(None, "cache_size", -2000).map_err(err)?;
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(err)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        let (rows, bytes): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)?;
+        let dropped_total = meta_get(&conn, "dropped_total")
+            .map_err(err)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            caps,
+            rows: rows as u64,
+            bytes: bytes as u64,
+            dropped_total,
+            last_age_check: None,
+            last_prune: None,
+            #[cfg(test)]
+            fail_next_cap_pass: false,
+        })
+    }
+
+    pub(super) fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// A hard ceiling on the file, in pages: a second line of defence under the caps (and how tests
+    /// reproduce a full disk).
+    pub fn set_max_page_count(&self, pages: u64) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "max_page_count", pages as i64)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Appends records in one transaction and applies the caps. Returns the seq of the last record.
+    pub fn append(&mut self, records: &[NewRecord]) -> Result<i64, StoreError> {
+        self.append_remembering(records, &[])
+    }
+
+    /// [`Store::append`], and in the same transaction remembers command replies by id (see
+    /// [`Store::replies_of`]).
+    pub fn append_remembering(
+        &mut self,
+        records: &[NewRecord],
+        remember: &[Remembered],
+    ) -> Result<i64, StoreError> {
+        if records.is_empty() {
+            return self.last_seq();
+        }
+        let critical = records.iter().any(|r| r.kind.critical());
+        if critical {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.err(e))?;
+        }
+        let result = self.insert(records, remember);
+        if critical {
+            self.conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| self.err(e))?;
+        }
+        let last = result?;
+        self.rows += records.len() as u64;
+        self.bytes += records
+            .iter()
+            .map(|r| r.payload.len().min(MAX_RECORD_BYTES) as u64)
+            .sum::<u64>();
+        // The records are committed: a failing cap pass (a full disk) must not make the caller hold
+        // them and insert them again under new seqs. The caps are enforced again on the next write.
+        if let Err(e) = self.enforce_caps(Utc::now()) {
+            tracing::error!(error = %e, "outbox: the cap pass failed; the records are stored, the cap is retried on the next write");
+        }
+        Ok(last)
+    }
+
+    pub(super) fn insert(
+        &mut self,
+        records: &[NewRecord],
+        remember: &[Remembered],
+    ) -> Result<i64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for r in records {
+                if r.payload.len() > MAX_RECORD_BYTES {
+                    // Kept whole, but never handed to the uplink: an event says where it is.
+                    tx.execute(
+                        "INSERT INTO oversized (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                        params![r.kind as i64, r.topic, r.ts.timestamp_millis(), r.payload],
+                    )
+                    .map_err(err)?;
+                    let event = serde_json::json!({
+                        "event": "record_too_large",
+                        "topic": r.topic,
+                        "bytes": r.payload.len(),
+                        "limit": MAX_RECORD_BYTES,
+                        "kept_as": tx.last_insert_rowid(),
+                        "ts": r.ts.to_rfc3339(),
+                    });
+                    tracing::error!(topic = %r.topic, bytes = r.payload.len(), "outbox record too large to publish; kept aside in the oversized table");
+                    stmt.execute(params![
+                        Kind::Event as i64,
+                        "events",
+                        r.ts.timestamp_millis(),
+                        event.to_string().into_bytes()
+                    ])
+                    .map_err(err)?;
+                    continue;
+                }
+                stmt.execute(params![
+                    r.kind as i64,
+                    r.topic,
+                    r.ts.timestamp_millis(),
+                    r.payload
+                ])
+                .map_err(err)?;
+            }
+        }
+        let last = tx.last_insert_rowid();
+        if !remember.is_empty() {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO command_replies (id, command, ts_ms, reply) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for r in remember {
+                stmt.execute(params![r.id, r.command, r.ts_ms, r.reply])
+                    .map_err(err)?;
+            }
+            drop(stmt);
+            let keep_from = Utc::now().timestamp_millis() - REPLY_KEEP_MS;
+            tx.execute("DELETE FROM command_replies WHERE ts_ms < ?1", [keep_from])
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(last)
+    }
+
+    /// Runs `writes` and appends `records` in one transaction (see [`StoreHandle::transact`]).
+    /// Returns the seq of the last record.
+    pub fn transact(
+        &mut self,
+        records: &[NewRecord],
+        writes: Vec<Write>,
+        durable: bool,
+    ) -> Result<i64, StoreError> {
+        let full = durable || records.iter().any(|r| r.kind.critical());
+        if full {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.err(e))?;
+        }
+        let result = (|| {
+            let path = self.path.clone();
+            let err = |source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            };
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err)?;
+            for w in writes {
+                w(&tx).map_err(err)?;
+            }
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(err)?;
+                for r in records {
+                    stmt.execute(params![
+                        r.kind as i64,
+                        r.topic,
+                        r.ts.timestamp_millis(),
+                        r.payload
+                    ])
+                    .map_err(err)?;
+                }
+            }
+            let last = if records.is_empty() {
+                None
+            } else {
+                Some(tx.last_insert_rowid())
+            };
+            tx.commit().map_err(err)?;
+            Ok(last)
+        })();
+        if full {
+            self.conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| self.err(e))?;
+        }
+        match result? {
+            Some(last) => {
+                self.rows += records.len() as u64;
+                self.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                Ok(last)
+            }
+            None => self.last_seq(),
+        }
+    }
+
+    /// The replies already given to these command ids (those that have one).
+    pub fn replies_of(&self, ids: &[String]) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT reply FROM command_replies WHERE id = ?1")
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(r) = stmt
+                .query_row([id], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+                .map_err(|e| self.err(e))?
+            {
+                out.insert(id.clone(), r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops telemetry past the caps and records an event that says how much: by timestamp what is
+    /// older than `max_age`, then the oldest by seq while rows or bytes are over. With an implausible
+    /// clock (a gateway without RTC before NTP) the age cap is skipped: "now" is nonsense, and records
+    /// stamped before the clock was set are never "old" either.
+    pub(super) fn enforce_caps(&mut self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_cap_pass) {
+            return Err(self.err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some("database or disk is full".into()),
+            )));
+        }
+        let check_age = crate::clock::plausible(now)
+            && self
+                .last_age_check
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if check_age {
+            self.last_age_check = Some(std::time::Instant::now());
+            let age_limit = now
+                - chrono::Duration::from_std(self.caps.max_age).unwrap_or(chrono::Duration::MAX);
+            // Among the oldest 100,000 rows (appended in about time order), those stamped at a
+            // plausible time older than the limit.
+            let aged = "seq IN (SELECT seq FROM outbox WHERE kind = 0 ORDER BY seq LIMIT 100000) AND ts_ms >= ?1 AND ts_ms < ?2";
+            self.drop_telemetry(
+                now,
+                aged,
+                &[
+                    crate::clock::PLAUSIBLE_FROM_MS,
+                    age_limit.timestamp_millis(),
+                ],
+                "max_age",
+            )?;
+        }
+        let over_rows = self.rows.saturating_sub(self.caps.max_rows);
+        let over_bytes = self.bytes > self.caps.max_bytes;
+        if over_rows == 0 && !over_bytes {
+            return Ok(());
+        }
+        // Drop in one go what the row cap needs; for bytes, 10 % headroom avoids dropping on every
+        // append once full.
+        let mut want = over_rows;
+        if over_bytes {
+            let avg = (self.bytes / self.rows.max(1)).max(1);
+            let excess = self.bytes - self.caps.max_bytes + self.caps.max_bytes / 10;
+            want = want.max(excess / avg + 1);
+        }
+        let reason = if over_rows > 0 {
+            "max_rows"
+        } else {
+            "max_bytes"
+        };
+        let oldest = "seq IN (SELECT seq FROM outbox WHERE kind = 0 ORDER BY seq LIMIT ?1)";
+        let dropped = self.drop_telemetry(now, oldest, &[want as i64], reason)?;
+        if dropped == 0 {
+            // Only results, audit, replies and events left: they are never dropped.
+            tracing::warn!(
+                rows = self.rows,
+                bytes = self.bytes,
+                "outbox over its cap but holds only records that are never dropped"
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes the telemetry rows matching `filter` (an SQL condition on the outbox taking `args`)
+    /// in one transaction with an `outbox_overflow` event; returns how many.
+    pub(super) fn drop_telemetry(
+        &mut self,
+        now: DateTime<Utc>,
+        filter: &str,
+        args: &[i64],
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let (first, last, n, freed): (Option<i64>, Option<i64>, i64, i64) = tx
+            .query_row(
+                &format!("SELECT min(seq), max(seq), count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE kind = 0 AND {filter}"),
+                rusqlite::params_from_iter(args),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(err)?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(0);
+        };
+        tx.execute(
+            &format!("DELETE FROM outbox WHERE kind = 0 AND {filter}"),
+            rusqlite::params_from_iter(args),
+        )
+        .map_err(err)?;
+        let dropped_total = self.dropped_total + n as u64;
+        let event = serde_json::json!({
+            "event": "outbox_overflow",
+            "reason": reason,
+            "dropped": n,
+            "seq_first": first,
+            "seq_last": last,
+            "dropped_total": dropped_total,
+        });
+        tx.execute(
+            "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, 'events', ?2, ?3)",
+            params![
+                Kind::Event as i64,
+                now.timestamp_millis(),
+                event.to_string().into_bytes()
+            ],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('dropped_total', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [dropped_total.to_string()],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        tracing::warn!(
+            dropped = n,
+            seq_first = first,
+            seq_last = last,
+            reason,
+            "outbox full: dropped telemetry"
+        );
+        self.dropped_total = dropped_total;
+        self.rows = self.rows - n as u64 + 1;
+        self.bytes = self.bytes - freed as u64 + event.to_string().len() as u64;
+        Ok(n as u64)
+    }
+
+    /// Up to `limit` records with `after < seq <= upto`, oldest first.
+    pub fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, kind, topic, ts_ms, payload FROM outbox WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, upto, limit as i64], |r| {
+                Ok(Stored {
+                    seq: r.get(0)?,
+                    kind: Kind::from_i64(r.get(1)?),
+                    topic: r.get(2)?,
+                    ts_ms: r.get(3)?,
+                    payload: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Removes acknowledged records (inclusive seq ranges).
+    pub fn ack(&mut self, ranges: &[(i64, i64)]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let (mut n, mut b) = (0u64, 0u64);
+        {
+            let mut count = tx
+                .prepare_cached("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq BETWEEN ?1 AND ?2")
+                .map_err(err)?;
+            let mut del = tx
+                .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")
+                .map_err(err)?;
+            for (a, z) in ranges {
+                let (c, s): (i64, i64) = count
+                    .query_row([a, z], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(err)?;
+                del.execute([a, z]).map_err(err)?;
+                n += c as u64;
+                b += s as u64;
+            }
+        }
+        tx.commit().map_err(err)?;
+        self.rows = self.rows.saturating_sub(n);
+        self.bytes = self.bytes.saturating_sub(b);
+        Ok(())
+    }
+
+    /// The newest seq ever assigned (0 for a fresh outbox), from SQLite's own sequence.
+    pub fn last_seq(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Sets a status value (last publish error, …) that `meterd buffer` shows.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Depth, age and the last errors.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        stats(&self.conn).map_err(|e| self.err(e)).map(|mut s| {
+            s.dropped_total = self.dropped_total;
+            s
+        })
+    }
+}

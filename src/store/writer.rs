@@ -1,0 +1,440 @@
+//! The store thread: the one SQLite writer, its requests and its handle.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::*;
+
+/// Requests to the store thread.
+pub(super) enum StoreRequest {
+    Append(Vec<NewRecord>),
+    Fetch {
+        after: i64,
+        upto: i64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+    },
+    Ack(Vec<(i64, i64)>),
+    Meta(String, String),
+    Stats(oneshot::Sender<Stats>),
+    Depth(oneshot::Sender<u64>),
+    Flush(oneshot::Sender<()>),
+    MaxPages(u64),
+    History(Vec<Sample>),
+    Replies {
+        ids: Vec<String>,
+        reply: oneshot::Sender<HashMap<String, Vec<u8>>>,
+    },
+    Reply {
+        records: Vec<NewRecord>,
+        remember: Vec<Remembered>,
+        done: oneshot::Sender<()>,
+    },
+    Transact {
+        records: Vec<NewRecord>,
+        writes: Vec<Write>,
+        durable: bool,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    SaveRun {
+        run: NewRun,
+        records: RunRecords,
+        reply: oneshot::Sender<Result<i64, String>>,
+    },
+}
+
+/// Records kept in memory while the disk refuses writes, before the oldest telemetry is dropped.
+pub(super) const SPILL_LIMIT: usize = 200_000;
+
+/// Handle to the store thread; cheap to clone.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<StoreRequest>,
+    /// The newest committed seq; the uplink waits on it for new data.
+    pub committed: watch::Receiver<i64>,
+    /// The last disk error while one persists (disk full, read-only), for status.
+    pub health: Arc<Mutex<Option<String>>>,
+}
+
+impl StoreHandle {
+    /// Queues records for the next group commit. Waits only if the store is far behind.
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<(), StoreError> {
+        self.tx
+            .send(StoreRequest::Append(records))
+            .await
+            .map_err(|_| StoreError::Stopped)
+    }
+
+    /// Sends the command `make` builds around a reply channel and waits for the reply.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> StoreRequest,
+    ) -> Result<T, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| "store stopped".to_string())?;
+        rx.await.map_err(|_| "store stopped".to_string())
+    }
+
+    /// Records with `after < seq <= upto`, oldest first.
+    pub async fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, String> {
+        self.request(|reply| StoreRequest::Fetch {
+            after,
+            upto,
+            limit,
+            reply,
+        })
+        .await?
+    }
+
+    /// Deletes acknowledged records.
+    pub async fn ack(&self, ranges: Vec<(i64, i64)>) {
+        let _ = self.tx.send(StoreRequest::Ack(ranges)).await;
+    }
+
+    /// Records a status value shown by `meterd buffer`.
+    pub async fn set_meta(&self, key: &str, value: String) {
+        let _ = self
+            .tx
+            .send(StoreRequest::Meta(key.to_string(), value))
+            .await;
+    }
+
+    /// Current depth and errors.
+    pub async fn stats(&self) -> Stats {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(StoreRequest::Stats(tx)).await.is_err() {
+            return Stats::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Records waiting, from the store's counter (no scan): for the birth message and live displays.
+    pub async fn depth(&self) -> u64 {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(StoreRequest::Depth(tx)).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Sets a hard ceiling on the outbox file in pages (see [`Store::set_max_page_count`]); writes past
+    /// it fail like a full disk.
+    pub async fn set_max_page_count(&self, pages: u64) {
+        let _ = self.tx.send(StoreRequest::MaxPages(pages)).await;
+    }
+
+    /// Adds counter samples to the history (billing boundaries).
+    pub async fn record_history(&self, samples: Vec<Sample>) {
+        let _ = self.tx.send(StoreRequest::History(samples)).await;
+    }
+
+    /// The replies already given to these command ids.
+    pub async fn replies_of(&self, ids: Vec<String>) -> HashMap<String, Vec<u8>> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(StoreRequest::Replies { ids, reply })
+            .await
+            .is_err()
+        {
+            return HashMap::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Appends reply records and remembers them by command id, in one durable transaction;
+    /// returns once they are committed (or held in memory if the disk refuses them).
+    pub async fn reply(&self, records: Vec<NewRecord>, remember: Vec<Remembered>) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(StoreRequest::Reply {
+                records,
+                remember,
+                done,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Runs `writes` and appends `records` in one transaction on the store thread (after what was
+    /// queued before), with `synchronous=FULL` when `durable` (a state change that is acknowledged to
+    /// someone). Nothing is written if any write fails; the error says why.
+    pub async fn transact(
+        &self,
+        records: Vec<NewRecord>,
+        writes: Vec<Write>,
+        durable: bool,
+    ) -> Result<(), String> {
+        self.request(|done| StoreRequest::Transact {
+            records,
+            writes,
+            durable,
+            done,
+        })
+        .await?
+    }
+
+    /// Saves a billing run with its outbox records (built from the version); returns the version.
+    pub async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
+        self.request(|reply| StoreRequest::SaveRun {
+            run,
+            records,
+            reply,
+        })
+        .await?
+    }
+
+    /// Waits until everything queued before this call is committed (or held in memory if the disk
+    /// refuses it).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(StoreRequest::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Runs the store on its own thread (SQLite calls block) and returns its handle. The thread ends
+/// when every handle is dropped.
+pub fn spawn(store: Store) -> Result<StoreHandle, StoreError> {
+    let (tx, rx) = mpsc::channel(1024);
+    let (committed_tx, committed) = watch::channel(store.last_seq()?);
+    let health = Arc::new(Mutex::new(None));
+    let h = health.clone();
+    std::thread::Builder::new()
+        .name("meterd-store".into())
+        .spawn(move || store_loop(store, rx, committed_tx, h))
+        .map_err(|_| StoreError::Stopped)?;
+    Ok(StoreHandle {
+        tx,
+        committed,
+        health,
+    })
+}
+
+/// The store thread's state: the outbox, plus what it holds in memory while the disk refuses writes.
+pub(super) struct Writer {
+    pub(super) store: Store,
+    pub(super) spill: VecDeque<NewRecord>,
+    pub(super) spill_dropped: u64,
+    pub(super) last_error_log: Option<std::time::Instant>,
+    pub(super) committed: watch::Sender<i64>,
+    pub(super) health: Arc<Mutex<Option<String>>>,
+}
+
+impl Writer {
+    /// Commits `batch` (after anything held in memory) in one transaction; on failure holds it.
+    pub(super) fn commit(&mut self, batch: Vec<NewRecord>, remember: &[Remembered]) {
+        if batch.is_empty() && self.spill.is_empty() {
+            return;
+        }
+        let mut all: Vec<NewRecord> = self.spill.drain(..).collect();
+        all.extend(batch);
+        match self.store.append_remembering(&all, remember) {
+            Ok(last) => {
+                self.committed.send_replace(last);
+                if self
+                    .health
+                    .lock()
+                    .map(|mut h| h.take().is_some())
+                    .unwrap_or(false)
+                {
+                    tracing::info!("outbox writable again; stored the records held in memory");
+                    let _ = self.store.set_meta("store_error", "");
+                }
+                if self.spill_dropped > 0 {
+                    let event = serde_json::json!({"event": "outbox_spill_overflow", "dropped": self.spill_dropped});
+                    let rec = NewRecord {
+                        kind: Kind::Event,
+                        topic: "events".into(),
+                        ts: Utc::now(),
+                        payload: event.to_string().into_bytes(),
+                    };
+                    if let Ok(last) = self.store.append(&[rec]) {
+                        self.committed.send_replace(last);
+                        self.spill_dropped = 0;
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                {
+                    tracing::error!(error = %msg, held = all.len(), "outbox write failed; polling continues, records held in memory");
+                    self.last_error_log = Some(std::time::Instant::now());
+                }
+                if let Ok(mut h) = self.health.lock() {
+                    *h = Some(msg);
+                }
+                self.spill.extend(all);
+                while self.spill.len() > SPILL_LIMIT {
+                    // Drop the oldest telemetry first; never results or audit.
+                    match self.spill.iter().position(|r| r.kind == Kind::Telemetry) {
+                        Some(i) => {
+                            self.spill.remove(i);
+                            self.spill_dropped += 1;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: StoreRequest) {
+        let store = &mut self.store;
+        match cmd {
+            StoreRequest::Append(r) => self.commit(r, &[]),
+            StoreRequest::Replies { ids, reply } => {
+                let r = store.replies_of(&ids).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "command replies could not be read; commands are handled afresh");
+                    HashMap::new()
+                });
+                let _ = reply.send(r);
+            }
+            StoreRequest::Reply {
+                records,
+                remember,
+                done,
+            } => {
+                self.commit(records, &remember);
+                let _ = done.send(());
+            }
+            StoreRequest::Transact {
+                records,
+                writes,
+                durable,
+                done,
+            } => {
+                // Records held from an earlier failure go first, in their own commit.
+                self.commit(Vec::new(), &[]);
+                let r = self.store.transact(&records, writes, durable);
+                match r {
+                    Ok(last) => {
+                        self.committed.send_replace(last);
+                        let _ = done.send(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "state change not written; its records are held in memory");
+                        self.spill.extend(records);
+                        let _ = done.send(Err(e.to_string()));
+                    }
+                }
+            }
+            StoreRequest::Fetch {
+                after,
+                upto,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(store.fetch(after, upto, limit).map_err(|e| e.to_string()));
+            }
+            StoreRequest::Ack(ranges) => {
+                if let Err(e) = store.ack(&ranges) {
+                    tracing::error!(error = %e, "outbox: could not delete acknowledged records; they will be sent again");
+                }
+            }
+            StoreRequest::Meta(k, v) => {
+                let _ = store.set_meta(&k, &v);
+            }
+            StoreRequest::Stats(reply) => {
+                let mut s = store.stats().unwrap_or_default();
+                s.store_error = self.health.lock().ok().and_then(|h| h.clone());
+                s.rows += self.spill.len() as u64;
+                let _ = reply.send(s);
+            }
+            StoreRequest::Depth(reply) => {
+                let _ = reply.send(store.rows + self.spill.len() as u64);
+            }
+            StoreRequest::Flush(reply) => {
+                let _ = reply.send(());
+            }
+            StoreRequest::MaxPages(pages) => {
+                if let Err(e) = store.set_max_page_count(pages) {
+                    tracing::error!(error = %e, "outbox: cannot set the page limit");
+                }
+            }
+            StoreRequest::History(samples) => {
+                if let Err(e) = store.record_history(&samples) {
+                    tracing::error!(error = %e, "history: samples not stored; billing boundaries will be interpolated");
+                }
+            }
+            StoreRequest::SaveRun {
+                run,
+                records,
+                reply,
+            } => {
+                let r = store.save_run(&run, records).map_err(|e| e.to_string());
+                if r.is_ok() {
+                    if let Ok(last) = store.last_seq() {
+                        self.committed.send_replace(last);
+                    }
+                }
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+pub(super) fn store_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<StoreRequest>,
+    committed: watch::Sender<i64>,
+    health: Arc<Mutex<Option<String>>>,
+) {
+    let mut w = Writer {
+        store,
+        spill: VecDeque::new(),
+        spill_dropped: 0,
+        last_error_log: None,
+        committed,
+        health,
+    };
+    loop {
+        // Block for the next command, or retry what is held in memory every 200 ms.
+        let first = if w.spill.is_empty() {
+            match rx.blocking_recv() {
+                Some(c) => Some(c),
+                None => return,
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        };
+        // Group commit: consecutive appends already queued go into one transaction; any other command
+        // first commits what came before it, so every command sees the effect of earlier ones.
+        let mut batch: Vec<NewRecord> = Vec::new();
+        let mut next = first;
+        while let Some(cmd) = next {
+            match cmd {
+                StoreRequest::Append(mut r) => batch.append(&mut r),
+                other => {
+                    w.commit(std::mem::take(&mut batch), &[]);
+                    w.handle(other);
+                }
+            }
+            if batch.len() >= 50_000 {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.commit(batch, &[]);
+    }
+}
