@@ -1039,6 +1039,7 @@ where
     let requests = async move {
         let mut buf = vec![0u8; 512];
         let mut pending: Vec<u8> = Vec::new();
+        let mut frame_start = Instant::now();
         loop {
             let n = match cli_rx.read(&mut buf).await {
                 Ok(n) if n > 0 => n,
@@ -1052,8 +1053,22 @@ where
             };
             let arrived = Instant::now();
             if pending.is_empty() {
-                let prev_end = free.lock().map(|f| *f).unwrap_or(arrived);
-                let gap = arrived.saturating_duration_since(prev_end);
+                frame_start = arrived;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            // Forward whole frames; what cannot be a request goes through as it is. Each frame's
+            // silence is measured from the end of the last frame on the wire to its first byte; a
+            // frame that came in the same read as the one before it follows it without any.
+            while !pending.is_empty() {
+                let len = match crate::modbus::frame::request_len(&pending) {
+                    Some(len) if pending.len() >= len => len,
+                    Some(_) => break,
+                    None if pending.len() < 2 => break,
+                    None => pending.len(),
+                };
+                let frame: Vec<u8> = pending.drain(..len).collect();
+                let prev_end = free.lock().map(|f| *f).unwrap_or(frame_start);
+                let gap = frame_start.saturating_duration_since(prev_end);
                 let l = &log.log;
                 if l.requests.fetch_add(1, Ordering::Relaxed) > 0
                     || l.answers.load(Ordering::Relaxed) > 0
@@ -1064,21 +1079,11 @@ where
                         l.gap_violations.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            }
-            pending.extend_from_slice(&buf[..n]);
-            // Forward whole frames; what cannot be a request goes through as it is.
-            while !pending.is_empty() {
-                let len = match crate::modbus::frame::request_len(&pending) {
-                    Some(len) if pending.len() >= len => len,
-                    Some(_) => break,
-                    None if pending.len() < 2 => break,
-                    None => pending.len(),
-                };
-                let frame: Vec<u8> = pending.drain(..len).collect();
-                let end = arrived + timing.frame(len);
+                let end = frame_start.max(prev_end) + timing.frame(len);
                 if let Ok(mut f) = free.lock() {
                     *f = (*f).max(end);
                 }
+                frame_start = end;
                 crate::clock::sleep_until_precise(end + timing.t35()).await;
                 if srv_tx.write_all(&frame).await.is_err() {
                     return;

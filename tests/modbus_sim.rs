@@ -323,7 +323,7 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
         [[unit]]
         endpoint = "line"
         unit = 1
-        profile = "eastron_sdm120"
+        profile = "chint_ddsu666"
         load_w = 100.0
         [[unit]]
         endpoint = "line"
@@ -336,6 +336,9 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
         profile = "chint_ddsu666"
         load_w = 100.0
     "#;
+    // The neighbours are meters without an inter-request pause: an Eastron's 60 ms per request
+    // (four requests) would fill most of the 300 ms interval by itself, and the test would measure
+    // that instead of the dead meter's cost.
     let sim = common::start(building).await;
     let timeout = Duration::from_millis(250);
     let devices = r#"
@@ -350,7 +353,7 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
         name = "left"
         bus = "line"
         unit = 1
-        profile = "eastron_sdm120"
+        profile = "chint_ddsu666"
         [[device]]
         name = "dead"
         bus = "line"

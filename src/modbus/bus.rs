@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::decode;
 use super::link::{Data, FailureKind, LineStats, Link, LinkError};
 use super::schedule::{Scheduler, Verdict};
-use crate::config::{Bus, Device};
+use super::spec::{Bus, Device};
 use crate::reading::{Quality, RawWords, Reading};
 
 /// The last good value of a register: value, raw words, when read.

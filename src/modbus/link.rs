@@ -28,7 +28,7 @@ use tokio_serial::SerialPortBuilderExt;
 use super::frame::{self, Resync};
 use super::plan::ReadRequest;
 use super::profile::Function;
-use crate::config::{Bus, Parity, Transport};
+use super::spec::{Bus, Parity, Transport};
 
 /// How a transaction failed. The bus statistics count each kind apart, because they point at different
 /// faults in the field: wiring or power (timeout), noise or a baud mismatch (garbled), a wrong profile
@@ -391,10 +391,11 @@ impl Link {
         self.stats.clone()
     }
 
-    /// How long the line must be silent to count as quiet after a failure: the bus gap, and at
-    /// least 20 ms, the order of a USB adapter's latency timer (16 ms on FTDI chips).
+    /// How long the line must be silent to count as quiet after a failure: the bus gap (≥ t3.5).
+    /// Longer would cost every neighbour of a dead meter that much per probe; bytes that trickle in
+    /// later (a USB adapter's latency timer) are told apart by the line guard anyway.
     fn silence(&self) -> Duration {
-        self.bus.gap.max(Duration::from_millis(20))
+        self.bus.gap
     }
 
     fn is_serial_line(&self) -> bool {

@@ -10,4 +10,5 @@ pub mod link;
 pub mod plan;
 pub mod profile;
 pub mod schedule;
+pub mod spec;
 pub mod timing;

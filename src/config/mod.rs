@@ -1,0 +1,228 @@
+//! The site configuration: one TOML file, parsed into a raw form, validated as a whole (every problem
+//! collected, each naming the file, the key path and what is expected), then built into typed values.
+//!
+//! A broken config is rejected before anything starts: the daemon never runs half a config.
+//!
+//! Layout: this file is the typed model; [`raw`] the serde layer (`deny_unknown_fields`);
+//! [`validate`] the validator with one file per section (gateway, bus, device, store and mqtt,
+//! profiles), all collecting into one `Issue` list. The site (`topology`) and `[enforcement]`
+//! sections are validated by their own modules into the same list.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::modbus::profile::Profile;
+
+/// The bus and device specs live with the Modbus layer that uses them; config builds them.
+pub use crate::modbus::spec::{Bus, Device, Parity, Serial, Transport};
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use raw::*;
+use validate::*;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
+
+/// One problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// File the problem is in (the config or a profile file).
+    pub file: String,
+    /// Key path inside it, e.g. `device[3] (kitchen).unit`.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (pass another file with --config PATH)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), .0.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Issue>),
+}
+
+/// Site identity and the timezone used for billing boundaries and display (UTC everywhere else).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    pub id: String,
+    pub site: String,
+    pub timezone: chrono_tz::Tz,
+    /// Local socket for `meterd status` and `meterd relay` (root and the service's group only).
+    pub control_socket: PathBuf,
+    /// Log filter for `meterd run` (RUST_LOG and --log-level override it).
+    pub log_level: Option<String>,
+}
+
+/// Default local control socket (systemd's RuntimeDirectory).
+pub const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
+
+/// Where the outbox lives and how large it may grow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub caps: crate::store::Caps,
+}
+
+/// TLS material for the broker connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+/// The MQTT uplink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// First topic level: `{prefix}/{gateway id}/...`.
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<Tls>,
+    /// Most records in one telemetry message.
+    pub batch_max_records: usize,
+    /// Most payload bytes in one message.
+    pub batch_max_bytes: usize,
+    /// Unacknowledged QoS 1 messages allowed at once.
+    pub inflight: u16,
+    /// Share of messages given to the backlog while live data is also waiting (0.05..=0.95).
+    pub backlog_share: f64,
+    /// Commands larger than this are refused with an error reply.
+    pub max_command_bytes: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`<inline>` for strings).
+    pub source: String,
+    /// Hash of the config text, reported in the MQTT birth message so the cloud sees which config runs.
+    pub hash: String,
+    pub gateway: Gateway,
+    pub buses: Vec<Bus>,
+    pub devices: Vec<Device>,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+    pub store: StoreConfig,
+    pub mqtt: Option<Mqtt>,
+    /// Meter trees, rooms, pools and tariffs (empty when not configured).
+    pub site: crate::topology::Site,
+    pub topology: TopologyConfig,
+    /// Recorded meter exchanges.
+    pub replacements: Vec<ReplacementRecord>,
+    /// Relays, freeze rules and prepaid accounts.
+    pub enforcement: crate::enforce::config::Enforcement,
+}
+
+/// When balances and apportionment run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopologyConfig {
+    /// Keep one counter sample per device per this period for billing boundaries.
+    pub history_every: Duration,
+    /// Check every node's balance over intervals of this length.
+    pub balance_every: Duration,
+    /// Day of the month (site time) on which last month is apportioned and published.
+    pub apportion_day: u32,
+    /// How long a due month waits for every billing meter to report after its end before it is run
+    /// with the missing meters named.
+    pub boundary_wait: Duration,
+}
+
+/// A meter exchanged at `at`: the old meter's final reading and the new one's first.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacementRecord {
+    pub meter: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub final_reading: f64,
+    pub initial_reading: f64,
+}
+
+impl Config {
+    /// Reads and validates a config file; profile files are looked up next to it.
+    pub fn from_path(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_str_at(&text, &path.display().to_string(), base)
+    }
+
+    /// Validates config text; `file` names it in errors, `base` resolves relative paths.
+    pub fn from_str_at(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            file: file.to_string(),
+            base: base.to_path_buf(),
+            issues: Vec::new(),
+        };
+        let config = v.build(text, base);
+        match config {
+            Some(c) if v.issues.is_empty() => Ok(c),
+            _ => Err(ConfigError::Invalid(v.issues)),
+        }
+    }
+
+    /// Looks a device up by name.
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| &*d.name == name)
+    }
+
+    /// Looks a bus up by name.
+    pub fn bus_index(&self, name: &str) -> Option<usize> {
+        self.buses.iter().position(|b| b.name == name)
+    }
+}
+
+// ---- raw form ---------------------------------------------------------------------------------
+
+/// Default outbox location (systemd's StateDirectory).
+pub const DEFAULT_STORE: &str = "/var/lib/meterd/outbox.db";
+
+/// Loads the built-in profiles plus the `*.toml` files of `dir` (if it exists): the library both the
+/// daemon and the simulator use. Problems name the profile file.
+pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<Issue>> {
+    let mut v = Validator {
+        file: dir.display().to_string(),
+        base: dir.to_path_buf(),
+        issues: Vec::new(),
+    };
+    let base = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().map(PathBuf::from);
+    let raw = RawProfiles { dir: name };
+    let profiles = v.profiles_opt(&raw, base, false);
+    if v.issues.is_empty() {
+        Ok(profiles)
+    } else {
+        Err(v.issues)
+    }
+}

@@ -1,0 +1,377 @@
+//! Config validation tests: inline TOML, every problem listed with its file and key.
+
+use super::*;
+use crate::modbus::timing;
+
+const GOOD: &str = r#"
+    [gateway]
+    id = "gw-1"
+    site = "Tower A"
+    timezone = "Asia/Shanghai"
+
+    [[bus]]
+    name = "rs485-1"
+    kind = "rtu"
+    device = "/dev/ttyUSB0"
+    baud = 9600
+    parity = "even"
+
+    [[bus]]
+    name = "lan"
+    kind = "tcp"
+    host = "127.0.0.1"
+    port = 5020
+    max_concurrent = 2
+
+    [[device]]
+    name = "m1"
+    bus = "rs485-1"
+    unit = 1
+    profile = "eastron_sdm630"
+    interval = "5s"
+
+    [[device]]
+    name = "relays"
+    bus = "lan"
+    unit = 255
+    profile = "relay_waveshare_8ch"
+"#;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str_at(text, "test.toml", Path::new("/nonexistent"))
+}
+
+fn issues(text: &str) -> Vec<String> {
+    match load(text) {
+        Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_log_level_like_loud_is_refused_and_directives_are_accepted() {
+    let with = |l: &str| {
+        GOOD.replace(
+            "timezone = \"Asia/Shanghai\"",
+            &format!("timezone = \"Asia/Shanghai\"\nlog_level = \"{l}\""),
+        )
+    };
+    let i = issues(&with("loud"));
+    assert!(
+        i.iter()
+            .any(|m| m.contains("gateway.log_level") && m.contains("expected error, warn, info")),
+        "{i:?}"
+    );
+    assert!(!issues(&with("info,meterd::uplink=verbose")).is_empty());
+    for ok in ["info", "DEBUG", "warn,meterd::uplink=debug", "off"] {
+        load(&with(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
+fn two_buses_on_one_serial_device_or_one_rtu_over_tcp_endpoint_are_refused() {
+    let twice = GOOD.to_string()
+        + r#"
+    [[bus]]
+    name = "rs485-again"
+    kind = "rtu"
+    device = "/dev/ttyUSB0"
+    baud = 2400
+    parity = "even"
+    [[bus]]
+    name = "moxa-1"
+    kind = "rtu_over_tcp"
+    host = "192.168.1.50"
+    port = 4001
+    [[bus]]
+    name = "moxa-1-again"
+    kind = "rtu_over_tcp"
+    host = "192.168.1.50"
+    port = 4001
+    [[bus]]
+    name = "moxa-1-port-2"
+    kind = "rtu_over_tcp"
+    host = "192.168.1.50"
+    port = 4002
+    "#;
+    let i = issues(&twice);
+    assert!(
+        i.iter().any(|m| m.contains("rs485-again")
+            && m.contains("serial device /dev/ttyUSB0 of bus \"rs485-1\"")),
+        "{i:?}"
+    );
+    assert!(
+        i.iter()
+            .any(|m| m.contains("moxa-1-again") && m.contains("192.168.1.50:4001")),
+        "{i:?}"
+    );
+    assert_eq!(
+        i.len(),
+        2,
+        "the second port of the same server is another line: {i:?}"
+    );
+}
+
+#[test]
+fn a_good_config_loads_with_defaults_and_plans() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.buses[0].gap, timing::t35(9600));
+    assert_eq!(c.devices[0].policy.interval, Duration::from_secs(5));
+    assert_eq!(
+        c.devices[0].pause,
+        Duration::from_millis(60),
+        "Eastron quirk from the profile"
+    );
+    // Default max_gap 8: 0x0000-0x000B and 0x0034-0x004B; the 40-register hole is not read.
+    let spans: Vec<(u16, u16)> = c.devices[0]
+        .plan
+        .requests
+        .iter()
+        .map(|r| (r.address, r.count))
+        .collect();
+    assert_eq!(spans, vec![(0x00, 12), (0x34, 24)]);
+    assert_eq!(c.buses[1].concurrency(), 2);
+    assert_eq!(c.gateway.timezone, chrono_tz::Asia::Shanghai);
+}
+
+#[test]
+fn every_problem_is_listed_at_once_with_file_and_key() {
+    let bad = r#"
+        [gateway]
+        id = "gw/1"
+        site = "x"
+        timezone = "Mars/Olympus"
+
+        [[bus]]
+        name = "a"
+        kind = "rtu"
+        device = "/dev/ttyS0"
+        baud = 9601
+        gap = "1ms"
+
+        [[bus]]
+        name = "a"
+        kind = "tcp"
+        host = "h"
+        port = 70000
+
+        [[device]]
+        name = "m1"
+        bus = "a"
+        unit = 1
+        profile = "nope"
+
+        [[device]]
+        name = "m1"
+        bus = "zzz"
+        unit = 1
+        profile = "eastron_sdm120"
+
+        [[device]]
+        name = "m2"
+        bus = "a"
+        unit = "one"
+        profile = "eastron_sdm120"
+
+        [[device]]
+        name = "m3"
+        bus = "a"
+        unit = 1
+        profile = "eastron_sdm120"
+
+        [modem]
+    "#;
+    let all = issues(bad).join("\n");
+    for expected in [
+        "test.toml: gateway.id: must be non-empty",
+        "test.toml: gateway.timezone: \"Mars/Olympus\" is not an IANA timezone",
+        "test.toml: bus[0] (a).baud: 9601 is not a serial speed",
+        "test.toml: bus[0] (a).gap: ",
+        "shorter than t3.5",
+        "test.toml: bus[1] (a).name: duplicate bus name \"a\"",
+        "test.toml: bus[1] (a).port: 70000 is not a TCP port",
+        "test.toml: device[0] (m1).profile: unknown profile \"nope\"",
+        "test.toml: device[1] (m1).name: duplicate device name \"m1\"",
+        "test.toml: device[1] (m1).bus: unknown bus \"zzz\"",
+        "test.toml: device[2] (m2): invalid type",
+        "test.toml: device[3] (m3).unit: unit 1 is already used by device \"m1\"",
+        "test.toml: modem: unknown section",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}
+
+#[test]
+fn rtu_unit_ids_are_1_to_247_but_tcp_allows_255() {
+    let bad = GOOD.replace("unit = 1\n", "unit = 248\n");
+    let all = issues(&bad).join("\n");
+    assert!(
+        all.contains("device[0] (m1).unit: 248: an RS485 unit id is 1..=247"),
+        "{all}"
+    );
+    assert!(load(GOOD).is_ok());
+}
+
+#[test]
+fn syntax_errors_name_the_file() {
+    let all = issues("[gateway\nid=").join("\n");
+    assert!(all.starts_with("test.toml: not valid TOML"), "{all}");
+}
+
+#[test]
+fn user_profiles_load_from_the_profiles_dir_and_their_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles/site_meter.toml"),
+        "[profile]\nname = \"site_meter\"\nsource = \"test\"\n[[register]]\nname = \"e\"\nquantity = \"energy_kwh\"\nfunction = \"holding\"\naddress = 0\ntype = \"u32\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("profiles/broken.toml"),
+        "[profile]\nname = \"broken\"\nsource = \"x\"\n[[register]]\nname = \"e\"\nquantity = \"energy_kwh\"\nfunction = \"holding\"\naddress = 65535\ntype = \"u32\"\n",
+    )
+    .unwrap();
+    let text = GOOD.replace("profile = \"eastron_sdm630\"", "profile = \"site_meter\"");
+    let err = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap_err();
+    let ConfigError::Invalid(issues) = err else {
+        panic!()
+    };
+    assert!(
+        issues
+            .iter()
+            .all(|i| i.file.ends_with("profiles/broken.toml")),
+        "{issues:?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.message.contains("register range overflow")),
+        "{issues:?}"
+    );
+    std::fs::remove_file(dir.path().join("profiles/broken.toml")).unwrap();
+    let c = Config::from_str_at(&text, "meterd.toml", dir.path()).unwrap();
+    assert_eq!(c.devices[0].profile.name, "site_meter");
+}
+
+#[test]
+fn store_and_mqtt_sections_are_validated_with_the_rest() {
+    let text = format!(
+        "{GOOD}\n[store]\npath = \"state/outbox.db\"\nmax_rows = 10\n[mqtt]\nhost = \"broker\"\nusername = \"u\"\nbacklog_share = 2.0\ntopic_prefix = \"a/#\"\n[mqtt.tls]\nca_file = \"missing-ca.pem\"\n"
+    );
+    let all = issues(&text).join("\n");
+    for expected in [
+        "store.max_rows: 10: keep at least 1000 rows",
+        "mqtt.password: username is set but password is missing",
+        "mqtt.backlog_share: 2: expected 0.05..=0.95",
+        "mqtt.topic_prefix: \"a/#\": must be non-empty, without wildcards",
+        "mqtt.tls.ca_file: cannot read /nonexistent/missing-ca.pem",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    let ok = load(&format!(
+        "{GOOD}\n[store]\npath = \"state/outbox.db\"\n[mqtt]\nhost = \"broker\"\n"
+    ))
+    .unwrap();
+    let m = ok.mqtt.unwrap();
+    assert_eq!(
+        (m.port, m.client_id.as_str(), m.topic_prefix.as_str()),
+        (1883, "meterd-gw-1", "meterd")
+    );
+    assert_eq!(
+        ok.store.path,
+        Path::new("/nonexistent/state/outbox.db"),
+        "relative to the config file"
+    );
+    assert_eq!(ok.hash.len(), 16);
+}
+
+#[test]
+fn topology_errors_name_the_node_and_are_all_listed() {
+    let devices = r#"
+        [[device]]
+        name = "main"
+        bus = "lan"
+        unit = 1
+        profile = "chint_dtsu666"
+        [[device]]
+        name = "sub1"
+        bus = "lan"
+        unit = 2
+        profile = "eastron_sdm120"
+        [[device]]
+        name = "sub2"
+        bus = "lan"
+        unit = 3
+        profile = "eastron_sdm120"
+        [[device]]
+        name = "stray"
+        bus = "lan"
+        unit = 4
+        profile = "eastron_sdm120"
+        [[device]]
+        name = "wm"
+        bus = "lan"
+        unit = 5
+        profile = "water_xintai_valve"
+    "#;
+    let topo = r#"
+        [[room]]
+        id = "101"
+        [[room]]
+        id = "102"
+        area_m2 = 20
+        [[room]]
+        id = "103"
+        area_m2 = 30
+        [[meter]]
+        name = "main"
+        utility = "electricity"
+        parent = "sub2"
+        [[meter]]
+        name = "sub1"
+        utility = "electricity"
+        parent = "main"
+        room = "101"
+        [[meter]]
+        name = "sub2"
+        utility = "electricity"
+        parent = "main"
+        room = "102"
+        [[meter]]
+        name = "sub1-again"
+        device = "sub1"
+        utility = "electricity"
+        parent = "sub2"
+        [[meter]]
+        name = "wm"
+        utility = "water"
+        parent = "main"
+        [[meter]]
+        name = "virt"
+        utility = "electricity"
+        virtual = "main - nope"
+        [[pool]]
+        name = "lifts"
+        utility = "electricity"
+        rooms = ["101", "102"]
+        method = { area = 0.5, consumption = 0.6 }
+    "#;
+    let text = format!(
+        "{}\n{devices}\n{topo}",
+        GOOD.split("[[device]]").next().unwrap()
+    );
+    let all = issues(&text).join("\n");
+    for expected in [
+        "meter[0] (main).parent: cycle: main → sub2 → main",
+        "meter[3] (sub1-again).device: device \"sub1\" is already meter \"sub1\" (parent main); a meter with two parents (sub2)",
+        "meter[4] (wm).parent: a water meter \"wm\" under an electricity meter \"main\": a tree never mixes utilities",
+        "meter[5] (virt).virtual: unknown meter \"nope\"",
+        "device (stray): meters energy or water but is in no [[meter]] tree",
+        "room (103): no meter bills this room",
+        "pool[0] (lifts).method: weights must be ≥ 0 and sum to 1 (they sum to 1.1)",
+        "pool[0] (lifts).method.area: room \"101\" has no area_m2, which this method needs",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}
