@@ -38,27 +38,7 @@ pub fn period_bounds(
     period: &str,
     tz: chrono_tz::Tz,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>), AccountingError> {
-    let bad = || AccountingError::Period(period.to_string());
-    let (y, m) = period.split_once('-').ok_or_else(bad)?;
-    let (y, m): (i32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-    let first = NaiveDate::from_ymd_opt(y, m, 1).ok_or_else(bad)?;
-    let next = if m == 12 {
-        NaiveDate::from_ymd_opt(y + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(y, m + 1, 1)
-    }
-    .ok_or_else(bad)?;
-    let local = |d: NaiveDate| {
-        // Midnight may not exist on a DST change day: take the earliest valid instant.
-        tz.from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
-            .earliest()
-            .or_else(|| {
-                tz.from_local_datetime(&d.and_hms_opt(1, 0, 0).unwrap_or_default())
-                    .earliest()
-            })
-            .map(|t| t.with_timezone(&Utc))
-    };
-    Ok((local(first).ok_or_else(bad)?, local(next).ok_or_else(bad)?))
+    crate::bill::month_bounds(period, tz).ok_or_else(|| AccountingError::Period(period.to_string()))
 }
 
 /// The month before the one containing `now` in the site's timezone.

@@ -14,13 +14,36 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::apportion::{self, BasisShare, PoolResult};
 use crate::money::Price;
 use crate::topology::{self, Boundary, Consumption, Replacement, Site, Source, Utility};
 use crate::tou::{self, TouPrice};
+
+/// `YYYY-MM` → the month's first and last instant in the site's timezone, as UTC; `None` for
+/// anything else. Midnight may not exist on a DST change day: the earliest valid instant is taken.
+pub fn month_bounds(period: &str, tz: chrono_tz::Tz) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let (y, m) = period.split_once('-')?;
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let first = NaiveDate::from_ymd_opt(y, m, 1)?;
+    let next = if m == 12 {
+        NaiveDate::from_ymd_opt(y + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(y, m + 1, 1)
+    }?;
+    let local = |d: NaiveDate| {
+        tz.from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+            .earliest()
+            .or_else(|| {
+                tz.from_local_datetime(&d.and_hms_opt(1, 0, 0).unwrap_or_default())
+                    .earliest()
+            })
+            .map(|t| t.with_timezone(&Utc))
+    };
+    Some((local(first)?, local(next)?))
+}
 
 /// Billing boundaries: local midnight on the 1st of every month, and every band change of a
 /// time-of-use tariff. The sampler keeps readings around them and the bus reads the billing meters

@@ -16,9 +16,11 @@ pub mod daemon;
 pub mod enforce;
 pub mod modbus;
 pub mod money;
-pub mod reading;
 pub mod sim;
 pub mod store;
 pub mod topology;
 pub mod tou;
 pub mod uplink;
+
+/// Readings are produced by the Modbus layer; the crate root keeps the short path.
+pub use modbus::reading;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::prepaid::PrepaidTariff;
 use super::rules::{Calendar, Policy, RelayKind, RelaySpec};
-use crate::config::Device;
+use crate::modbus::spec::Device;
 use crate::topology::{Site, Utility};
 
 /// `[enforcement]` as written.

@@ -193,9 +193,9 @@ impl LedgerQuery {
             }
         };
         let (from, to) = match args.get("period").and_then(Value::as_str) {
-            Some(p) => {
-                crate::accounting::period_bounds(p, self.timezone).map_err(|e| e.to_string())?
-            }
+            Some(p) => crate::bill::month_bounds(p, self.timezone).ok_or_else(|| {
+                format!("get_ledger: \"period\" must be YYYY-MM (a month), got {p:?}")
+            })?,
             None => {
                 let t = |k: &str| {
                     args.get(k)

@@ -18,9 +18,9 @@ use tokio::time::Instant;
 
 use super::decode;
 use super::link::{Data, FailureKind, LineStats, Link, LinkError};
+use super::reading::{Quality, RawWords, Reading};
 use super::schedule::{Scheduler, Verdict};
 use super::spec::{Bus, Device};
-use crate::reading::{Quality, RawWords, Reading};
 
 /// The last good value of a register: value, raw words, when read.
 type LastGood = Option<(f64, RawWords, DateTime<Utc>)>;

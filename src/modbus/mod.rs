@@ -9,6 +9,7 @@ pub mod frame;
 pub mod link;
 pub mod plan;
 pub mod profile;
+pub mod reading;
 pub mod schedule;
 pub mod spec;
 pub mod timing;

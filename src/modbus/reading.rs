@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::modbus::profile::Quantity;
+use super::profile::Quantity;
 
 /// How far a reading can be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
