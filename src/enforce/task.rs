@@ -543,10 +543,7 @@ mod tests {
         // write while the store thread committed: "database is locked", and the ledger lost rows.
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
-        let store = crate::store::spawn(
-            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
-        )
-        .unwrap();
+        let store = store(&cfg);
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
         enf.cloud(
@@ -613,10 +610,7 @@ mod counter_events {
     async fn a_zero_reading_after_a_meter_reboot_is_reported_once_and_not_billed() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
-        let store = crate::store::spawn(
-            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
-        )
-        .unwrap();
+        let store = store(&cfg);
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
         enf.cloud(
@@ -680,7 +674,7 @@ mod counter_events {
 
 #[cfg(test)]
 mod command_replies {
-    use super::super::test_support::config;
+    use super::super::test_support::{config, store};
     use super::*;
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
@@ -749,10 +743,7 @@ mod command_replies {
     async fn an_answered_unfreeze_is_on_disk_when_the_gateway_dies_right_after() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
-        let store = crate::store::spawn(
-            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
-        )
-        .unwrap();
+        let store = store(&cfg);
         let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
         let now = Utc::now();
         let freeze = signed("freeze", "f-1", json!({"room": "104", "scope": "access"}));
@@ -773,10 +764,7 @@ mod command_replies {
     async fn a_top_up_in_the_lease_quiet_period_is_answered_refused() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
-        let store = crate::store::spawn(
-            crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap(),
-        )
-        .unwrap();
+        let store = store(&cfg);
         let enf = Enforcer::open(cfg.clone(), HashMap::new(), store).unwrap();
         let (tx, rx) = mpsc::channel(8);
         let (_stop, shutdown) = watch::channel(false);

@@ -48,6 +48,12 @@ tariff = "elec"
     Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
 }
 
+/// The store thread on the config's outbox, as the daemon starts it.
+pub(crate) fn store(cfg: &Config) -> crate::store::StoreHandle {
+    crate::store::spawn(crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap())
+        .unwrap()
+}
+
 /// A Good energy reading of the prepaid meter.
 pub(crate) fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
     Reading {
