@@ -157,13 +157,7 @@ pub fn message(gateway: &str, rows: &[Stored]) -> Vec<u8> {
         if i > 0 {
             out.push(b',');
         }
-        // The stored payload is a JSON object written by meterd; splice the seq in as its first key.
-        out.extend_from_slice(format!("{{\"seq\":{}", r.seq).as_bytes());
-        let body = r.payload.strip_prefix(b"{").unwrap_or(b"}");
-        if body.first() != Some(&b'}') {
-            out.push(b',');
-        }
-        out.extend_from_slice(body);
+        splice_seq(&mut out, r);
     }
     out.extend_from_slice(b"]}");
     out
@@ -859,13 +853,18 @@ fn bounded_reply(id: &str, name: &str, result: Result<Value, String>) -> Vec<u8>
 /// (`{"seq": 41, "id": "c-1", "command": "ping", "ok": true, ...}`).
 pub fn reply_message(row: &Stored) -> Vec<u8> {
     let mut out = Vec::with_capacity(row.payload.len() + 24);
+    splice_seq(&mut out, row);
+    out
+}
+
+/// Appends a stored record (a JSON object written by meterd) with its seq spliced in as the first key.
+fn splice_seq(out: &mut Vec<u8>, row: &Stored) {
     out.extend_from_slice(format!("{{\"seq\":{}", row.seq).as_bytes());
     let body = row.payload.strip_prefix(b"{").unwrap_or(b"}");
     if body.first() != Some(&b'}') {
         out.push(b',');
     }
     out.extend_from_slice(body);
-    out
 }
 
 #[cfg(test)]

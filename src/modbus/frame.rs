@@ -153,11 +153,6 @@ impl Receiver {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Bytes received and not yet resolved into a frame or noise.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
     /// The next frame found in what was fed, or `None` until more bytes arrive. Noise before a frame
     /// is dropped (and counted) on the way.
     pub fn next_event(&mut self) -> Option<Event> {

@@ -139,47 +139,7 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(err)?;
-            for r in records {
-                if r.payload.len() > MAX_RECORD_BYTES {
-                    // Kept whole, but never handed to the uplink: an event says where it is.
-                    tx.execute(
-                        "INSERT INTO oversized (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-                        params![r.kind as i64, r.topic, r.ts.timestamp_millis(), r.payload],
-                    )
-                    .map_err(err)?;
-                    let event = serde_json::json!({
-                        "event": "record_too_large",
-                        "topic": r.topic,
-                        "bytes": r.payload.len(),
-                        "limit": MAX_RECORD_BYTES,
-                        "kept_as": tx.last_insert_rowid(),
-                        "ts": r.ts.to_rfc3339(),
-                    });
-                    tracing::error!(topic = %r.topic, bytes = r.payload.len(), "outbox record too large to publish; kept aside in the oversized table");
-                    stmt.execute(params![
-                        Kind::Event as i64,
-                        "events",
-                        r.ts.timestamp_millis(),
-                        event.to_string().into_bytes()
-                    ])
-                    .map_err(err)?;
-                    continue;
-                }
-                stmt.execute(params![
-                    r.kind as i64,
-                    r.topic,
-                    r.ts.timestamp_millis(),
-                    r.payload
-                ])
-                .map_err(err)?;
-            }
-        }
+        insert_records(&tx, records).map_err(err)?;
         let last = tx.last_insert_rowid();
         if !remember.is_empty() {
             let mut stmt = tx
@@ -227,22 +187,7 @@ impl Store {
             for w in writes {
                 w(&tx).map_err(err)?;
             }
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .map_err(err)?;
-                for r in records {
-                    stmt.execute(params![
-                        r.kind as i64,
-                        r.topic,
-                        r.ts.timestamp_millis(),
-                        r.payload
-                    ])
-                    .map_err(err)?;
-                }
-            }
+            insert_records(&tx, records).map_err(err)?;
             let last = if records.is_empty() {
                 None
             } else {
@@ -259,7 +204,10 @@ impl Store {
         match result? {
             Some(last) => {
                 self.rows += records.len() as u64;
-                self.bytes += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                self.bytes += records
+                    .iter()
+                    .map(|r| r.payload.len().min(MAX_RECORD_BYTES) as u64)
+                    .sum::<u64>();
                 Ok(last)
             }
             None => self.last_seq(),
@@ -499,4 +447,43 @@ impl Store {
             s
         })
     }
+}
+
+/// Inserts outbox records in the caller's transaction. A record larger than [`MAX_RECORD_BYTES`] is
+/// kept whole in `oversized` and never handed to the uplink; a `record_too_large` event says where.
+pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for r in records {
+        if r.payload.len() <= MAX_RECORD_BYTES {
+            stmt.execute(params![
+                r.kind as i64,
+                r.topic,
+                r.ts.timestamp_millis(),
+                r.payload
+            ])?;
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO oversized (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+            params![r.kind as i64, r.topic, r.ts.timestamp_millis(), r.payload],
+        )?;
+        let event = serde_json::json!({
+            "event": "record_too_large",
+            "topic": r.topic,
+            "bytes": r.payload.len(),
+            "limit": MAX_RECORD_BYTES,
+            "kept_as": tx.last_insert_rowid(),
+            "ts": r.ts.to_rfc3339(),
+        });
+        tracing::error!(topic = %r.topic, bytes = r.payload.len(), "outbox record too large to publish; kept aside in the oversized table");
+        stmt.execute(params![
+            Kind::Event as i64,
+            "events",
+            r.ts.timestamp_millis(),
+            event.to_string().into_bytes()
+        ])?;
+    }
+    Ok(())
 }

@@ -127,22 +127,7 @@ impl Store {
         .map_err(err)?;
         let version = tx.last_insert_rowid();
         let records = records(version);
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(err)?;
-            for r in &records {
-                stmt.execute(params![
-                    r.kind as i64,
-                    r.topic,
-                    r.ts.timestamp_millis(),
-                    r.payload
-                ])
-                .map_err(err)?;
-            }
-        }
+        super::outbox::insert_records(&tx, &records).map_err(err)?;
         tx.commit().map_err(err)?;
         let bytes = records.iter().map(|r| r.payload.len() as u64).sum();
         Ok((version, records.len() as u64, bytes))
