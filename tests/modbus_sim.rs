@@ -12,6 +12,11 @@ use meterd::modbus::profile::Quantity;
 use meterd::reading::{Quality, Reading};
 use tokio::time::Instant;
 
+/// The tests of this file run one at a time: the dead-meter test measures scheduling gaps of tens
+/// of milliseconds, which seven other simulators on two cores would add to (it failed only when run
+/// beside them).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const BUILDING: &str = r#"
 [[endpoint]]
 name = "lan"
@@ -156,6 +161,7 @@ async fn poll(config: &meterd::config::Config, device: &str) -> bus::PollResult 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_decode_correctly_over_tcp_rtu_and_rtu_over_tcp() {
+    let _serial = SERIAL.lock().await;
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "timeout = \"1s\"\n", DEVICES);
 
@@ -215,6 +221,7 @@ async fn values_decode_correctly_over_tcp_rtu_and_rtu_over_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn energy_counters_rise_consistently_with_power() {
+    let _serial = SERIAL.lock().await;
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "", DEVICES);
     let first = poll(&config, "ddsu666").await;
@@ -233,6 +240,7 @@ async fn energy_counters_rise_consistently_with_power() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exception_response_is_reported_as_such() {
+    let _serial = SERIAL.lock().await;
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "", DEVICES);
     let r = poll(&config, "broken").await;
@@ -283,6 +291,7 @@ async fn an_exception_response_is_reported_as_such() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_rtu_frame_is_counted_as_garbled_not_as_silence() {
+    let _serial = SERIAL.lock().await;
     let building = r#"
         [[endpoint]]
         name = "line"
@@ -316,6 +325,7 @@ async fn a_corrupted_rtu_frame_is_counted_as_garbled_not_as_silence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe() {
+    let _serial = SERIAL.lock().await;
     let building = r#"
         [[endpoint]]
         name = "line"
@@ -408,6 +418,7 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_board_coils_can_be_written_and_read_back() {
+    let _serial = SERIAL.lock().await;
     let building = r#"
         [[endpoint]]
         name = "lan"
@@ -440,6 +451,7 @@ async fn relay_board_coils_can_be_written_and_read_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_that_only_takes_fc16_switches_its_relay_and_stops_counting() {
+    let _serial = SERIAL.lock().await;
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "timeout = \"300ms\"\n", DEVICES);
     let mut link = Link::new(&config.buses[0]);
@@ -460,6 +472,7 @@ async fn a_meter_that_only_takes_fc16_switches_its_relay_and_stops_counting() {
 /// answered "illegal address" three times like a silent one, and the audit could not say which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_board_that_refuses_is_told_from_one_that_is_silent() {
+    let _serial = SERIAL.lock().await;
     let building = r#"
         [[endpoint]]
         name = "lan"
