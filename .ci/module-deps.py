@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Two-way dependencies between top-level modules of src/ (crate:: paths, tests excluded).
+# Dependency cycles between top-level modules of src/ (crate:: paths, tests excluded).
 # Usage: python3 .ci/module-deps.py
 import re,os,sys
 root=os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src')
@@ -26,10 +26,15 @@ for dp,dn,fn in os.walk(root):
             for t in re.findall(r'(?:^|[,{\s])([a-z_]+)(?:::|[,}\s])', block):
                 if t not in ('self',) and t!=m and os.path.exists(os.path.join(root,t+'.rs')) or os.path.isdir(os.path.join(root,t)):
                     if t!=m: edges.setdefault(m,set()).add(t)
-cycles=set()
-for a in edges:
-    for b in edges[a]:
-        if a in edges.get(b,()):
-            cycles.add(tuple(sorted((a,b))))
-for c in sorted(cycles): print("two-way:", c[0], "<->", c[1])
-print("modules:", len(edges))
+# Every cycle, not only two-way pairs: strongly connected components of more than one module.
+def reach(a):
+    seen=set(); todo=[a]
+    while todo:
+        for b in edges.get(todo.pop(),()):
+            if b not in seen: seen.add(b); todo.append(b)
+    return seen
+r={m:reach(m) for m in edges}
+cycles=sorted({tuple(sorted({m}|{n for n in r[m] if m in r.get(n,())})) for m in edges if m in r[m]})
+for c in cycles: print("cycle:", " -> ".join(c))
+print("modules:", len(edges), "cycles:", len(cycles))
+sys.exit(1 if cycles else 0)

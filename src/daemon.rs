@@ -311,15 +311,16 @@ impl Daemon {
             None
         } else {
             let (enf_tx, enf_rx) = mpsc::channel(256);
+            let setup = Arc::new(config.enforcer_setup());
             let enforcer = crate::enforce::task::Enforcer::open(
-                shared.clone(),
+                setup.clone(),
                 engine.actuators.clone(),
                 store.clone(),
             )?;
             tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
             handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
                 key: config.enforcement.public_key,
-                config: shared.clone(),
+                config: setup,
                 seen: seen.clone(),
                 tx: enf_tx.clone(),
             }));

@@ -7,6 +7,7 @@
 //! (`Outgoing::Publish(pkid)` → `PubAck(pkid)`), and reconnects back off exponentially with jitter.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,6 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Mqtt;
 use crate::store::{Kind, NewRecord, Remembered, StoreHandle, Stored};
 
 /// Why a connection ended.
@@ -36,6 +36,39 @@ pub enum UplinkError {
     Tls { path: String, detail: String },
     #[error("outbox: {0}")]
     Store(String),
+}
+
+/// TLS material for the broker connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+/// The MQTT uplink's settings (`[mqtt]`), built by the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// First topic level: `{prefix}/{gateway id}/...`.
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<Tls>,
+    /// Most records in one telemetry message.
+    pub batch_max_records: usize,
+    /// Most payload bytes in one message.
+    pub batch_max_bytes: usize,
+    /// Unacknowledged QoS 1 messages allowed at once.
+    pub inflight: u16,
+    /// Share of messages given to the backlog while live data is also waiting (0.05..=0.95).
+    pub backlog_share: f64,
+    /// Commands larger than this are refused with an error reply.
+    pub max_command_bytes: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
 }
 
 /// Live state of the uplink, for `status` and tests.

@@ -225,7 +225,7 @@ async fn until<F: Fn(&[Msg]) -> bool>(sub: &Subscriber, what: &str, f: F) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-enf", "test/gw/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-enf", "test/gw/#").await;
     let sim = common::start(BUILDING).await;
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&sim, dir.path(), broker.port);

@@ -100,7 +100,7 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_under_systemd_notify_status_reload_and_stop() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-svc", "test/gw/status").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-svc", "test/gw/status").await;
     let sim = common::start(BUILDING).await;
     let addr = match sim.addr("lan").unwrap() {
         meterd::sim::EndpointAddr::Tcp(a) => *a,

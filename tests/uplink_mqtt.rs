@@ -120,7 +120,7 @@ fn config(sim: &meterd::sim::RunningSim, devices: &str, uplink: &str) -> Config 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-normal", "test/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-normal", "test/#").await;
     let sim = common::start(&building(2, "eastron_sdm120")).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -185,7 +185,7 @@ async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
     let mut broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-outage", "test/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-outage", "test/#").await;
     let sim = common::start(&building(4, "chint_ddsu666")).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -265,10 +265,63 @@ async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_goes_silent_is_noticed_by_keepalive_and_loses_nothing() {
+    // A 4G link that dies without a reset: the connection stays open, nothing gets through.
+    let mut broker = Broker::start();
+    let sub = Subscriber::connect(broker.cloud_port, "sub-silent", "test/#").await;
+    let sim = common::start(&building(2, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(2, "chint_ddsu666", "200ms"),
+        &uplink_sections(dir.path(), broker.port, "keep_alive = \"5s\"\n", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    sub.wait_for("first telemetry", Duration::from_secs(15), |m| {
+        m.iter().any(|m| m.topic == "test/gw/telemetry")
+    })
+    .await;
+
+    broker.blackhole();
+    let silent_at = Instant::now();
+    // Keepalive (5 s) notices the missing PINGRESP: the session is declared down, not trusted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.uplink.lock().unwrap().connected {
+        assert!(
+            Instant::now() < deadline,
+            "a silent link was still taken for connected after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed_after = silent_at.elapsed();
+    assert!(
+        noticed_after >= Duration::from_secs(4),
+        "declared down before keepalive could notice ({noticed_after:?}): not a silent link"
+    );
+    let silent_last_seq = daemon.store.stats().await.last_seq;
+
+    broker.restart();
+    let msgs = sub
+        .wait_for("everything recorded while silent", Duration::from_secs(30), |m| {
+            let mut s: Vec<i64> = ["test/gw/telemetry", "test/gw/events", "test/gw/audit"]
+                .iter()
+                .flat_map(|t| seqs(m, t))
+                .collect();
+            s.sort_unstable();
+            s.dedup();
+            s.len() as i64 >= silent_last_seq
+        })
+        .await;
+    assert_complete(&msgs, silent_last_seq);
+    assert_ordered(&msgs);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     let mut broker = Broker::start();
     let port = broker.port;
-    let sub = Subscriber::connect(port, "sub-crash", "test/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-crash", "test/#").await;
     broker.stop();
     let sim = common::start(&building(20, "chint_ddsu666")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -381,7 +434,7 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
 async fn the_cap_drops_oldest_telemetry_keeps_audit_and_says_so() {
     let mut broker = Broker::start();
     let port = broker.port;
-    let sub = Subscriber::connect(port, "sub-cap", "test/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-cap", "test/#").await;
     broker.stop();
     let sim = common::start(&building(10, "chint_ddsu666")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -442,7 +495,7 @@ async fn the_cap_drops_oldest_telemetry_keeps_audit_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_commands_get_error_replies_and_change_nothing() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-cmd", "test/gw/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-cmd", "test/gw/#").await;
     let sim = common::start(&building(1, "eastron_sdm120")).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -604,7 +657,7 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tariff_and_apportion_commands_publish_versioned_results() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-acct", "test/gw/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-acct", "test/gw/#").await;
     let sim = common::start(&building(3, "chint_ddsu666")).await;
     let dir = tempfile::tempdir().unwrap();
     let topo = r#"
@@ -772,7 +825,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_each() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-burst", "test/gw/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-burst", "test/gw/#").await;
     // 25 DTSU666s of 11 registers polled every 250 ms: 1,100 readings a second.
     let sim = common::start(&building(25, "chint_dtsu666")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -811,7 +864,7 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before_to = Utc::now();
 
-    let mut o = rumqttc::MqttOptions::new("cloud", "127.0.0.1", broker.port);
+    let mut o = rumqttc::MqttOptions::new("cloud", "127.0.0.1", broker.cloud_port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (cloud, mut ev) = rumqttc::AsyncClient::new(o, 1024);
     let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
@@ -921,7 +974,7 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_record_never_wedges_the_uplink() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "sub-big", "test/gw/#").await;
+    let sub = Subscriber::connect(broker.cloud_port, "sub-big", "test/gw/#").await;
     let sim = common::start(&building(1, "chint_dtsu666")).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(

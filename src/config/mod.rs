@@ -21,6 +21,8 @@ use crate::modbus::profile::Profile;
 
 /// The bus and device specs live with the Modbus layer that uses them; config builds them.
 pub use crate::modbus::spec::{Bus, Device, Parity, Serial, Transport};
+/// The `[mqtt]` section's types belong to the uplink that uses them.
+pub use crate::uplink::{Mqtt, Tls};
 
 mod raw;
 #[cfg(test)]
@@ -88,39 +90,6 @@ pub struct StoreConfig {
     pub caps: crate::store::Caps,
 }
 
-/// TLS material for the broker connection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tls {
-    pub ca_file: PathBuf,
-    /// Client certificate and key (PEM) for mutual TLS.
-    pub client_auth: Option<(PathBuf, PathBuf)>,
-}
-
-/// The MQTT uplink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mqtt {
-    pub host: String,
-    pub port: u16,
-    pub client_id: String,
-    /// First topic level: `{prefix}/{gateway id}/...`.
-    pub topic_prefix: String,
-    pub keep_alive: Duration,
-    pub credentials: Option<(String, String)>,
-    pub tls: Option<Tls>,
-    /// Most records in one telemetry message.
-    pub batch_max_records: usize,
-    /// Most payload bytes in one message.
-    pub batch_max_bytes: usize,
-    /// Unacknowledged QoS 1 messages allowed at once.
-    pub inflight: u16,
-    /// Share of messages given to the backlog while live data is also waiting (0.05..=0.95).
-    pub backlog_share: f64,
-    /// Commands larger than this are refused with an error reply.
-    pub max_command_bytes: usize,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -168,6 +137,17 @@ pub struct ReplacementRecord {
 }
 
 impl Config {
+    /// The part of the configuration the enforcer works from.
+    pub fn enforcer_setup(&self) -> crate::enforce::config::Setup {
+        crate::enforce::config::Setup {
+            enforcement: self.enforcement.clone(),
+            site: self.site.clone(),
+            timezone: self.gateway.timezone,
+            history_every: self.topology.history_every,
+            store_path: self.store.path.clone(),
+        }
+    }
+
     /// Reads and validates a config file; profile files are looked up next to it.
     pub fn from_path(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

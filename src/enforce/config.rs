@@ -1,6 +1,7 @@
 //! The `[enforcement]`, `[[relay]]` and `[[prepaid]]` sections, validated with the rest of the config.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{NaiveDate, NaiveTime};
@@ -11,6 +12,20 @@ use super::prepaid::PrepaidTariff;
 use super::rules::{Calendar, Policy, RelayKind, RelaySpec};
 use crate::modbus::spec::Device;
 use crate::topology::{Site, Utility};
+
+/// What enforcement needs from the daemon's configuration and nothing more: its own sections, the
+/// site's rooms, the site's timezone (quiet hours, holidays, daily prepaid samples), the history
+/// period and the store. Built by `config::Config::enforcer_setup`, so enforcement does not depend
+/// on the whole configuration (which depends on this module for the sections' types).
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub enforcement: Enforcement,
+    pub site: Site,
+    pub timezone: chrono_tz::Tz,
+    /// One counter sample per device per this period (prepaid sampling aligns with it).
+    pub history_every: Duration,
+    pub store_path: PathBuf,
+}
 
 /// `[enforcement]` as written.
 #[derive(Debug, Deserialize, Default)]

@@ -13,12 +13,11 @@ use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
 use super::command::{self, CloudCommand};
-use super::config::Relay;
+use super::config::{Relay, Setup};
 use super::ledger;
 use super::prepaid::{self, CounterState, PrepaidEvent, Step};
 use super::rules::{self, Desired, Override, Prepaid, RoomRules};
 use super::task::ControlRequest;
-use crate::config::Config;
 use crate::modbus::bus::{ActuateError, Batch, RelayState};
 use crate::reading::Quality;
 use crate::store::{Kind, NewRecord, Write};
@@ -134,7 +133,7 @@ const RETRY_SPACING: Duration = Duration::from_millis(300);
 
 /// Everything the enforcer knows: rules, balances, counters, relay states.
 pub struct EnforcerState {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Arc<Setup>,
     pub(crate) rooms: BTreeMap<String, RoomRules>,
     /// Prepaid counters: billed value, carried fraction, suspect reading (by `device/quantity`).
     pub(crate) counters: HashMap<String, CounterState>,
@@ -160,7 +159,7 @@ pub struct Snapshot {
 impl EnforcerState {
     /// The state loaded at start.
     pub fn new(
-        config: Arc<Config>,
+        config: Arc<Setup>,
         rooms: BTreeMap<String, RoomRules>,
         counters: HashMap<String, CounterState>,
         fire: Option<bool>,
@@ -638,8 +637,8 @@ impl EnforcerState {
         }
         let accounts = self.config.enforcement.prepaid.clone();
         let low = self.config.enforcement.low_balance;
-        let tz = self.config.gateway.timezone;
-        let interval_ms = (self.config.topology.history_every.as_millis() as i64).max(1);
+        let tz = self.config.timezone;
+        let interval_ms = (self.config.history_every.as_millis() as i64).max(1);
         // Counter, balance and ledger move together in one transaction (with the events), run by
         // the store's writer, so a restart or a power cut neither loses nor repeats consumption.
         for acc in &accounts {
@@ -889,7 +888,7 @@ mod tests {
     use crate::reading::RawWords;
 
     /// Room 101 with a fail-open door, room 104 with a prepaid supply; the fire alarm on input 8.
-    fn config() -> Arc<Config> {
+    fn config() -> Arc<Setup> {
         let text = r#"
 [gateway]
 id = "gw"
@@ -943,7 +942,8 @@ utility = "electricity"
 meter = "meter104"
 tariff = "elec"
 "#;
-        Arc::new(Config::from_str_at(text, "t.toml", std::path::Path::new("/")).unwrap())
+        let config = crate::config::Config::from_str_at(text, "t.toml", std::path::Path::new("/"));
+        Arc::new(config.unwrap().enforcer_setup())
     }
 
     fn now() -> DateTime<Utc> {

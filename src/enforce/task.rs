@@ -18,10 +18,10 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command;
+use super::config::Setup;
 use super::prepaid::CounterState;
 use super::rules::RoomRules;
 use super::state::{Action, EnforcerState, Event, History, Snapshot};
-use crate::config::Config;
 use crate::modbus::bus::{ActuateError, Actuation, Batch, RelayState};
 use crate::store::{StoreError, StoreHandle};
 use crate::uplink::{Answer, CommandHandler};
@@ -82,7 +82,7 @@ pub const RELAY_COMMANDS: &[&str] = &[
 pub struct EnforcementCommands {
     pub key: Option<VerifyingKey>,
     /// For validating a command before it is answered.
-    pub config: Arc<Config>,
+    pub config: Arc<Setup>,
     pub seen: Arc<Mutex<HashSet<String>>>,
     pub tx: mpsc::Sender<Input>,
 }
@@ -190,11 +190,11 @@ pub struct Enforcer {
 impl Enforcer {
     /// Loads the persisted rules, balances and counters.
     pub fn open(
-        config: Arc<Config>,
+        config: Arc<Setup>,
         actuators: HashMap<String, mpsc::Sender<Actuation>>,
         store: StoreHandle,
     ) -> Result<Enforcer, StoreError> {
-        let path = config.store.path.clone();
+        let path = config.store_path.clone();
         let conn = open(&path)?;
         let mut rooms: BTreeMap<String, RoomRules> = BTreeMap::new();
         {
@@ -544,7 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
+        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
         enf.cloud(
             "set_balance",
@@ -611,7 +611,7 @@ mod counter_events {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
+        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
         enf.cloud(
             "set_balance",
@@ -674,7 +674,7 @@ mod counter_events {
 
 #[cfg(test)]
 mod command_replies {
-    use super::super::test_support::{config, store};
+    use super::super::test_support::{config, setup, store};
     use super::*;
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
@@ -703,7 +703,7 @@ mod command_replies {
         let (tx, mut rx) = mpsc::channel(8);
         let handler = EnforcementCommands {
             key: Some(key().verifying_key()),
-            config: config(&dir.path().join("outbox.db")),
+            config: setup(&config(&dir.path().join("outbox.db"))),
             seen: Arc::default(),
             tx,
         };
@@ -744,7 +744,7 @@ mod command_replies {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let mut enf = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
+        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let now = Utc::now();
         let freeze = signed("freeze", "f-1", json!({"room": "104", "scope": "access"}));
         enf.cloud("freeze", "f-1", freeze, now).await.unwrap();
@@ -752,7 +752,7 @@ mod command_replies {
         let unfreeze = signed("unfreeze", "u-1", json!({"room": "104", "scope": "access"}));
         enf.cloud("unfreeze", "u-1", unfreeze, now).await.unwrap();
         // No shutdown, no flush: what was answered must already be there.
-        let reopened = Enforcer::open(cfg.clone(), HashMap::new(), store.clone()).unwrap();
+        let reopened = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         assert!(reopened.state.rooms["104"].access_freeze.is_none());
         let seen = load_seen(&cfg.store.path).unwrap();
         assert!(seen.contains("f-1") && seen.contains("u-1"));
@@ -765,13 +765,13 @@ mod command_replies {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let enf = Enforcer::open(cfg.clone(), HashMap::new(), store).unwrap();
+        let enf = Enforcer::open(setup(&cfg), HashMap::new(), store).unwrap();
         let (tx, rx) = mpsc::channel(8);
         let (_stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(enf.run(rx, shutdown));
         let handler = EnforcementCommands {
             key: Some(key().verifying_key()),
-            config: cfg.clone(),
+            config: setup(&cfg),
             seen: Arc::default(),
             tx,
         };

@@ -8,6 +8,11 @@ use crate::config::Config;
 use crate::modbus::profile::Quantity;
 use crate::reading::{Quality, RawWords, Reading};
 
+/// The enforcer's part of a test config.
+pub(crate) fn setup(cfg: &Config) -> Arc<super::config::Setup> {
+    Arc::new(cfg.enforcer_setup())
+}
+
 /// A gateway with one prepaid DDS238 (room 104) at 0.8523 CNY/kWh.
 pub(crate) fn config(db: &std::path::Path) -> Arc<Config> {
     let text = format!(

@@ -1,20 +1,33 @@
-//! A real Mosquitto on a free loopback port, started and stopped by PID, and a test subscriber.
+//! The tests' MQTT broker and a test subscriber.
+//!
+//! By default the broker is rumqttd, embedded in the test process on a free loopback port, so
+//! `cargo test` needs nothing but the Rust toolchain. With `METERD_TEST_BROKER=mosquitto` the same
+//! tests run against a real Mosquitto started and stopped by PID (the interoperability suite,
+//! run by `.ci/run`). Either way the gateway reaches the broker through a [`LinkProxy`]: an outage
+//! is the link failing (`stop`/`restart`, `blackhole`), not the broker stopping, and the cloud side
+//! (`cloud_port`) stays connected through it.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+use super::link::{LinkProxy, Mode};
+
 pub struct Broker {
+    /// The port the gateway connects to: the link proxy's.
     pub port: u16,
-    child: Option<Child>,
+    /// The broker's own port, where the cloud (test subscribers, command senders) connects.
+    pub cloud_port: u16,
+    link: LinkProxy,
+    /// Mosquitto's process when that backend runs; the embedded broker lives in its threads.
+    mosquitto: Option<Child>,
     dir: tempfile::TempDir,
-    /// Extra listener settings (TLS).
-    listener_extra: String,
 }
 
 fn free_port() -> u16 {
@@ -25,111 +38,191 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn use_mosquitto() -> bool {
+    std::env::var("METERD_TEST_BROKER").is_ok_and(|v| v == "mosquitto")
+}
+
+/// PEM files of a throwaway CA, a server certificate for localhost/127.0.0.1 and a client
+/// certificate, made in-process.
+fn make_certs(d: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "meterd-test-ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose, base: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        std::fs::write(d.join(format!("{base}.crt")), cert.pem()).unwrap();
+        std::fs::write(d.join(format!("{base}.key")), key.serialize_pem()).unwrap();
+    };
+    std::fs::write(d.join("ca.pem"), ca_cert.pem()).unwrap();
+    leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        "localhost",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        "server",
+    );
+    leaf(
+        vec![],
+        "gw-tls",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        "client",
+    );
+}
+
 impl Broker {
-    /// Starts Mosquitto with persistence, so a subscriber's session and queued QoS 1 messages
-    /// survive a broker restart.
+    /// Starts a broker that keeps a subscriber's session and queued QoS 1 messages while it is
+    /// away, behind a passing link.
     pub fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        // Started as root, Mosquitto drops to its own user: let it write its persistence file.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let mut b = Broker {
-            port: free_port(),
-            child: None,
-            dir,
-            listener_extra: String::new(),
-        };
-        b.restart();
-        b
+        Broker::launch(false)
     }
 
-    /// A broker that only speaks TLS and requires a client certificate, with a throwaway CA made by
-    /// `openssl`. Returns the broker and the directory holding `ca.pem`, `client.crt`, `client.key`.
+    /// A broker that only speaks TLS and requires a client certificate, with a throwaway CA.
+    /// Returns the broker and the directory holding `ca.pem`, `client.crt`, `client.key`.
     pub fn start_tls() -> (Broker, PathBuf) {
+        let b = Broker::launch(true);
+        let dir = b.dir.path().to_path_buf();
+        (b, dir)
+    }
+
+    fn launch(tls: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
+        // Started as root, Mosquitto drops to its own user: let it read and write here.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let d = dir.path();
-        let sh = |args: &str| {
-            let ok = Command::new("sh")
-                .arg("-c")
-                .arg(args)
-                .current_dir(d)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "openssl failed: {args}");
+        if tls {
+            make_certs(dir.path());
+        }
+        let cloud_port = free_port();
+        let mosquitto = if use_mosquitto() {
+            Some(start_mosquitto(dir.path(), cloud_port, tls))
+        } else {
+            start_embedded(dir.path(), cloud_port, tls);
+            None
         };
-        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=meterd-test-ca");
-        sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
-        // X.509 v3 (with extensions): webpki refuses v1 certificates.
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile server.ext");
-        sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=gw-tls");
-        sh("openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.ext");
-        sh("chmod 644 *.key");
-        let extra = format!(
-            "cafile {0}/ca.pem\ncertfile {0}/server.crt\nkeyfile {0}/server.key\nrequire_certificate true\n",
-            d.display()
-        );
-        let path = d.to_path_buf();
-        let mut b = Broker {
-            port: free_port(),
-            child: None,
-            dir,
-            listener_extra: extra,
-        };
-        b.restart();
-        (b, path)
-    }
-
-    fn conf(&self) -> PathBuf {
-        let p = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &p,
-            format!(
-                "listener {} 127.0.0.1\n{}allow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n",
-                self.port,
-                self.listener_extra,
-                self.dir.path().display()
-            ),
-        )
-        .unwrap();
-        p
-    }
-
-    /// (Re)starts the broker on the same port and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(self.conf())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install -y mosquitto)");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", cloud_port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "mosquitto did not start on port {}",
-                self.port
+                "the broker did not start on port {cloud_port}"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let upstream = SocketAddr::from(([127, 0, 0, 1], cloud_port));
+        let link = LinkProxy::start(free_port(), upstream);
+        Broker {
+            port: link.port,
+            cloud_port,
+            link,
+            mosquitto,
+            dir,
         }
     }
 
-    /// Stops the broker with SIGTERM (it saves its persistence file) and waits for it to exit.
+    /// The gateway loses its link: its connection is closed and new ones are refused.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        self.link.set(Mode::Refuse);
+    }
+
+    /// The link is back.
+    pub fn restart(&mut self) {
+        self.link.set(Mode::Pass);
+    }
+
+    /// The link goes silent: connections stay open but nothing gets through either way.
+    pub fn blackhole(&mut self) {
+        self.link.set(Mode::Blackhole);
+    }
+}
+
+fn start_mosquitto(dir: &Path, port: u16, tls: bool) -> Child {
+    let tls = if tls {
+        format!(
+            "cafile {0}/ca.pem\ncertfile {0}/server.crt\nkeyfile {0}/server.key\nrequire_certificate true\n",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\n{tls}allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n",
+        ),
+    )
+    .unwrap();
+    for f in ["server.key", "client.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644));
+    }
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("METERD_TEST_BROKER=mosquitto needs mosquitto installed (apt-get install -y mosquitto)")
+}
+
+/// rumqttd in its own threads for the rest of the test process (it has no stop; each test file is
+/// its own process).
+fn start_embedded(dir: &Path, port: u16, tls: bool) {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        // Above the gateway's largest record (1 MiB) and batch.
+        max_payload_size: 16 * 1024 * 1024,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let tls = tls.then(|| rumqttd::TlsConfig::Rustls {
+        capath: Some(dir.join("ca.pem").display().to_string()),
+        certpath: dir.join("server.crt").display().to_string(),
+        keypath: dir.join("server.key").display().to_string(),
+    });
+    let server = rumqttd::ServerSettings {
+        name: format!("test-{port}"),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 64 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name(format!("rumqttd-{port}"))
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                panic!("embedded broker on port {port}: {e}");
+            }
+        })
+        .unwrap();
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.mosquitto.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
@@ -140,12 +233,6 @@ impl Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

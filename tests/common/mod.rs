@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod link;
 
 use std::collections::BTreeMap;
 use std::path::Path;
