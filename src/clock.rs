@@ -18,13 +18,13 @@ use tokio::time::Instant;
 
 /// Earliest wall-clock time meterd believes: 2026-01-01T00:00:00Z, before this release was built.
 /// A clock earlier than this has not been set since boot.
-pub const PLAUSIBLE_FROM_MS: i64 = 1_767_225_600_000;
+pub(crate) const PLAUSIBLE_FROM_MS: i64 = 1_767_225_600_000;
 
 /// Latest wall-clock time meterd believes: 2056-01-01T00:00:00Z (an RTC set to garbage, far ahead).
-pub const PLAUSIBLE_UNTIL_MS: i64 = 2_713_910_400_000;
+pub(crate) const PLAUSIBLE_UNTIL_MS: i64 = 2_713_910_400_000;
 
 /// True when `t` can be the real time.
-pub fn plausible(t: DateTime<Utc>) -> bool {
+pub(crate) fn plausible(t: DateTime<Utc>) -> bool {
     (PLAUSIBLE_FROM_MS..PLAUSIBLE_UNTIL_MS).contains(&t.timestamp_millis())
 }
 
@@ -44,14 +44,14 @@ pub struct ClockJump {
 
 /// What one look at the clocks says.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Observation {
+pub(crate) struct Observation {
     pub plausible: bool,
     pub jump: Option<ClockJump>,
 }
 
 /// Follows the wall clock against the monotonic clock (pure: both are passed in).
 #[derive(Debug, Default)]
-pub struct ClockWatch {
+pub(crate) struct ClockWatch {
     /// wall − monotonic at the last observation, ms.
     offset_ms: Option<i64>,
 }
@@ -61,7 +61,7 @@ const JUMP_MS: i64 = 5_000;
 
 impl ClockWatch {
     /// Looks at the clocks: `wall` now, and `mono_ms` a monotonic time in ms (any origin).
-    pub fn observe(&mut self, wall: DateTime<Utc>, mono_ms: i64) -> Observation {
+    pub(crate) fn observe(&mut self, wall: DateTime<Utc>, mono_ms: i64) -> Observation {
         let offset = wall.timestamp_millis() - mono_ms;
         let jump = match self.offset_ms {
             Some(prev) if (offset - prev).abs() >= JUMP_MS => Some(ClockJump {
@@ -84,7 +84,7 @@ impl ClockWatch {
 const FINE: Duration = Duration::from_micros(1500);
 
 /// Sleeps until `deadline` with sub-millisecond accuracy.
-pub async fn sleep_until_precise(deadline: Instant) {
+pub(crate) async fn sleep_until_precise(deadline: Instant) {
     let now = Instant::now();
     if deadline <= now {
         return;

@@ -18,7 +18,7 @@ use crate::uplink::UplinkStatus;
 
 /// What the status answer is made of.
 #[derive(Clone)]
-pub struct ControlState {
+pub(crate) struct ControlState {
     pub gateway: String,
     pub config_source: String,
     pub config_hash: String,
@@ -82,7 +82,7 @@ impl ControlState {
     }
 
     /// Everything `meterd status` shows.
-    pub async fn status(&self) -> Value {
+    pub(crate) async fn status(&self) -> Value {
         let buses: Vec<Value> = self
             .buses
             .iter()
@@ -129,7 +129,7 @@ impl ControlState {
 }
 
 /// Serves the socket until the task is aborted.
-pub async fn serve(path: PathBuf, state: ControlState) -> std::io::Result<()> {
+pub(crate) async fn serve(path: PathBuf, state: ControlState) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -158,7 +158,7 @@ pub async fn serve(path: PathBuf, state: ControlState) -> std::io::Result<()> {
 }
 
 /// Sends one request to a running daemon and returns its reply (CLI side).
-pub async fn request(path: &std::path::Path, req: &Value) -> anyhow::Result<Value> {
+pub(crate) async fn request(path: &std::path::Path, req: &Value) -> anyhow::Result<Value> {
     use anyhow::Context as _;
     let stream = tokio::net::UnixStream::connect(path)
         .await

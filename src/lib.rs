@@ -4,14 +4,15 @@
 //! topology, apportions common costs, enforces freeze rules on relays and forwards everything to the
 //! cloud through a durable outbox. See `docs/architecture.md` for how the pieces fit.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod accounting;
 pub mod apportion;
 pub mod bill;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod daemon;
 pub mod enforce;
 pub mod modbus;
@@ -19,7 +20,7 @@ pub mod money;
 pub mod sim;
 pub mod store;
 pub mod topology;
-pub mod tou;
+pub(crate) mod tou;
 pub mod uplink;
 
 /// Readings are produced by the Modbus layer; the crate root keeps the short path.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::money::Price;
 
 /// Name of the part of the day no band covers (priced at the base price).
-pub const BASE_BAND: &str = "base";
+pub(crate) const BASE_BAND: &str = "base";
 
 /// A band: `price` from `from` to `to` local time (wrapping midnight when `to < from`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,7 +77,7 @@ impl TouPrice {
 }
 
 /// The first instant strictly after `t` whose local time of day (in `tz`) is one of `times`.
-pub fn next_local_time(
+pub(crate) fn next_local_time(
     times: &[NaiveTime],
     t: DateTime<Utc>,
     tz: chrono_tz::Tz,
@@ -119,7 +119,7 @@ fn time(s: &str) -> Result<NaiveTime, String> {
 }
 
 /// Validates time-of-use bands; problems as (key, message), every one of them.
-pub fn parse_bands(
+pub(crate) fn parse_bands(
     key: &str,
     raw: &[RawBand],
     decimals: u32,
@@ -185,7 +185,7 @@ pub fn parse_bands(
 
 /// Consumption of one band over one stretch of time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Piece {
+pub(crate) struct Piece {
     pub band: String,
     pub price: Price,
     pub from: DateTime<Utc>,
@@ -197,7 +197,7 @@ pub struct Piece {
 
 impl Piece {
     /// Consumption in thousandths of a unit.
-    pub fn milli(&self) -> i64 {
+    pub(crate) fn milli(&self) -> i64 {
         self.end_milli - self.start_milli
     }
 }
@@ -205,7 +205,7 @@ impl Piece {
 /// Splits the consumption between consecutive counter points `(time, thousandths)` (sorted by time,
 /// non-decreasing counter) at every band change. The pieces' consumption sums exactly to
 /// `last − first`.
-pub fn split(price: &TouPrice, tz: chrono_tz::Tz, points: &[(DateTime<Utc>, i64)]) -> Vec<Piece> {
+pub(crate) fn split(price: &TouPrice, tz: chrono_tz::Tz, points: &[(DateTime<Utc>, i64)]) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     for w in points.windows(2) {
         let ((t0, m0), (t1, m1)) = (w[0], w[1]);

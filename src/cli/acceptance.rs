@@ -18,7 +18,7 @@ use crate::modbus::link::Link;
 /// A bench description (`hil/bench.toml`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Bench {
+pub(crate) struct Bench {
     pub bench: BenchInfo,
     #[serde(default)]
     pub check: Vec<Check>,
@@ -29,7 +29,7 @@ pub struct Bench {
 /// Which config the bench uses.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BenchInfo {
+pub(crate) struct BenchInfo {
     pub name: String,
     /// The gateway config, relative to the bench file.
     pub config: PathBuf,
@@ -38,7 +38,7 @@ pub struct BenchInfo {
 /// A value to compare with what the meter's display shows.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Check {
+pub(crate) struct Check {
     pub device: String,
     pub register: String,
     /// Expected value (the simulator's, or one noted from the display); asked for when absent.
@@ -55,14 +55,14 @@ fn tolerance() -> f64 {
 /// A relay output to switch and read back.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Toggle {
+pub(crate) struct Toggle {
     pub device: String,
     pub output: String,
 }
 
 /// One line of the report.
 #[derive(Debug, Serialize)]
-pub struct Step {
+pub(crate) struct Step {
     pub step: String,
     pub target: String,
     pub pass: bool,
@@ -142,7 +142,7 @@ impl AcceptanceCmd {
 }
 
 /// Runs the pass against `config` (real buses, or buses pointed at a simulator).
-pub async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
+pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut links: Vec<Link> = config.buses.iter().map(Link::new).collect();
     let mut readings = Vec::new();

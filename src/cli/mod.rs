@@ -127,9 +127,9 @@ fn link_failure(e: LinkError) -> anyhow::Error {
     }
 }
 
-pub mod acceptance;
+pub(crate) mod acceptance;
 mod apportion;
-pub mod bench;
+pub(crate) mod bench;
 mod bill;
 mod buffer;
 mod check;

@@ -11,7 +11,7 @@ use crate::topology::{Site, Utility};
 
 /// Which relays of a room a freeze speaks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     Access,
     Utilities,
     All,
@@ -19,18 +19,18 @@ pub enum Scope {
 
 impl Scope {
     /// Whether the freeze applies to door access.
-    pub fn access(self) -> bool {
+    pub(crate) fn access(self) -> bool {
         self != Scope::Utilities
     }
     /// Whether the freeze applies to utility supplies.
-    pub fn utilities(self) -> bool {
+    pub(crate) fn utilities(self) -> bool {
         self != Scope::Access
     }
 }
 
 /// A validated relay command.
 #[derive(Debug, Clone, PartialEq)]
-pub enum CloudCommand {
+pub(crate) enum CloudCommand {
     /// `freeze` (with the freeze) or `unfreeze` (`None`).
     Freeze {
         room: String,
@@ -61,7 +61,7 @@ pub enum CloudCommand {
 
 impl CloudCommand {
     /// The room it acts on.
-    pub fn room(&self) -> &str {
+    pub(crate) fn room(&self) -> &str {
         match self {
             CloudCommand::Freeze { room, .. }
             | CloudCommand::SetLease { room, .. }
@@ -73,7 +73,7 @@ impl CloudCommand {
 }
 
 /// Parses and validates command `name` (id `id`) against the config; the reason when refused.
-pub fn parse(
+pub(crate) fn parse(
     name: &str,
     id: &str,
     args: &Value,

@@ -30,7 +30,7 @@ pub struct Setup {
 /// `[enforcement]` as written.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct RawEnforcement {
+pub(crate) struct RawEnforcement {
     /// Ed25519 public key (base64 or hex) that signs relay-affecting cloud commands.
     pub public_key: Option<String>,
     pub allowed_from: Option<String>,
@@ -51,7 +51,7 @@ pub struct RawEnforcement {
 /// The fire-alarm input.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct RawFireAlarm {
+pub(crate) struct RawFireAlarm {
     pub device: String,
     pub register: String,
     #[serde(default = "one")]
@@ -65,7 +65,7 @@ fn one() -> f64 {
 /// `[[relay]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRelay {
+pub(crate) struct RawRelay {
     pub name: String,
     pub room: String,
     pub kind: RelayKind,
@@ -79,7 +79,7 @@ pub struct RawRelay {
 /// `[[prepaid]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPrepaid {
+pub(crate) struct RawPrepaid {
     pub room: String,
     pub utility: Utility,
     /// The device whose counter is deducted.
@@ -93,7 +93,7 @@ pub struct RawPrepaid {
     pub max_rate: Option<f64>,
 }
 
-pub use crate::tou::RawBand;
+pub(crate) use crate::tou::RawBand;
 
 /// A relay with the device output that drives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +146,7 @@ fn time(s: &str) -> Result<NaiveTime, String> {
 }
 
 /// Validates the sections against the devices and the rooms.
-pub fn build(
+pub(crate) fn build(
     raw: RawEnforcement,
     relays: Vec<(String, RawRelay)>,
     prepaid: Vec<(String, RawPrepaid)>,

@@ -19,7 +19,7 @@ use crate::uplink::{Answer, CommandHandler};
 
 /// Adds one priced charge to its interval's row (created on the first charge of the interval, or the
 /// first after a top-up or reconciliation, so rows in id order always chain their balances).
-pub fn add_usage(
+pub(crate) fn add_usage(
     tx: &Connection,
     room: &str,
     utility: Utility,
@@ -62,7 +62,7 @@ pub fn add_usage(
 }
 
 /// A top-up (`amount` > 0) or a reconciliation (`amount` = cloud − local) as its own row.
-pub fn add_adjustment(
+pub(crate) fn add_adjustment(
     tx: &Connection,
     (room, utility): (&str, Utility),
     kind: &str,
@@ -89,7 +89,7 @@ fn utility_str(u: Utility) -> &'static str {
 
 /// One ledger row as the cloud and the CLI see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     pub id: i64,
     pub room: String,
     pub utility: String,
@@ -109,7 +109,7 @@ pub struct Row {
 
 /// Rows of a room (one utility or both) whose time lies in `[from, to)`, after id `after`, oldest
 /// first, at most `limit`.
-pub fn query(
+pub(crate) fn query(
     conn: &Connection,
     room: &str,
     utility: Option<Utility>,
@@ -162,11 +162,11 @@ pub fn query(
 }
 
 /// Most rows in one `get_ledger` reply; the reply says where to continue.
-pub const PAGE: usize = 500;
+pub(crate) const PAGE: usize = 500;
 
 /// The `get_ledger` cloud command: `{"room", "utility"?, "period": "2026-10"}` or `{"room", "from",
 /// "to"}` (RFC 3339), `"after"` to page on. Read-only, so it needs no signature.
-pub struct LedgerQuery {
+pub(crate) struct LedgerQuery {
     pub path: std::path::PathBuf,
     pub timezone: chrono_tz::Tz,
 }

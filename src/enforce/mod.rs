@@ -6,12 +6,12 @@
 //! and the task in [`task`] executes its actions and drives the relays through the bus tasks.
 
 pub mod auth;
-pub mod command;
-pub mod config;
-pub mod ledger;
-pub mod prepaid;
+pub(crate) mod command;
+pub(crate) mod config;
+pub(crate) mod ledger;
+pub(crate) mod prepaid;
 pub mod rules;
-pub mod state;
+pub(crate) mod state;
 pub mod task;
 #[cfg(test)]
 pub(crate) mod test_support;

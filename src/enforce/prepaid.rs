@@ -6,12 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use super::rules::Prepaid;
 use crate::tou::{self, Piece};
-pub use crate::tou::{Band, TouPrice as PrepaidTariff};
+pub(crate) use crate::tou::TouPrice as PrepaidTariff;
 
 /// What a deduction or top-up changed that the cloud should hear about.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum PrepaidEvent {
+pub(crate) enum PrepaidEvent {
     LowBalance {
         balance: i64,
         threshold: i64,
@@ -30,7 +30,7 @@ pub enum PrepaidEvent {
 }
 
 /// Deducts `amount` minor units; reports crossing the low threshold and zero.
-pub fn deduct(p: &mut Prepaid, amount: i64, low: i64, now: DateTime<Utc>) -> Vec<PrepaidEvent> {
+pub(crate) fn deduct(p: &mut Prepaid, amount: i64, low: i64, now: DateTime<Utc>) -> Vec<PrepaidEvent> {
     let mut ev = Vec::new();
     if amount <= 0 {
         return ev;
@@ -59,7 +59,7 @@ pub fn deduct(p: &mut Prepaid, amount: i64, low: i64, now: DateTime<Utc>) -> Vec
 /// did not deduct is carried to the next one: over any run of readings the total deducted is the
 /// exact price × consumption rounded down, within one minor unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CounterState {
+pub(crate) struct CounterState {
     /// Counter value billed up to, thousandths of a unit (Wh, litres).
     pub billed_milli: i64,
     pub billed_at: DateTime<Utc>,
@@ -72,7 +72,7 @@ pub struct CounterState {
 
 /// A reading held as suspect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SuspectReading {
+pub(crate) struct SuspectReading {
     pub milli: i64,
     pub at: DateTime<Utc>,
     /// How many readings in a row agree with it (itself included).
@@ -82,7 +82,7 @@ pub struct SuspectReading {
 /// Why a reading was not billed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SuspectReason {
+pub(crate) enum SuspectReason {
     /// Below the billed value: a meter reboot, a wrong decode, or an unrecorded exchange.
     BelowBilled,
     /// More than the meter's rated flow could have delivered since the billed reading.
@@ -106,11 +106,11 @@ impl Limits {
 }
 
 /// Readings in a row that must agree with a suspect value before the counter is re-based on it.
-pub const CONFIRM_READINGS: u32 = 3;
+pub(crate) const CONFIRM_READINGS: u32 = 3;
 
 /// What one reading did to a prepaid counter.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Step {
+pub(crate) enum Step {
     /// First sight of the counter: the baseline.
     Baseline,
     /// Consumption billed, one charge per band (empty when the counter did not move).
@@ -130,7 +130,7 @@ pub enum Step {
 
 /// Consumption of one band, priced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Charge {
+pub(crate) struct Charge {
     #[serde(flatten)]
     pub piece: Piece,
     /// Minor units deducted for it (the carry included).
@@ -140,7 +140,7 @@ pub struct Charge {
 /// Feeds one Good counter reading (`milli` thousandths at `at`). `inside` are any readings known
 /// between the billed one and this one (history samples), used to split a long interval across
 /// band changes. Pure: returns what to deduct and report.
-pub fn meter(
+pub(crate) fn meter(
     state: &mut Option<CounterState>,
     at: DateTime<Utc>,
     milli: i64,
@@ -239,13 +239,13 @@ pub fn meter(
 }
 
 /// Adds a top-up; a balance back above zero restores at once.
-pub fn top_up(p: &mut Prepaid, amount: i64) -> Vec<PrepaidEvent> {
+pub(crate) fn top_up(p: &mut Prepaid, amount: i64) -> Vec<PrepaidEvent> {
     p.balance += amount;
     settle(p)
 }
 
 /// The cloud's figure wins; the difference to the local one is reported.
-pub fn reconcile(p: &mut Prepaid, cloud: i64, now: DateTime<Utc>) -> Vec<PrepaidEvent> {
+pub(crate) fn reconcile(p: &mut Prepaid, cloud: i64, now: DateTime<Utc>) -> Vec<PrepaidEvent> {
     let local = p.balance;
     p.balance = cloud;
     let mut ev = vec![PrepaidEvent::Reconciled {

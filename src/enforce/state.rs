@@ -25,11 +25,11 @@ use crate::topology::Utility;
 
 /// Counter samples inside a prepaid interval, by `device/quantity` (see
 /// [`EnforcerState::history_needed`]).
-pub type History = HashMap<String, Vec<(DateTime<Utc>, i64)>>;
+pub(crate) type History = HashMap<String, Vec<(DateTime<Utc>, i64)>>;
 
 /// History the state needs to bill a batch: samples of `device`/`quantity` in `(from, to)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryQuery {
+pub(crate) struct HistoryQuery {
     pub key: String,
     pub device: String,
     pub quantity: &'static str,
@@ -39,7 +39,7 @@ pub struct HistoryQuery {
 
 /// What happened.
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// A cloud command that passed authentication and validation.
     Cloud {
         name: String,
@@ -68,7 +68,7 @@ pub enum Event {
 }
 
 /// What to do, in order.
-pub enum Action {
+pub(crate) enum Action {
     /// Write `writes` and append `records` in one transaction (`durable`: synchronous=FULL, and
     /// the change must be undone if the write fails).
     Persist {
@@ -132,7 +132,7 @@ const FRESH_ATTEMPTS: u32 = 3;
 const RETRY_SPACING: Duration = Duration::from_millis(300);
 
 /// Everything the enforcer knows: rules, balances, counters, relay states.
-pub struct EnforcerState {
+pub(crate) struct EnforcerState {
     pub(crate) config: Arc<Setup>,
     pub(crate) rooms: BTreeMap<String, RoomRules>,
     /// Prepaid counters: billed value, carried fraction, suspect reading (by `device/quantity`).
@@ -151,14 +151,14 @@ pub struct EnforcerState {
 }
 
 /// The part of the state a failed durable write rolls back.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     rooms: BTreeMap<String, RoomRules>,
     counters: HashMap<String, CounterState>,
 }
 
 impl EnforcerState {
     /// The state loaded at start.
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Setup>,
         rooms: BTreeMap<String, RoomRules>,
         counters: HashMap<String, CounterState>,
@@ -177,7 +177,7 @@ impl EnforcerState {
     }
 
     /// What a failed durable write restores.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot {
             rooms: self.rooms.clone(),
             counters: self.counters.clone(),
@@ -185,13 +185,13 @@ impl EnforcerState {
     }
 
     /// Undoes what happened since `s` was taken.
-    pub fn restore(&mut self, s: Snapshot) {
+    pub(crate) fn restore(&mut self, s: Snapshot) {
         self.rooms = s.rooms;
         self.counters = s.counters;
     }
 
     /// Relays whose state is not known yet.
-    pub fn unknown_relays(&self) -> Vec<String> {
+    pub(crate) fn unknown_relays(&self) -> Vec<String> {
         self.relays()
             .iter()
             .filter(|r| !self.actual.contains_key(&r.spec.name))
@@ -200,17 +200,17 @@ impl EnforcerState {
     }
 
     /// Every relay, for a read-back round.
-    pub fn all_relays(&self) -> Vec<String> {
+    pub(crate) fn all_relays(&self) -> Vec<String> {
         self.relays().iter().map(|r| r.spec.name.clone()).collect()
     }
 
     /// The relay named `name`.
-    pub fn relay(&self, name: &str) -> Option<&Relay> {
+    pub(crate) fn relay(&self, name: &str) -> Option<&Relay> {
         self.relays().iter().find(|r| r.spec.name == name)
     }
 
     /// One step: applies `event` at `now` and returns what to do, in order.
-    pub fn step(&mut self, now: DateTime<Utc>, event: Event) -> Vec<Action> {
+    pub(crate) fn step(&mut self, now: DateTime<Utc>, event: Event) -> Vec<Action> {
         match event {
             Event::Cloud { name, id, args } => {
                 let (result, writes) = self.apply_cloud(&name, &id, &args, now);
@@ -273,7 +273,7 @@ impl EnforcerState {
     /// The history samples needed to bill `batch` exactly: for a prepaid counter with time-of-use
     /// bands, the samples between its last billed reading and this one, when they are over a minute
     /// apart (a band change may lie between).
-    pub fn history_needed(&self, batch: &Batch) -> Vec<HistoryQuery> {
+    pub(crate) fn history_needed(&self, batch: &Batch) -> Vec<HistoryQuery> {
         let mut out = Vec::new();
         for acc in &self.config.enforcement.prepaid {
             if acc.tariff.bands.is_empty() {

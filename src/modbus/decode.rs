@@ -73,7 +73,7 @@ pub enum ByteOrder {
 
 /// A decoded value before scaling, kept exact for integers so u64 Wh counters do not lose digits early.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RawValue {
+pub(crate) enum RawValue {
     Bool(bool),
     Int(i64),
     UInt(u64),
@@ -82,7 +82,7 @@ pub enum RawValue {
 
 impl RawValue {
     /// The value as f64, the engineering unit every reading carries.
-    pub fn as_f64(self) -> f64 {
+    pub(crate) fn as_f64(self) -> f64 {
         match self {
             RawValue::Bool(b) => f64::from(u8::from(b)),
             RawValue::Int(i) => i as f64,
@@ -94,7 +94,7 @@ impl RawValue {
 
 /// Why a word slice could not be turned into a value.
 #[derive(Debug, Error, PartialEq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error("{ty:?} needs {need} register(s), got {got}")]
     WrongLength {
         ty: DataType,
@@ -144,7 +144,7 @@ fn from_be_bytes(bytes: &[u8], word_order: WordOrder, byte_order: ByteOrder) -> 
 }
 
 /// Decodes the registers of one value. `words` must hold exactly `ty.words()` registers.
-pub fn decode(
+pub(crate) fn decode(
     words: &[u16],
     ty: DataType,
     word_order: WordOrder,
@@ -174,7 +174,7 @@ pub fn decode(
 
 /// Encodes an unscaled value into registers in the device's order; the simulator and `meterd raw
 /// write` use it, and round-trip tests hold [`decode`] to it.
-pub fn encode(
+pub(crate) fn encode(
     value: f64,
     ty: DataType,
     word_order: WordOrder,

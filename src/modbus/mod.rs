@@ -4,12 +4,12 @@
 //! is tested without a wire.
 
 pub mod bus;
-pub mod decode;
+pub(crate) mod decode;
 pub mod frame;
 pub mod link;
 pub mod plan;
 pub mod profile;
 pub mod reading;
 pub mod schedule;
-pub mod spec;
+pub(crate) mod spec;
 pub mod timing;
