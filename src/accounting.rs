@@ -42,7 +42,7 @@ pub fn period_bounds(
 }
 
 /// The month before the one containing `now` in the site's timezone.
-pub fn previous_period(now: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
+pub(crate) fn previous_period(now: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     let l = now.with_timezone(&tz);
     let (y, m) = if l.month() == 1 {
         (l.year() - 1, 12)
@@ -53,7 +53,7 @@ pub fn previous_period(now: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
 }
 
 /// When the next scheduled apportionment is due: `day` of the next month at 00:05 site time.
-pub fn next_run(now: DateTime<Utc>, tz: chrono_tz::Tz, day: u32) -> DateTime<Utc> {
+pub(crate) fn next_run(now: DateTime<Utc>, tz: chrono_tz::Tz, day: u32) -> DateTime<Utc> {
     let l = now.with_timezone(&tz);
     let candidate = |y: i32, m: u32| {
         NaiveDate::from_ymd_opt(y, m, day)
@@ -77,7 +77,7 @@ pub fn next_run(now: DateTime<Utc>, tz: chrono_tz::Tz, day: u32) -> DateTime<Utc
 
 /// A window of `length` ending as late as the history allows: every counter needs a sample after
 /// the window's end to interpolate it, so the window ends one sampling period (and a second) ago.
-pub fn live_window(config: &Config, length: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
+pub(crate) fn live_window(config: &Config, length: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
     let lag = chrono::Duration::from_std(config.topology.history_every + Duration::from_secs(1))
         .unwrap_or_default();
     let to = Utc::now() - lag;
@@ -139,7 +139,7 @@ fn replacements_in(
 }
 
 /// Every pool for a month (one result per pool and segment), computed as the bills are.
-pub fn apportion_period(
+pub(crate) fn apportion_period(
     conn: &Connection,
     config: &Config,
     period: &str,
@@ -156,7 +156,7 @@ pub fn apportion_period(
 /// check, and one period's end reading is the next one's start (nothing billed twice or lost).
 /// Without one, the value is interpolated and flagged as estimated when the readings around it are
 /// more than two history intervals apart.
-pub const BOUNDARY_TOLERANCE: chrono::Duration = chrono::Duration::minutes(5);
+pub(crate) const BOUNDARY_TOLERANCE: chrono::Duration = chrono::Duration::minutes(5);
 
 /// The counter at boundary `t` from the history: `(time of the reading used, value)`.
 fn boundary_reading(
@@ -407,7 +407,7 @@ pub fn pending_periods(
 }
 
 /// The month after `YYYY-MM`.
-pub fn next_period(p: &str) -> String {
+pub(crate) fn next_period(p: &str) -> String {
     let (y, m) = p.split_once('-').unwrap_or(("0", "0"));
     let (y, m): (i32, u32) = (y.parse().unwrap_or(0), m.parse().unwrap_or(0));
     if m >= 12 {
@@ -418,7 +418,7 @@ pub fn next_period(p: &str) -> String {
 }
 
 /// The month containing `t` in the site's timezone.
-pub fn period_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
+pub(crate) fn period_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     let l = t.with_timezone(&tz);
     format!("{:04}-{:02}", l.year(), l.month())
 }
@@ -435,7 +435,7 @@ pub fn balances(
 }
 
 /// The event of a node whose balance is off.
-pub fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>) -> NewRecord {
+pub(crate) fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>) -> NewRecord {
     let v = json!({
         "event": "balance_alarm",
         "node": b.node,
@@ -491,11 +491,11 @@ pub enum Request {
 }
 
 /// Meta key of the tariffs the cloud set (JSON list).
-pub const TARIFF_OVERRIDES: &str = "tariff_overrides";
+pub(crate) const TARIFF_OVERRIDES: &str = "tariff_overrides";
 
 /// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price change
 /// must not leave rooms unpriced).
-pub fn apply_tariff(site: &mut topology::Site, mut t: Tariff) {
+pub(crate) fn apply_tariff(site: &mut topology::Site, mut t: Tariff) {
     if t.rooms.is_empty() {
         if let Some(old) = site.tariffs.get(&t.name) {
             t.rooms.clone_from(&old.rooms);
@@ -505,7 +505,7 @@ pub fn apply_tariff(site: &mut topology::Site, mut t: Tariff) {
 }
 
 /// Applies the tariffs the cloud set (kept in the outbox database) over the configured ones.
-pub fn apply_tariff_overrides(
+pub(crate) fn apply_tariff_overrides(
     conn: &Connection,
     site: &mut topology::Site,
 ) -> Result<usize, AccountingError> {
@@ -537,7 +537,7 @@ pub fn apply_tariff_overrides(
 /// Cloud commands: `apportion {"period"}` (results on `results/apportionment` and `results/bill`),
 /// `recompute {"period", "reason"}` (signed like relay commands: it changes money; adjustments on
 /// `results/adjustment`), `get_bill {"period", "version"?, "room"?}` and `set_tariff`.
-pub struct AccountingCommands {
+pub(crate) struct AccountingCommands {
     pub requests: mpsc::Sender<Request>,
     pub timezone: chrono_tz::Tz,
     /// Verifies `recompute`; without a key it is refused.
@@ -693,7 +693,7 @@ impl AccountingCommands {
 /// The outbox records of a run: one per pool and segment (`results/apportionment`), one per room and
 /// utility (`results/bill`), and one per changed room (`results/adjustment`). Each carries its time,
 /// period, version and config hash.
-pub fn run_records(
+pub(crate) fn run_records(
     st: &Statement,
     adjustments: &[bill::Adjustment],
     meta: &RunMeta,
@@ -734,12 +734,12 @@ pub fn run_records(
 
 /// Rooms per `results/apportionment` record: a pool of a large site is published in parts of this
 /// many rooms (about 100 KiB each), well under what one publish may carry.
-pub const POOL_PART_ROOMS: usize = 500;
+pub(crate) const POOL_PART_ROOMS: usize = 500;
 
 /// A pool result with more than `per` rooms as parts: each a copy of the pool's figures with a slice
 /// of its rooms and `"part"`/`"parts"`, so the backend joins them by pool, period and version. The
 /// room shares of all parts sum to the pool's total exactly as before.
-pub fn split_pool(pool: &Value, per: usize) -> Vec<Value> {
+pub(crate) fn split_pool(pool: &Value, per: usize) -> Vec<Value> {
     let Some(rooms) = pool.get("rooms").and_then(Value::as_array) else {
         return vec![pool.clone()];
     };
@@ -763,7 +763,7 @@ pub fn split_pool(pool: &Value, per: usize) -> Vec<Value> {
 
 /// What every record of a run is stamped with.
 #[derive(Debug, Clone)]
-pub struct RunMeta {
+pub(crate) struct RunMeta {
     pub period: String,
     pub at: DateTime<Utc>,
     pub config_hash: String,
@@ -772,7 +772,7 @@ pub struct RunMeta {
 }
 
 /// Computes a period and keeps it as a new version with its records (one durable transaction).
-pub async fn run_period(
+pub(crate) async fn run_period(
     config: &Arc<Config>,
     store: &StoreHandle,
     req: RunRequest,
@@ -838,7 +838,7 @@ pub async fn run_period(
 }
 
 /// Meta key: the first period this gateway bills (the month it first ran).
-pub const BILLING_SINCE: &str = "billing_since";
+pub(crate) const BILLING_SINCE: &str = "billing_since";
 
 /// The accounting task: balance checks every `balance_every`, the monthly runs (missed ones caught
 /// up oldest first), and runs on request.

@@ -82,7 +82,7 @@ fn basis_value(site: &Site, pool: &Pool, basis: Basis, room: &str, own: f64) -> 
 
 /// Computes one pool. `consumption` holds every meter's consumption for the period (virtual ones
 /// included, see [`crate::topology::meter_consumption`]).
-pub fn apportion_pool(
+pub(crate) fn apportion_pool(
     site: &Site,
     pool: &Pool,
     consumption: &BTreeMap<String, Consumption>,
@@ -356,7 +356,7 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
 
 /// Device counters at interval boundaries → every meter's consumption (the step between the history
 /// and [`apportion`]). `boundaries` maps a device to its (start, end) values.
-pub fn device_consumption(
+pub(crate) fn device_consumption(
     site: &Site,
     boundaries: &BTreeMap<String, (crate::topology::Boundary, crate::topology::Boundary)>,
     replacements: &BTreeMap<String, crate::topology::Replacement>,

@@ -24,7 +24,10 @@ use crate::tou::{self, TouPrice};
 
 /// `YYYY-MM` → the month's first and last instant in the site's timezone, as UTC; `None` for
 /// anything else. Midnight may not exist on a DST change day: the earliest valid instant is taken.
-pub fn month_bounds(period: &str, tz: chrono_tz::Tz) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+pub(crate) fn month_bounds(
+    period: &str,
+    tz: chrono_tz::Tz,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let (y, m) = period.split_once('-')?;
     let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
     let first = NaiveDate::from_ymd_opt(y, m, 1)?;
@@ -164,7 +167,7 @@ pub struct RoomBill {
 
 /// The readings of one device over one segment: `(instant, reading)` at the segment's start, at
 /// every band change inside it, and at its end.
-pub type Series = Vec<(DateTime<Utc>, Option<Boundary>)>;
+pub(crate) type Series = Vec<(DateTime<Utc>, Option<Boundary>)>;
 
 /// One stretch of a period with one topology.
 pub struct Segment<'a> {
@@ -192,7 +195,7 @@ fn read(at: DateTime<Utc>, b: Option<Boundary>) -> Option<Read> {
 }
 
 /// Every meter's consumption in a segment, virtual ones included.
-pub fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption> {
+pub(crate) fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption> {
     let mut bounds = BTreeMap::new();
     for (dev, s) in seg.series {
         if let (Some((_, Some(a))), Some((_, Some(b)))) = (s.first(), s.last()) {

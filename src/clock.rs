@@ -31,7 +31,7 @@ pub(crate) fn plausible(t: DateTime<Utc>) -> bool {
 /// A step of the wall clock against the monotonic one: NTP setting a clock that booted wrong, or an
 /// operator changing it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ClockJump {
+pub(crate) struct ClockJump {
     /// The wall clock just before the step (as it would read now without the step).
     pub from: DateTime<Utc>,
     /// The wall clock after it.

@@ -22,7 +22,7 @@ use crate::uplink::{Chain, CommandHandler, Identity, Uplink, UplinkStatus};
 
 /// Capacity of the readings channel, in poll batches. Large enough to absorb a slow consumer for a
 /// few seconds; past that the bus tasks wait (backpressure) rather than drop readings.
-pub const READINGS_CAPACITY: usize = 4096;
+pub(crate) const READINGS_CAPACITY: usize = 4096;
 
 /// The running polling engine.
 pub struct Engine {
@@ -135,7 +135,7 @@ pub enum DaemonError {
 
 /// A reading as an outbox record (topic `telemetry`). A reading stamped before the clock was
 /// plausible carries `"clock_unsynced": true`.
-pub fn telemetry_record(r: &Reading) -> NewRecord {
+pub(crate) fn telemetry_record(r: &Reading) -> NewRecord {
     // Serializing a plain struct of strings and numbers cannot fail.
     let mut payload = serde_json::to_vec(r).unwrap_or_default();
     if !crate::clock::plausible(r.ts) && payload.last() == Some(&b'}') {
@@ -151,7 +151,7 @@ pub fn telemetry_record(r: &Reading) -> NewRecord {
 }
 
 /// The `clock_jump` event: when the wall clock was stepped, from what to what.
-pub fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
+pub(crate) fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
     let mut v = serde_json::to_value(j).unwrap_or_default();
     v["event"] = serde_json::json!("clock_jump");
     v["ts"] = serde_json::json!(j.to.to_rfc3339());
@@ -442,7 +442,7 @@ impl Daemon {
 
     /// Liveness for the systemd watchdog: every bus task's dispatcher answers a probe (so it is not
     /// wedged and has a free poller) and the store thread answers, each within `within`.
-    pub async fn healthy(&self, within: Duration) -> Result<(), String> {
+    pub(crate) async fn healthy(&self, within: Duration) -> Result<(), String> {
         for (i, tx) in self.engine.buses.iter().enumerate() {
             let (reply, rx) = tokio::sync::oneshot::channel();
             let probe = bus::Actuation {

@@ -11,7 +11,7 @@
 use std::cmp::Ordering;
 
 /// Rounds `num / den` half to even (`den > 0`).
-pub fn div_round_half_even(num: i128, den: i128) -> i128 {
+pub(crate) fn div_round_half_even(num: i128, den: i128) -> i128 {
     let q = num.div_euclid(den);
     let r = num.rem_euclid(den);
     match (2 * r).cmp(&den) {
@@ -85,7 +85,7 @@ pub fn to_milli(value: f64) -> i64 {
 
 /// Splits `total` (≥ 0) into shares proportional to `weights` (≥ 0, not all zero), summing exactly to
 /// `total`. `keys` order the tie-break (lowest key first) and make the result order-independent.
-pub fn largest_remainder<K: Ord>(total: i64, weights: &[f64], keys: &[K]) -> Vec<i64> {
+pub(crate) fn largest_remainder<K: Ord>(total: i64, weights: &[f64], keys: &[K]) -> Vec<i64> {
     assert_eq!(weights.len(), keys.len());
     let n = weights.len();
     if n == 0 {

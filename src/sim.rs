@@ -341,17 +341,6 @@ impl RunningSim {
             }
         }
     }
-
-    /// Changes a unit's load at run time (tests, demo).
-    pub fn set_load_w(&self, endpoint: &str, unit: u8, load_w: f64) {
-        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
-            let downstream = u.downstream();
-            if let Ok(mut s) = u.state.lock() {
-                s.advance(&u.profile, downstream);
-                s.load_w = load_w;
-            }
-        }
-    }
 }
 
 /// One unit's live state.

@@ -131,7 +131,7 @@ impl Tariff {
     }
 
     /// Whether this tariff bills `room`'s own consumption.
-    pub fn bills_room(&self, room: &str) -> bool {
+    pub(crate) fn bills_room(&self, room: &str) -> bool {
         self.rooms.iter().any(|r| r == "*" || r == room)
     }
 }
@@ -172,7 +172,7 @@ pub struct Site {
 
 impl Site {
     /// Rebuilds the lookup indexes after the meters changed.
-    pub fn index(&mut self) {
+    pub(crate) fn index(&mut self) {
         self.children_idx.clear();
         self.room_idx.clear();
         for m in self.meters.values() {
@@ -192,19 +192,11 @@ impl Site {
     }
 
     /// Direct children of a meter.
-    pub fn children(&self, name: &str) -> Vec<&Meter> {
+    pub(crate) fn children(&self, name: &str) -> Vec<&Meter> {
         self.children_idx
             .get(name)
             .map(|v| v.iter().filter_map(|c| self.meters.get(c)).collect())
             .unwrap_or_default()
-    }
-
-    /// Tree roots of a utility.
-    pub fn roots(&self) -> Vec<&Meter> {
-        self.meters
-            .values()
-            .filter(|m| m.parent.is_none())
-            .collect()
     }
 
     /// True when nothing is configured (no apportionment, no balance checks).
@@ -213,7 +205,7 @@ impl Site {
     }
 
     /// The site as it was at `t`: every assignment from `t` or earlier applied, in date order.
-    pub fn as_of(&self, t: chrono::DateTime<chrono::Utc>) -> Site {
+    pub(crate) fn as_of(&self, t: chrono::DateTime<chrono::Utc>) -> Site {
         let mut s = self.clone();
         let mut changed = false;
         for a in self.assignments.iter().filter(|a| a.from <= t) {
@@ -234,14 +226,14 @@ impl Site {
     }
 
     /// The tariff that bills `room`'s own consumption of `utility`, if any.
-    pub fn room_tariff(&self, room: &str, utility: Utility) -> Option<&Tariff> {
+    pub(crate) fn room_tariff(&self, room: &str, utility: Utility) -> Option<&Tariff> {
         self.tariffs
             .values()
             .find(|t| t.utility == utility && t.bills_room(room))
     }
 
     /// Meters of a given room.
-    pub fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
+    pub(crate) fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
         self.room_idx
             .get(&(room.to_string(), utility))
             .map(|v| v.iter().filter_map(|c| self.meters.get(c)).collect())
@@ -271,7 +263,7 @@ pub struct RawMeter {
 /// `[[assignment]]` as written: `meter`, `from = "2026-10-15"`, and `room` and/or `parent`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAssignment {
+pub(crate) struct RawAssignment {
     pub meter: String,
     pub from: String,
     pub room: Option<String>,
@@ -282,7 +274,7 @@ pub struct RawAssignment {
 
 /// Validates dated assignments against the site (`tz` resolves their dates); every problem as
 /// (key, message).
-pub fn assignments(
+pub(crate) fn assignments(
     site: &Site,
     raw: Vec<(String, RawAssignment)>,
     tz: chrono_tz::Tz,
@@ -405,7 +397,7 @@ fn two() -> u32 {
 }
 
 /// Parses `"a - b + c"`.
-pub fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
+pub(crate) fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
     let mut out = Vec::new();
     let mut sign = 1i8;
     let mut expect_term = true;
@@ -837,7 +829,7 @@ pub struct Consumption {
 /// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`) and a
 /// replaced meter. Returns `None` when the counter went backwards unexplained (a reset nobody
 /// recorded): that figure must not be billed.
-pub fn counter_consumption(
+pub(crate) fn counter_consumption(
     start: Boundary,
     end: Boundary,
     rollover: Option<f64>,
@@ -858,7 +850,7 @@ pub fn counter_consumption(
 /// The counter at time `t` from the samples around it: linear interpolation between the last sample
 /// at or before `t` and the first after it. `estimated` when the bracketing samples are further apart
 /// than `max_gap` (a reading is missing there). `samples` are (time, value) sorted by time.
-pub fn value_at(
+pub(crate) fn value_at(
     samples: &[(i64, f64)],
     t: i64,
     max_gap: i64,
@@ -894,7 +886,7 @@ pub fn value_at(
 }
 
 /// Consumption of every meter, virtual ones included, from the device counters' consumption.
-pub fn meter_consumption(
+pub(crate) fn meter_consumption(
     site: &Site,
     device: &BTreeMap<String, Consumption>,
 ) -> BTreeMap<String, Consumption> {

@@ -43,7 +43,7 @@ impl TouPrice {
     }
 
     /// The band in force at local time `t` and its price.
-    pub fn band_at(&self, t: NaiveTime) -> (&str, Price) {
+    pub(crate) fn band_at(&self, t: NaiveTime) -> (&str, Price) {
         self.bands
             .iter()
             .find(|b| {
@@ -58,7 +58,8 @@ impl TouPrice {
     }
 
     /// The price in force at local time `t`.
-    pub fn price_at(&self, t: NaiveTime) -> Price {
+    #[cfg(test)]
+    pub(crate) fn price_at(&self, t: NaiveTime) -> Price {
         self.band_at(t).1
     }
 
@@ -71,7 +72,7 @@ impl TouPrice {
     }
 
     /// The first band change strictly after `t`, if the tariff has bands.
-    pub fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
         next_local_time(&self.changes(), t, tz)
     }
 }
@@ -205,7 +206,11 @@ impl Piece {
 /// Splits the consumption between consecutive counter points `(time, thousandths)` (sorted by time,
 /// non-decreasing counter) at every band change. The pieces' consumption sums exactly to
 /// `last − first`.
-pub(crate) fn split(price: &TouPrice, tz: chrono_tz::Tz, points: &[(DateTime<Utc>, i64)]) -> Vec<Piece> {
+pub(crate) fn split(
+    price: &TouPrice,
+    tz: chrono_tz::Tz,
+    points: &[(DateTime<Utc>, i64)],
+) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     for w in points.windows(2) {
         let ((t0, m0), (t1, m1)) = (w[0], w[1]);

@@ -25,7 +25,7 @@ use crate::store::{Kind, NewRecord, Remembered, StoreHandle, Stored};
 
 /// Why a connection ended.
 #[derive(Debug, Error)]
-pub enum UplinkError {
+pub(crate) enum UplinkError {
     #[error("broker {host}:{port}: {detail}")]
     Connection {
         host: String,
@@ -105,7 +105,7 @@ pub trait CommandHandler: Send + Sync + 'static {
 }
 
 /// Several handlers, asked in order.
-pub struct Chain(pub Vec<Arc<dyn CommandHandler>>);
+pub(crate) struct Chain(pub Vec<Arc<dyn CommandHandler>>);
 
 impl CommandHandler for Chain {
     fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
@@ -124,32 +124,28 @@ impl CommandHandler for NoCommands {
 
 /// Topic names for one gateway.
 #[derive(Debug, Clone)]
-pub struct Topics {
+pub(crate) struct Topics {
     pub base: String,
 }
 
 impl Topics {
     /// `{prefix}/{gateway}`.
-    pub fn new(prefix: &str, gateway: &str) -> Topics {
+    pub(crate) fn new(prefix: &str, gateway: &str) -> Topics {
         Topics {
             base: format!("{prefix}/{gateway}"),
         }
     }
     /// Where a record with topic suffix `suffix` is published.
-    pub fn record(&self, suffix: &str) -> String {
+    pub(crate) fn record(&self, suffix: &str) -> String {
         format!("{}/{suffix}", self.base)
     }
     /// Retained birth / last-will topic.
-    pub fn status(&self) -> String {
+    pub(crate) fn status(&self) -> String {
         format!("{}/status", self.base)
     }
     /// Commands arrive on `cmd/{name}`.
-    pub fn commands(&self) -> String {
+    pub(crate) fn commands(&self) -> String {
         format!("{}/cmd/+", self.base)
-    }
-    /// Every command gets its reply here.
-    pub fn reply(&self) -> String {
-        format!("{}/reply", self.base)
     }
 }
 
@@ -157,7 +153,7 @@ impl Topics {
 
 /// How many of `rows` (a prefix) go into the next message: consecutive rows of one topic, at most
 /// `max_records` records and `max_bytes` payload bytes (at least one row, however large).
-pub fn next_batch(rows: &[Stored], max_records: usize, max_bytes: usize) -> usize {
+pub(crate) fn next_batch(rows: &[Stored], max_records: usize, max_bytes: usize) -> usize {
     let Some(first) = rows.first() else { return 0 };
     let mut bytes = 0;
     let mut n = 0;
@@ -198,7 +194,7 @@ pub fn message(gateway: &str, rows: &[Stored]) -> Vec<u8> {
 
 /// A command as received, validated.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ParsedCommand {
+pub(crate) struct ParsedCommand {
     pub id: String,
     pub name: String,
     pub args: Value,
@@ -206,13 +202,13 @@ pub struct ParsedCommand {
 
 /// A refused command: the id if one could be read, and why.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     pub id: Option<String>,
     pub reason: String,
 }
 
 /// Validates a command publish on `cmd/{name}`: size, JSON object, an `id` string, a sane name.
-pub fn parse_command(
+pub(crate) fn parse_command(
     name: &str,
     payload: &[u8],
     max_bytes: usize,
@@ -285,7 +281,7 @@ pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
 
 /// Which queue the next message comes from: backlog (recorded before this connection) or live.
 /// Gives the backlog `share` of the records while both have data, so neither starves.
-pub fn pick_backlog(
+pub(crate) fn pick_backlog(
     backlog_ready: bool,
     live_ready: bool,
     backlog_sent: u64,
@@ -302,7 +298,7 @@ pub fn pick_backlog(
 
 /// Which outbox records to fetch next, from which stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fetch {
+pub(crate) struct Fetch {
     pub backlog: bool,
     /// Records with `after < seq <= upto`.
     pub after: i64,
@@ -311,7 +307,7 @@ pub struct Fetch {
 
 /// A publish of outbox records, waiting for its packet id and then its PUBACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub first: i64,
     pub last: i64,
     pub records: u64,
@@ -323,7 +319,7 @@ pub struct Sent {
 /// acknowledges (`acked`). Untracked publishes (status) take a place in the order but ack nothing.
 /// The window bounds what is handed and not yet acknowledged.
 #[derive(Debug)]
-pub struct OutboxSync {
+pub(crate) struct OutboxSync {
     window: usize,
     share: f64,
     backlog_upto: i64,
@@ -338,7 +334,7 @@ pub struct OutboxSync {
 
 impl OutboxSync {
     /// A connection that starts with everything up to `backlog_upto` committed (the backlog).
-    pub fn new(backlog_upto: i64, window: usize, share: f64) -> OutboxSync {
+    pub(crate) fn new(backlog_upto: i64, window: usize, share: f64) -> OutboxSync {
         OutboxSync {
             window: window.max(1),
             share,
@@ -353,13 +349,13 @@ impl OutboxSync {
     }
 
     /// True while another publish may be handed over.
-    pub fn has_room(&self) -> bool {
+    pub(crate) fn has_room(&self) -> bool {
         self.awaiting.len() + self.inflight.len() < self.window
     }
 
     /// The next records to fetch with `latest` the newest committed seq, or `None` (window full, or
     /// nothing new).
-    pub fn next_fetch(&self, latest: i64) -> Option<Fetch> {
+    pub(crate) fn next_fetch(&self, latest: i64) -> Option<Fetch> {
         if !self.has_room() {
             return None;
         }
@@ -386,7 +382,7 @@ impl OutboxSync {
     }
 
     /// The fetch found nothing: everything up to its end was acknowledged or dropped meanwhile.
-    pub fn fetched_nothing(&mut self, f: Fetch) {
+    pub(crate) fn fetched_nothing(&mut self, f: Fetch) {
         if f.backlog {
             self.backlog_cursor = f.upto;
         } else {
@@ -395,7 +391,7 @@ impl OutboxSync {
     }
 
     /// Records `sent` of fetch `f` were handed to the client.
-    pub fn handed(&mut self, f: Fetch, sent: Sent) {
+    pub(crate) fn handed(&mut self, f: Fetch, sent: Sent) {
         if f.backlog {
             self.backlog_cursor = sent.last;
             self.backlog_sent += sent.records;
@@ -407,23 +403,23 @@ impl OutboxSync {
     }
 
     /// A publish that acknowledges no records (status) was handed to the client.
-    pub fn handed_untracked(&mut self) {
+    pub(crate) fn handed_untracked(&mut self) {
         self.awaiting.push_back(None);
     }
 
     /// rumqttc wrote the oldest handed publish under packet id `pkid`.
-    pub fn outgoing(&mut self, pkid: u16) {
+    pub(crate) fn outgoing(&mut self, pkid: u16) {
         let sent = self.awaiting.pop_front().flatten();
         self.inflight.insert(pkid, sent);
     }
 
     /// The broker acknowledged `pkid`: the records to delete, if it carried any.
-    pub fn acked(&mut self, pkid: u16) -> Option<Sent> {
+    pub(crate) fn acked(&mut self, pkid: u16) -> Option<Sent> {
         self.inflight.remove(&pkid).flatten()
     }
 
     /// Nothing handed is still waiting for its packet id or PUBACK, except untracked publishes.
-    pub fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         self.awaiting.is_empty() && self.inflight.values().all(Option::is_none)
     }
 }
@@ -432,7 +428,7 @@ impl OutboxSync {
 
 /// Identity reported in the birth message.
 #[derive(Debug, Clone, Serialize)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub gateway: String,
     pub site: String,
     pub version: String,
@@ -441,7 +437,7 @@ pub struct Identity {
 }
 
 /// Everything the uplink task needs.
-pub struct Uplink {
+pub(crate) struct Uplink {
     pub config: Mqtt,
     pub identity: Identity,
     pub store: StoreHandle,
@@ -503,7 +499,7 @@ impl Drop for AbortOnDrop {
 
 impl Uplink {
     /// Runs until `shutdown` turns true; then publishes the offline status and disconnects.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let topics = Topics::new(&self.config.topic_prefix, &self.identity.gateway);
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let worker = CommandWorker {
@@ -884,7 +880,7 @@ fn bounded_reply(id: &str, name: &str, result: Result<Value, String>) -> Vec<u8>
 
 /// A reply record as published: one reply per message, the outbox seq spliced in as its first key
 /// (`{"seq": 41, "id": "c-1", "command": "ping", "ok": true, ...}`).
-pub fn reply_message(row: &Stored) -> Vec<u8> {
+pub(crate) fn reply_message(row: &Stored) -> Vec<u8> {
     let mut out = Vec::with_capacity(row.payload.len() + 24);
     splice_seq(&mut out, row);
     out

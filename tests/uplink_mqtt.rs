@@ -302,15 +302,19 @@ async fn a_link_that_goes_silent_is_noticed_by_keepalive_and_loses_nothing() {
 
     broker.restart();
     let msgs = sub
-        .wait_for("everything recorded while silent", Duration::from_secs(30), |m| {
-            let mut s: Vec<i64> = ["test/gw/telemetry", "test/gw/events", "test/gw/audit"]
-                .iter()
-                .flat_map(|t| seqs(m, t))
-                .collect();
-            s.sort_unstable();
-            s.dedup();
-            s.len() as i64 >= silent_last_seq
-        })
+        .wait_for(
+            "everything recorded while silent",
+            Duration::from_secs(30),
+            |m| {
+                let mut s: Vec<i64> = ["test/gw/telemetry", "test/gw/events", "test/gw/audit"]
+                    .iter()
+                    .flat_map(|t| seqs(m, t))
+                    .collect();
+                s.sort_unstable();
+                s.dedup();
+                s.len() as i64 >= silent_last_seq
+            },
+        )
         .await;
     assert_complete(&msgs, silent_last_seq);
     assert_ordered(&msgs);

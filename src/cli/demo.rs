@@ -3,9 +3,9 @@
 use super::*;
 
 /// The sample building and the config that polls it, compiled in so the demo needs no files.
-pub const DEMO_BUILDING: &str = include_str!("../../config/building.toml");
+pub(crate) const DEMO_BUILDING: &str = include_str!("../../config/building.toml");
 /// Config of the demo; its buses are pointed at the simulator's endpoints of the same name.
-pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+pub(crate) const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 /// `meterd demo`
 #[derive(Debug, Args)]
@@ -19,7 +19,7 @@ pub struct DemoCmd {
 }
 
 /// Starts the embedded sample building and returns a config whose buses point at it.
-pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
+pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     let building = sim::Building::from_str_named(DEMO_BUILDING, "<builtin>/config/building.toml")?;
     let profiles: BTreeMap<_, _> = crate::modbus::profile::builtin()
         .map_err(|e| anyhow::anyhow!("built-in profiles: {e:?}"))?
@@ -42,7 +42,7 @@ pub async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
 }
 
 /// Rewrites each bus whose name matches a simulator endpoint to that endpoint's address.
-pub fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
+pub(crate) fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
     for b in &mut config.buses {
         match (sim.addr(&b.name), &mut b.transport) {
             (Some(sim::EndpointAddr::Tcp(a)), Transport::Tcp { host, port, .. })

@@ -60,7 +60,7 @@ pub(super) fn parse_u16(s: &str) -> Result<u16, String> {
 
 /// One unit's answer during a scan.
 #[derive(Debug, Serialize)]
-pub struct ScanHit {
+pub(crate) struct ScanHit {
     pub unit: u8,
     /// `ok` or the exception it answered with (any answer proves a device is there).
     pub answer: String,

@@ -33,7 +33,7 @@ use raw::*;
 use validate::*;
 
 /// Where the daemon looks when `--config` is not given.
-pub const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
+pub(crate) const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
 
 /// One problem found in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub struct Gateway {
 }
 
 /// Default local control socket (systemd's RuntimeDirectory).
-pub const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
 
 /// Where the outbox lives and how large it may grow.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,7 +138,7 @@ pub struct ReplacementRecord {
 
 impl Config {
     /// The part of the configuration the enforcer works from.
-    pub fn enforcer_setup(&self) -> crate::enforce::config::Setup {
+    pub(crate) fn enforcer_setup(&self) -> crate::enforce::config::Setup {
         crate::enforce::config::Setup {
             enforcement: self.enforcement.clone(),
             site: self.site.clone(),
@@ -178,7 +178,7 @@ impl Config {
     }
 
     /// Looks a bus up by name.
-    pub fn bus_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn bus_index(&self, name: &str) -> Option<usize> {
         self.buses.iter().position(|b| b.name == name)
     }
 }
@@ -186,11 +186,11 @@ impl Config {
 // ---- raw form ---------------------------------------------------------------------------------
 
 /// Default outbox location (systemd's StateDirectory).
-pub const DEFAULT_STORE: &str = "/var/lib/meterd/outbox.db";
+pub(crate) const DEFAULT_STORE: &str = "/var/lib/meterd/outbox.db";
 
 /// Loads the built-in profiles plus the `*.toml` files of `dir` (if it exists): the library both the
 /// daemon and the simulator use. Problems name the profile file.
-pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<Issue>> {
+pub(crate) fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>, Vec<Issue>> {
     let mut v = Validator {
         file: dir.display().to_string(),
         base: dir.to_path_buf(),

@@ -22,7 +22,7 @@ pub fn signed_content(command: &str, id: &str, args: &Value) -> Vec<u8> {
 }
 
 /// Parses a public key given as base64 or hex (32 bytes).
-pub fn parse_key(s: &str) -> Result<VerifyingKey, String> {
+pub(crate) fn parse_key(s: &str) -> Result<VerifyingKey, String> {
     let s = s.trim();
     let bytes = if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
         (0..32)
@@ -40,7 +40,7 @@ pub fn parse_key(s: &str) -> Result<VerifyingKey, String> {
 }
 
 /// Checks signature and expiry; `seen` says whether an id was already used.
-pub fn verify(
+pub(crate) fn verify(
     key: &VerifyingKey,
     command: &str,
     id: &str,

@@ -18,7 +18,7 @@ use crate::topology::{Site, Utility};
 /// period and the store. Built by `config::Config::enforcer_setup`, so enforcement does not depend
 /// on the whole configuration (which depends on this module for the sections' types).
 #[derive(Debug, Clone)]
-pub struct Setup {
+pub(crate) struct Setup {
     pub enforcement: Enforcement,
     pub site: Site,
     pub timezone: chrono_tz::Tz,

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::rules::Prepaid;
-use crate::tou::{self, Piece};
 pub(crate) use crate::tou::TouPrice as PrepaidTariff;
+use crate::tou::{self, Piece};
 
 /// What a deduction or top-up changed that the cloud should hear about.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,7 +30,12 @@ pub(crate) enum PrepaidEvent {
 }
 
 /// Deducts `amount` minor units; reports crossing the low threshold and zero.
-pub(crate) fn deduct(p: &mut Prepaid, amount: i64, low: i64, now: DateTime<Utc>) -> Vec<PrepaidEvent> {
+pub(crate) fn deduct(
+    p: &mut Prepaid,
+    amount: i64,
+    low: i64,
+    now: DateTime<Utc>,
+) -> Vec<PrepaidEvent> {
     let mut ev = Vec::new();
     if amount <= 0 {
         return ev;

@@ -99,7 +99,7 @@ pub struct Calendar {
 
 impl Calendar {
     /// Whether a supply may be cut at `now`.
-    pub fn cut_allowed(&self, now: DateTime<Utc>) -> bool {
+    pub(crate) fn cut_allowed(&self, now: DateTime<Utc>) -> bool {
         let l = now.with_timezone(&self.timezone);
         let weekend = matches!(l.weekday(), Weekday::Sat | Weekday::Sun);
         if (weekend && !self.weekends_allowed) || self.holidays.contains(&l.date_naive()) {
@@ -120,7 +120,7 @@ pub struct Policy {
 
 /// A relay's target state with the rule that decided it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Desired {
+pub(crate) struct Desired {
     pub relay: String,
     pub on: bool,
     /// `fire_alarm`, `override`, `life_critical`, `freeze`, `lease`, `prepaid`, `default`, `deferred`.
@@ -130,7 +130,7 @@ pub struct Desired {
 
 /// Decides every relay. `current` is each relay's present (read-back) state: a cut outside the
 /// allowed window keeps it.
-pub fn decide(
+pub(crate) fn decide(
     relays: &[RelaySpec],
     rooms: &BTreeMap<String, RoomRules>,
     fire_alarm: Option<bool>,

@@ -28,7 +28,7 @@ use crate::uplink::{Answer, CommandHandler};
 
 /// What reaches the enforcement task.
 #[derive(Debug)]
-pub enum Input {
+pub(crate) enum Input {
     /// A cloud command that passed authentication and validation. It is applied only before
     /// `deadline` (after it the uplink has answered that it was not applied), and answered on
     /// `reply` once applied and durable.
@@ -51,7 +51,7 @@ pub enum Input {
 /// Requests on the local control socket (one JSON object per line).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum ControlRequest {
+pub(crate) enum ControlRequest {
     /// Desired vs actual state of every relay, and why.
     List,
     /// Force a room's relays (or one of them) on or off, optionally for a while.
@@ -68,7 +68,7 @@ pub enum ControlRequest {
 }
 
 /// Cloud commands that affect relays; each must be signed (see [`super::auth`]).
-pub const RELAY_COMMANDS: &[&str] = &[
+pub(crate) const RELAY_COMMANDS: &[&str] = &[
     "freeze",
     "unfreeze",
     "set_lease",
@@ -79,7 +79,7 @@ pub const RELAY_COMMANDS: &[&str] = &[
 
 /// Authenticates relay commands and hands them to the task. Ids are remembered (in memory and, by
 /// the task, in SQLite) so a redelivered or replayed command never acts twice.
-pub struct EnforcementCommands {
+pub(crate) struct EnforcementCommands {
     pub key: Option<VerifyingKey>,
     /// For validating a command before it is answered.
     pub config: Arc<Setup>,
@@ -88,7 +88,7 @@ pub struct EnforcementCommands {
 }
 
 /// How long a relay command may wait for the enforcer before it is answered as not applied.
-pub const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl CommandHandler for EnforcementCommands {
     fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
@@ -176,7 +176,7 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
 }
 
 /// The enforcement task: the I/O around [`EnforcerState`].
-pub struct Enforcer {
+pub(crate) struct Enforcer {
     /// Own connection to the outbox database, for reading (the history around a band change) and
     /// creating the schema at start. Every write goes through the store's one writer
     /// ([`StoreHandle::transact`]). Behind a mutex only so the task is `Send`; never held across an
@@ -189,7 +189,7 @@ pub struct Enforcer {
 
 impl Enforcer {
     /// Loads the persisted rules, balances and counters.
-    pub fn open(
+    pub(crate) fn open(
         config: Arc<Setup>,
         actuators: HashMap<String, mpsc::Sender<Actuation>>,
         store: StoreHandle,
@@ -458,7 +458,7 @@ impl Enforcer {
     }
 
     /// Runs until shutdown: read every relay first, then follow inputs and the re-check timer.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut inputs: mpsc::Receiver<Input>,
         mut shutdown: watch::Receiver<bool>,
@@ -522,7 +522,7 @@ impl Enforcer {
 }
 
 /// The numeric id of a group from /etc/group (for the control socket's owner).
-pub fn group_id(name: &str) -> Option<u32> {
+pub(crate) fn group_id(name: &str) -> Option<u32> {
     std::fs::read_to_string("/etc/group")
         .ok()?
         .lines()

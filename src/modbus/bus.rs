@@ -317,7 +317,7 @@ pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
 }
 
 /// Turns the responses to a device's plan into one reading per profile register.
-pub fn decode_readings(
+pub(crate) fn decode_readings(
     device: &Device,
     responses: &[Result<Data, LinkError>],
     ts: DateTime<Utc>,
@@ -407,7 +407,7 @@ pub async fn run_with<P: Poller>(
 
 /// [`run_with`], plus a billing-boundary signal: each change of `boundaries` reads every device
 /// with a billing counter (kWh, m³) as soon as a poller is free, off its deadline grid.
-pub async fn run_with_boundaries<P: Poller>(
+pub(crate) async fn run_with_boundaries<P: Poller>(
     devices: Vec<Device>,
     pollers: Vec<P>,
     out: mpsc::Sender<Batch>,

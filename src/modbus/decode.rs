@@ -28,7 +28,7 @@ pub enum DataType {
 
 impl DataType {
     /// Registers (16-bit words) the value occupies; a bool occupies one bit or one register.
-    pub fn words(self) -> u16 {
+    pub(crate) fn words(self) -> u16 {
         match self {
             DataType::Bool | DataType::U16 | DataType::I16 => 1,
             DataType::U32 | DataType::I32 | DataType::F32 => 2,

@@ -16,7 +16,7 @@ use std::time::Duration;
 const CRC: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_MODBUS);
 
 /// True when the last two bytes of `frame` are the CRC of the rest, low byte first.
-pub fn crc_ok(frame: &[u8]) -> bool {
+pub(crate) fn crc_ok(frame: &[u8]) -> bool {
     let Some(split) = frame.len().checked_sub(2) else {
         return false;
     };
@@ -42,7 +42,7 @@ pub struct Expect {
 impl Expect {
     /// The answer a request ADU (as written to the line) calls for; `None` for a broadcast, a
     /// function meterd does not send, or fewer bytes than the header.
-    pub fn of_request(adu: &[u8]) -> Option<Expect> {
+    pub(crate) fn of_request(adu: &[u8]) -> Option<Expect> {
         let (&unit, &function) = (adu.first()?, adu.get(1)?);
         if unit == 0 {
             return None;
@@ -97,7 +97,7 @@ fn head(buf: &[u8]) -> Head {
 
 /// Length of the complete, CRC-valid response frame at the start of `buf`, if there is one. The
 /// simulator's line emulator uses it to cut what a server wrote into frames.
-pub fn frame_at_start(buf: &[u8]) -> Option<usize> {
+pub(crate) fn frame_at_start(buf: &[u8]) -> Option<usize> {
     match head(buf) {
         Head::Len(n) if buf.len() >= n && crc_ok(&buf[..n]) => Some(n),
         _ => None,
@@ -106,7 +106,7 @@ pub fn frame_at_start(buf: &[u8]) -> Option<usize> {
 
 /// Length of the request frame at the start of `buf` (what a server on the line reads), if its
 /// header tells: `None` for too few bytes or a function meterd does not send.
-pub fn request_len(buf: &[u8]) -> Option<usize> {
+pub(crate) fn request_len(buf: &[u8]) -> Option<usize> {
     match buf.get(1)? {
         0x01..=0x06 => Some(8),
         // unit, fc, address, quantity, byte count, values, CRC.
@@ -149,13 +149,13 @@ impl Receiver {
     }
 
     /// Adds bytes read from the line.
-    pub fn feed(&mut self, bytes: &[u8]) {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next frame found in what was fed, or `None` until more bytes arrive. Noise before a frame
     /// is dropped (and counted) on the way.
-    pub fn next_event(&mut self) -> Option<Event> {
+    pub(crate) fn next_event(&mut self) -> Option<Event> {
         let Some(expect) = self.expect else {
             if self.buf.is_empty() {
                 return None;
@@ -229,7 +229,7 @@ fn classify(expect: Expect, frame: Vec<u8>) -> Event {
 /// to the old request, and it would otherwise be taken for the answer to the retry. Late answers from
 /// another unit need no wait: the [`Receiver`] drops them by their unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resync {
+pub(crate) struct Resync {
     /// Earliest moment the next request may go out (relative to the caller's clock origin).
     pub until: Duration,
     /// Hard limit: continuous noise cannot hold the line for longer than this.
@@ -239,7 +239,7 @@ pub struct Resync {
 
 impl Resync {
     /// Plans the wait after the request sent at `sent` to `failed_unit` got no answer by `now`.
-    pub fn after_failure(
+    pub(crate) fn after_failure(
         now: Duration,
         sent: Duration,
         timeout: Duration,
@@ -260,12 +260,12 @@ impl Resync {
     }
 
     /// Bytes arrived at `now`: the line is not quiet yet.
-    pub fn bytes_arrived(&mut self, now: Duration) {
+    pub(crate) fn bytes_arrived(&mut self, now: Duration) {
         self.until = self.until.max(now + self.silence).min(self.limit);
     }
 
     /// True once the next request may be sent.
-    pub fn done(&self, now: Duration) -> bool {
+    pub(crate) fn done(&self, now: Duration) -> bool {
         now >= self.until
     }
 }

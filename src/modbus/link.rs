@@ -86,7 +86,7 @@ impl LinkError {
 }
 
 /// What a Modbus exception code means to a field engineer (Application Protocol V1.1b3 §7).
-pub fn exception_meaning(code: u8) -> &'static str {
+pub(crate) fn exception_meaning(code: u8) -> &'static str {
     match code {
         0x01 => "illegal function: the device does not support this function code; check the profile's table (holding/input)",
         0x02 => "illegal data address: the register is not in this device's map; wrong profile or firmware variant, or a read that splits a value",
@@ -374,7 +374,7 @@ impl Link {
     }
 
     /// A link that counts what its line guard drops into `stats` (shared with the bus status).
-    pub fn with_stats(bus: &Bus, stats: Arc<LineStats>) -> Link {
+    pub(crate) fn with_stats(bus: &Bus, stats: Arc<LineStats>) -> Link {
         Link {
             bus: bus.clone(),
             ctx: None,
@@ -461,7 +461,7 @@ impl Link {
     /// Runs one transaction with `unit`: waits out the line's silent interval (and the device's own
     /// `pause`), after a failure also until the line is back in step, sends, and waits at most
     /// `timeout` for the answer.
-    pub async fn call(
+    pub(crate) async fn call(
         &mut self,
         unit: u8,
         request: Request<'static>,

@@ -29,27 +29,8 @@ pub enum Function {
 
 impl Function {
     /// True for the 1-bit tables, whose reads count bits instead of registers.
-    pub fn is_bit(self) -> bool {
+    pub(crate) fn is_bit(self) -> bool {
         matches!(self, Function::Coil | Function::DiscreteInput)
-    }
-
-    /// The Modbus protocol ceiling for one read of this table (Application Protocol §6.1–6.4).
-    pub fn protocol_max_per_read(self) -> u16 {
-        if self.is_bit() {
-            2000
-        } else {
-            125
-        }
-    }
-
-    /// Read function code, as field engineers and mbpoll name it.
-    pub fn read_code(self) -> u8 {
-        match self {
-            Function::Coil => 1,
-            Function::DiscreteInput => 2,
-            Function::Holding => 3,
-            Function::Input => 4,
-        }
     }
 }
 
@@ -102,7 +83,7 @@ pub enum Quantity {
 
 impl Quantity {
     /// SI/billing unit the value is expressed in after scaling.
-    pub fn default_unit(self) -> &'static str {
+    pub(crate) fn default_unit(self) -> &'static str {
         match self {
             Quantity::EnergyKwh | Quantity::EnergyExportKwh | Quantity::EnergyOtherKwh => "kWh",
             Quantity::WaterM3 | Quantity::PrepaidRemaining => "m3",
@@ -170,7 +151,7 @@ pub struct RegisterDef {
 
 impl RegisterDef {
     /// Width in the object table: bits for coils/inputs, registers otherwise.
-    pub fn width(&self) -> u16 {
+    pub(crate) fn width(&self) -> u16 {
         if self.function.is_bit() {
             1
         } else {
@@ -219,7 +200,7 @@ pub struct Profile {
 
 impl Profile {
     /// The largest read allowed for a table on this device.
-    pub fn max_per_read(&self, function: Function) -> u16 {
+    pub(crate) fn max_per_read(&self, function: Function) -> u16 {
         if function.is_bit() {
             self.max_bits_per_read
         } else {
@@ -228,7 +209,8 @@ impl Profile {
     }
 
     /// The register a reading of this quantity comes from, first match.
-    pub fn register_for(&self, quantity: Quantity) -> Option<&RegisterDef> {
+    #[cfg(test)]
+    pub(crate) fn register_for(&self, quantity: Quantity) -> Option<&RegisterDef> {
         self.registers.iter().find(|r| r.quantity == quantity)
     }
 }
@@ -350,7 +332,7 @@ struct RawRelayBank {
 
 impl Profile {
     /// Parses and validates one profile file; every problem is returned, not just the first.
-    pub fn from_toml(text: &str) -> Result<Profile, Vec<ProfileIssue>> {
+    pub(crate) fn from_toml(text: &str) -> Result<Profile, Vec<ProfileIssue>> {
         let raw: RawProfile = toml::from_str(text).map_err(|e| {
             vec![ProfileIssue {
                 key: String::new(),
@@ -576,7 +558,7 @@ fn issue(key: &str, message: impl Into<String>) -> ProfileIssue {
 }
 
 /// The profile files compiled into the binary, by file name.
-pub const BUILTIN_SOURCES: &[(&str, &str)] = &[
+pub(crate) const BUILTIN_SOURCES: &[(&str, &str)] = &[
     (
         "eastron_sdm120.toml",
         include_str!("profiles/eastron_sdm120.toml"),

@@ -225,7 +225,8 @@ impl Scheduler {
     }
 
     /// Whether the device is currently declared offline.
-    pub fn is_offline(&self, device: usize) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_offline(&self, device: usize) -> bool {
         self.devices[device].offline
     }
 

@@ -64,7 +64,7 @@ pub struct Bus {
 
 impl Bus {
     /// Transactions that may be in flight at once: 1 on any RS485 line.
-    pub fn concurrency(&self) -> usize {
+    pub(crate) fn concurrency(&self) -> usize {
         match &self.transport {
             Transport::Tcp { max_concurrent, .. } => usize::from(*max_concurrent),
             _ => 1,

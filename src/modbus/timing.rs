@@ -7,12 +7,12 @@ use std::time::Duration;
 
 /// Bits per character on the wire: start + 8 data + parity + stop, or 2 stop bits without parity.
 /// The spec's 11-bit character; an 8N1 line (10 bits) is what many Chinese meters ship with.
-pub fn bits_per_char(parity: bool, stop_bits: u8) -> u32 {
+pub(crate) fn bits_per_char(parity: bool, stop_bits: u8) -> u32 {
     1 + 8 + u32::from(parity) + u32::from(stop_bits)
 }
 
 /// Time to send `bytes` characters.
-pub fn wire_time(bytes: usize, baud: u32, bits_per_char: u32) -> Duration {
+pub(crate) fn wire_time(bytes: usize, baud: u32, bits_per_char: u32) -> Duration {
     Duration::from_nanos(
         bytes as u64 * u64::from(bits_per_char) * 1_000_000_000 / u64::from(baud.max(1)),
     )
@@ -29,7 +29,7 @@ pub fn t35(baud: u32) -> Duration {
 }
 
 /// Serial speeds a UART and an RS485 meter can actually be set to.
-pub const STANDARD_BAUDS: &[u32] = &[
+pub(crate) const STANDARD_BAUDS: &[u32] = &[
     300, 600, 1200, 2400, 4800, 9600, 14_400, 19_200, 38_400, 57_600, 115_200, 230_400,
 ];
 

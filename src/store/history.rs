@@ -21,7 +21,7 @@ pub(super) const HISTORY_KEEP_MS: i64 = 400 * 86_400_000;
 
 /// Samples of one counter around `[from, to]`: the last one before `from`, all inside, the first after
 /// `to` (what interpolation at the boundaries needs). Works on any connection, read-only included.
-pub fn history_window(
+pub(crate) fn history_window(
     conn: &Connection,
     device: &str,
     quantity: &str,
@@ -72,7 +72,7 @@ pub(super) fn sample_after(
 }
 
 /// The last sample at or before `t` and the first after it: what the counter value at `t` needs.
-pub fn history_around(
+pub(crate) fn history_around(
     conn: &Connection,
     device: &str,
     quantity: &str,

@@ -38,7 +38,7 @@ mod writer;
 
 pub use history::*;
 pub use outbox::*;
-pub use runs::*;
+pub(crate) use runs::*;
 pub use schema::SCHEMA;
 pub use writer::*;
 
@@ -152,7 +152,7 @@ pub struct Stats {
 
 /// The largest record the outbox hands to the uplink (the uplink's packet limit is set above it).
 /// Results of large pools are split into parts below it; a reply above it is refused with a reason.
-pub const MAX_RECORD_BYTES: usize = 1 << 20;
+pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
 
 /// A write of another module's state (enforcement rules, prepaid counters, ledger), run by the store
 /// thread inside the transaction that also appends that step's outbox records: SQLite has one

@@ -79,9 +79,9 @@ impl Store {
         }
     }
 
-    /// A hard ceiling on the file, in pages: a second line of defence under the caps (and how tests
-    /// reproduce a full disk).
-    pub fn set_max_page_count(&self, pages: u64) -> Result<(), StoreError> {
+    /// A hard ceiling on the file, in pages: how tests reproduce a full disk.
+    #[cfg(test)]
+    pub(crate) fn set_max_page_count(&self, pages: u64) -> Result<(), StoreError> {
         self.conn
             .pragma_update(None, "max_page_count", pages as i64)
             .map_err(|e| self.err(e))
@@ -94,7 +94,7 @@ impl Store {
 
     /// [`Store::append`], and in the same transaction remembers command replies by id (see
     /// [`Store::replies_of`]).
-    pub fn append_remembering(
+    pub(crate) fn append_remembering(
         &mut self,
         records: &[NewRecord],
         remember: &[Remembered],
@@ -162,7 +162,7 @@ impl Store {
 
     /// Runs `writes` and appends `records` in one transaction (see [`StoreHandle::transact`]).
     /// Returns the seq of the last record.
-    pub fn transact(
+    pub(crate) fn transact(
         &mut self,
         records: &[NewRecord],
         writes: Vec<Write>,
@@ -215,7 +215,10 @@ impl Store {
     }
 
     /// The replies already given to these command ids (those that have one).
-    pub fn replies_of(&self, ids: &[String]) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+    pub(crate) fn replies_of(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<u8>>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT reply FROM command_replies WHERE id = ?1")
@@ -385,7 +388,7 @@ impl Store {
     }
 
     /// Removes acknowledged records (inclusive seq ranges).
-    pub fn ack(&mut self, ranges: &[(i64, i64)]) -> Result<(), StoreError> {
+    pub(crate) fn ack(&mut self, ranges: &[(i64, i64)]) -> Result<(), StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -430,7 +433,7 @@ impl Store {
     }
 
     /// Sets a status value (last publish error, …) that `meterd buffer` shows.
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

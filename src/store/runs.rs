@@ -7,7 +7,7 @@ use super::*;
 
 /// A billing run to keep.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewRun {
+pub(crate) struct NewRun {
     pub period: String,
     pub supersedes: Option<i64>,
     pub reason: String,
@@ -21,7 +21,7 @@ pub struct NewRun {
 
 /// A kept billing run.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredRun {
+pub(crate) struct StoredRun {
     pub version: i64,
     pub period: String,
     pub computed_at: String,
@@ -33,7 +33,7 @@ pub struct StoredRun {
 }
 
 /// The run of `period` with `version`, or its latest one.
-pub fn load_run(
+pub(crate) fn load_run(
     conn: &Connection,
     period: &str,
     version: Option<i64>,
@@ -59,10 +59,10 @@ pub fn load_run(
 }
 
 /// One version of a period in the list: (version, computed_at, supersedes, reason).
-pub type RunVersion = (i64, String, Option<i64>, String);
+pub(crate) type RunVersion = (i64, String, Option<i64>, String);
 
 /// Every version of a period, oldest first.
-pub fn run_versions(conn: &Connection, period: &str) -> rusqlite::Result<Vec<RunVersion>> {
+pub(crate) fn run_versions(conn: &Connection, period: &str) -> rusqlite::Result<Vec<RunVersion>> {
     let mut stmt = conn.prepare_cached(
         "SELECT version, computed_at, supersedes, reason FROM billing_runs WHERE period = ?1 ORDER BY version",
     )?;
@@ -73,14 +73,16 @@ pub fn run_versions(conn: &Connection, period: &str) -> rusqlite::Result<Vec<Run
 }
 
 /// Periods that have a run.
-pub fn run_periods(conn: &Connection) -> rusqlite::Result<std::collections::BTreeSet<String>> {
+pub(crate) fn run_periods(
+    conn: &Connection,
+) -> rusqlite::Result<std::collections::BTreeSet<String>> {
     let mut stmt = conn.prepare_cached("SELECT DISTINCT period FROM billing_runs")?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
 }
 
 /// The run a cloud command made, if it made one.
-pub fn run_of_command(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
+pub(crate) fn run_of_command(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
     conn.query_row(
         "SELECT version FROM billing_runs WHERE command_id = ?1",
         [id],
@@ -90,12 +92,16 @@ pub fn run_of_command(conn: &Connection, id: &str) -> rusqlite::Result<Option<i6
 }
 
 /// Builds a run's outbox records once its version is known.
-pub type RunRecords = Box<dyn FnOnce(i64) -> Vec<NewRecord> + Send>;
+pub(crate) type RunRecords = Box<dyn FnOnce(i64) -> Vec<NewRecord> + Send>;
 
 impl Store {
     /// Keeps a billing run and its outbox records in one durable transaction (`synchronous=FULL`):
     /// a version exists exactly when its results are queued for the cloud. Returns the version.
-    pub fn save_run(&mut self, run: &NewRun, records: RunRecords) -> Result<i64, StoreError> {
+    pub(crate) fn save_run(
+        &mut self,
+        run: &NewRun,
+        records: RunRecords,
+    ) -> Result<i64, StoreError> {
         self.conn
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| self.err(e))?;

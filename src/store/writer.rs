@@ -23,6 +23,7 @@ pub(super) enum StoreRequest {
     Stats(oneshot::Sender<Stats>),
     Depth(oneshot::Sender<u64>),
     Flush(oneshot::Sender<()>),
+    #[cfg(test)]
     MaxPages(u64),
     History(Vec<Sample>),
     Replies {
@@ -94,12 +95,12 @@ impl StoreHandle {
     }
 
     /// Deletes acknowledged records.
-    pub async fn ack(&self, ranges: Vec<(i64, i64)>) {
+    pub(crate) async fn ack(&self, ranges: Vec<(i64, i64)>) {
         let _ = self.tx.send(StoreRequest::Ack(ranges)).await;
     }
 
     /// Records a status value shown by `meterd buffer`.
-    pub async fn set_meta(&self, key: &str, value: String) {
+    pub(crate) async fn set_meta(&self, key: &str, value: String) {
         let _ = self
             .tx
             .send(StoreRequest::Meta(key.to_string(), value))
@@ -116,7 +117,7 @@ impl StoreHandle {
     }
 
     /// Records waiting, from the store's counter (no scan): for the birth message and live displays.
-    pub async fn depth(&self) -> u64 {
+    pub(crate) async fn depth(&self) -> u64 {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(StoreRequest::Depth(tx)).await.is_err() {
             return 0;
@@ -124,9 +125,10 @@ impl StoreHandle {
         rx.await.unwrap_or(0)
     }
 
+    #[cfg(test)]
     /// Sets a hard ceiling on the outbox file in pages (see [`Store::set_max_page_count`]); writes past
     /// it fail like a full disk.
-    pub async fn set_max_page_count(&self, pages: u64) {
+    pub(crate) async fn set_max_page_count(&self, pages: u64) {
         let _ = self.tx.send(StoreRequest::MaxPages(pages)).await;
     }
 
@@ -136,7 +138,7 @@ impl StoreHandle {
     }
 
     /// The replies already given to these command ids.
-    pub async fn replies_of(&self, ids: Vec<String>) -> HashMap<String, Vec<u8>> {
+    pub(crate) async fn replies_of(&self, ids: Vec<String>) -> HashMap<String, Vec<u8>> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
@@ -170,7 +172,7 @@ impl StoreHandle {
     /// Runs `writes` and appends `records` in one transaction on the store thread (after what was
     /// queued before), with `synchronous=FULL` when `durable` (a state change that is acknowledged to
     /// someone). Nothing is written if any write fails; the error says why.
-    pub async fn transact(
+    pub(crate) async fn transact(
         &self,
         records: Vec<NewRecord>,
         writes: Vec<Write>,
@@ -186,7 +188,7 @@ impl StoreHandle {
     }
 
     /// Saves a billing run with its outbox records (built from the version); returns the version.
-    pub async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
+    pub(crate) async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
         self.request(|reply| StoreRequest::SaveRun {
             run,
             records,
@@ -197,7 +199,7 @@ impl StoreHandle {
 
     /// Waits until everything queued before this call is committed (or held in memory if the disk
     /// refuses it).
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(StoreRequest::Flush(tx)).await.is_ok() {
             let _ = rx.await;
@@ -362,6 +364,7 @@ impl Writer {
             StoreRequest::Flush(reply) => {
                 let _ = reply.send(());
             }
+            #[cfg(test)]
             StoreRequest::MaxPages(pages) => {
                 if let Err(e) = store.set_max_page_count(pages) {
                     tracing::error!(error = %e, "outbox: cannot set the page limit");

@@ -171,7 +171,9 @@ fn start_mosquitto(dir: &Path, port: u16, tls: bool) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("METERD_TEST_BROKER=mosquitto needs mosquitto installed (apt-get install -y mosquitto)")
+        .expect(
+            "METERD_TEST_BROKER=mosquitto needs mosquitto installed (apt-get install -y mosquitto)",
+        )
 }
 
 /// rumqttd in its own threads for the rest of the test process (it has no stop; each test file is
