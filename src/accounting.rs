@@ -187,6 +187,7 @@ fn boundary_reading(
 }
 
 /// `[from, to)` cut at every dated assignment inside it, each piece with the site as it was then.
+#[must_use]
 pub fn segments(
     site: &Site,
     from: DateTime<Utc>,
@@ -384,6 +385,7 @@ pub fn next_step(
 }
 
 /// Periods from `since` to the one before `now`'s month that have no run, oldest first.
+#[must_use]
 pub fn pending_periods(
     since: &str,
     now: DateTime<Utc>,
@@ -586,7 +588,7 @@ impl AccountingCommands {
                 let Some(key) = &self.key else {
                     return Some(Err("recompute is disabled: set [enforcement] public_key on the gateway (it changes bills, so it must be signed)".into()));
                 };
-                let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
+                let seen = |i: &str| self.seen.lock().map_or(true, |s| s.contains(i));
                 if let Err(e) = crate::enforce::auth::verify(key, name, id, args, Utc::now(), seen)
                 {
                     return Some(Err(e));
@@ -879,13 +881,12 @@ pub async fn run(
         }
     }
     let tz = config.gateway.timezone;
-    let since = match since {
-        Some(s) => s,
-        None => {
-            let s = period_of(Utc::now(), tz);
-            store.set_meta(BILLING_SINCE, s.clone()).await;
-            s
-        }
+    let since = if let Some(s) = since {
+        s
+    } else {
+        let s = period_of(Utc::now(), tz);
+        store.set_meta(BILLING_SINCE, s.clone()).await;
+        s
     };
     let every = config.topology.balance_every;
     // Without an uplink nobody can ask for a run: the channel closes, the schedule goes on.
@@ -924,7 +925,7 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "balance check failed"),
                 }
             }
-            _ = tokio::time::sleep(until) => {
+            () = tokio::time::sleep(until) => {
                 if let Some(Next::Run { period, waited_out }) = step {
                     let reason = if waited_out { "scheduled (some meters unread at the bound)" } else { "scheduled" };
                     let req = RunRequest { period: period.clone(), reason: reason.into(), command_id: None };

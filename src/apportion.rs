@@ -99,12 +99,11 @@ pub(crate) fn apportion_pool(
         .map(|r| {
             site.room_meters(r, pool.utility)
                 .iter()
-                .map(|m| match consumption.get(&m.name) {
-                    Some(c) => {
+                .map(|m| {
+                    if let Some(c) = consumption.get(&m.name) {
                         estimated |= c.estimated;
                         c.value
-                    }
-                    None => {
+                    } else {
                         warnings.push(format!(
                             "no consumption for meter {} (room {r}); counted as 0",
                             m.name
@@ -229,6 +228,7 @@ pub(crate) fn apportion_pool(
 }
 
 /// Every pool of the site.
+#[must_use]
 pub fn apportion(
     site: &Site,
     consumption: &BTreeMap<String, Consumption>,
@@ -255,6 +255,7 @@ fn minor(amount: i64, decimals: u32) -> String {
 }
 
 /// The calculation for one room, step by step, for a tenant.
+#[must_use]
 pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
     let r = result.rooms.iter().find(|x| x.room == room)?;
     let u = &result.unit;
@@ -288,8 +289,7 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
                 x.bases
                     .iter()
                     .find(|y| y.basis == b.basis)
-                    .map(|y| y.value)
-                    .unwrap_or(0.0)
+                    .map_or(0.0, |y| y.value)
             })
             .sum();
         let _ = writeln!(

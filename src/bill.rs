@@ -70,6 +70,7 @@ impl Calendar {
     }
 
     /// The first billing boundary strictly after `t`.
+    #[must_use]
     pub fn next_after(&self, t: DateTime<Utc>) -> DateTime<Utc> {
         let l = t.with_timezone(&self.tz);
         let (y, m) = if l.month() == 12 {
@@ -80,8 +81,7 @@ impl Calendar {
         let month = chrono::NaiveDate::from_ymd_opt(y, m, 1)
             .and_then(|d| d.and_hms_opt(0, 0, 0))
             .and_then(|d| self.tz.from_local_datetime(&d).earliest())
-            .map(|d| d.with_timezone(&Utc))
-            .unwrap_or(t + chrono::Duration::days(31));
+            .map_or(t + chrono::Duration::days(31), |d| d.with_timezone(&Utc));
         match tou::next_local_time(&self.band_changes, t, self.tz) {
             Some(b) if b < month => b,
             _ => month,
@@ -89,6 +89,7 @@ impl Calendar {
     }
 
     /// Whether a boundary lies in `(a, b]`.
+    #[must_use]
     pub fn crossed(&self, a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
         a < b && self.next_after(a) <= b
     }
@@ -349,96 +350,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 let bill = bill_for(&mut acc, site, room, u, period, (p_from, p_to));
                 let tariff = site.room_tariff(room, u);
                 for m in meters {
-                    let device = match &m.source {
-                        Source::Device(d) => Some(d.clone()),
-                        Source::Virtual(_) => None,
-                    };
-                    let s = device.as_ref().and_then(|d| seg.series.get(d));
-                    let start = s.and_then(|s| s.first()).and_then(|(t, b)| read(*t, *b));
-                    let end = s.and_then(|s| s.last()).and_then(|(t, b)| read(*t, *b));
-                    let c = consumption.get(&m.name);
-                    let milli = c.map(|c| crate::money::to_milli(c.value));
-                    let status = match c {
-                        None => "missing",
-                        Some(c) if c.estimated => "estimated",
-                        Some(_) => "ok",
-                    };
-                    match status {
-                        "missing" => {
-                            bill.provisional = true;
-                            bill.notes.push(format!(
-                                "meter {}: no reading {} {}: consumption unknown, not billed yet",
-                                m.name,
-                                if start.is_none() {
-                                    "at or before"
-                                } else {
-                                    "at or after"
-                                },
-                                local(if start.is_none() { seg.from } else { seg.to }, tz)
-                            ));
-                        }
-                        "estimated" => {
-                            bill.provisional = true;
-                            bill.notes.push(format!(
-                                "meter {}: a boundary reading is interpolated across missing readings (estimated)",
-                                m.name
-                            ));
-                        }
-                        _ => {}
-                    }
-                    bill.meters.push(MeterLine {
-                        meter: m.name.clone(),
-                        device,
-                        start,
-                        end,
-                        consumption_milli: milli,
-                        status: status.to_string(),
-                    });
-                    let Some(milli) = milli else { continue };
-                    bill.own_milli += milli;
-                    let Some(t) = tariff else {
-                        if milli != 0 {
-                            bill.total = None;
-                            bill.notes.push(format!(
-                                "no [[tariff]] bills room {room}'s own {} (add it to a tariff's rooms): own consumption not priced",
-                                u.unit()
-                            ));
-                        }
-                        continue;
-                    };
-                    let split = if t.bands.is_empty() {
-                        None
-                    } else {
-                        let s = band_split(seg, &consumption, &m.name, &t.tou(), tz);
-                        if s.is_none() {
-                            bill.notes.push(format!(
-                                "meter {}: not split by band (a reading inside the period is missing, or the meter was exchanged or wrapped); priced at the base price",
-                                m.name
-                            ));
-                        }
-                        s
-                    };
-                    let lines = split.unwrap_or_else(|| {
-                        [((tou::BASE_BAND.to_string(), t.price.micros), milli)].into()
-                    });
-                    for ((band, micros), v) in lines {
-                        match bill
-                            .own
-                            .iter_mut()
-                            .find(|l| l.band == band && l.price.micros == micros)
-                        {
-                            Some(l) => l.milli += v,
-                            None => bill.own.push(EnergyLine {
-                                band,
-                                price: Price {
-                                    micros,
-                                    decimals: t.price.decimals,
-                                },
-                                milli: v,
-                                amount: 0,
-                            }),
-                        }
-                    }
+                    own_meter(bill, seg, &consumption, m, tariff, (room, u), tz);
                 }
             }
         }
@@ -501,6 +413,108 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
     Statement { pools, bills }
 }
 
+/// One meter's line on a room's bill for one segment, and its own consumption priced by the
+/// room's tariff (split by time-of-use band when the tariff has bands and the readings allow).
+fn own_meter(
+    bill: &mut RoomBill,
+    seg: &Segment,
+    consumption: &BTreeMap<String, Consumption>,
+    m: &topology::Meter,
+    tariff: Option<&topology::Tariff>,
+    (room, u): (&str, Utility),
+    tz: chrono_tz::Tz,
+) {
+    let device = match &m.source {
+        Source::Device(d) => Some(d.clone()),
+        Source::Virtual(_) => None,
+    };
+    let s = device.as_ref().and_then(|d| seg.series.get(d));
+    let start = s.and_then(|s| s.first()).and_then(|(t, b)| read(*t, *b));
+    let end = s.and_then(|s| s.last()).and_then(|(t, b)| read(*t, *b));
+    let c = consumption.get(&m.name);
+    let milli = c.map(|c| crate::money::to_milli(c.value));
+    let status = match c {
+        None => "missing",
+        Some(c) if c.estimated => "estimated",
+        Some(_) => "ok",
+    };
+    match status {
+        "missing" => {
+            bill.provisional = true;
+            bill.notes.push(format!(
+                "meter {}: no reading {} {}: consumption unknown, not billed yet",
+                m.name,
+                if start.is_none() {
+                    "at or before"
+                } else {
+                    "at or after"
+                },
+                local(if start.is_none() { seg.from } else { seg.to }, tz)
+            ));
+        }
+        "estimated" => {
+            bill.provisional = true;
+            bill.notes.push(format!(
+                "meter {}: a boundary reading is interpolated across missing readings (estimated)",
+                m.name
+            ));
+        }
+        _ => {}
+    }
+    bill.meters.push(MeterLine {
+        meter: m.name.clone(),
+        device,
+        start,
+        end,
+        consumption_milli: milli,
+        status: status.to_string(),
+    });
+    let Some(milli) = milli else { return };
+    bill.own_milli += milli;
+    let Some(t) = tariff else {
+        if milli != 0 {
+            bill.total = None;
+            bill.notes.push(format!(
+                "no [[tariff]] bills room {room}'s own {} (add it to a tariff's rooms): own consumption not priced",
+                u.unit()
+            ));
+        }
+        return;
+    };
+    let split = if t.bands.is_empty() {
+        None
+    } else {
+        let s = band_split(seg, consumption, &m.name, &t.tou(), tz);
+        if s.is_none() {
+            bill.notes.push(format!(
+                "meter {}: not split by band (a reading inside the period is missing, or the meter was exchanged or wrapped); priced at the base price",
+                m.name
+            ));
+        }
+        s
+    };
+    let lines =
+        split.unwrap_or_else(|| [((tou::BASE_BAND.to_string(), t.price.micros), milli)].into());
+    for ((band, micros), v) in lines {
+        match bill
+            .own
+            .iter_mut()
+            .find(|l| l.band == band && l.price.micros == micros)
+        {
+            Some(l) => l.milli += v,
+            None => bill.own.push(EnergyLine {
+                band,
+                price: Price {
+                    micros,
+                    decimals: t.price.decimals,
+                },
+                milli: v,
+                amount: 0,
+            }),
+        }
+    }
+}
+
 fn local(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     t.with_timezone(&tz).format("%Y-%m-%d %H:%M").to_string()
 }
@@ -511,6 +525,7 @@ fn units(milli: i64) -> String {
 }
 
 /// Minor units as a decimal amount ("1234" → "12.34").
+#[must_use]
 pub fn money(amount: i64, decimals: u32) -> String {
     let d = 10i64.pow(decimals);
     let sign = if amount < 0 { "-" } else { "" };
@@ -549,15 +564,17 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
     let _ = writeln!(s, "Meters:");
     for m in &b.meters {
         let r = |x: &Option<Read>| {
-            x.map(|r| {
-                format!(
-                    "{:.3} at {}{}",
-                    r.value,
-                    local(r.at, tz),
-                    if r.estimated { " (estimated)" } else { "" }
-                )
-            })
-            .unwrap_or_else(|| "missing".into())
+            x.map_or_else(
+                || "missing".into(),
+                |r| {
+                    format!(
+                        "{:.3} at {}{}",
+                        r.value,
+                        local(r.at, tz),
+                        if r.estimated { " (estimated)" } else { "" }
+                    )
+                },
+            )
         };
         let _ = writeln!(
             s,
@@ -565,7 +582,7 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             m.meter,
             r(&m.start),
             r(&m.end),
-            m.consumption_milli.map(units).unwrap_or_else(|| "?".into()),
+            m.consumption_milli.map_or_else(|| "?".into(), units),
             b.unit
         );
     }
@@ -618,9 +635,10 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
     let _ = writeln!(
         s,
         "Total: {}",
-        b.total
-            .map(|t| format!("{} {cur}", money(t, dec)))
-            .unwrap_or_else(|| "not priced (see notes)".into())
+        b.total.map_or_else(
+            || "not priced (see notes)".into(),
+            |t| format!("{} {cur}", money(t, dec))
+        )
     );
     for n in &b.notes {
         let _ = writeln!(s, "Note: {n}");
@@ -641,6 +659,7 @@ pub struct Adjustment {
 }
 
 /// Every room whose total changed (or that appears in only one version).
+#[must_use]
 pub fn adjustments(old: &[RoomBill], new: &[RoomBill]) -> Vec<Adjustment> {
     let key = |b: &RoomBill| (b.room.clone(), b.utility);
     let o: BTreeMap<_, _> = old.iter().map(|b| (key(b), b)).collect();

@@ -105,7 +105,7 @@ impl ControlState {
             "buses": buses,
             "outbox": outbox,
             "store_error": health,
-            "mqtt": self.uplink.as_ref().map(|u| u.lock().map(|s| json!(*s)).unwrap_or(Value::Null)),
+            "mqtt": self.uplink.as_ref().map(|u| u.lock().map_or(Value::Null, |s| json!(*s))),
             "relays": relays.get("relays").cloned().unwrap_or(Value::Null),
             "fire_alarm": relays.get("fire_alarm").cloned().unwrap_or(Value::Null),
         })

@@ -40,6 +40,7 @@ pub struct Engine {
 impl Engine {
     /// Starts one task per bus that has devices, and the clock that has every bus read its billing
     /// meters at each billing boundary.
+    #[must_use]
     pub fn start(config: &Config) -> Engine {
         let (tx, rx) = mpsc::channel(READINGS_CAPACITY);
         let mut status = Vec::new();
@@ -178,12 +179,13 @@ pub struct HistorySampler {
 
 impl HistorySampler {
     /// A sampler keeping one sample per `every` and the readings around `calendar`'s boundaries.
+    #[must_use]
     pub fn new(every: Duration, calendar: crate::bill::Calendar) -> HistorySampler {
         HistorySampler {
             every_ms: every.as_millis() as i64,
             calendar,
             window: None,
-            last: Default::default(),
+            last: std::collections::HashMap::default(),
         }
     }
 

@@ -63,6 +63,7 @@ impl Price {
     }
 
     /// Amount in minor units for `milli` thousandths of a unit (Wh, litres), rounded half to even.
+    #[must_use]
     pub fn amount(&self, milli: i64) -> i64 {
         // milli/1000 units × micros/1e6 major × 10^decimals minor/major
         let den = 10i128.pow(9 - self.decimals);
@@ -72,6 +73,7 @@ impl Price {
 
 /// Consumption in thousandths of a unit (Wh for kWh, litres for m³), rounded half to even: the exact
 /// integer every split works on.
+#[must_use]
 pub fn to_milli(value: f64) -> i64 {
     let scaled = value * 1000.0;
     let r = scaled.round();

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_modbus::server::Service;
-use tokio_serial::SerialStream;
+use tokio_serial::{SerialPort, SerialStream};
 
 use crate::config::{self, Parity};
 use crate::modbus::decode;
@@ -277,6 +277,7 @@ impl Drop for RunningSim {
 
 impl RunningSim {
     /// The address of a named endpoint.
+    #[must_use]
     pub fn addr(&self, endpoint: &str) -> Option<&EndpointAddr> {
         self.endpoints
             .iter()
@@ -285,19 +286,19 @@ impl RunningSim {
     }
 
     /// Requests a unit has answered (or ignored, when dead) so far.
+    #[must_use]
     pub fn requests_seen(&self, endpoint: &str, unit: u8) -> u64 {
         self.units
             .get(&(endpoint.to_string(), unit))
-            .map(|u| u.state.lock().map(|s| s.requests).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |u| u.state.lock().map_or(0, |s| s.requests))
     }
 
     /// Writes a unit has received so far (coils and registers).
+    #[must_use]
     pub fn writes_seen(&self, endpoint: &str, unit: u8) -> u64 {
         self.units
             .get(&(endpoint.to_string(), unit))
-            .map(|u| u.state.lock().map(|s| s.writes).unwrap_or(0))
-            .unwrap_or(0)
+            .map_or(0, |u| u.state.lock().map_or(0, |s| s.writes))
     }
 
     /// Sets a coil as a technician in the cabinet would (tests, demo).
@@ -328,6 +329,7 @@ impl RunningSim {
     }
 
     /// What the line emulator of an RTU endpoint has seen (`None` for Modbus TCP endpoints).
+    #[must_use]
     pub fn line(&self, endpoint: &str) -> Option<&LineLog> {
         self.lines.get(endpoint).map(|l| &l.log)
     }
@@ -447,35 +449,27 @@ impl SimUnit {
     }
 
     fn through(&self, own: fn(&UnitState) -> f64) -> f64 {
-        let mine = self
-            .state
-            .lock()
-            .map(|s| {
-                if s.supply_on(&self.profile) {
-                    own(&s)
-                } else {
-                    0.0
-                }
-            })
-            .unwrap_or(0.0);
+        let mine = self.state.lock().map_or(0.0, |s| {
+            if s.supply_on(&self.profile) {
+                own(&s)
+            } else {
+                0.0
+            }
+        });
         mine + self
             .feeds
             .get()
-            .map(|f| f.iter().map(|u| u.through(own)).sum::<f64>())
-            .unwrap_or(0.0)
+            .map_or(0.0, |f| f.iter().map(|u| u.through(own)).sum::<f64>())
     }
 
     /// What the fed units draw: (power W, flow m³/h).
     fn downstream(&self) -> (f64, f64) {
-        self.feeds
-            .get()
-            .map(|f| {
-                (
-                    f.iter().map(|u| u.load_w()).sum(),
-                    f.iter().map(|u| u.flow_m3h()).sum(),
-                )
-            })
-            .unwrap_or((0.0, 0.0))
+        self.feeds.get().map_or((0.0, 0.0), |f| {
+            (
+                f.iter().map(|u| u.load_w()).sum(),
+                f.iter().map(|u| u.flow_m3h()).sum(),
+            )
+        })
     }
 
     fn new(spec: UnitSpec, profile: Arc<Profile>) -> SimUnit {
@@ -720,13 +714,9 @@ impl SimUnit {
 
     fn garble_next(&self) -> bool {
         self.spec.fault == Fault::Corrupt
-            && self
-                .state
-                .lock()
-                .map(|s| {
-                    s.answers > 0 && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0
-                })
-                .unwrap_or(false)
+            && self.state.lock().is_ok_and(|s| {
+                s.answers > 0 && s.answers % u64::from(self.spec.corrupt_every.max(1)) == 0
+            })
     }
 }
 
@@ -891,7 +881,6 @@ pub async fn start(
                 let (line_b, client_side) = SerialStream::pair().map_err(pty_err)?;
                 // The client opens its end by path (with an exclusive lock, like a real port), so ours
                 // is closed; the relay waits while no client has it open.
-                use tokio_serial::SerialPort;
                 let path = client_side
                     .name()
                     .map(PathBuf::from)
@@ -938,14 +927,6 @@ pub async fn start(
         }
         let _ = u.feeds.set(feeds);
     }
-    // A unit that (indirectly) sums itself would recurse forever.
-    fn reaches(from: &Arc<SimUnit>, target: &Arc<SimUnit>, depth: usize) -> bool {
-        depth > 64
-            || from.feeds.get().is_some_and(|f| {
-                f.iter()
-                    .any(|u| Arc::ptr_eq(u, target) || reaches(u, target, depth + 1))
-            })
-    }
     for ((ep, unit), u) in &sim.units {
         if reaches(u, u, 0) {
             return Err(SimError::Invalid {
@@ -955,6 +936,16 @@ pub async fn start(
         }
     }
     Ok(sim)
+}
+
+/// Whether `target` is among the units `from` sums, at any depth (a unit that sums itself would
+/// recurse forever).
+fn reaches(from: &Arc<SimUnit>, target: &Arc<SimUnit>, depth: usize) -> bool {
+    depth > 64
+        || from.feeds.get().is_some_and(|f| {
+            f.iter()
+                .any(|u| Arc::ptr_eq(u, target) || reaches(u, target, depth + 1))
+        })
 }
 
 /// Wire timing of an emulated RS485 line.
@@ -1056,7 +1047,7 @@ where
                     None => pending.len(),
                 };
                 let frame: Vec<u8> = pending.drain(..len).collect();
-                let prev_end = free.lock().map(|f| *f).unwrap_or(frame_start);
+                let prev_end = free.lock().map_or(frame_start, |f| *f);
                 let gap = frame_start.saturating_duration_since(prev_end);
                 let l = &log.log;
                 if l.requests.fetch_add(1, Ordering::Relaxed) > 0
@@ -1114,7 +1105,7 @@ where
     let wire = async move {
         // Answers by the time their unit is ready, in order of readiness.
         let mut queue: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>> =
-            Default::default();
+            std::collections::BinaryHeap::default();
         let mut seq = 0u64;
         loop {
             let next = queue.peek().map(|std::cmp::Reverse((at, _, _))| *at);
@@ -1126,9 +1117,9 @@ where
                     }
                     None => return,
                 },
-                _ = crate::clock::sleep_until_precise(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                () = crate::clock::sleep_until_precise(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                     let Some(std::cmp::Reverse((at, _, bytes))) = queue.pop() else { continue };
-                    let start = line_free.lock().map(|f| (*f).max(at)).unwrap_or(at);
+                    let start = line_free.lock().map_or(at, |f| (*f).max(at));
                     let end = start + timing.frame(bytes.len());
                     if let Ok(mut f) = line_free.lock() {
                         *f = end;
@@ -1143,9 +1134,9 @@ where
         }
     };
     tokio::select! {
-        _ = requests => {}
-        _ = answers => {}
-        _ = wire => {}
+        () = requests => {}
+        () = answers => {}
+        () = wire => {}
     }
 }
 
@@ -1156,7 +1147,7 @@ pub fn load(path: &Path) -> Result<(Building, BTreeMap<String, Arc<Profile>>), a
     let profiles = config::load_profiles(&dir).map_err(|issues| {
         anyhow::anyhow!(issues
             .iter()
-            .map(|i| i.to_string())
+            .map(std::string::ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n"))
     })?;

@@ -21,6 +21,7 @@ pub enum Utility {
 
 impl Utility {
     /// The cumulative counter billed for this utility.
+    #[must_use]
     pub fn quantity(self) -> Quantity {
         match self {
             Utility::Electricity => Quantity::EnergyKwh,
@@ -28,6 +29,7 @@ impl Utility {
         }
     }
     /// Unit of the counter.
+    #[must_use]
     pub fn unit(self) -> &'static str {
         match self {
             Utility::Electricity => "kWh",
@@ -123,6 +125,7 @@ pub struct Tariff {
 
 impl Tariff {
     /// The price schedule for splitting consumption by band.
+    #[must_use]
     pub fn tou(&self) -> crate::tou::TouPrice {
         crate::tou::TouPrice {
             base: self.price,
@@ -200,6 +203,7 @@ impl Site {
     }
 
     /// True when nothing is configured (no apportionment, no balance checks).
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.meters.is_empty()
     }
@@ -290,18 +294,15 @@ pub(crate) fn assignments(
             ));
             continue;
         };
-        let date = match chrono::NaiveDate::parse_from_str(&a.from, "%Y-%m-%d") {
-            Ok(d) => d,
-            Err(_) => {
-                issues.push((
-                    format!("{key}.from"),
-                    format!(
-                        "{:?}: expected the first day it holds, YYYY-MM-DD (site time)",
-                        a.from
-                    ),
-                ));
-                continue;
-            }
+        let Ok(date) = chrono::NaiveDate::parse_from_str(&a.from, "%Y-%m-%d") else {
+            issues.push((
+                format!("{key}.from"),
+                format!(
+                    "{:?}: expected the first day it holds, YYYY-MM-DD (site time)",
+                    a.from
+                ),
+            ));
+            continue;
         };
         if a.room.is_none() && a.parent.is_none() {
             issues.push((
@@ -444,6 +445,7 @@ fn split_ops(t: &str) -> Vec<String> {
 
 /// Builds and validates the topology. `devices` maps each polled device to the billing quantities
 /// its profile has. Problems come back as (key, message), every one of them.
+#[must_use]
 pub fn build(
     rooms: Vec<(String, Room)>,
     meters: Vec<(String, RawMeter)>,
@@ -452,347 +454,427 @@ pub fn build(
     loss_threshold_pct: f64,
     devices: &BTreeMap<String, BTreeSet<Quantity>>,
 ) -> (Site, Vec<(String, String)>) {
-    let mut issues: Vec<(String, String)> = Vec::new();
-    let mut site = Site {
-        loss_threshold_pct,
-        ..Site::default()
+    let mut b = SiteBuilder {
+        site: Site {
+            loss_threshold_pct,
+            ..Site::default()
+        },
+        issues: Vec::new(),
+        devices,
+        meter_keys: BTreeMap::new(),
     };
-    for (key, r) in rooms {
-        if r.id.trim().is_empty() {
-            issues.push((format!("{key}.id"), "must not be empty".into()));
-        }
-        for (field, v) in [("area_m2", r.area_m2), ("headcount", r.headcount)] {
-            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-                issues.push((format!("{key}.{field}"), "must be a number ≥ 0".into()));
+    b.rooms(rooms);
+    b.meters(meters);
+    b.site.index();
+    b.check_trees();
+    b.unmetered_devices();
+    b.tariffs(tariffs);
+    b.one_tariff_per_room();
+    b.pools(pools);
+    b.pool_references();
+    b.unbilled_rooms();
+    (b.site, b.issues)
+}
+
+/// Builds a [`Site`] section by section, collecting every problem as (key, message).
+struct SiteBuilder<'a> {
+    site: Site,
+    issues: Vec<(String, String)>,
+    devices: &'a BTreeMap<String, BTreeSet<Quantity>>,
+    /// Config key of each meter node by name, for messages about it.
+    meter_keys: BTreeMap<String, String>,
+}
+
+impl SiteBuilder<'_> {
+    /// Rooms: ids present and unique, areas and headcounts ≥ 0.
+    fn rooms(&mut self, rooms: Vec<(String, Room)>) {
+        for (key, r) in rooms {
+            if r.id.trim().is_empty() {
+                self.issues
+                    .push((format!("{key}.id"), "must not be empty".into()));
             }
-        }
-        if site.rooms.insert(r.id.clone(), r.clone()).is_some() {
-            issues.push((format!("{key}.id"), format!("duplicate room id {:?}", r.id)));
+            for (field, v) in [("area_m2", r.area_m2), ("headcount", r.headcount)] {
+                if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                    self.issues
+                        .push((format!("{key}.{field}"), "must be a number ≥ 0".into()));
+                }
+            }
+            if self.site.rooms.insert(r.id.clone(), r.clone()).is_some() {
+                self.issues
+                    .push((format!("{key}.id"), format!("duplicate room id {:?}", r.id)));
+            }
         }
     }
-    let mut device_owner: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
-    let mut meter_keys: BTreeMap<String, String> = BTreeMap::new();
-    for (key, m) in meters {
-        let source = match (&m.device, &m.expr) {
-            (Some(_), Some(_)) => {
-                issues.push((key.clone(), "set either device or virtual, not both".into()));
-                continue;
-            }
-            (_, Some(e)) => match parse_expr(e) {
-                Ok(terms) => Source::Virtual(terms),
-                Err(msg) => {
-                    issues.push((format!("{key}.virtual"), msg));
+
+    /// Meter nodes: each reads one polled device that has the utility's counter, or is virtual;
+    /// a device in two nodes would be counted twice.
+    fn meters(&mut self, meters: Vec<(String, RawMeter)>) {
+        let mut device_owner: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+        for (key, m) in meters {
+            let source = match (&m.device, &m.expr) {
+                (Some(_), Some(_)) => {
+                    self.issues
+                        .push((key.clone(), "set either device or virtual, not both".into()));
                     continue;
                 }
-            },
-            (d, None) => {
-                let dev = d.clone().unwrap_or_else(|| m.name.clone());
-                match devices.get(&dev) {
-                    None => issues.push((
-                        format!("{key}.device"),
-                        format!("no [[device]] named {dev:?}; a meter node reads a polled device (set device = \"...\") or is virtual"),
-                    )),
-                    Some(q) if !q.contains(&m.utility.quantity()) => issues.push((
-                        format!("{key}.device"),
-                        format!("device {dev:?} has no {} register: its profile cannot meter {:?}", m.utility.quantity(), m.utility),
-                    )),
-                    Some(_) => {}
+                (_, Some(e)) => match parse_expr(e) {
+                    Ok(terms) => Source::Virtual(terms),
+                    Err(msg) => {
+                        self.issues.push((format!("{key}.virtual"), msg));
+                        continue;
+                    }
+                },
+                (d, None) => {
+                    let dev = d.clone().unwrap_or_else(|| m.name.clone());
+                    match self.devices.get(&dev) {
+                        None => self.issues.push((
+                            format!("{key}.device"),
+                            format!("no [[device]] named {dev:?}; a meter node reads a polled device (set device = \"...\") or is virtual"),
+                        )),
+                        Some(q) if !q.contains(&m.utility.quantity()) => self.issues.push((
+                            format!("{key}.device"),
+                            format!("device {dev:?} has no {} register: its profile cannot meter {:?}", m.utility.quantity(), m.utility),
+                        )),
+                        Some(_) => {}
+                    }
+                    if let Some((other, other_parent)) =
+                        device_owner.insert(dev.clone(), (m.name.clone(), m.parent.clone()))
+                    {
+                        self.issues.push((
+                            format!("{key}.device"),
+                            format!(
+                                "device {dev:?} is already meter {other:?} (parent {}); a meter with two parents ({}) double-counts: keep one node",
+                                other_parent.as_deref().unwrap_or("none"),
+                                m.parent.as_deref().unwrap_or("none")
+                            ),
+                        ));
+                    }
+                    Source::Device(dev)
                 }
-                if let Some((other, other_parent)) =
-                    device_owner.insert(dev.clone(), (m.name.clone(), m.parent.clone()))
-                {
-                    issues.push((
-                        format!("{key}.device"),
-                        format!(
-                            "device {dev:?} is already meter {other:?} (parent {}); a meter with two parents ({}) double-counts: keep one node",
-                            other_parent.as_deref().unwrap_or("none"),
-                            m.parent.as_deref().unwrap_or("none")
-                        ),
+            };
+            if let Some(r) = &m.room {
+                if !self.site.rooms.contains_key(r) {
+                    self.issues.push((
+                        format!("{key}.room"),
+                        format!("unknown room {r:?}; declare it in [[room]]"),
                     ));
                 }
-                Source::Device(dev)
             }
-        };
-        if let Some(r) = &m.room {
-            if !site.rooms.contains_key(r) {
-                issues.push((
-                    format!("{key}.room"),
-                    format!("unknown room {r:?}; declare it in [[room]]"),
+            if m.rollover.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                self.issues.push((
+                    format!("{key}.rollover"),
+                    "must be a positive number".into(),
+                ));
+            }
+            self.meter_keys.insert(m.name.clone(), key.clone());
+            let node = Meter {
+                name: m.name.clone(),
+                utility: m.utility,
+                source,
+                parent: m.parent.clone(),
+                room: m.room.clone(),
+                pool: m.pool.clone(),
+                rollover: m.rollover,
+            };
+            if self.site.meters.insert(m.name.clone(), node).is_some() {
+                self.issues.push((
+                    format!("{key}.name"),
+                    format!("duplicate meter name {:?}", m.name),
                 ));
             }
         }
-        if m.rollover.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-            issues.push((
-                format!("{key}.rollover"),
-                "must be a positive number".into(),
-            ));
-        }
-        meter_keys.insert(m.name.clone(), key.clone());
-        let node = Meter {
-            name: m.name.clone(),
-            utility: m.utility,
-            source,
-            parent: m.parent.clone(),
-            room: m.room.clone(),
-            pool: m.pool.clone(),
-            rollover: m.rollover,
-        };
-        if site.meters.insert(m.name.clone(), node).is_some() {
-            issues.push((
-                format!("{key}.name"),
-                format!("duplicate meter name {:?}", m.name),
-            ));
-        }
     }
-    site.index();
-    // Parents, utilities, cycles, virtual references.
-    for m in site.meters.values() {
-        let key = &meter_keys[&m.name];
-        if let Some(p) = &m.parent {
-            match site.meters.get(p) {
-                None => issues.push((format!("{key}.parent"), format!("unknown meter {p:?}"))),
-                Some(pm) if pm.utility != m.utility => issues.push((
-                    format!("{key}.parent"),
-                    format!(
-                        "{} meter {:?} under {} meter {p:?}: a tree never mixes utilities",
-                        lower(m.utility),
-                        m.name,
-                        lower(pm.utility)
-                    ),
-                )),
-                Some(_) => {}
-            }
-        }
-        if let Source::Virtual(terms) = &m.source {
-            for (_, t) in terms {
-                match site.meters.get(t) {
-                    None => issues.push((format!("{key}.virtual"), format!("unknown meter {t:?}"))),
-                    Some(tm) if tm.utility != m.utility => issues.push((
-                        format!("{key}.virtual"),
-                        format!("{t:?} meters another utility"),
-                    )),
-                    Some(_) if t == &m.name => {
-                        issues.push((format!("{key}.virtual"), "refers to itself".into()))
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
-        // Walk up; a path longer than the number of meters is a cycle.
-        let mut path = vec![m.name.clone()];
-        let mut cur = m.parent.clone();
-        while let Some(p) = cur {
-            if path.contains(&p) {
-                if path[0] == *path.iter().min().unwrap_or(&path[0]) {
-                    path.push(p);
-                    issues.push((
+
+    /// Parents, utilities, cycles, virtual references.
+    fn check_trees(&mut self) {
+        // Parents, utilities, cycles, virtual references.
+        for m in self.site.meters.values() {
+            let key = &self.meter_keys[&m.name];
+            if let Some(p) = &m.parent {
+                match self.site.meters.get(p) {
+                    None => self
+                        .issues
+                        .push((format!("{key}.parent"), format!("unknown meter {p:?}"))),
+                    Some(pm) if pm.utility != m.utility => self.issues.push((
                         format!("{key}.parent"),
-                        format!("cycle: {}", path.join(" → ")),
-                    ));
+                        format!(
+                            "{} meter {:?} under {} meter {p:?}: a tree never mixes utilities",
+                            lower(m.utility),
+                            m.name,
+                            lower(pm.utility)
+                        ),
+                    )),
+                    Some(_) => {}
                 }
-                break;
             }
-            path.push(p.clone());
-            cur = site.meters.get(&p).and_then(|x| x.parent.clone());
-        }
-    }
-    // Polled devices with a billing counter that no tree contains.
-    let used: BTreeSet<&String> = site
-        .meters
-        .values()
-        .filter_map(|m| match &m.source {
-            Source::Device(d) => Some(d),
-            Source::Virtual(_) => None,
-        })
-        .collect();
-    if !site.meters.is_empty() {
-        for (dev, qs) in devices {
-            if (qs.contains(&Quantity::EnergyKwh) || qs.contains(&Quantity::WaterM3))
-                && !used.contains(dev)
-            {
-                issues.push((
-                    format!("device ({dev})"),
-                    "meters energy or water but is in no [[meter]] tree; add a [[meter]] node for it (its consumption would otherwise be unaccounted)".into(),
-                ));
-            }
-        }
-    }
-    for (key, t) in tariffs {
-        match crate::money::Price::parse(&t.price, t.decimals) {
-            Ok(price) => {
-                let bands = crate::tou::parse_bands(&key, &t.bands, t.decimals, &mut issues);
-                for r in t.rooms.iter().filter(|r| *r != "*") {
-                    if !site.rooms.contains_key(r) {
-                        issues.push((format!("{key}.rooms"), format!("unknown room {r:?}")));
+            if let Source::Virtual(terms) = &m.source {
+                for (_, t) in terms {
+                    match self.site.meters.get(t) {
+                        None => self
+                            .issues
+                            .push((format!("{key}.virtual"), format!("unknown meter {t:?}"))),
+                        Some(tm) if tm.utility != m.utility => self.issues.push((
+                            format!("{key}.virtual"),
+                            format!("{t:?} meters another utility"),
+                        )),
+                        Some(_) if t == &m.name => {
+                            self.issues
+                                .push((format!("{key}.virtual"), "refers to itself".into()));
+                        }
+                        Some(_) => {}
                     }
                 }
-                site.tariffs.insert(
-                    t.name.clone(),
-                    Tariff {
-                        name: t.name.clone(),
-                        utility: t.utility,
-                        price,
-                        currency: t.currency.clone(),
-                        bands,
-                        rooms: t.rooms.clone(),
-                    },
-                );
             }
-            Err(e) => issues.push((format!("{key}.price"), e)),
-        }
-    }
-    // One tariff per room and utility for own consumption.
-    for r in site.rooms.keys() {
-        for u in [Utility::Electricity, Utility::Water] {
-            let names: Vec<&str> = site
-                .tariffs
-                .values()
-                .filter(|t| t.utility == u && t.bills_room(r))
-                .map(|t| t.name.as_str())
-                .collect();
-            if names.len() > 1 {
-                issues.push((
-                    format!("tariff ({})", names.join(", ")),
-                    format!("room {r:?} is billed for {} by {} tariffs; give each room one (rooms = [...])", lower(u).trim_start_matches("an ").trim_start_matches("a "), names.len()),
-                ));
+            // Walk up; a path longer than the number of meters is a cycle.
+            let mut path = vec![m.name.clone()];
+            let mut cur = m.parent.clone();
+            while let Some(p) = cur {
+                if path.contains(&p) {
+                    if path[0] == *path.iter().min().unwrap_or(&path[0]) {
+                        path.push(p);
+                        self.issues.push((
+                            format!("{key}.parent"),
+                            format!("cycle: {}", path.join(" → ")),
+                        ));
+                    }
+                    break;
+                }
+                path.push(p.clone());
+                cur = self.site.meters.get(&p).and_then(|x| x.parent.clone());
             }
         }
     }
-    for (key, p) in pools {
-        let rooms: Vec<String> = if p.rooms == ["*"] {
-            site.rooms.keys().cloned().collect()
-        } else {
-            p.rooms.clone()
-        };
-        for r in &rooms {
-            if !site.rooms.contains_key(r) {
-                issues.push((format!("{key}.rooms"), format!("unknown room {r:?}")));
-            }
-        }
-        if rooms.is_empty() {
-            issues.push((
-                format!("{key}.rooms"),
-                "a pool needs at least one room".into(),
-            ));
-        }
-        let total: f64 = p.method.values().sum();
-        if p.method.is_empty()
-            || (total - 1.0).abs() > 1e-9
-            || p.method.values().any(|w| w.is_nan() || *w < 0.0)
-        {
-            issues.push((
-                format!("{key}.method"),
-                format!("weights must be ≥ 0 and sum to 1 (they sum to {total}); e.g. {{ area = 0.5, consumption = 0.5 }}"),
-            ));
-        }
-        let mut floor_weights = BTreeMap::new();
-        for (f, w) in &p.floor_weights {
-            match f.parse::<i32>() {
-                Ok(f) if *w >= 0.0 => {
-                    floor_weights.insert(f, *w);
-                }
-                _ => issues.push((
-                    format!("{key}.floor_weights.{f}"),
-                    "expected floor number = weight ≥ 0".into(),
-                )),
-            }
-        }
-        for (basis, _) in p.method.iter().filter(|(_, w)| **w > 0.0) {
-            for r in rooms.iter().filter_map(|r| site.rooms.get(r)) {
-                let missing = match basis {
-                    Basis::Area => r.area_m2.is_none().then_some("area_m2"),
-                    Basis::Headcount => r.headcount.is_none().then_some("headcount"),
-                    Basis::Fixed => (!p.fixed.contains_key(&r.id)).then_some("a fixed coefficient"),
-                    Basis::Consumption => site
-                        .room_meters(&r.id, p.utility)
-                        .is_empty()
-                        .then_some("a meter of this utility"),
-                };
-                if let Some(what) = missing {
-                    issues.push((
-                        format!("{key}.method.{}", format!("{basis:?}").to_lowercase()),
-                        format!("room {:?} has no {what}, which this method needs", r.id),
-                    ));
-                }
-            }
-            if floor_weights.is_empty() {
-                continue;
-            }
-            for r in rooms.iter().filter_map(|r| site.rooms.get(r)) {
-                if matches!(basis, Basis::Area | Basis::Headcount)
-                    && r.floor.is_none_or(|f| !floor_weights.contains_key(&f))
+
+    /// Polled devices with a billing counter that no tree contains.
+    fn unmetered_devices(&mut self) {
+        // Polled self.devices with a billing counter that no tree contains.
+        let used: BTreeSet<&String> = self
+            .site
+            .meters
+            .values()
+            .filter_map(|m| match &m.source {
+                Source::Device(d) => Some(d),
+                Source::Virtual(_) => None,
+            })
+            .collect();
+        if !self.site.meters.is_empty() {
+            for (dev, qs) in self.devices {
+                if (qs.contains(&Quantity::EnergyKwh) || qs.contains(&Quantity::WaterM3))
+                    && !used.contains(dev)
                 {
-                    issues.push((
-                        format!("{key}.floor_weights"),
-                        format!("room {:?} has no floor with a weight", r.id),
+                    self.issues.push((
+                        format!("device ({dev})"),
+                        "meters energy or water but is in no [[meter]] tree; add a [[meter]] node for it (its consumption would otherwise be unaccounted)".into(),
                     ));
                 }
             }
         }
-        for l in &p.include_loss_of {
-            if !site.meters.contains_key(l) {
-                issues.push((
-                    format!("{key}.include_loss_of"),
-                    format!("unknown meter {l:?}"),
+    }
+
+    /// Tariffs: prices and time-of-use bands parse, rooms exist.
+    fn tariffs(&mut self, tariffs: Vec<(String, RawTariff)>) {
+        for (key, t) in tariffs {
+            match crate::money::Price::parse(&t.price, t.decimals) {
+                Ok(price) => {
+                    let bands =
+                        crate::tou::parse_bands(&key, &t.bands, t.decimals, &mut self.issues);
+                    for r in t.rooms.iter().filter(|r| *r != "*") {
+                        if !self.site.rooms.contains_key(r) {
+                            self.issues
+                                .push((format!("{key}.rooms"), format!("unknown room {r:?}")));
+                        }
+                    }
+                    self.site.tariffs.insert(
+                        t.name.clone(),
+                        Tariff {
+                            name: t.name.clone(),
+                            utility: t.utility,
+                            price,
+                            currency: t.currency.clone(),
+                            bands,
+                            rooms: t.rooms.clone(),
+                        },
+                    );
+                }
+                Err(e) => self.issues.push((format!("{key}.price"), e)),
+            }
+        }
+    }
+
+    /// One tariff per room and utility for own consumption.
+    fn one_tariff_per_room(&mut self) {
+        // One tariff per room and utility for own consumption.
+        for r in self.site.rooms.keys() {
+            for u in [Utility::Electricity, Utility::Water] {
+                let names: Vec<&str> = self
+                    .site
+                    .tariffs
+                    .values()
+                    .filter(|t| t.utility == u && t.bills_room(r))
+                    .map(|t| t.name.as_str())
+                    .collect();
+                if names.len() > 1 {
+                    self.issues.push((
+                        format!("tariff ({})", names.join(", ")),
+                        format!("room {r:?} is billed for {} by {} tariffs; give each room one (rooms = [...])", lower(u).trim_start_matches("an ").trim_start_matches("a "), names.len()),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Pools: rooms exist, method weights sum to 1, every room has what the method needs.
+    fn pools(&mut self, pools: Vec<(String, RawPool)>) {
+        for (key, p) in pools {
+            let rooms: Vec<String> = if p.rooms == ["*"] {
+                self.site.rooms.keys().cloned().collect()
+            } else {
+                p.rooms.clone()
+            };
+            for r in &rooms {
+                if !self.site.rooms.contains_key(r) {
+                    self.issues
+                        .push((format!("{key}.rooms"), format!("unknown room {r:?}")));
+                }
+            }
+            if rooms.is_empty() {
+                self.issues.push((
+                    format!("{key}.rooms"),
+                    "a pool needs at least one room".into(),
                 ));
             }
-        }
-        if let Some(t) = &p.tariff {
-            match site.tariffs.get(t) {
-                None => issues.push((format!("{key}.tariff"), format!("unknown tariff {t:?}"))),
-                Some(t) if t.utility != p.utility => issues.push((
-                    format!("{key}.tariff"),
-                    "tariff is for another utility".into(),
-                )),
-                Some(t) if !t.bands.is_empty() => issues.push((
-                    format!("{key}.tariff"),
-                    format!("tariff {:?} has time-of-use bands; a pool's common consumption is priced flat: give the pool a tariff without bands", t.name),
-                )),
-                Some(_) => {}
-            }
-        }
-        site.pools.insert(
-            p.name.clone(),
-            Pool {
-                name: p.name.clone(),
-                utility: p.utility,
-                rooms,
-                method: p.method.iter().map(|(b, w)| (*b, *w)).collect(),
-                floor_weights,
-                fixed: p.fixed.clone(),
-                include_loss_of: p.include_loss_of.clone(),
-                tariff: p.tariff.clone(),
-            },
-        );
-    }
-    for m in site.meters.values() {
-        if let Some(p) = &m.pool {
-            match site.pools.get(p) {
-                None => issues.push((
-                    format!("{}.pool", meter_keys[&m.name]),
-                    format!("unknown pool {p:?}"),
-                )),
-                Some(pool) if pool.utility != m.utility => issues.push((
-                    format!("{}.pool", meter_keys[&m.name]),
-                    "pool is for another utility".into(),
-                )),
-                Some(_) => {}
-            }
-        }
-    }
-    if !site.meters.is_empty() {
-        for r in site.rooms.values() {
-            if site.room_meters(&r.id, Utility::Electricity).is_empty()
-                && site.room_meters(&r.id, Utility::Water).is_empty()
+            let total: f64 = p.method.values().sum();
+            if p.method.is_empty()
+                || (total - 1.0).abs() > 1e-9
+                || p.method.values().any(|w| w.is_nan() || *w < 0.0)
             {
-                issues.push((
-                    format!("room ({})", r.id),
-                    "no meter bills this room; set room = \"...\" on its meter".into(),
+                self.issues.push((
+                    format!("{key}.method"),
+                    format!("weights must be ≥ 0 and sum to 1 (they sum to {total}); e.g. {{ area = 0.5, consumption = 0.5 }}"),
                 ));
+            }
+            let mut floor_weights = BTreeMap::new();
+            for (f, w) in &p.floor_weights {
+                match f.parse::<i32>() {
+                    Ok(f) if *w >= 0.0 => {
+                        floor_weights.insert(f, *w);
+                    }
+                    _ => self.issues.push((
+                        format!("{key}.floor_weights.{f}"),
+                        "expected floor number = weight ≥ 0".into(),
+                    )),
+                }
+            }
+            for (basis, _) in p.method.iter().filter(|(_, w)| **w > 0.0) {
+                for r in rooms.iter().filter_map(|r| self.site.rooms.get(r)) {
+                    let missing = match basis {
+                        Basis::Area => r.area_m2.is_none().then_some("area_m2"),
+                        Basis::Headcount => r.headcount.is_none().then_some("headcount"),
+                        Basis::Fixed => {
+                            (!p.fixed.contains_key(&r.id)).then_some("a fixed coefficient")
+                        }
+                        Basis::Consumption => self
+                            .site
+                            .room_meters(&r.id, p.utility)
+                            .is_empty()
+                            .then_some("a meter of this utility"),
+                    };
+                    if let Some(what) = missing {
+                        self.issues.push((
+                            format!("{key}.method.{}", format!("{basis:?}").to_lowercase()),
+                            format!("room {:?} has no {what}, which this method needs", r.id),
+                        ));
+                    }
+                }
+                if floor_weights.is_empty() {
+                    continue;
+                }
+                for r in rooms.iter().filter_map(|r| self.site.rooms.get(r)) {
+                    if matches!(basis, Basis::Area | Basis::Headcount)
+                        && r.floor.is_none_or(|f| !floor_weights.contains_key(&f))
+                    {
+                        self.issues.push((
+                            format!("{key}.floor_weights"),
+                            format!("room {:?} has no floor with a weight", r.id),
+                        ));
+                    }
+                }
+            }
+            for l in &p.include_loss_of {
+                if !self.site.meters.contains_key(l) {
+                    self.issues.push((
+                        format!("{key}.include_loss_of"),
+                        format!("unknown meter {l:?}"),
+                    ));
+                }
+            }
+            if let Some(t) = &p.tariff {
+                match self.site.tariffs.get(t) {
+                    None => self.issues.push((format!("{key}.tariff"), format!("unknown tariff {t:?}"))),
+                    Some(t) if t.utility != p.utility => self.issues.push((
+                        format!("{key}.tariff"),
+                        "tariff is for another utility".into(),
+                    )),
+                    Some(t) if !t.bands.is_empty() => self.issues.push((
+                        format!("{key}.tariff"),
+                        format!("tariff {:?} has time-of-use bands; a pool's common consumption is priced flat: give the pool a tariff without bands", t.name),
+                    )),
+                    Some(_) => {}
+                }
+            }
+            self.site.pools.insert(
+                p.name.clone(),
+                Pool {
+                    name: p.name.clone(),
+                    utility: p.utility,
+                    rooms,
+                    method: p.method.iter().map(|(b, w)| (*b, *w)).collect(),
+                    floor_weights,
+                    fixed: p.fixed.clone(),
+                    include_loss_of: p.include_loss_of.clone(),
+                    tariff: p.tariff.clone(),
+                },
+            );
+        }
+    }
+
+    /// Meters name pools that exist, of their utility.
+    fn pool_references(&mut self) {
+        for m in self.site.meters.values() {
+            if let Some(p) = &m.pool {
+                match self.site.pools.get(p) {
+                    None => self.issues.push((
+                        format!("{}.pool", self.meter_keys[&m.name]),
+                        format!("unknown pool {p:?}"),
+                    )),
+                    Some(pool) if pool.utility != m.utility => self.issues.push((
+                        format!("{}.pool", self.meter_keys[&m.name]),
+                        "pool is for another utility".into(),
+                    )),
+                    Some(_) => {}
+                }
             }
         }
     }
-    (site, issues)
+
+    /// Every room is billed by some meter.
+    fn unbilled_rooms(&mut self) {
+        if !self.site.meters.is_empty() {
+            for r in self.site.rooms.values() {
+                if self
+                    .site
+                    .room_meters(&r.id, Utility::Electricity)
+                    .is_empty()
+                    && self.site.room_meters(&r.id, Utility::Water).is_empty()
+                {
+                    self.issues.push((
+                        format!("room ({})", r.id),
+                        "no meter bills this room; set room = \"...\" on its meter".into(),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn lower(u: Utility) -> &'static str {
@@ -952,6 +1034,7 @@ pub struct Suspect {
 /// Balances of every node with children. Where a node's children exceed it (negative loss beyond the
 /// threshold), the child whose removal balances the node is named; if moving it under another node
 /// also brings that node's excess loss within the threshold, that node is named too.
+#[must_use]
 pub fn balances(site: &Site, consumption: &BTreeMap<String, Consumption>) -> Vec<Balance> {
     let threshold = site.loss_threshold_pct.max(0.0);
     let mut out = Vec::new();

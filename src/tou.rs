@@ -53,8 +53,7 @@ impl TouPrice {
                     t >= b.from || t < b.to
                 }
             })
-            .map(|b| (b.name.as_str(), b.price))
-            .unwrap_or((BASE_BAND, self.base))
+            .map_or((BASE_BAND, self.base), |b| (b.name.as_str(), b.price))
     }
 
     /// The price in force at local time `t`.
@@ -221,12 +220,12 @@ pub(crate) fn split(
             t = n;
         }
         cuts.push(t1.max(t0));
-        let span = (t1 - t0).num_milliseconds().max(1) as i128;
+        let span = i128::from((t1 - t0).num_milliseconds().max(1));
         let at = |x: DateTime<Utc>| -> i64 {
             if x >= t1 {
                 return m1;
             }
-            let f = (x - t0).num_milliseconds() as i128;
+            let f = i128::from((x - t0).num_milliseconds());
             m0 + ((i128::from(m1 - m0) * f).div_euclid(span)) as i64
         };
         for c in cuts.windows(2) {

@@ -3,7 +3,7 @@
 //!
 //! rumqttc's own queue is volatile and, with a clean session, forgets unacknowledged publishes on
 //! reconnect; its event loop also reconnects without back-off. So each connection gets a fresh client,
-//! the outbox in SQLite is the only source of truth, packet ids are tracked here
+//! the outbox in `SQLite` is the only source of truth, packet ids are tracked here
 //! (`Outgoing::Publish(pkid)` → `PubAck(pkid)`), and reconnects back off exponentially with jitter.
 
 use std::collections::{HashMap, VecDeque};
@@ -61,7 +61,7 @@ pub struct Mqtt {
     pub batch_max_records: usize,
     /// Most payload bytes in one message.
     pub batch_max_bytes: usize,
-    /// Unacknowledged QoS 1 messages allowed at once.
+    /// Unacknowledged `QoS` 1 messages allowed at once.
     pub inflight: u16,
     /// Share of messages given to the backlog while live data is also waiting (0.05..=0.95).
     pub backlog_share: f64,
@@ -173,12 +173,13 @@ pub(crate) fn next_batch(rows: &[Stored], max_records: usize, max_bytes: usize) 
 /// The JSON message for a batch: every record gets its `seq`, so the backend deduplicates redeliveries.
 ///
 /// `{"gateway": "...", "seq_first": 10, "seq_last": 12, "records": [{"seq": 10, ...}, ...]}`
+#[must_use]
 pub fn message(gateway: &str, rows: &[Stored]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + rows.iter().map(|r| r.payload.len() + 16).sum::<usize>());
     out.extend_from_slice(b"{\"gateway\":");
     out.extend_from_slice(json!(gateway).to_string().as_bytes());
-    let first = rows.first().map(|r| r.seq).unwrap_or(0);
-    let last = rows.last().map(|r| r.seq).unwrap_or(0);
+    let first = rows.first().map_or(0, |r| r.seq);
+    let last = rows.last().map_or(0, |r| r.seq);
     out.extend_from_slice(
         format!(",\"seq_first\":{first},\"seq_last\":{last},\"records\":[").as_bytes(),
     );
@@ -255,6 +256,7 @@ pub(crate) fn parse_command(
 }
 
 /// The reply to a command.
+#[must_use]
 pub fn reply(id: Option<&str>, name: &str, result: Result<Value, String>) -> Vec<u8> {
     let mut v = json!({"id": id, "command": name, "ts": Utc::now().to_rfc3339()});
     match result {
@@ -271,6 +273,7 @@ pub fn reply(id: Option<&str>, name: &str, result: Result<Value, String>) -> Vec
 }
 
 /// Exponential reconnect delay with ±25 % jitter, so a fleet does not reconnect in lockstep.
+#[must_use]
 pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     let base = min
         .saturating_mul(2u32.saturating_pow(attempt.min(16)))
@@ -547,7 +550,7 @@ impl Uplink {
             );
             attempt = attempt.saturating_add(1);
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -630,7 +633,9 @@ impl Uplink {
         );
         try_publish(topics.status(), true, birth.to_string().into_bytes())?;
         sync.handed_untracked();
-        let mut last_ok_meta = std::time::Instant::now() - Duration::from_secs(10);
+        let mut last_ok_meta = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(10))
+            .unwrap();
         loop {
             // Fill the in-flight window from the outbox.
             loop {
@@ -1048,7 +1053,7 @@ mod tests {
             let mut sync = OutboxSync::new(backlog, window, 0.3);
             let mut latest = backlog;
             let mut handed: Vec<Sent> = Vec::new();
-            let mut waiting_id: std::collections::VecDeque<Sent> = Default::default();
+            let mut waiting_id: std::collections::VecDeque<Sent> = VecDeque::default();
             let mut by_pkid: HashMap<u16, Sent> = HashMap::new();
             let mut next_pkid = 1u16;
             for op in ops {

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -38,13 +39,14 @@ fn devices(names: &[&str]) -> String {
     names
         .iter()
         .enumerate()
-        .map(|(i, n)| {
-            format!(
+        .fold(String::new(), |mut s, (i, n)| {
+            let _ = write!(
+                s,
                 "[[device]]\nname = \"{n}\"\nbus = \"lan\"\nunit = {}\nprofile = \"chint_ddsu666\"\ninterval = \"10s\"\n",
                 i + 1
-            )
+            );
+            s
         })
-        .collect()
 }
 
 fn bill<'a>(bills: &'a [RoomBill], room: &str) -> &'a RoomBill {
@@ -114,7 +116,10 @@ price = "0.8523"
     // Loads: 101 draws 0.5 kW in peak and 0.2 kW in valley; 102 1 kW all day; the lift 0.3 kW;
     // main meters all of it plus 35.2 kWh of loss over the month (spread evenly).
     let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
-    let cal = Calendar::new(TZ, cfg.site.tariffs.values().map(|t| t.tou()));
+    let cal = Calendar::new(
+        TZ,
+        cfg.site.tariffs.values().map(meterd::topology::Tariff::tou),
+    );
     let mut instants = vec![from];
     let mut t = from;
     loop {
@@ -600,7 +605,7 @@ fn a_due_period_waits_for_late_meters_up_to_the_bound_and_missed_runs_catch_up_o
     );
     let done: std::collections::BTreeSet<String> = ["2026-08", "2026-09", "2026-10", "2026-11"]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     assert!(
         pending_periods("2026-08", now, TZ, &done).is_empty(),

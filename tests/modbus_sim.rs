@@ -379,7 +379,8 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
     let mut engine = Engine::start(&config);
     let run = Duration::from_secs(5);
     let end = Instant::now() + run;
-    let mut seen: std::collections::HashMap<String, Vec<Instant>> = Default::default();
+    let mut seen: std::collections::HashMap<String, Vec<Instant>> =
+        std::collections::HashMap::default();
     while let Ok(Some(batch)) = tokio::time::timeout_at(end, engine.readings.recv()).await {
         if batch[0].quality == Quality::Good {
             seen.entry(batch[0].device.to_string())

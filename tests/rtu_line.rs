@@ -223,8 +223,7 @@ fn assert_attributed_to_the_right_unit(run: &Run) {
         for w in run
             .kwh
             .get(device)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+            .map_or(&[][..], Vec::as_slice)
             .windows(2)
         {
             assert!(w[1] >= w[0], "{device}: counter went back {w:?}");

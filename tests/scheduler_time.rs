@@ -102,7 +102,7 @@ async fn six_simulated_hours_of_polls_stay_on_their_deadline_grid() {
             .map(|(_, t)| *t)
             .collect();
         // Deadlines strictly before the end of the run: anchor + k × interval < 6 h.
-        let span = Duration::from_secs(6 * 3600) - anchor;
+        let span = Duration::from_secs(6 * 3600).checked_sub(anchor).unwrap();
         let expected = span.as_nanos().div_ceil(interval.as_nanos()) as u64;
         assert_eq!(polls.len() as u64, expected, "{}", d.name);
         for (k, t) in polls.iter().enumerate() {
@@ -118,7 +118,7 @@ async fn six_simulated_hours_of_polls_stay_on_their_deadline_grid() {
         }
         for w in polls.windows(2) {
             assert!(
-                w[1] - w[0] >= interval - cost * 2,
+                w[1] - w[0] >= interval.checked_sub(cost * 2).unwrap(),
                 "{} bunched: {:?}",
                 d.name,
                 w[1] - w[0]
@@ -153,10 +153,7 @@ async fn slow_polls_skip_and_count_missed_deadlines_instead_of_bursting() {
     .await;
     for w in log.windows(2) {
         let gap = w[1].1 - w[0].1;
-        assert!(
-            gap >= Duration::from_millis(1000),
-            "burst: polls {gap:?} apart"
-        );
+        assert!(gap >= Duration::from_secs(1), "burst: polls {gap:?} apart");
         assert_eq!(
             (w[1].1 - start).subsec_millis(),
             0,

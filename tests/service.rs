@@ -1,4 +1,4 @@
-//! `meterd run` as systemd runs it: readiness and watchdog over NOTIFY_SOCKET, `meterd status`,
+//! `meterd run` as systemd runs it: readiness and watchdog over `NOTIFY_SOCKET`, `meterd status`,
 //! SIGHUP reload (valid and invalid), SIGTERM stop with the offline status published.
 
 mod common;
@@ -134,7 +134,7 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
 
     // systemd's view: READY=1, then a WATCHDOG=1 every ~300 ms while the tasks make progress. Keep
     // reading, as systemd does: a full notify socket would block the sender.
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
     let reader = seen.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
@@ -248,8 +248,7 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
         .wait_for("offline status", Duration::from_secs(10), |m| {
             m.iter().any(|m| {
                 serde_json::from_slice::<Value>(&m.payload)
-                    .map(|v| v["state"] == "offline" && v["reason"] == "shutdown")
-                    .unwrap_or(false)
+                    .is_ok_and(|v| v["state"] == "offline" && v["reason"] == "shutdown")
             })
         })
         .await;

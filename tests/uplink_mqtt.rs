@@ -21,7 +21,7 @@ use tokio::time::Instant;
 fn building(units: u8, profile: &str) -> String {
     let mut b = String::from("[[endpoint]]\nname = \"lan\"\nkind = \"tcp\"\n");
     for u in 1..=units {
-        b += &format!("[[unit]]\nendpoint = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\nload_w = {}\nstart_kwh = {}\n", 100 * u as u32, 1000 * u as u32);
+        b += &format!("[[unit]]\nendpoint = \"lan\"\nunit = {u}\nprofile = \"{profile}\"\nload_w = {}\nstart_kwh = {}\n", 100 * u32::from(u), 1000 * u32::from(u));
     }
     b
 }
@@ -81,7 +81,7 @@ fn assert_complete(msgs: &[Msg], upto: i64) {
     );
 }
 
-/// Within each message, seqs rise; a redelivery repeats a whole message (same seq_first..seq_last).
+/// Within each message, seqs rise; a redelivery repeats a whole message (same `seq_first..seq_last`).
 fn assert_ordered(msgs: &[Msg]) {
     for m in msgs.iter().filter(|m| m.topic == "test/gw/telemetry") {
         let v = json_of(m);
@@ -371,7 +371,7 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     let mut daemon = run();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rows = store::read_stats(&db).map(|s| s.rows).unwrap_or(0);
+        let rows = store::read_stats(&db).map_or(0, |s| s.rows);
         if rows >= 8000 {
             break;
         }
@@ -710,7 +710,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         async move {
             c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
                 .await
-                .unwrap()
+                .unwrap();
         }
     };
     publish(

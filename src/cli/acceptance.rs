@@ -18,7 +18,7 @@ use crate::modbus::link::Link;
 /// A bench description (`hil/bench.toml`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Bench {
+pub(crate) struct BenchFile {
     pub bench: BenchInfo,
     #[serde(default)]
     pub check: Vec<Check>,
@@ -62,7 +62,7 @@ pub(crate) struct Toggle {
 
 /// One line of the report.
 #[derive(Debug, Serialize)]
-pub(crate) struct Step {
+pub(crate) struct ReportStep {
     pub step: String,
     pub target: String,
     pub pass: bool,
@@ -87,7 +87,7 @@ impl AcceptanceCmd {
     pub async fn execute(self) -> Result<()> {
         let text = std::fs::read_to_string(&self.bench)
             .with_context(|| format!("reading {}", self.bench.display()))?;
-        let bench: Bench = toml::from_str(&text)
+        let bench: BenchFile = toml::from_str(&text)
             .with_context(|| format!("{}: not a bench description", self.bench.display()))?;
         let base = self.bench.parent().unwrap_or(Path::new("."));
         let mut config = Config::from_path(&base.join(&bench.bench.config))
@@ -142,7 +142,7 @@ impl AcceptanceCmd {
 }
 
 /// Runs the pass against `config` (real buses, or buses pointed at a simulator).
-pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<Step> {
+pub(crate) async fn run(config: &Config, bench: &BenchFile, simulated: bool) -> Vec<ReportStep> {
     let mut steps = Vec::new();
     let mut links: Vec<Link> = config.buses.iter().map(Link::new).collect();
     let mut readings = Vec::new();
@@ -169,7 +169,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
                 r.latency.as_secs_f64() * 1000.0
             ),
         };
-        steps.push(Step {
+        steps.push(ReportStep {
             step: "read".into(),
             target: format!(
                 "{} (unit {} on {})",
@@ -187,7 +187,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
             .iter()
             .find(|r| *r.device == *c.device && *r.register == *c.register)
         else {
-            steps.push(Step {
+            steps.push(ReportStep {
                 step: "display".into(),
                 target,
                 pass: false,
@@ -196,7 +196,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
             continue;
         };
         let Some(v) = r.value else {
-            steps.push(Step {
+            steps.push(ReportStep {
                 step: "display".into(),
                 target,
                 pass: false,
@@ -216,7 +216,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
             Some(e) => ((v - e).abs() <= c.tolerance, format!("read {v:.3} {}, expected {e} ± {}", r.unit, c.tolerance)),
             None => (false, format!("read {v:.3} {}; no expected value (set expect, or run on a terminal to enter the display reading)", r.unit)),
         };
-        steps.push(Step {
+        steps.push(ReportStep {
             step: "display".into(),
             target,
             pass,
@@ -226,7 +226,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
     for t in &bench.toggle {
         let target = format!("{} {}", t.device, t.output);
         let Some(d) = config.device(&t.device) else {
-            steps.push(Step {
+            steps.push(ReportStep {
                 step: "toggle".into(),
                 target,
                 pass: false,
@@ -255,7 +255,7 @@ pub(crate) async fn run(config: &Config, bench: &Bench, simulated: bool) -> Vec<
             ),
             Err(e) => (false, e.to_string()),
         };
-        steps.push(Step {
+        steps.push(ReportStep {
             step: "toggle".into(),
             target,
             pass,

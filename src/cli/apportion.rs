@@ -1,6 +1,8 @@
 //! `meterd apportion`: the apportionment of common consumption for a month.
 
-use super::*;
+use std::fmt::Write as _;
+
+use super::{bail, json, out, table, Args, ConfigArg, Result};
 
 /// `meterd apportion --period 2026-10`
 #[derive(Debug, Args)]
@@ -75,8 +77,10 @@ impl ApportionCmd {
                 },
                 r.method
                     .iter()
-                    .map(|(b, w)| format!(", {b:?} {w}"))
-                    .collect::<String>()
+                    .fold(String::new(), |mut s, (b, w)| {
+                        let _ = write!(s, ", {b:?} {w}");
+                        s
+                    })
                     .to_lowercase()
             ));
             let rows: Vec<Vec<String>> = r

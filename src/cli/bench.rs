@@ -2,7 +2,7 @@
 //!
 //! The simulator runs as a separate `meterd simulate` process wherever meterd's own CPU or memory is
 //! measured, so the figures are meterd's alone. CPU is read from `/proc/<pid>/stat` (utime + stime in
-//! USER_HZ = 100 ticks/s, the fixed Linux ABI) and memory from `VmRSS`/`VmHWM` in `/proc/<pid>/status`.
+//! `USER_HZ` = 100 ticks/s, the fixed Linux ABI) and memory from `VmRSS`/`VmHWM` in `/proc/<pid>/status`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -35,7 +35,7 @@ pub enum Which {
     Memory,
     /// Outbox writes in batched transactions (target ≥ 200,000 readings/s).
     OutboxWrite,
-    /// 1,000,000 buffered readings replayed to a local Mosquitto at QoS 1 (target ≥ 100,000 readings/s,
+    /// 1,000,000 buffered readings replayed to a local Mosquitto at `QoS` 1 (target ≥ 100,000 readings/s,
     /// memory flat in the backlog size).
     Replay,
     /// Monthly apportionment of 20,000 rooms in 200 pools (target < 1 s).
@@ -60,9 +60,7 @@ pub struct BenchCmd {
 impl BenchCmd {
     /// Runs the chosen benchmark(s) and prints figure, target and verdict.
     pub async fn execute(self) -> Result<()> {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         println!(
             "meterd bench on {cores} core(s); measurement window {:?}",
             self.measure
@@ -105,14 +103,14 @@ impl BenchCmd {
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
     Ok(ticks / 100.0)
 }
 
-/// (VmRSS, VmHWM) of a process in KiB.
+/// (`VmRSS`, `VmHWM`) of a process in KiB.
 fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
@@ -625,7 +623,7 @@ async fn replay() -> Result<bool> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t0 = Instant::now();
     let task = tokio::spawn(uplink.run(stop_rx));
-    let acked = || status.lock().map(|s| s.records_acked).unwrap_or(0);
+    let acked = || status.lock().map_or(0, |s| s.records_acked);
     let (mut rss_100k, mut t_100k) = (0u64, 0.0);
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

@@ -119,7 +119,7 @@ impl BillCmd {
             "room", "utility", "own", "shared", "total", "status"
         ));
         for b in bills {
-            let dec = b.own.first().map(|l| l.price.decimals).unwrap_or(2);
+            let dec = b.own.first().map_or(2, |l| l.price.decimals);
             let shared: i64 = b.shares.iter().map(|s| s.share_milli).sum();
             out(&format!(
                 "{:<12} {:<12} {:>14} {:>14} {:>14}  {}\n",
@@ -127,13 +127,14 @@ impl BillCmd {
                 format!("{:?}", b.utility).to_lowercase(),
                 format!("{:.3} {}", b.own_milli as f64 / 1000.0, b.unit),
                 format!("{:.3} {}", shared as f64 / 1000.0, b.unit),
-                b.total
-                    .map(|t| format!(
+                b.total.map_or_else(
+                    || "not priced".into(),
+                    |t| format!(
                         "{} {}",
                         crate::bill::money(t, dec),
                         b.currency.clone().unwrap_or_default()
-                    ))
-                    .unwrap_or_else(|| "not priced".into()),
+                    )
+                ),
                 if b.provisional {
                     format!("PROVISIONAL: {}", b.notes.join("; "))
                 } else {
@@ -220,10 +221,7 @@ impl RecomputeCmd {
             summary.adjustments.len()
         ));
         for a in &summary.adjustments {
-            let m = |x: Option<i64>| {
-                x.map(|v| crate::bill::money(v, 2))
-                    .unwrap_or_else(|| "-".into())
-            };
+            let m = |x: Option<i64>| x.map_or_else(|| "-".into(), |v| crate::bill::money(v, 2));
             out(&format!(
                 "  {:<12} {:<12} old {:>12} new {:>12} difference {:>12} {}\n",
                 a.room,

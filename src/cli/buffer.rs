@@ -1,6 +1,6 @@
 //! `meterd buffer`: the outbox, read without disturbing the daemon.
 
-use super::*;
+use super::{json, out, table, Args, ConfigArg, Result};
 
 /// `meterd buffer`
 #[derive(Debug, Args)]
@@ -20,9 +20,9 @@ impl BufferCmd {
             out(&json(&s)?);
             return Ok(());
         }
-        let age = s
-            .oldest_ts
-            .map(|t| {
+        let age = s.oldest_ts.map_or_else(
+            || "-".into(),
+            |t| {
                 let secs = (chrono::Utc::now() - t).num_seconds().max(0);
                 format!(
                     "{} ({}h{:02}m{:02}s ago)",
@@ -31,8 +31,8 @@ impl BufferCmd {
                     secs / 60 % 60,
                     secs % 60
                 )
-            })
-            .unwrap_or_else(|| "-".into());
+            },
+        );
         let rows = vec![
             vec!["outbox".into(), c.store.path.display().to_string()],
             vec!["records waiting".into(), s.rows.to_string()],

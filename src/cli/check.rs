@@ -1,6 +1,6 @@
 //! `meterd check`: validates a configuration and lists every problem.
 
-use super::*;
+use super::{out, Args, ConfigArg, Result};
 
 /// `meterd check`
 #[derive(Debug, Args)]
@@ -28,7 +28,7 @@ impl CheckCmd {
             c.site.pools.len(),
             c.enforcement.relays.len(),
             c.enforcement.prepaid.len(),
-            c.mqtt.as_ref().map(|m| format!("mqtt {}:{}", m.host, m.port)).unwrap_or_else(|| "none (outbox only)".into())
+            c.mqtt.as_ref().map_or_else(|| "none (outbox only)".into(), |m| format!("mqtt {}:{}", m.host, m.port))
         ));
         Ok(())
     }

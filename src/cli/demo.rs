@@ -1,6 +1,9 @@
 //! `meterd demo`: the simulator and the daemon together on the built-in building.
 
-use super::*;
+use super::{
+    config_failure, daemon, fmt_value, out, sim, table, Args, BTreeMap, Config, DeviceStatus,
+    Duration, Instant, Path, Quality, Reading, Result, Transport,
+};
 
 /// The sample building and the config that polls it, compiled in so the demo needs no files.
 pub(crate) const DEMO_BUILDING: &str = include_str!("../../config/building.toml");
@@ -51,7 +54,7 @@ pub(crate) fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
                 *port = a.port();
             }
             (Some(sim::EndpointAddr::Pty(p)), Transport::Rtu(s)) => {
-                s.device = p.display().to_string()
+                s.device = p.display().to_string();
             }
             _ => {}
         }
@@ -128,14 +131,13 @@ pub(super) fn demo_table(
                 latest
                     .values()
                     .find(|r| *r.device == *d.name && r.quantity == q)
-                    .map(|r| {
+                    .map_or_else(String::new, |r| {
                         if r.quality == Quality::Good {
                             fmt_value(r)
                         } else {
                             format!("({:?})", r.quality).to_lowercase()
                         }
                     })
-                    .unwrap_or_else(|| "".into())
             };
             let relays: String = latest
                 .values()

@@ -32,7 +32,7 @@ pub const EXIT_EXCEPTION: i32 = 4;
 #[derive(Debug, Parser)]
 #[command(name = "meterd", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace or a tracing directive). Default: RUST_LOG, then
+    /// Log filter (error, warn, info, debug, trace or a tracing directive). Default: `RUST_LOG`, then
     /// `[gateway] log_level` for `run`, then info.
     #[arg(long, global = true)]
     pub log_level: Option<String>,

@@ -1,13 +1,13 @@
 //! What the commands print: aligned tables, JSON, values; and the terminal prompt.
 
-use super::*;
+use super::{bail, IsTerminal, Reading, Result, Serialize, Write};
 
 /// Writes to stdout; a closed pipe (`meterd read … | head`) ends the process quietly.
 pub fn out(text: &str) {
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout
         .write_all(text.as_bytes())
-        .and_then(|_| stdout.flush())
+        .and_then(|()| stdout.flush())
     {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
@@ -16,6 +16,7 @@ pub fn out(text: &str) {
 }
 
 /// An aligned text table: the human output of every read command.
+#[must_use]
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
@@ -43,11 +44,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             .map(|w| "-".repeat(*w))
             .collect::<Vec<_>>()
             .iter()
-            .map(|x| x.as_str())
+            .map(std::string::String::as_str)
             .collect(),
     );
     for r in rows {
-        s += &line(r.iter().map(|c| c.as_str()).collect());
+        s += &line(r.iter().map(std::string::String::as_str).collect());
     }
     s
 }

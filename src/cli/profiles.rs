@@ -26,7 +26,9 @@ impl ProfilesCmd {
             None => {
                 if self.json {
                     out(&json(
-                        &lib.values().map(|p| p.as_ref()).collect::<Vec<_>>(),
+                        &lib.values()
+                            .map(std::convert::AsRef::as_ref)
+                            .collect::<Vec<_>>(),
                     )?);
                 } else {
                     let rows: Vec<Vec<String>> = lib

@@ -149,7 +149,9 @@ impl RawCmd {
                             .map(|(i, w)| RawRow {
                                 address: address + (i * n) as u16,
                                 raw: w.to_vec(),
-                                value: decode::decode(w, ty, wo, bo).ok().map(|v| v.as_f64()),
+                                value: decode::decode(w, ty, wo, bo)
+                                    .ok()
+                                    .map(super::super::modbus::decode::RawValue::as_f64),
                             })
                             .collect()
                     }
@@ -169,8 +171,7 @@ impl RawCmd {
                                     .collect::<Vec<_>>()
                                     .join(" "),
                                 r.value
-                                    .map(|v| v.to_string())
-                                    .unwrap_or_else(|| "(incomplete)".into()),
+                                    .map_or_else(|| "(incomplete)".into(), |v| v.to_string()),
                             ]
                         })
                         .collect();

@@ -90,7 +90,7 @@ impl ReadCmd {
                 return Ok(());
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.every) => {}
+                () = tokio::time::sleep(self.every) => {}
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             }
         }

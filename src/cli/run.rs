@@ -1,6 +1,6 @@
 //! `meterd run`: the daemon in the foreground (systemd's `ExecStart`).
 
-use super::*;
+use super::{daemon, totals, Args, Config, ConfigArg, Duration, Result};
 
 /// `meterd run`
 #[derive(Debug, Args)]

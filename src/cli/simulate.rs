@@ -1,6 +1,6 @@
 //! `meterd simulate`: serves a virtual building over Modbus TCP and RTU.
 
-use super::*;
+use super::{out, sim, Args, PathBuf, Result};
 
 /// `meterd simulate --building F`
 #[derive(Debug, Args)]

@@ -1,6 +1,6 @@
 //! `meterd status`: asks the running daemon over its control socket.
 
-use super::*;
+use super::{json, out, table, Args, ConfigArg, DeviceStatus, Result};
 
 /// `meterd status`
 #[derive(Debug, Args)]
@@ -70,8 +70,7 @@ impl StatusCmd {
                     format!("{ok}/{failed}"),
                     d["last_latency_ms"]
                         .as_f64()
-                        .map(|l| format!("{l:.1}"))
-                        .unwrap_or_else(|| "-".into()),
+                        .map_or_else(|| "-".into(), |l| format!("{l:.1}")),
                     s(&d["offline_since"]),
                     s(&d["last_error"]).chars().take(60).collect(),
                 ]);

@@ -1,6 +1,6 @@
 //! `meterd topology`: the meter trees with the latest readings and each node's loss.
 
-use super::*;
+use super::{bail, json, out, Args, BTreeMap, ConfigArg, Duration, IsTerminal, Result, Serialize};
 
 /// `meterd topology`
 #[derive(Debug, Args)]

@@ -29,8 +29,11 @@ mod raw;
 mod tests;
 mod validate;
 
-use raw::*;
-use validate::*;
+use raw::{
+    BusKind, RawBus, RawDevice, RawGateway, RawMqtt, RawPoll, RawProfiles, RawStore, RawTopology,
+    SECTIONS,
+};
+use validate::Validator;
 
 /// Where the daemon looks when `--config` is not given.
 pub(crate) const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
@@ -76,11 +79,11 @@ pub struct Gateway {
     pub timezone: chrono_tz::Tz,
     /// Local socket for `meterd status` and `meterd relay` (root and the service's group only).
     pub control_socket: PathBuf,
-    /// Log filter for `meterd run` (RUST_LOG and --log-level override it).
+    /// Log filter for `meterd run` (`RUST_LOG` and --log-level override it).
     pub log_level: Option<String>,
 }
 
-/// Default local control socket (systemd's RuntimeDirectory).
+/// Default local control socket (systemd's `RuntimeDirectory`).
 pub(crate) const DEFAULT_SOCKET: &str = "/run/meterd/control.sock";
 
 /// Where the outbox lives and how large it may grow.
@@ -173,6 +176,7 @@ impl Config {
     }
 
     /// Looks a device up by name.
+    #[must_use]
     pub fn device(&self, name: &str) -> Option<&Device> {
         self.devices.iter().find(|d| &*d.name == name)
     }
@@ -185,7 +189,7 @@ impl Config {
 
 // ---- raw form ---------------------------------------------------------------------------------
 
-/// Default outbox location (systemd's StateDirectory).
+/// Default outbox location (systemd's `StateDirectory`).
 pub(crate) const DEFAULT_STORE: &str = "/var/lib/meterd/outbox.db";
 
 /// Loads the built-in profiles plus the `*.toml` files of `dir` (if it exists): the library both the

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::*;
+use super::Parity;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -43,7 +43,7 @@ fn load(text: &str) -> Result<Config, ConfigError> {
 
 fn issues(text: &str) -> Vec<String> {
     match load(text) {
-        Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
+        Err(ConfigError::Invalid(i)) => i.iter().map(std::string::ToString::to_string).collect(),
         other => panic!("expected invalid, got {other:?}"),
     }
 }

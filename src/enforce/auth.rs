@@ -2,7 +2,7 @@
 //! Ed25519 signature over its content, an id and an expiry.
 //!
 //! Signed content: `"{command}\n{json}"` where `json` is the command object (with `id` and
-//! `expires_at`, without `sig`) serialized with its keys sorted, no whitespace (serde_json's default
+//! `expires_at`, without `sig`) serialized with its keys sorted, no whitespace (`serde_json`'s default
 //! map is ordered). `sig` is the base64 (standard, padded) of the 64-byte signature.
 
 use base64::Engine as _;
@@ -11,6 +11,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde_json::Value;
 
 /// The bytes a command's signature covers.
+#[must_use]
 pub fn signed_content(command: &str, id: &str, args: &Value) -> Vec<u8> {
     let mut obj = match args {
         Value::Object(m) => m.clone(),
@@ -82,6 +83,7 @@ mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
     use serde_json::json;
+    use std::fmt::Write as _;
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[7u8; 32])
@@ -145,7 +147,10 @@ mod tests {
     #[test]
     fn keys_parse_from_hex_and_base64() {
         let pk = key().verifying_key();
-        let hex: String = pk.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = pk.to_bytes().iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        });
         assert_eq!(parse_key(&hex).unwrap(), pk);
         assert_eq!(
             parse_key(&base64::engine::general_purpose::STANDARD.encode(pk.to_bytes())).unwrap(),

@@ -157,7 +157,7 @@ pub(crate) fn build(
 ) -> (Enforcement, Vec<(String, String)>) {
     let mut issues = Vec::new();
     let mut t = |key: &str, v: Option<&String>, default: &str| match time(
-        v.map(|s| s.as_str()).unwrap_or(default),
+        v.map_or(default, std::string::String::as_str),
     ) {
         Ok(t) => t,
         Err(e) => {
@@ -207,7 +207,7 @@ pub(crate) fn build(
                         "device {:?} (profile {}) has no register {:?}",
                         f.device, d.profile.name, f.register
                     ),
-                ))
+                ));
             }
             Some(_) => {}
         }
@@ -217,7 +217,47 @@ pub(crate) fn build(
             active: f.active,
         }
     });
+    let out_relays = build_relays(relays, devices, site, &mut issues);
+    let out_prepaid = build_prepaid(prepaid, devices, site, &mut issues);
+    let grace = raw.grace.unwrap_or(Duration::from_secs(48 * 3600));
+    let recheck_every = raw.recheck_every.unwrap_or(Duration::from_secs(60));
+    if recheck_every < Duration::from_millis(100) {
+        issues.push((
+            "enforcement.recheck_every".into(),
+            "must be at least 100ms".into(),
+        ));
+    }
+    let enforcement = Enforcement {
+        policy: Policy {
+            calendar: Calendar {
+                timezone,
+                allowed_from,
+                allowed_to,
+                weekends_allowed: raw.weekends,
+                holidays: raw.holidays,
+            },
+            grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(48)),
+            lease_notice_days: raw.lease_notice_days.unwrap_or(7),
+        },
+        public_key,
+        low_balance: raw.low_balance.unwrap_or(2000),
+        recheck_every,
+        fire_alarm,
+        relays: out_relays,
+        prepaid: out_prepaid,
+    };
+    (enforcement, issues)
+}
+
+/// `[[relay]]` entries: one rule per contact, a known room, an output with read-back.
+fn build_relays(
+    relays: Vec<(String, RawRelay)>,
+    devices: &[Device],
+    site: &Site,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<Relay> {
     let mut out_relays = Vec::new();
+    let device = |name: &str| devices.iter().find(|d| &*d.name == name);
     let mut names = std::collections::HashSet::new();
     let mut outputs: BTreeMap<(String, String), String> = BTreeMap::new();
     for (key, r) in relays {
@@ -291,7 +331,19 @@ pub(crate) fn build(
             output: r.output,
         });
     }
+    out_relays
+}
+
+/// `[[prepaid]]` accounts: one per room and utility, a meter with the counter, a tariff of the
+/// same utility.
+fn build_prepaid(
+    prepaid: Vec<(String, RawPrepaid)>,
+    devices: &[Device],
+    site: &Site,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<PrepaidAccount> {
     let mut out_prepaid = Vec::new();
+    let device = |name: &str| devices.iter().find(|d| &*d.name == name);
     let mut seen: BTreeMap<(String, Utility), String> = BTreeMap::new();
     for (key, p) in prepaid {
         if !site.rooms.contains_key(&p.room) {
@@ -325,7 +377,7 @@ pub(crate) fn build(
                         p.meter,
                         p.utility.quantity()
                     ),
-                ))
+                ));
             }
             Some(_) => {}
         }
@@ -346,12 +398,8 @@ pub(crate) fn build(
                 None
             }
         };
-        let bands = crate::tou::parse_bands(
-            &key,
-            &p.bands,
-            base_price.map(|p| p.decimals).unwrap_or(2),
-            &mut issues,
-        );
+        let bands =
+            crate::tou::parse_bands(&key, &p.bands, base_price.map_or(2, |p| p.decimals), issues);
         let max_rate = p.max_rate.unwrap_or(match p.utility {
             Utility::Electricity => 60.0,
             Utility::Water => 10.0,
@@ -376,34 +424,7 @@ pub(crate) fn build(
             });
         }
     }
-    let grace = raw.grace.unwrap_or(Duration::from_secs(48 * 3600));
-    let recheck_every = raw.recheck_every.unwrap_or(Duration::from_secs(60));
-    if recheck_every < Duration::from_millis(100) {
-        issues.push((
-            "enforcement.recheck_every".into(),
-            "must be at least 100ms".into(),
-        ));
-    }
-    let enforcement = Enforcement {
-        policy: Policy {
-            calendar: Calendar {
-                timezone,
-                allowed_from,
-                allowed_to,
-                weekends_allowed: raw.weekends,
-                holidays: raw.holidays,
-            },
-            grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(48)),
-            lease_notice_days: raw.lease_notice_days.unwrap_or(7),
-        },
-        public_key,
-        low_balance: raw.low_balance.unwrap_or(2000),
-        recheck_every,
-        fire_alarm,
-        relays: out_relays,
-        prepaid: out_prepaid,
-    };
-    (enforcement, issues)
+    out_prepaid
 }
 
 #[cfg(test)]
@@ -436,7 +457,9 @@ id = "102"
             "t.toml",
             std::path::Path::new("/"),
         ) {
-            Err(ConfigError::Invalid(i)) => i.iter().map(|i| i.to_string()).collect(),
+            Err(ConfigError::Invalid(i)) => {
+                i.iter().map(std::string::ToString::to_string).collect()
+            }
             Ok(_) => Vec::new(),
             Err(e) => panic!("{e}"),
         }

@@ -357,7 +357,7 @@ mod tests {
                 "resolution {resolution} Wh: all consumption billed"
             );
             assert_eq!(total, 24_000);
-            let exact = Price::parse("0.8523", 2).unwrap().micros as i128 * i128::from(total);
+            let exact = i128::from(Price::parse("0.8523", 2).unwrap().micros) * i128::from(total);
             assert_eq!(exact, 20_455_200_000, "2045.52 fen × 10^7");
             assert_eq!(amount, 2045, "resolution {resolution} Wh");
             assert_eq!(exact_num(&charges) / 10_000_000, 2045);

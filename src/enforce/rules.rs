@@ -363,6 +363,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "a table of cases, one per rule interaction: splitting it would hide the table"
+    )]
     fn scenario_table() {
         struct Case {
             name: &'static str,

@@ -290,7 +290,7 @@ impl EnforcerState {
                 if r.ts - st.billed_at > chrono::Duration::minutes(1) {
                     out.push(HistoryQuery {
                         key,
-                        device: acc.device.to_string(),
+                        device: acc.device.clone(),
                         quantity: quantity.as_str(),
                         from_ms: st.billed_at.timestamp_millis() + 1,
                         to_ms: r.ts.timestamp_millis() - 1,
@@ -506,8 +506,7 @@ impl EnforcerState {
             .get("expires_at")
             .and_then(Value::as_str)
             .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
-            .map(|e| e.timestamp_millis())
-            .unwrap_or(0);
+            .map_or(0, |e| e.timestamp_millis());
         let (cmd_id, prune_before) = (id.to_string(), now.timestamp_millis() - 86_400_000);
         let mut writes: Vec<Write> = vec![Box::new(move |c: &Connection| {
             c.execute(
@@ -546,7 +545,7 @@ impl EnforcerState {
             CloudCommand::Freeze { scope, set, .. } => {
                 let r = self.room_mut(&room)?;
                 if scope.access() {
-                    r.access_freeze = set.clone();
+                    r.access_freeze.clone_from(&set);
                 }
                 if scope.utilities() {
                     r.utility_freeze = set;
@@ -723,7 +722,7 @@ impl EnforcerState {
             }
             if let Some(st) = state {
                 let (device, json) = (
-                    acc.device.to_string(),
+                    acc.device.clone(),
                     serde_json::to_string(&st).unwrap_or_default(),
                 );
                 writes.push(Box::new(move |tx: &Connection| {

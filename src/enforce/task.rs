@@ -1,4 +1,4 @@
-//! The enforcement task: keeps the rules' inputs (persisted in SQLite), deducts prepaid consumption
+//! The enforcement task: keeps the rules' inputs (persisted in `SQLite`), deducts prepaid consumption
 //! from the readings, and reconciles every relay's desired state with its read-back state through the
 //! bus tasks. Every action is an audit record.
 //!
@@ -78,7 +78,7 @@ pub(crate) const RELAY_COMMANDS: &[&str] = &[
 ];
 
 /// Authenticates relay commands and hands them to the task. Ids are remembered (in memory and, by
-/// the task, in SQLite) so a redelivered or replayed command never acts twice.
+/// the task, in `SQLite`) so a redelivered or replayed command never acts twice.
 pub(crate) struct EnforcementCommands {
     pub key: Option<VerifyingKey>,
     /// For validating a command before it is answered.
@@ -95,24 +95,22 @@ impl CommandHandler for EnforcementCommands {
         if !RELAY_COMMANDS.contains(&name) {
             return None;
         }
-        Some(match self.check(id, name, args) {
-            Err(e) => Answer::Now(Err(e)),
-            Ok(()) => {
-                let (reply, rx) = oneshot::channel();
-                let input = Input::Cloud {
-                    name: name.to_string(),
-                    id: id.to_string(),
-                    args: args.clone(),
-                    deadline: Utc::now()
-                        + chrono::Duration::from_std(APPLY_WITHIN).unwrap_or_default(),
-                    reply: Some(reply),
-                };
-                match self.tx.try_send(input) {
-                    Ok(()) => Answer::Later(rx),
-                    Err(_) => Answer::Now(Err(
-                        "not applied: enforcement is busy; resend with a new id".into(),
-                    )),
-                }
+        Some(if let Err(e) = self.check(id, name, args) {
+            Answer::Now(Err(e))
+        } else {
+            let (reply, rx) = oneshot::channel();
+            let input = Input::Cloud {
+                name: name.to_string(),
+                id: id.to_string(),
+                args: args.clone(),
+                deadline: Utc::now() + chrono::Duration::from_std(APPLY_WITHIN).unwrap_or_default(),
+                reply: Some(reply),
+            };
+            match self.tx.try_send(input) {
+                Ok(()) => Answer::Later(rx),
+                Err(_) => Answer::Now(Err(
+                    "not applied: enforcement is busy; resend with a new id".into(),
+                )),
             }
         })
     }
@@ -126,7 +124,7 @@ impl EnforcementCommands {
                 "relay commands are disabled: set [enforcement] public_key on the gateway".into(),
             );
         };
-        let seen = |i: &str| self.seen.lock().map(|s| s.contains(i)).unwrap_or(true);
+        let seen = |i: &str| self.seen.lock().map_or(true, |s| s.contains(i));
         super::auth::verify(key, name, id, args, Utc::now(), seen)?;
         // Everything the config can tell is checked before the command goes to the enforcer.
         command::parse(
@@ -220,8 +218,7 @@ impl Enforcer {
                 [],
                 |r| r.get::<_, String>(0),
             )
-            .map(|v| v == "on")
-            .unwrap_or(false);
+            .is_ok_and(|v| v == "on");
         let fire = if config.enforcement.fire_alarm.is_none() {
             Some(false)
         } else {
@@ -248,7 +245,7 @@ impl Enforcer {
                         counters.insert(format!("{d}/{q}"), st);
                     }
                     Err(e) => {
-                        tracing::error!(device = %d, error = %e, "prepaid counter state unreadable; the next reading is the new baseline")
+                        tracing::error!(device = %d, error = %e, "prepaid counter state unreadable; the next reading is the new baseline");
                     }
                 }
             }
@@ -508,7 +505,7 @@ impl Enforcer {
                         Input::Readings(batch) => self.readings(batch, now).await,
                     }
                 }
-                _ = tokio::time::sleep_until(next_check) => {
+                () = tokio::time::sleep_until(next_check) => {
                     // Notice hand-switched relays, retry stuck ones, apply time-based rules.
                     self.read_round(self.state.all_relays()).await;
                     let actions = self.state.step(Utc::now(), Event::Reconcile { retry_failed: true });

@@ -104,12 +104,14 @@ pub enum ActuateError {
 
 impl ActuateError {
     /// The device answered (a Modbus exception): retrying will not help.
+    #[must_use]
     pub fn device_answered(&self) -> bool {
         matches!(self, ActuateError::Link { source, .. } if source.device_answered())
     }
 
     /// A short class for the audit trail: `timeout`, `garbled`, `exception`, `transport`, `config`,
     /// `bus`.
+    #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
             ActuateError::Link { source, .. } => match source.kind() {
@@ -235,22 +237,19 @@ pub async fn actuate(
             wrote: false,
         });
     };
-    let r = match o.function {
-        super::profile::Function::Coil => {
-            link.write_coil(device.unit, o.address, want, device.timeout)
-                .await
-        }
-        _ => {
-            let v = if want { o.on_value } else { o.off_value };
-            link.write_registers(
-                device.unit,
-                o.address,
-                &[v],
-                o.write_multiple,
-                device.timeout,
-            )
+    let r = if o.function == super::profile::Function::Coil {
+        link.write_coil(device.unit, o.address, want, device.timeout)
             .await
-        }
+    } else {
+        let v = if want { o.on_value } else { o.off_value };
+        link.write_registers(
+            device.unit,
+            o.address,
+            &[v],
+            o.write_multiple,
+            device.timeout,
+        )
+        .await
     };
     r.map_err(failed("write"))?;
     let after = read_state(link, device, req, o.on_value)
@@ -391,7 +390,7 @@ pub async fn run(
     let pollers: Vec<Link> = (0..bus.concurrency().max(1))
         .map(|_| Link::with_stats(&bus, status.line.clone()))
         .collect();
-    run_with_boundaries(devices, pollers, out, status, actions, boundaries).await
+    run_with_boundaries(devices, pollers, out, status, actions, boundaries).await;
 }
 
 /// The dispatcher, with the pollers given. Returns when `out` is closed.
@@ -402,7 +401,7 @@ pub async fn run_with<P: Poller>(
     status: Arc<BusStatus>,
     actions: mpsc::Receiver<Actuation>,
 ) {
-    run_with_boundaries(devices, pollers, out, status, actions, None).await
+    run_with_boundaries(devices, pollers, out, status, actions, None).await;
 }
 
 /// [`run_with`], plus a billing-boundary signal: each change of `boundaries` reads every device
@@ -513,7 +512,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
                     return;
                 }
             }
-            _ = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => {}
+            () = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => {}
             r = async {
                 match boundaries.as_mut() {
                     Some(b) => b.changed().await,
@@ -528,7 +527,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
                 }
                 Err(_) => boundaries = None,
             },
-            _ = out.closed() => return,
+            () = out.closed() => return,
         }
     }
 }
@@ -573,16 +572,16 @@ fn account(
         Verdict::Polled => {}
         Verdict::BackOnline => tracing::info!(device = %dev.name, "device back online"),
         Verdict::Retrying => {
-            tracing::debug!(device = %dev.name, error = %fmt_failure(result), "poll failed, retrying")
+            tracing::debug!(device = %dev.name, error = %fmt_failure(result), "poll failed, retrying");
         }
         Verdict::Failed => {
-            tracing::warn!(device = %dev.name, error = %fmt_failure(result), "poll failed")
+            tracing::warn!(device = %dev.name, error = %fmt_failure(result), "poll failed");
         }
         Verdict::WentOffline => {
-            tracing::warn!(device = %dev.name, error = %fmt_failure(result), probe = ?dev.policy.probe_interval, "device offline; probing at the slower rate")
+            tracing::warn!(device = %dev.name, error = %fmt_failure(result), probe = ?dev.policy.probe_interval, "device offline; probing at the slower rate");
         }
         Verdict::StillOffline => {
-            tracing::debug!(device = %dev.name, "probe of offline device failed")
+            tracing::debug!(device = %dev.name, "probe of offline device failed");
         }
     }
     if result.failure.is_none() {
@@ -625,11 +624,12 @@ fn account(
 fn fmt_failure(r: &PollResult) -> String {
     r.failure
         .as_ref()
-        .map(|e| e.to_string())
+        .map(std::string::ToString::to_string)
         .unwrap_or_default()
 }
 
 /// A fresh status block for the devices of one bus.
+#[must_use]
 pub fn new_status(bus: &Bus, devices: &[Device]) -> Arc<BusStatus> {
     Arc::new(BusStatus {
         name: bus.name.clone(),

@@ -70,6 +70,7 @@ pub enum FailureKind {
 
 impl LinkError {
     /// The counter this failure goes into.
+    #[must_use]
     pub fn kind(&self) -> FailureKind {
         match self {
             LinkError::Timeout { .. } => FailureKind::Timeout,
@@ -80,6 +81,7 @@ impl LinkError {
     }
 
     /// True when the device did answer (an exception): it is alive, so retrying is pointless.
+    #[must_use]
     pub fn device_answered(&self) -> bool {
         matches!(self, LinkError::Exception { .. })
     }
@@ -248,7 +250,9 @@ struct LineGuard<T>(Arc<Mutex<Line<T>>>);
 
 impl<T> LineGuard<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Line<T>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -288,11 +292,13 @@ trait LineHandle: Send + Sync {
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> LineHandle for Mutex<Line<T>> {
     fn begin(&self) {
-        self.lock().unwrap_or_else(|p| p.into_inner()).begin = true;
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .begin = true;
     }
     fn discard(&self, cx: &mut TaskContext<'_>) -> io::Result<bool> {
         self.lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .discard_readable(cx)
     }
 }
@@ -363,12 +369,13 @@ impl fmt::Debug for Link {
         f.debug_struct("Link")
             .field("bus", &self.bus.name)
             .field("connected", &self.ctx.is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Link {
     /// A link that connects on first use.
+    #[must_use]
     pub fn new(bus: &Bus) -> Link {
         Link::with_stats(bus, Arc::default())
     }
@@ -387,6 +394,7 @@ impl Link {
     }
 
     /// What the line guard saw (RTU lines; all zero on Modbus TCP).
+    #[must_use]
     pub fn line_stats(&self) -> Arc<LineStats> {
         self.stats.clone()
     }

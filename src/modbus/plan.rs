@@ -17,6 +17,7 @@ pub struct ReadRequest {
 
 impl ReadRequest {
     /// One past the last address read.
+    #[must_use]
     pub fn end(&self) -> u32 {
         u32::from(self.address) + u32::from(self.count)
     }
@@ -70,7 +71,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn max_for(&self, f: Function) -> u16 {
+    fn max_for(self, f: Function) -> u16 {
         if f.is_bit() {
             self.max_bits
         } else {
@@ -84,6 +85,7 @@ impl Limits {
 ///
 /// Needs wider than the limit cannot be planned; config validation rejects them first, and here they
 /// get a request of their own so nothing is silently dropped.
+#[must_use]
 pub fn plan(needs: &[Need], limits: Limits) -> Plan {
     let mut order: Vec<usize> = (0..needs.len()).collect();
     order.sort_by_key(|&i| (needs[i].function, needs[i].address, needs[i].width));
@@ -253,7 +255,7 @@ mod tests {
                     .filter(|(_, s)| s.request == ri)
                     .map(|(n, _)| (u32::from(n.address), u32::from(n.address) + u32::from(n.width)))
                     .collect();
-                spans.sort();
+                spans.sort_unstable();
                 let mut covered_end = spans[0].1;
                 prop_assert_eq!(spans[0].0, u32::from(r.address));
                 for (s, e) in spans.iter().skip(1) {

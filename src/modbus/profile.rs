@@ -102,6 +102,7 @@ impl Quantity {
     }
 
     /// Snake-case name used in config, JSON and MQTT.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Quantity::EnergyKwh => "energy_kwh",
@@ -344,12 +345,9 @@ impl Profile {
         let mut registers = Vec::new();
         for (i, r) in raw.register.iter().enumerate() {
             let key = format!("register[{i}] ({})", r.name);
-            let function = match r.function.or(h.function) {
-                Some(f) => f,
-                None => {
-                    issues.push(issue(&key, "function is missing: set coil, discrete_input, holding or input here or in [profile]"));
-                    continue;
-                }
+            let Some(function) = r.function.or(h.function) else {
+                issues.push(issue(&key, "function is missing: set coil, discrete_input, holding or input here or in [profile]"));
+                continue;
             };
             let ty = r.ty.or(h.ty).unwrap_or(if function.is_bit() {
                 DataType::Bool
@@ -620,7 +618,7 @@ pub fn builtin() -> Result<BTreeMap<String, Profile>, Vec<(String, ProfileIssue)
                 out.insert(p.name.clone(), p);
             }
             Err(issues) => {
-                errors.extend(issues.into_iter().map(|i| (format!("<builtin>/{file}"), i)))
+                errors.extend(issues.into_iter().map(|i| (format!("<builtin>/{file}"), i)));
             }
         }
     }

@@ -28,6 +28,7 @@ pub struct RawWords {
 
 impl RawWords {
     /// Copies up to four words.
+    #[must_use]
     pub fn new(src: &[u16]) -> RawWords {
         let mut words = [0u16; 4];
         let len = src.len().min(4);
@@ -39,6 +40,7 @@ impl RawWords {
     }
 
     /// The words as read.
+    #[must_use]
     pub fn as_slice(&self) -> &[u16] {
         &self.words[..usize::from(self.len)]
     }

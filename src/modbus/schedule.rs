@@ -73,7 +73,7 @@ impl DeviceState {
         let first_after = if now < self.anchor {
             0
         } else {
-            let since = (now - self.anchor).as_nanos();
+            let since = now.checked_sub(self.anchor).unwrap().as_nanos();
             let iv = self.policy.interval.as_nanos().max(1);
             (since / iv) as u64 + 1
         };
@@ -95,6 +95,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Devices are staggered across their interval (device i of n starts at i/n of it), so a bus of
     /// identical meters polls evenly instead of all at t = 0.
+    #[must_use]
     pub fn new(policies: &[PollPolicy]) -> Scheduler {
         let n = policies.len().max(1) as u32;
         let devices: Vec<DeviceState> = policies
@@ -220,6 +221,7 @@ impl Scheduler {
     }
 
     /// Regular deadlines skipped because the device (or the bus) was late.
+    #[must_use]
     pub fn missed(&self, device: usize) -> u64 {
         self.devices[device].missed
     }
@@ -231,11 +233,13 @@ impl Scheduler {
     }
 
     /// Number of devices.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.devices.len()
     }
 
     /// True when the bus has no devices.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
@@ -324,7 +328,7 @@ mod tests {
         let b = Duration::from_millis(450_200);
         let mut log = drive(
             &mut s,
-            b - Duration::from_millis(1),
+            b.checked_sub(Duration::from_millis(1)).unwrap(),
             Duration::from_millis(40),
             |_, _| true,
         );
@@ -377,7 +381,7 @@ mod tests {
         let log = drive(&mut s, 20 * S, Duration::from_millis(3500), |_, _| true);
         for w in log.windows(2) {
             assert!(
-                w[1].1 - w[0].1 >= Duration::from_millis(3500),
+                w[1].1.checked_sub(w[0].1).unwrap() >= Duration::from_millis(3500),
                 "bunched: {w:?}"
             );
             assert_eq!(w[1].1.subsec_nanos(), 0, "still on the 1 s grid");

@@ -19,6 +19,7 @@ pub(crate) fn wire_time(bytes: usize, baud: u32, bits_per_char: u32) -> Duration
 }
 
 /// Silent interval that separates frames: 3.5 character times, fixed at 1.75 ms above 19200 baud.
+#[must_use]
 pub fn t35(baud: u32) -> Duration {
     if baud > 19_200 {
         Duration::from_micros(1750)

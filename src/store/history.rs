@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::*;
+use super::{Store, StoreError};
 
 /// One counter sample for the history.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,5 @@
 //! The outbox: every reading, result and event is written here before it is published, and leaves
-//! only when the broker acknowledged it. SQLite on disk is the source of truth; nothing in memory is.
+//! only when the broker acknowledged it. `SQLite` on disk is the source of truth; nothing in memory is.
 //!
 //! Durability choices (deliberate, see `open`):
 //! - `journal_mode = WAL`: the writer never blocks `meterd buffer` readers, and a crashed process
@@ -11,7 +11,7 @@
 //! - `synchronous = FULL` for any transaction that carries a billing result or a relay audit event:
 //!   those are fsync'd before the commit returns, because they cannot be re-derived.
 //!
-//! Sequence numbers come from `INTEGER PRIMARY KEY AUTOINCREMENT`, which SQLite guarantees never to
+//! Sequence numbers come from `INTEGER PRIMARY KEY AUTOINCREMENT`, which `SQLite` guarantees never to
 //! reuse, even after every row was acknowledged and deleted and the process restarted: the backend
 //! deduplicates redeliveries by `seq`.
 
@@ -155,7 +155,7 @@ pub struct Stats {
 pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
 
 /// A write of another module's state (enforcement rules, prepaid counters, ledger), run by the store
-/// thread inside the transaction that also appends that step's outbox records: SQLite has one
+/// thread inside the transaction that also appends that step's outbox records: `SQLite` has one
 /// writer, and a state change and the records that report it commit together or not at all.
 pub type Write = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
 

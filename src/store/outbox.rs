@@ -9,9 +9,12 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::SCHEMA;
-use super::*;
+use super::{
+    meta_get, stats, Caps, Kind, NewRecord, Remembered, Stats, StoreError, Stored, Write,
+    MAX_RECORD_BYTES, REPLY_KEEP_MS,
+};
 
-/// The SQLite outbox.
+/// The `SQLite` outbox.
 pub struct Store {
     pub(super) conn: Connection,
     pub(super) path: PathBuf,
@@ -418,7 +421,7 @@ impl Store {
         Ok(())
     }
 
-    /// The newest seq ever assigned (0 for a fresh outbox), from SQLite's own sequence.
+    /// The newest seq ever assigned (0 for a fresh outbox), from `SQLite`'s own sequence.
     pub fn last_seq(&self) -> Result<i64, StoreError> {
         let v: Option<i64> = self
             .conn

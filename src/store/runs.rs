@@ -3,7 +3,7 @@
 use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::*;
+use super::{NewRecord, Store, StoreError};
 
 /// A billing run to keep.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +58,7 @@ pub(crate) fn load_run(
     .optional()
 }
 
-/// One version of a period in the list: (version, computed_at, supersedes, reason).
+/// One version of a period in the list: (version, `computed_at`, supersedes, reason).
 pub(crate) type RunVersion = (i64, String, Option<i64>, String);
 
 /// Every version of a period, oldest first.
@@ -128,7 +128,7 @@ impl Store {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO billing_runs (period, computed_at, supersedes, reason, config_hash, provisional, command_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![run.period, Utc::now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, run.provisional as i64, run.command_id, run.body],
+            params![run.period, Utc::now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, i64::from(run.provisional), run.command_id, run.body],
         )
         .map_err(err)?;
         let version = tx.last_insert_rowid();

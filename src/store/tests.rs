@@ -254,7 +254,7 @@ proptest::proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.db");
         let mut store = Some(Store::open(&path, Caps::default()).unwrap());
-        let mut model: std::collections::BTreeMap<i64, (Kind, Vec<u8>)> = Default::default();
+        let mut model: std::collections::BTreeMap<i64, (Kind, Vec<u8>)> = std::collections::BTreeMap::default();
         let mut next_seq = 1i64;
         for (i, op) in ops.into_iter().enumerate() {
             let s = store.as_mut().unwrap();
@@ -282,7 +282,7 @@ proptest::proptest! {
                     store = Some(Store::open(&path, Caps::default()).unwrap());
                 }
                 Op::Fetch(k, n) => {
-                    let after = model.keys().copied().nth(k).map(|q| q - 1).unwrap_or(0);
+                    let after = model.keys().copied().nth(k).map_or(0, |q| q - 1);
                     let got: Vec<(i64, Kind, Vec<u8>)> = s.fetch(after, i64::MAX, n).unwrap().into_iter().map(|r| (r.seq, r.kind, r.payload)).collect();
                     let want: Vec<(i64, Kind, Vec<u8>)> = model.range(after + 1..).take(n).map(|(q, (k, p))| (*q, *k, p.clone())).collect();
                     proptest::prop_assert_eq!(got, want);

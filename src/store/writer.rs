@@ -1,4 +1,4 @@
-//! The store thread: the one SQLite writer, its requests and its handle.
+//! The store thread: the one `SQLite` writer, its requests and its handle.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,10 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::*;
+use super::{
+    Kind, NewRecord, NewRun, Remembered, RunRecords, Sample, Stats, Store, StoreError, Stored,
+    Write,
+};
 
 /// Requests to the store thread.
 pub(super) enum StoreRequest {
@@ -207,7 +210,7 @@ impl StoreHandle {
     }
 }
 
-/// Runs the store on its own thread (SQLite calls block) and returns its handle. The thread ends
+/// Runs the store on its own thread (`SQLite` calls block) and returns its handle. The thread ends
 /// when every handle is dropped.
 pub fn spawn(store: Store) -> Result<StoreHandle, StoreError> {
     let (tx, rx) = mpsc::channel(1024);
@@ -246,12 +249,7 @@ impl Writer {
         match self.store.append_remembering(&all, remember) {
             Ok(last) => {
                 self.committed.send_replace(last);
-                if self
-                    .health
-                    .lock()
-                    .map(|mut h| h.take().is_some())
-                    .unwrap_or(false)
-                {
+                if self.health.lock().is_ok_and(|mut h| h.take().is_some()) {
                     tracing::info!("outbox writable again; stored the records held in memory");
                     let _ = self.store.set_meta("store_error", "");
                 }

@@ -80,7 +80,7 @@ fn make_certs(d: &Path) {
 }
 
 impl Broker {
-    /// Starts a broker that keeps a subscriber's session and queued QoS 1 messages while it is
+    /// Starts a broker that keeps a subscriber's session and queued `QoS` 1 messages while it is
     /// away, behind a passing link.
     pub fn start() -> Broker {
         Broker::launch(false)
@@ -95,9 +95,9 @@ impl Broker {
     }
 
     fn launch(tls: bool) -> Broker {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         // Started as root, Mosquitto drops to its own user: let it read and write here.
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         if tls {
             make_certs(dir.path());

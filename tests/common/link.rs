@@ -136,7 +136,7 @@ async fn connection(mut client: TcpStream, upstream: SocketAddr, mut mode: watch
     };
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = async {
+        () = async {
             loop {
                 if mode.changed().await.is_err() || *mode.borrow() != Mode::Pass {
                     return;

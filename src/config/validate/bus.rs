@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::modbus::timing;
 
-use super::*;
+use super::{Bus, BusKind, Parity, RawBus, Serial, Transport, Validator};
 
 impl Validator {
     pub(in crate::config) fn buses(
@@ -24,7 +24,7 @@ impl Validator {
                     format!("duplicate bus name {:?}: bus names must be unique", b.name),
                 );
             }
-            let timeout = b.timeout.unwrap_or(Duration::from_millis(1000));
+            let timeout = b.timeout.unwrap_or(Duration::from_secs(1));
             if timeout.is_zero() {
                 self.push(format!("{key}.timeout"), "must be greater than zero");
             }

@@ -8,7 +8,7 @@ use crate::modbus::plan::{self, Limits, Need};
 use crate::modbus::profile::Profile;
 use crate::modbus::schedule::PollPolicy;
 
-use super::*;
+use super::{Bus, Defaults, Device, RawDevice, RawPoll, Transport, Validator};
 
 impl Validator {
     pub(in crate::config) fn poll_defaults(&mut self, p: &RawPoll) -> Defaults {

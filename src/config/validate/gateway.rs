@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::*;
+use super::{log_level_ok, Gateway, RawGateway, Validator, DEFAULT_SOCKET};
 
 impl Validator {
     pub(in crate::config) fn gateway(&mut self, g: RawGateway) -> Option<Gateway> {
@@ -13,15 +13,17 @@ impl Validator {
                 "must be non-empty and contain no '/', '+' or '#' (it becomes an MQTT topic level)",
             );
         }
-        let tz = match chrono_tz::Tz::from_str(&g.timezone) {
-            Ok(tz) => Some(tz),
-            Err(_) => {
-                self.push(
-                    "gateway.timezone",
-                    format!("{:?} is not an IANA timezone name (e.g. \"Asia/Shanghai\", \"Europe/London\")", g.timezone),
-                );
-                None
-            }
+        let tz = if let Ok(tz) = chrono_tz::Tz::from_str(&g.timezone) {
+            Some(tz)
+        } else {
+            self.push(
+                "gateway.timezone",
+                format!(
+                    "{:?} is not an IANA timezone name (e.g. \"Asia/Shanghai\", \"Europe/London\")",
+                    g.timezone
+                ),
+            );
+            None
         };
         if let Some(l) = &g.log_level {
             if !log_level_ok(l) || tracing_subscriber::EnvFilter::try_new(l).is_err() {
@@ -39,8 +41,7 @@ impl Validator {
             timezone: tz?,
             control_socket: g
                 .control_socket
-                .map(|p| self.base.join(p))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+                .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), |p| self.base.join(p)),
             log_level: g.log_level,
         })
     }

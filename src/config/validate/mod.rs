@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::*;
+use super::{
+    Bus, BusKind, Config, Device, Gateway, Issue, Mqtt, Parity, RawBus, RawDevice, RawGateway,
+    RawMqtt, RawPoll, RawProfiles, RawStore, RawTopology, ReplacementRecord, Serial, StoreConfig,
+    Tls, TopologyConfig, Transport, DEFAULT_SOCKET, DEFAULT_STORE, SECTIONS,
+};
 
 mod bus;
 mod device;
@@ -260,10 +264,7 @@ impl Validator {
                 "history_every must be ≥ 1s and not longer than balance_every",
             );
         }
-        let tz = gateway
-            .as_ref()
-            .map(|g| g.timezone)
-            .unwrap_or(chrono_tz::UTC);
+        let tz = gateway.as_ref().map_or(chrono_tz::UTC, |g| g.timezone);
         let mut assign_issues = Vec::new();
         site.assignments =
             crate::topology::assignments(&site, flat(assignments), tz, &mut assign_issues);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::modbus::profile::{self, Profile};
 
-use super::*;
+use super::{Issue, RawProfiles, Validator};
 
 impl Validator {
     pub(in crate::config) fn profiles(

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::*;
+use super::{Mqtt, RawMqtt, RawStore, StoreConfig, Tls, Validator, DEFAULT_STORE};
 
 impl Validator {
     pub(in crate::config) fn store(&mut self, s: RawStore, base: &Path) -> StoreConfig {
