@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::apportion::{self, PoolResult};
 use crate::bill::{self, RoomBill, Segment, Series, Statement};
 use crate::config::Config;
-use crate::store::{self, Kind, NewRecord, NewRun, StoreHandle};
+use crate::store::{self, Kind, NewRecord, NewRun, StoreError, StoreHandle};
 use crate::topology::{self, Balance, Boundary, Consumption, Replacement, Site, Source, Tariff};
 use crate::uplink::{Answer, CommandHandler};
 
@@ -31,6 +31,18 @@ pub enum AccountingError {
     Period(String),
     #[error("history: {0}")]
     History(String),
+    #[error("command {command} already made version {version}")]
+    AlreadyMade { command: String, version: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "billing runs in the outbox could not be read: {0}; check the outbox file (meterd buffer)"
+    )]
+    Runs(#[from] rusqlite::Error),
+    #[error("the billing computation stopped before it finished: {0}")]
+    Stopped(String),
+    #[error("statement could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// `YYYY-MM` → the month's first and last instant in the site's timezone, as UTC.
@@ -486,7 +498,7 @@ pub enum Request {
     /// Compute and publish a period (a new version if it ran before).
     Run(
         RunRequest,
-        Option<tokio::sync::oneshot::Sender<Result<RunSummary, String>>>,
+        Option<tokio::sync::oneshot::Sender<Result<RunSummary, AccountingError>>>,
     ),
     /// Set (or change) a tariff; persisted, and used from the next computation on.
     SetTariff(Tariff),
@@ -565,7 +577,7 @@ impl CommandHandler for AccountingCommands {
 }
 
 impl AccountingCommands {
-    fn answer(&self, id: &str, name: &str, args: &Value) -> Option<Result<Value, String>> {
+    fn answer(&self, id: &str, name: &str, args: &Value) -> Option<crate::uplink::Reply> {
         let (request, reply) = match name {
             "apportion" => {
                 let period = match period_arg(args, self.timezone, name) {
@@ -664,7 +676,7 @@ impl AccountingCommands {
 }
 
 impl AccountingCommands {
-    fn get_bill(&self, args: &Value) -> Result<Value, String> {
+    fn get_bill(&self, args: &Value) -> crate::uplink::Reply {
         let period = period_arg(args, self.timezone, "get_bill")?;
         let version = args.get("version").and_then(Value::as_i64);
         let conn = store::open_read_only(&self.path).map_err(|e| e.to_string())?;
@@ -778,30 +790,31 @@ pub(crate) async fn run_period(
     config: &Arc<Config>,
     store: &StoreHandle,
     req: RunRequest,
-) -> Result<RunSummary, String> {
+) -> Result<RunSummary, AccountingError> {
     let c = config.clone();
     let r = req.clone();
     let (st, previous) = tokio::task::spawn_blocking(
-        move || -> Result<(Statement, Option<(i64, Statement)>), String> {
-            let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
+        move || -> Result<(Statement, Option<(i64, Statement)>), AccountingError> {
+            let conn = store::open_read_only(&c.store.path)?;
             if let Some(id) = &r.command_id {
-                if let Some(v) = store::run_of_command(&conn, id).map_err(|e| e.to_string())? {
-                    return Err(format!("command {id} already made version {v}"));
+                if let Some(v) = store::run_of_command(&conn, id)? {
+                    return Err(AccountingError::AlreadyMade {
+                        command: id.clone(),
+                        version: v,
+                    });
                 }
             }
-            let st = compute(&conn, &c, &r.period).map_err(|e| e.to_string())?;
-            let prev = store::load_run(&conn, &r.period, None)
-                .map_err(|e| e.to_string())?
-                .and_then(|p| {
-                    serde_json::from_str::<Statement>(&p.body)
-                        .ok()
-                        .map(|s| (p.version, s))
-                });
+            let st = compute(&conn, &c, &r.period)?;
+            let prev = store::load_run(&conn, &r.period, None)?.and_then(|p| {
+                serde_json::from_str::<Statement>(&p.body)
+                    .ok()
+                    .map(|s| (p.version, s))
+            });
             Ok((st, prev))
         },
     )
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| AccountingError::Stopped(e.to_string()))??;
     let adjustments = previous
         .as_ref()
         .map(|(_, old)| bill::adjustments(&old.bills, &st.bills))
@@ -821,7 +834,7 @@ pub(crate) async fn run_period(
         config_hash: config.hash.clone(),
         provisional,
         command_id: req.command_id.clone(),
-        body: serde_json::to_string(&st).map_err(|e| e.to_string())?,
+        body: serde_json::to_string(&st)?,
     };
     let bills = st.bills.len();
     let adj = adjustments.clone();

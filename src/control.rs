@@ -76,7 +76,7 @@ impl ControlState {
         }
         match rx.await {
             Ok(Ok(summary)) => json!({"ok": true, "run": summary}),
-            Ok(Err(e)) => json!({"ok": false, "error": e}),
+            Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
             Err(_) => json!({"ok": false, "error": "no reply"}),
         }
     }

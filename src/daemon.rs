@@ -134,6 +134,19 @@ pub enum DaemonError {
     },
 }
 
+/// Why the watchdog is not pinged: the task that did not answer its probe.
+#[derive(Debug, Error)]
+pub(crate) enum Unhealthy {
+    #[error("bus task {0} is not taking requests")]
+    BusBusy(usize),
+    #[error("bus task {bus} did not answer within {within:?}")]
+    BusSlow { bus: usize, within: Duration },
+    #[error("bus task {0} stopped")]
+    BusStopped(usize),
+    #[error("store thread did not answer within {0:?}")]
+    StoreSlow(Duration),
+}
+
 /// A reading as an outbox record (topic `telemetry`). A reading stamped before the clock was
 /// plausible carries `"clock_unsynced": true`.
 pub(crate) fn telemetry_record(r: &Reading) -> NewRecord {
@@ -444,7 +457,7 @@ impl Daemon {
 
     /// Liveness for the systemd watchdog: every bus task's dispatcher answers a probe (so it is not
     /// wedged and has a free poller) and the store thread answers, each within `within`.
-    pub(crate) async fn healthy(&self, within: Duration) -> Result<(), String> {
+    pub(crate) async fn healthy(&self, within: Duration) -> Result<(), Unhealthy> {
         for (i, tx) in self.engine.buses.iter().enumerate() {
             let (reply, rx) = tokio::sync::oneshot::channel();
             let probe = bus::Actuation {
@@ -453,17 +466,16 @@ impl Daemon {
                 set: None,
                 reply,
             };
-            tx.try_send(probe)
-                .map_err(|_| format!("bus task {i} is not taking requests"))?;
+            tx.try_send(probe).map_err(|_| Unhealthy::BusBusy(i))?;
             tokio::time::timeout(within, rx)
                 .await
-                .map_err(|_| format!("bus task {i} did not answer within {within:?}"))?
-                .map_err(|_| format!("bus task {i} stopped"))?
+                .map_err(|_| Unhealthy::BusSlow { bus: i, within })?
+                .map_err(|_| Unhealthy::BusStopped(i))?
                 .ok();
         }
         tokio::time::timeout(within, self.store.depth())
             .await
-            .map_err(|_| "store thread did not answer".to_string())?;
+            .map_err(|_| Unhealthy::StoreSlow(within))?;
         Ok(())
     }
 

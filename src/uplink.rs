@@ -35,7 +35,7 @@ pub(crate) enum UplinkError {
     #[error("TLS file {path}: {detail}; give PEM files readable by meterd")]
     Tls { path: String, detail: String },
     #[error("outbox: {0}")]
-    Store(String),
+    Store(#[from] crate::store::StoreError),
 }
 
 /// TLS material for the broker connection.
@@ -82,16 +82,21 @@ pub struct UplinkStatus {
     pub reconnects: u64,
 }
 
+/// A command's outcome as the cloud reads it: the reply's `result`, or the reason it was refused
+/// (a sentence for the operator, sent as the reply's `error`). Errors inside the gateway are typed;
+/// this is where they become text on the wire.
+pub type Reply = Result<Value, String>;
+
 /// A handler's answer: the reply's `result` (or the reason for an error reply) now, or later from
 /// the task that applies the command (the enforcer answers once the change is applied and durable).
 #[derive(Debug)]
 pub enum Answer {
-    Now(Result<Value, String>),
-    Later(oneshot::Receiver<Result<Value, String>>),
+    Now(Reply),
+    Later(oneshot::Receiver<Reply>),
 }
 
-impl From<Result<Value, String>> for Answer {
-    fn from(r: Result<Value, String>) -> Answer {
+impl From<Reply> for Answer {
+    fn from(r: Reply) -> Answer {
         Answer::Now(r)
     }
 }
@@ -257,7 +262,7 @@ pub(crate) fn parse_command(
 
 /// The reply to a command.
 #[must_use]
-pub fn reply(id: Option<&str>, name: &str, result: Result<Value, String>) -> Vec<u8> {
+pub fn reply(id: Option<&str>, name: &str, result: Reply) -> Vec<u8> {
     let mut v = json!({"id": id, "command": name, "ts": Utc::now().to_rfc3339()});
     match result {
         Ok(r) => {
@@ -700,7 +705,7 @@ impl Uplink {
                 },
                 r = committed.changed(), if room => {
                     if r.is_err() {
-                        return Err(UplinkError::Store("store stopped".into()));
+                        return Err(UplinkError::Store(crate::store::StoreError::Stopped));
                     }
                 }
                 _ = shutdown.changed() => {
@@ -831,7 +836,7 @@ impl CommandWorker {
         self.store.reply(records, remember).await;
     }
 
-    async fn execute(&self, cmd: &ParsedCommand) -> Result<Value, String> {
+    async fn execute(&self, cmd: &ParsedCommand) -> Reply {
         match cmd.name.as_str() {
             "ping" => Ok(json!({"pong": Utc::now().to_rfc3339()})),
             "status" => {
@@ -867,7 +872,7 @@ fn reply_record(ts: DateTime<Utc>, payload: Vec<u8>) -> NewRecord {
 
 /// The reply, or an error reply saying how to ask for less when the result would not fit in one
 /// publish (a `get_bill` of every room of a large site).
-fn bounded_reply(id: &str, name: &str, result: Result<Value, String>) -> Vec<u8> {
+fn bounded_reply(id: &str, name: &str, result: Reply) -> Vec<u8> {
     let payload = reply(Some(id), name, result);
     if payload.len() <= crate::store::MAX_RECORD_BYTES {
         return payload;

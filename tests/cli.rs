@@ -121,6 +121,33 @@ fn check_accepts_the_shipped_example_config() {
 }
 
 #[test]
+fn check_without_the_environment_passes_a_config_whose_tls_files_are_on_the_gateway_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(repo("config/meterd.toml")).unwrap();
+    let cfg = dir.path().join("meterd.toml");
+    std::fs::write(
+        &cfg,
+        format!("{example}\n[mqtt.tls]\nca_file = \"/etc/meterd/gateway-only-ca.pem\"\n"),
+    )
+    .unwrap();
+    let with_env = meterd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(with_env.status.code(), Some(3), "{}", stderr(&with_env));
+    assert!(
+        stderr(&with_env).contains("mqtt.tls.ca_file"),
+        "{}",
+        stderr(&with_env)
+    );
+    let alone = meterd(&[
+        "check",
+        "--no-environment",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    assert!(stdout(&alone).contains("OK: gateway gw-tower-a"));
+}
+
+#[test]
 fn check_lists_every_error_and_exits_3_and_run_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");

@@ -92,6 +92,19 @@ impl ConfigArg {
     fn load(&self) -> Result<Config> {
         Config::from_path(&self.config).map_err(config_failure)
     }
+
+    /// The file validated alone (`check --no-environment`).
+    fn load_text_only(&self) -> Result<Config> {
+        let text = std::fs::read_to_string(&self.config).map_err(|source| {
+            config_failure(ConfigError::Read {
+                path: self.config.clone(),
+                source,
+            })
+        })?;
+        let base = self.config.parent().unwrap_or(std::path::Path::new("."));
+        Config::from_str_only(&text, &self.config.display().to_string(), base)
+            .map_err(config_failure)
+    }
 }
 
 /// Marks a config error so `main` exits with [`EXIT_CONFIG`].

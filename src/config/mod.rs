@@ -161,12 +161,30 @@ impl Config {
         Config::from_str_at(&text, &path.display().to_string(), base)
     }
 
-    /// Validates config text; `file` names it in errors, `base` resolves relative paths.
+    /// Validates config text; `file` names it in errors, `base` resolves relative paths and holds
+    /// the site profile directory. TLS files must exist.
     pub fn from_str_at(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::validate(text, file, base, true)
+    }
+
+    /// Validates config text alone, touching nothing outside it (like Vector's
+    /// `validate --no-environment`): built-in profiles only, TLS paths not checked, relative paths
+    /// resolved against `base` without looking there.
+    pub fn from_str_only(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::validate(text, file, base, false)
+    }
+
+    fn validate(
+        text: &str,
+        file: &str,
+        base: &Path,
+        environment: bool,
+    ) -> Result<Config, ConfigError> {
         let mut v = Validator {
             file: file.to_string(),
             base: base.to_path_buf(),
             issues: Vec::new(),
+            environment,
         };
         let config = v.build(text, base);
         match config {
@@ -199,6 +217,7 @@ pub(crate) fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Arc<Profile>>
         file: dir.display().to_string(),
         base: dir.to_path_buf(),
         issues: Vec::new(),
+        environment: true,
     };
     let base = dir.parent().unwrap_or(Path::new("."));
     let name = dir.file_name().map(PathBuf::from);

@@ -255,6 +255,43 @@ fn user_profiles_load_from_the_profiles_dir_and_their_errors_name_the_file() {
 }
 
 #[test]
+fn without_the_environment_nothing_outside_the_text_is_read() {
+    // A TLS file that is not on this machine and a site profile in a directory next to the file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles/site_meter.toml"),
+        "[profile]\nname = \"site_meter\"\nsource = \"test\"\n[[register]]\nname = \"e\"\nquantity = \"energy_kwh\"\nfunction = \"holding\"\naddress = 0\ntype = \"u32\"\n",
+    )
+    .unwrap();
+    let tls = format!(
+        "{GOOD}\n[mqtt]\nhost = \"broker\"\n[mqtt.tls]\nca_file = \"/etc/meterd/not-on-this-machine.pem\"\n"
+    );
+    let with_env = Config::from_str_at(&tls, "meterd.toml", dir.path()).unwrap_err();
+    assert!(
+        with_env
+            .to_string()
+            .contains("mqtt.tls.ca_file: cannot read"),
+        "{with_env}"
+    );
+    let alone = Config::from_str_only(&tls, "meterd.toml", dir.path()).unwrap();
+    assert_eq!(
+        alone.mqtt.unwrap().tls.unwrap().ca_file,
+        Path::new("/etc/meterd/not-on-this-machine.pem")
+    );
+
+    // The site profile is read with the environment; alone, the check says why it is unknown.
+    let site = GOOD.replace("profile = \"eastron_sdm630\"", "profile = \"site_meter\"");
+    assert!(Config::from_str_at(&site, "meterd.toml", dir.path()).is_ok());
+    let err = Config::from_str_only(&site, "meterd.toml", dir.path()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("site profiles are not read without the environment"),
+        "{err}"
+    );
+}
+
+#[test]
 fn store_and_mqtt_sections_are_validated_with_the_rest() {
     let text = format!(
         "{GOOD}\n[store]\npath = \"state/outbox.db\"\nmax_rows = 10\n[mqtt]\nhost = \"broker\"\nusername = \"u\"\nbacklog_share = 2.0\ntopic_prefix = \"a/#\"\n[mqtt.tls]\nca_file = \"missing-ca.pem\"\n"

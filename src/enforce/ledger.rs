@@ -178,7 +178,7 @@ impl CommandHandler for LedgerQuery {
 }
 
 impl LedgerQuery {
-    fn get_ledger(&self, args: &Value) -> Result<Value, String> {
+    fn get_ledger(&self, args: &Value) -> crate::uplink::Reply {
         let room = args.get("room").and_then(Value::as_str).ok_or(
             "get_ledger needs {\"room\", \"period\": \"YYYY-MM\"} or {\"room\", \"from\", \"to\"}",
         )?;

@@ -90,7 +90,7 @@ pub(crate) enum Action {
         after: Duration,
     },
     /// The answer to the cloud command of this step.
-    Answer(Result<Value, String>),
+    Answer(crate::uplink::Reply),
     /// The answer to the control request of this step.
     ControlAnswer(Value),
 }

@@ -37,7 +37,7 @@ pub(crate) enum Input {
         id: String,
         args: Value,
         deadline: DateTime<Utc>,
-        reply: Option<oneshot::Sender<Result<Value, String>>>,
+        reply: Option<oneshot::Sender<crate::uplink::Reply>>,
     },
     /// A request from the local control socket.
     Control {
@@ -289,7 +289,7 @@ impl Enforcer {
         &mut self,
         actions: Vec<Action>,
         mut undo: Option<Snapshot>,
-    ) -> (Option<Result<Value, String>>, Option<Value>) {
+    ) -> (Option<crate::uplink::Reply>, Option<Value>) {
         let mut queue: VecDeque<Action> = actions.into();
         let (mut answer, mut control) = (None, None);
         let mut failed: Option<String> = None;
@@ -424,7 +424,7 @@ impl Enforcer {
         id: &str,
         args: Value,
         now: DateTime<Utc>,
-    ) -> Result<Value, String> {
+    ) -> crate::uplink::Reply {
         let undo = self.state.snapshot();
         let event = Event::Cloud {
             name: name.to_string(),
@@ -687,7 +687,7 @@ mod command_replies {
         args
     }
 
-    fn now(a: Option<Answer>) -> Result<Value, String> {
+    fn now(a: Option<Answer>) -> crate::uplink::Reply {
         match a {
             Some(Answer::Now(r)) => r,
             other => panic!("expected an immediate answer, got {other:?}"),

@@ -19,7 +19,7 @@ pub(super) enum StoreRequest {
         after: i64,
         upto: i64,
         limit: usize,
-        reply: oneshot::Sender<Result<Vec<Stored>, String>>,
+        reply: oneshot::Sender<Result<Vec<Stored>, StoreError>>,
     },
     Ack(Vec<(i64, i64)>),
     Meta(String, String),
@@ -42,12 +42,12 @@ pub(super) enum StoreRequest {
         records: Vec<NewRecord>,
         writes: Vec<Write>,
         durable: bool,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), StoreError>>,
     },
     SaveRun {
         run: NewRun,
         records: RunRecords,
-        reply: oneshot::Sender<Result<i64, String>>,
+        reply: oneshot::Sender<Result<i64, StoreError>>,
     },
 }
 
@@ -77,17 +77,22 @@ impl StoreHandle {
     async fn request<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> StoreRequest,
-    ) -> Result<T, String> {
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(make(reply))
             .await
-            .map_err(|_| "store stopped".to_string())?;
-        rx.await.map_err(|_| "store stopped".to_string())
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)
     }
 
     /// Records with `after < seq <= upto`, oldest first.
-    pub async fn fetch(&self, after: i64, upto: i64, limit: usize) -> Result<Vec<Stored>, String> {
+    pub async fn fetch(
+        &self,
+        after: i64,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
         self.request(|reply| StoreRequest::Fetch {
             after,
             upto,
@@ -180,7 +185,7 @@ impl StoreHandle {
         records: Vec<NewRecord>,
         writes: Vec<Write>,
         durable: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         self.request(|done| StoreRequest::Transact {
             records,
             writes,
@@ -191,7 +196,11 @@ impl StoreHandle {
     }
 
     /// Saves a billing run with its outbox records (built from the version); returns the version.
-    pub(crate) async fn save_run(&self, run: NewRun, records: RunRecords) -> Result<i64, String> {
+    pub(crate) async fn save_run(
+        &self,
+        run: NewRun,
+        records: RunRecords,
+    ) -> Result<i64, StoreError> {
         self.request(|reply| StoreRequest::SaveRun {
             run,
             records,
@@ -330,7 +339,7 @@ impl Writer {
                     Err(e) => {
                         tracing::error!(error = %e, "state change not written; its records are held in memory");
                         self.spill.extend(records);
-                        let _ = done.send(Err(e.to_string()));
+                        let _ = done.send(Err(e));
                     }
                 }
             }
@@ -340,7 +349,7 @@ impl Writer {
                 limit,
                 reply,
             } => {
-                let _ = reply.send(store.fetch(after, upto, limit).map_err(|e| e.to_string()));
+                let _ = reply.send(store.fetch(after, upto, limit));
             }
             StoreRequest::Ack(ranges) => {
                 if let Err(e) = store.ack(&ranges) {
@@ -378,7 +387,7 @@ impl Writer {
                 records,
                 reply,
             } => {
-                let r = store.save_run(&run, records).map_err(|e| e.to_string());
+                let r = store.save_run(&run, records);
                 if r.is_ok() {
                     if let Ok(last) = store.last_seq() {
                         self.committed.send_replace(last);

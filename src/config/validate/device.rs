@@ -71,10 +71,15 @@ impl Validator {
             }
             let profile = profiles.get(&d.profile).cloned();
             if profile.is_none() {
+                let hint = if self.environment {
+                    "or add a file under profiles/"
+                } else {
+                    "site profiles are not read without the environment: check without --no-environment"
+                };
                 self.push(
                     format!("{key}.profile"),
                     format!(
-                        "unknown profile {:?}; available: {} (or add a file under profiles/)",
+                        "unknown profile {:?}; available: {} ({hint})",
                         d.profile,
                         profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                     ),

@@ -46,6 +46,9 @@ pub(super) struct Validator {
     /// Directory relative paths are resolved against.
     pub(super) base: PathBuf,
     pub(super) issues: Vec<Issue>,
+    /// Whether validation may look outside the text: read the site profile directory, check that
+    /// TLS files exist. Off for `meterd check --no-environment` (CI, a laptop without the files).
+    pub(super) environment: bool,
 }
 
 pub(super) struct Defaults {

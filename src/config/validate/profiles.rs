@@ -36,6 +36,9 @@ impl Validator {
                 }
             }
         }
+        if !self.environment {
+            return out;
+        }
         let dir = base.join(cfg.dir.as_deref().unwrap_or(Path::new("profiles")));
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
