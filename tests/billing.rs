@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use common::ConfigText;
 use meterd::bill::{Calendar, RoomBill};
 use meterd::config::Config;
 use meterd::daemon::HistorySampler;
@@ -27,12 +28,12 @@ fn local(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
 }
 
 fn config(db: &Path, body: &str) -> Config {
-    let text = format!(
-        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[store]\npath = \"{}\"\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n{body}",
-        db.display()
-    );
-    Config::from_str_at(&text, "billing.toml", Path::new("/"))
-        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+    // The billing tests read the store directly; the bus is never polled.
+    ConfigText::gateway("gw", "Asia/Shanghai")
+        .with(&format!("[store]\npath = \"{}\"", db.display()))
+        .with("[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"")
+        .with(body)
+        .build()
 }
 
 fn devices(names: &[&str]) -> String {

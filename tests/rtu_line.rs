@@ -6,11 +6,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::ConfigText;
 use meterd::config::Config;
 use meterd::modbus::bus::{self, Batch};
 use meterd::modbus::link::{LineStats, Link};
@@ -58,32 +58,22 @@ fn interval(baud: u32) -> Duration {
 }
 
 fn config(sim: &RunningSim, baud: u32, timeout: Duration) -> Config {
-    let bus = match sim.addr("line").unwrap() {
-        EndpointAddr::Pty(p) => format!(
-            "kind = \"rtu\"\ndevice = \"{}\"\nparity = \"none\"\n",
-            p.display()
-        ),
-        EndpointAddr::RtuOverTcp(a) => format!(
-            "kind = \"rtu_over_tcp\"\nhost = \"{}\"\nport = {}\n",
-            a.ip(),
-            a.port()
-        ),
-        EndpointAddr::Tcp(_) => unreachable!(),
+    let addr = sim.addr("line").unwrap();
+    let parity = if matches!(addr, EndpointAddr::Pty(_)) {
+        "parity = \"none\"\n"
+    } else {
+        ""
     };
     // The late meter is never taken offline here: it stays on the poll grid, so its late answers
     // hit the line every cycle (the worst case for its neighbours).
-    let text = format!(
-        r#"
-[gateway]
-id = "gw-1"
-site = "test"
-timezone = "Asia/Shanghai"
-
-[[bus]]
-name = "line"
-{bus}baud = {baud}
-
-[poll]
+    ConfigText::gateway("gw-1", "Asia/Shanghai")
+        .with(&common::bus_toml(
+            "line",
+            addr,
+            &format!("{parity}baud = {baud}\n"),
+        ))
+        .with(&format!(
+            r#"[poll]
 interval = "{interval}ms"
 timeout = "{timeout}ms"
 retries = 1
@@ -109,11 +99,10 @@ bus = "line"
 unit = 6
 profile = "chint_ddsu666"
 "#,
-        timeout = timeout.as_millis(),
-        interval = interval(baud).as_millis()
-    );
-    Config::from_str_at(&text, "test.toml", Path::new("/nonexistent"))
-        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            timeout = timeout.as_millis(),
+            interval = interval(baud).as_millis()
+        ))
+        .build()
 }
 
 /// One good or failed poll of a device, with when it completed.

@@ -1,12 +1,14 @@
 //! The bus task's timing over simulated hours, on tokio's paused clock: polls stay on their deadline
 //! grid (no drift) and late polls skip deadlines instead of bunching.
 
+mod common;
+
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::ConfigText;
 use meterd::config::{Config, Device};
 use meterd::modbus::bus::{self, PollResult, Poller};
 use tokio::sync::mpsc;
@@ -45,11 +47,12 @@ impl Poller for ClockPoller {
 }
 
 fn config(devices: &[(&str, &str)]) -> Config {
-    let mut text = String::from("[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"UTC\"\n[[bus]]\nname = \"b\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n");
+    let mut c = ConfigText::gateway("t", "UTC")
+        .with("[[bus]]\nname = \"b\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"");
     for (i, (name, interval)) in devices.iter().enumerate() {
-        text += &format!("[[device]]\nname = \"{name}\"\nbus = \"b\"\nunit = {}\nprofile = \"eastron_sdm120\"\ninterval = \"{interval}\"\n", i + 1);
+        c = c.with(&format!("[[device]]\nname = \"{name}\"\nbus = \"b\"\nunit = {}\nprofile = \"eastron_sdm120\"\ninterval = \"{interval}\"", i + 1));
     }
-    Config::from_str_at(&text, "t.toml", Path::new("/nonexistent")).unwrap()
+    c.build()
 }
 
 async fn run(

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::broker::{Broker, Subscriber};
+use common::ConfigText;
 use serde_json::Value;
 
 const BUILDING: &str = r#"
@@ -26,28 +27,7 @@ unit = 10
 profile = "relay_waveshare_8ch"
 "#;
 
-fn config(addr: std::net::SocketAddr, dir: &Path, broker: u16, interval: &str) -> String {
-    format!(
-        r#"
-[gateway]
-id = "gw"
-site = "t"
-timezone = "UTC"
-control_socket = "{sock}"
-[poll]
-interval = "{interval}"
-[store]
-path = "{db}"
-[mqtt]
-host = "127.0.0.1"
-port = {broker}
-topic_prefix = "test"
-reconnect_min = "200ms"
-[[bus]]
-name = "lan"
-kind = "tcp"
-host = "{ip}"
-port = {port}
+const SITE: &str = r#"
 [[device]]
 name = "m1"
 bus = "lan"
@@ -66,12 +46,22 @@ room = "101"
 kind = "door"
 device = "doors"
 output = "relay1"
-"#,
-        sock = dir.join("control.sock").display(),
-        db = dir.join("outbox.db").display(),
-        ip = addr.ip(),
-        port = addr.port(),
-    )
+"#;
+
+fn config(addr: std::net::SocketAddr, dir: &Path, broker: u16, interval: &str) -> String {
+    let lan = common::bus_toml("lan", &meterd::sim::EndpointAddr::Tcp(addr), "");
+    ConfigText::gateway("gw", "UTC")
+        .gateway_key(&format!(
+            "control_socket = \"{}\"",
+            dir.join("control.sock").display()
+        ))
+        .with(&format!("[poll]\ninterval = \"{interval}\""))
+        .store(dir, "")
+        .mqtt(broker, "")
+        .with(&lan)
+        .with(SITE)
+        .text()
+        .to_string()
 }
 
 fn try_status(cfg: &Path) -> Option<Value> {

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::ConfigText;
 use meterd::config::Config;
 use meterd::daemon::Daemon;
 use meterd::uplink::NoCommands;
@@ -156,18 +157,11 @@ tariff = "elec"
 "#;
 
 fn config(sim: &meterd::sim::RunningSim, dir: &Path) -> (Config, String) {
-    let addr = match sim.addr("lan").unwrap() {
-        meterd::sim::EndpointAddr::Tcp(a) => *a,
-        _ => unreachable!(),
-    };
-    let text = format!(
-        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[store]\npath = \"{}\"\n{TOPOLOGY}\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"{}\"\nport = {}\nmax_concurrent = 2\n",
-        dir.join("outbox.db").display(),
-        addr.ip(),
-        addr.port()
-    );
-    let c = Config::from_str_at(&text, "t.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
-    (c, text)
+    let c = ConfigText::gateway("gw", "Asia/Shanghai")
+        .store(dir, "")
+        .with(TOPOLOGY)
+        .buses_of(sim, "max_concurrent = 2\n");
+    (c.build(), c.text().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

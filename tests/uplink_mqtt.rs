@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::broker::{validate, Broker, Msg, Subscriber};
+use common::{wait_until, wait_until_every, ConfigText};
 use meterd::config::Config;
 use meterd::daemon::Daemon;
 use meterd::store::{self, Kind, NewRecord};
@@ -37,10 +38,11 @@ fn devices(units: u8, profile: &str, interval: &str) -> String {
 }
 
 fn uplink_sections(dir: &Path, port: u16, extra_mqtt: &str, extra_store: &str) -> String {
-    format!(
-        "[store]\npath = \"{}\"\n{extra_store}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\ntopic_prefix = \"test\"\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n{extra_mqtt}\n",
-        dir.join("outbox.db").display()
-    )
+    ConfigText::sections()
+        .store(dir, extra_store)
+        .mqtt(port, extra_mqtt)
+        .text()
+        .to_string()
 }
 
 fn json_of(m: &Msg) -> Value {
@@ -97,24 +99,15 @@ fn assert_ordered(msgs: &[Msg]) {
     }
 }
 
-fn load(text: &str) -> Config {
-    Config::from_str_at(text, "test.toml", Path::new("/")).unwrap_or_else(|e| panic!("{e}"))
+fn config_text(sim: &meterd::sim::RunningSim, devices: &str, uplink: &str) -> ConfigText {
+    ConfigText::gateway("gw", "UTC")
+        .buses_of(sim, "")
+        .with(devices)
+        .with(uplink)
 }
 
 fn config(sim: &meterd::sim::RunningSim, devices: &str, uplink: &str) -> Config {
-    let c = common::config_for(sim, "", &format!("{devices}\n{uplink}"));
-    let mut text = format!(
-        "[gateway]\nid = \"gw\"\nsite = \"test site\"\ntimezone = \"UTC\"\n{devices}\n{uplink}\n"
-    );
-    for b in &c.buses {
-        if let meterd::config::Transport::Tcp { host, port, .. } = &b.transport {
-            text += &format!(
-                "[[bus]]\nname = \"{}\"\nkind = \"tcp\"\nhost = \"{host}\"\nport = {port}\n",
-                b.name
-            );
-        }
-    }
-    load(&text)
+    config_text(sim, devices, uplink).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,19 +217,19 @@ async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
 
     broker.restart();
     // Everything recorded during the outage is acknowledged (deleted only on PUBACK) ...
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = daemon.store.stats().await;
-        if s.oldest_seq.is_none_or(|o| o > outage_last_seq) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backlog not drained: oldest {:?}",
-            s.oldest_seq
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the backlog to drain",
+        Duration::from_secs(30),
+        async || {
+            let s = daemon.store.stats().await;
+            if s.oldest_seq.is_none_or(|o| o > outage_last_seq) {
+                Ok(())
+            } else {
+                Err(format!("oldest {:?}", s.oldest_seq))
+            }
+        },
+    )
+    .await;
     // ... and arrives at the subscriber, complete, each message in seq order.
     let msgs = sub
         .wait_for("the whole backlog", Duration::from_secs(15), |m| {
@@ -285,14 +278,18 @@ async fn a_link_that_goes_silent_is_noticed_by_keepalive_and_loses_nothing() {
     broker.blackhole();
     let silent_at = Instant::now();
     // Keepalive (5 s) notices the missing PINGRESP: the session is declared down, not trusted.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while daemon.uplink.lock().unwrap().connected {
-        assert!(
-            Instant::now() < deadline,
-            "a silent link was still taken for connected after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "keepalive to declare the silent link down",
+        Duration::from_secs(30),
+        async || {
+            if daemon.uplink.lock().unwrap().connected {
+                Err("still taken for connected".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
     let noticed_after = silent_at.elapsed();
     assert!(
         noticed_after >= Duration::from_secs(4),
@@ -329,7 +326,8 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     broker.stop();
     let sim = common::start(&building(20, "chint_ddsu666")).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
+    // The same config as a file for the real process.
+    let text = config_text(
         &sim,
         &devices(20, "chint_ddsu666", "50ms"),
         &uplink_sections(
@@ -339,23 +337,10 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
             "",
         ),
     );
-    // Write the same config as a file for the real process.
-    let mut text = format!(
-        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"UTC\"\n{}\n{}\n",
-        devices(20, "chint_ddsu666", "50ms"),
-        uplink_sections(
-            dir.path(),
-            port,
-            "batch_max_records = 10\ninflight = 1\n",
-            ""
-        )
-    );
-    if let meterd::config::Transport::Tcp { host, port, .. } = &cfg.buses[0].transport {
-        text +=
-            &format!("[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"{host}\"\nport = {port}\n");
-    }
+    // Invalid text fails here, not silently in the child process.
+    text.build();
     let cfg_path = dir.path().join("meterd.toml");
-    std::fs::write(&cfg_path, text).unwrap();
+    std::fs::write(&cfg_path, text.text()).unwrap();
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_meterd"))
             .args(["--log-level", "warn", "run", "--config"])
@@ -369,25 +354,34 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
 
     // Build a backlog with the broker down.
     let mut daemon = run();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = store::read_stats(&db).map_or(0, |s| s.rows);
-        if rows >= 8000 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backlog did not build ({rows} rows)"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "a backlog of 8000 rows",
+        Duration::from_secs(20),
+        async || {
+            let rows = store::read_stats(&db).map_or(0, |s| s.rows);
+            if rows >= 8000 {
+                Ok(())
+            } else {
+                Err(format!("{rows} rows"))
+            }
+        },
+    )
+    .await;
     // Bring the broker back and kill the daemon as soon as the replay has started.
     broker.restart();
-    let sub_deadline = Instant::now() + Duration::from_secs(20);
-    while !sub.take().iter().any(|m| m.topic == "test/gw/telemetry") {
-        assert!(Instant::now() < sub_deadline, "replay never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until_every(
+        "the replay to start",
+        Duration::from_secs(20),
+        Duration::from_millis(5),
+        async || {
+            if sub.take().iter().any(|m| m.topic == "test/gw/telemetry") {
+                Ok(())
+            } else {
+                Err("no telemetry at the subscriber yet".into())
+            }
+        },
+    )
+    .await;
     daemon.kill().unwrap(); // SIGKILL
     daemon.wait().unwrap();
     let at_kill = store::read_stats(&db).unwrap();
@@ -401,18 +395,19 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
 
     // Restart: the rest of the backlog goes out, oldest first; nothing is missing.
     let mut daemon = run();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = store::read_stats(&db).unwrap();
-        if s.oldest_seq.is_none_or(|o| o > seq_at_kill) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backlog not drained after restart: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "the backlog to drain after the restart",
+        Duration::from_secs(60),
+        async || {
+            let s = store::read_stats(&db).unwrap();
+            if s.oldest_seq.is_none_or(|o| o > seq_at_kill) {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
     let after = store::read_stats(&db).unwrap();
     assert!(
         after.last_seq > seq_at_kill,
@@ -455,14 +450,19 @@ async fn the_cap_drops_oldest_telemetry_keeps_audit_and_says_so() {
         payload: json!({"event": "relay_switched", "relay": "room-101/door", "from": "closed", "to": "open"}).to_string().into_bytes(),
     };
     daemon.store.append(vec![audit]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if daemon.store.stats().await.dropped_total > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "cap never reached");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the cap to drop telemetry",
+        Duration::from_secs(20),
+        async || {
+            let s = daemon.store.stats().await;
+            if s.dropped_total > 0 {
+                Ok(())
+            } else {
+                Err(format!("{} rows, none dropped", s.rows))
+            }
+        },
+    )
+    .await;
     let s = daemon.store.stats().await;
     assert!(
         s.rows <= 1001 + 10 * 7,
@@ -623,19 +623,20 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
         + &tls;
     let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &uplink);
     let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = daemon.uplink.lock().unwrap().clone();
-        if s.records_acked > 0 {
-            assert!(s.connected);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing acknowledged over TLS: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let s = wait_until(
+        "a record acknowledged over TLS",
+        Duration::from_secs(20),
+        async || {
+            let s = daemon.uplink.lock().unwrap().clone();
+            if s.records_acked > 0 {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(s.connected);
     daemon.stop().await;
 
     // Without the client certificate the broker refuses the connection and the error says so.
@@ -644,17 +645,20 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
         + &format!("[mqtt.tls]\nca_file = \"{}/ca.pem\"\n", certs.display());
     let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &without_cert);
     let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = daemon.uplink.lock().unwrap().clone();
-        if let Some(e) = &s.last_error {
-            assert!(e.contains(&format!("localhost:{}", broker.port)), "{e}");
-            assert_eq!(s.records_acked, 0);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no error recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (e, s) = wait_until(
+        "the refusal recorded",
+        Duration::from_secs(20),
+        async || {
+            let s = daemon.uplink.lock().unwrap().clone();
+            match &s.last_error {
+                Some(e) => Ok((e.clone(), s)),
+                None => Err("no error recorded".into()),
+            }
+        },
+    )
+    .await;
+    assert!(e.contains(&format!("localhost:{}", broker.port)), "{e}");
+    assert_eq!(s.records_acked, 0);
     daemon.stop().await;
 }
 

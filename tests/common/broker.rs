@@ -305,19 +305,15 @@ impl Subscriber {
         timeout: Duration,
         pred: impl Fn(&[Msg]) -> bool,
     ) -> Vec<Msg> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        super::wait_until(what, timeout, async || {
             let msgs = self.take();
             if pred(&msgs) {
-                return msgs;
+                Ok(msgs)
+            } else {
+                Err(format!("got {} message(s)", msgs.len()))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; got {} message(s)",
-                msgs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 
