@@ -159,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn prices_are_exact() {
+    fn prices_parse_exactly_and_amounts_round_half_to_even_on_the_fen() {
         let p = Price::parse("0.8523", 2).unwrap();
         assert_eq!(p.micros, 852_300);
         // 1234.567 kWh × 0.8523 = 1052.2214... CNY = 105222 fen.

@@ -1182,7 +1182,7 @@ mod tests {
     }
 
     #[test]
-    fn expressions_parse() {
+    fn virtual_meter_expressions_parse_signed_terms_and_reject_malformed_ones() {
         assert_eq!(
             parse_expr("main - sub1 - sub2").unwrap(),
             vec![(1, "main".into()), (-1, "sub1".into()), (-1, "sub2".into())]
