@@ -53,6 +53,31 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     s
 }
 
+/// A JSON value as a table cell: text as it is, `-` for nothing, other values as JSON.
+pub(crate) fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A table of JSON objects: one row per object, one column per (header, field); a missing or
+/// null field shows as `-`.
+pub(crate) fn json_table(items: &[serde_json::Value], columns: &[(&str, &str)]) -> String {
+    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|item| {
+            columns
+                .iter()
+                .map(|(_, field)| cell(&item[*field]))
+                .collect()
+        })
+        .collect();
+    table(&headers, &rows)
+}
+
 pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
     Ok(serde_json::to_string_pretty(v)? + "\n")
 }

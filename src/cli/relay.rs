@@ -64,27 +64,20 @@ impl RelayCmd {
         if self.json {
             out(&json(&reply)?);
         } else if let Some(relays) = reply["relays"].as_array().filter(|_| self.target == "list") {
-            let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-            let rows: Vec<Vec<String>> = relays
-                .iter()
-                .map(|r| {
-                    vec![
-                        s(&r["relay"]),
-                        s(&r["room"]),
-                        s(&r["kind"]),
-                        s(&r["desired"]),
-                        s(&r["actual"]),
-                        s(&r["rule"]),
-                        s(&r["reason"]),
-                    ]
-                })
-                .collect();
             if reply["fire_alarm"] == true {
                 out("FIRE ALARM ACTIVE: fail-open doors released\n");
             }
-            out(&table(
-                &["relay", "room", "kind", "desired", "actual", "rule", "why"],
-                &rows,
+            out(&json_table(
+                relays,
+                &[
+                    ("relay", "relay"),
+                    ("room", "room"),
+                    ("kind", "kind"),
+                    ("desired", "desired"),
+                    ("actual", "actual"),
+                    ("rule", "rule"),
+                    ("why", "reason"),
+                ],
             ));
         } else {
             out(&format!("{reply}\n"));

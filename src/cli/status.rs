@@ -1,6 +1,6 @@
 //! `meterd status`: asks the running daemon over its control socket.
 
-use super::{json, out, table, Args, ConfigArg, DeviceStatus, Result};
+use super::{cell, json, json_table, out, table, Args, ConfigArg, DeviceStatus, Result};
 
 /// `meterd status`
 #[derive(Debug, Args)]
@@ -24,11 +24,7 @@ impl StatusCmd {
             out(&json(&v)?);
             return Ok(());
         }
-        let s = |x: &serde_json::Value| match x {
-            serde_json::Value::Null => "-".to_string(),
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
+        let s = cell;
         out(&format!(
             "meterd {} on {}: up {} s, config {} ({})\n",
             s(&v["version"]),
@@ -116,22 +112,16 @@ impl StatusCmd {
             ));
         }
         if let Some(relays) = v["relays"].as_array() {
-            let rows: Vec<Vec<String>> = relays
-                .iter()
-                .map(|r| {
-                    vec![
-                        s(&r["relay"]),
-                        s(&r["room"]),
-                        s(&r["desired"]),
-                        s(&r["actual"]),
-                        s(&r["rule"]),
-                    ]
-                })
-                .collect();
             out("\n");
-            out(&table(
-                &["relay", "room", "desired", "actual", "rule"],
-                &rows,
+            out(&json_table(
+                relays,
+                &[
+                    ("relay", "relay"),
+                    ("room", "room"),
+                    ("desired", "desired"),
+                    ("actual", "actual"),
+                    ("rule", "rule"),
+                ],
             ));
         }
         Ok(())

@@ -529,6 +529,29 @@ pub(crate) fn group_id(name: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
+/// An enforcer on a fresh store in `dir` with room 104's prepaid balance set (in fen) at `t0` by a
+/// cloud command, as a fresh gateway gets its first top-up.
+async fn with_balance(
+    dir: &std::path::Path,
+    balance: i64,
+    t0: chrono::DateTime<Utc>,
+) -> (Arc<crate::config::Config>, StoreHandle, Enforcer) {
+    use super::test_support::{config, setup, store};
+    let cfg = config(&dir.join("outbox.db"));
+    let store = store(&cfg);
+    let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
+    enf.cloud(
+        "set_balance",
+        "b-1",
+        json!({"room": "104", "utility": "electricity", "balance": balance}),
+        t0,
+    )
+    .await
+    .unwrap();
+    (cfg, store, enf)
+}
+
+#[cfg(test)]
 mod tests {
     use super::super::test_support::*;
     use super::*;
@@ -539,18 +562,8 @@ mod tests {
         // Before the fix the enforcer's transaction read first and then could not upgrade to a
         // write while the store thread committed: "database is locked", and the ledger lost rows.
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&dir.path().join("outbox.db"));
-        let store = store(&cfg);
-        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
-        enf.cloud(
-            "set_balance",
-            "b-1",
-            json!({"room": "104", "utility": "electricity", "balance": 100_000}),
-            t0,
-        )
-        .await
-        .unwrap();
+        let (cfg, store, mut enf) = with_balance(dir.path(), 100_000, t0).await;
         // Telemetry committed continuously by the store thread, as in the daemon.
         let writer = store.clone();
         let hammer = tokio::spawn(async move {
@@ -606,18 +619,8 @@ mod counter_events {
     #[tokio::test]
     async fn a_zero_reading_after_a_meter_reboot_is_reported_once_and_not_billed() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&dir.path().join("outbox.db"));
-        let store = store(&cfg);
-        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let t0 = Utc::now();
-        enf.cloud(
-            "set_balance",
-            "b-1",
-            json!({"room": "104", "utility": "electricity", "balance": 10_000}),
-            t0,
-        )
-        .await
-        .unwrap();
+        let (_, _, mut enf) = with_balance(dir.path(), 10_000, t0).await;
         let mut events = Vec::new();
         for (k, kwh) in [(0, 5123.30), (1, 5123.31), (2, 0.0), (3, 0.0), (4, 5123.32)] {
             let t = t0 + chrono::Duration::seconds(10 * k);

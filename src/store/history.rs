@@ -28,7 +28,7 @@ pub(crate) fn history_window(
     from_ms: i64,
     to_ms: i64,
 ) -> rusqlite::Result<Vec<(i64, f64)>> {
-    let mut out: Vec<(i64, f64)> = sample_at_or_before(conn, device, quantity, from_ms - 1)?
+    let mut out: Vec<(i64, f64)> = sample(conn, AT_OR_BEFORE, device, quantity, from_ms - 1)?
         .into_iter()
         .collect();
     let mut inside = conn.prepare_cached(
@@ -39,36 +39,28 @@ pub(crate) fn history_window(
     })? {
         out.push(r?);
     }
-    out.extend(sample_after(conn, device, quantity, to_ms)?);
+    out.extend(sample(conn, AFTER, device, quantity, to_ms)?);
     Ok(out)
 }
 
 /// The last sample of a counter at or before `t_ms`.
-pub(super) fn sample_at_or_before(
-    conn: &Connection,
-    device: &str,
-    quantity: &str,
-    t_ms: i64,
-) -> rusqlite::Result<Option<(i64, f64)>> {
-    conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms <= ?3 ORDER BY ts_ms DESC LIMIT 1",
-    )?
-    .query_row(params![device, quantity, t_ms], |r| Ok((r.get(0)?, r.get(1)?)))
-    .optional()
-}
-
+const AT_OR_BEFORE: &str = "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms <= ?3 ORDER BY ts_ms DESC LIMIT 1";
 /// The first sample of a counter after `t_ms`.
-pub(super) fn sample_after(
+const AFTER: &str = "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1";
+
+/// One (time, value) sample of a counter, chosen by `sql` ([`AT_OR_BEFORE`] or [`AFTER`] `t_ms`).
+fn sample(
     conn: &Connection,
+    sql: &str,
     device: &str,
     quantity: &str,
     t_ms: i64,
 ) -> rusqlite::Result<Option<(i64, f64)>> {
-    conn.prepare_cached(
-        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms > ?3 ORDER BY ts_ms LIMIT 1",
-    )?
-    .query_row(params![device, quantity, t_ms], |r| Ok((r.get(0)?, r.get(1)?)))
-    .optional()
+    conn.prepare_cached(sql)?
+        .query_row(params![device, quantity, t_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
 }
 
 /// The last sample at or before `t` and the first after it: what the counter value at `t` needs.
@@ -78,9 +70,9 @@ pub(crate) fn history_around(
     quantity: &str,
     t_ms: i64,
 ) -> rusqlite::Result<Vec<(i64, f64)>> {
-    Ok(sample_at_or_before(conn, device, quantity, t_ms)?
+    Ok(sample(conn, AT_OR_BEFORE, device, quantity, t_ms)?
         .into_iter()
-        .chain(sample_after(conn, device, quantity, t_ms)?)
+        .chain(sample(conn, AFTER, device, quantity, t_ms)?)
         .collect())
 }
 
