@@ -79,12 +79,16 @@ fn status(cfg: &Path) -> Value {
     try_status(cfg).expect("meterd status answers")
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`common::wait_until`] for a plain condition.
+async fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    common::wait_until(what, timeout, async || {
+        if f() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +150,8 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
                 .count()
                 >= 3
         },
-    );
+    )
+    .await;
     assert!(
         seen.lock().unwrap()[0].contains("READY=1"),
         "{:?}",
@@ -162,7 +167,8 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
                 > 1
                 && v["mqtt"]["connected"] == true
         })
-    });
+    })
+    .await;
     let v = status(&cfg);
     let hash1 = v["config"]["hash"].as_str().unwrap().to_string();
     assert_eq!(v["gateway"], "gw");
@@ -188,7 +194,8 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
     // (While the daemon restarts inside the process the socket is briefly away.)
     wait("reloaded config", Duration::from_secs(15), || {
         try_status(&cfg).is_some_and(|v| v["config"]["hash"] != hash1.as_str())
-    });
+    })
+    .await;
     let v = status(&cfg);
     let hash2 = v["config"]["hash"].as_str().unwrap().to_string();
     assert!(

@@ -163,20 +163,16 @@ fn sql(path: &std::path::Path, source: rusqlite::Error) -> StoreError {
     }
 }
 
+/// A read-only connection: the store thread created the file and every table (the daemon opens
+/// the store first), and every write goes through it.
 fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path).map_err(|e| sql(path, e))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| sql(path, e))?;
-    // Every table, the store's included, in case this runs before the store opened the file.
-    conn.execute_batch(crate::store::SCHEMA)
-        .map_err(|e| sql(path, e))?;
-    Ok(conn)
+    crate::store::open_read_only(path)
 }
 
 /// The enforcement task: the I/O around [`EnforcerState`].
 pub(crate) struct Enforcer {
-    /// Own connection to the outbox database, for reading (the history around a band change) and
-    /// creating the schema at start. Every write goes through the store's one writer
+    /// Own read-only connection to the outbox database (the persisted rules and counters at start,
+    /// the history around a band change). Every write goes through the store's one writer
     /// ([`StoreHandle::transact`]). Behind a mutex only so the task is `Send`; never held across an
     /// await.
     conn: Mutex<Connection>,
