@@ -95,6 +95,38 @@ impl Calendar {
     }
 }
 
+/// [`Calendar::crossed`] for a stream of readings in about time order: the next boundary is
+/// computed once per boundary, not once per reading.
+#[derive(Debug, Clone)]
+pub struct BoundaryWatch {
+    calendar: Calendar,
+    /// `(t, next)`: no boundary lies in `(t, next)`, and `next` is one.
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+impl BoundaryWatch {
+    #[must_use]
+    pub fn new(calendar: Calendar) -> BoundaryWatch {
+        BoundaryWatch {
+            calendar,
+            window: None,
+        }
+    }
+
+    /// Whether a billing boundary lies in `(a, b]`.
+    pub fn crossed(&mut self, a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+        let next = match self.window {
+            Some((t, next)) if t <= a && a < next => next,
+            _ => {
+                let next = self.calendar.next_after(a);
+                self.window = Some((a, next));
+                next
+            }
+        };
+        a < b && next <= b
+    }
+}
+
 /// A counter reading as a bill shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Read {

@@ -147,23 +147,6 @@ pub(crate) enum Unhealthy {
     StoreSlow(Duration),
 }
 
-/// A reading as an outbox record (topic `telemetry`). A reading stamped before the clock was
-/// plausible carries `"clock_unsynced": true`.
-pub(crate) fn telemetry_record(r: &Reading) -> NewRecord {
-    // Serializing a plain struct of strings and numbers cannot fail.
-    let mut payload = serde_json::to_vec(r).unwrap_or_default();
-    if !crate::clock::plausible(r.ts) && payload.last() == Some(&b'}') {
-        payload.pop();
-        payload.extend_from_slice(b",\"clock_unsynced\":true}");
-    }
-    NewRecord {
-        kind: Kind::Telemetry,
-        topic: "telemetry".into(),
-        ts: r.ts,
-        payload,
-    }
-}
-
 /// The `clock_jump` event: when the wall clock was stepped, from what to what.
 pub(crate) fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
     let mut v = serde_json::to_value(j).unwrap_or_default();
@@ -182,10 +165,7 @@ pub(crate) fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
 /// after it, with their exact times, so bills rest on real readings around each boundary.
 pub struct HistorySampler {
     every_ms: i64,
-    calendar: crate::bill::Calendar,
-    /// `(t, next)`: no billing boundary lies in `(t, next)`, and `next` is one. Readings arrive in
-    /// about time order, so the boundary is computed once per boundary, not once per reading.
-    window: Option<(chrono::DateTime<Utc>, chrono::DateTime<Utc>)>,
+    boundaries: crate::bill::BoundaryWatch,
     /// Per counter: the time of the last kept sample, and the last reading seen (kept or not).
     last: std::collections::HashMap<(Arc<str>, Quantity), (i64, Option<Sample>)>,
 }
@@ -196,23 +176,9 @@ impl HistorySampler {
     pub fn new(every: Duration, calendar: crate::bill::Calendar) -> HistorySampler {
         HistorySampler {
             every_ms: every.as_millis() as i64,
-            calendar,
-            window: None,
+            boundaries: crate::bill::BoundaryWatch::new(calendar),
             last: std::collections::HashMap::default(),
         }
-    }
-
-    /// Whether a billing boundary lies in `(a, b]`.
-    fn crossed(&mut self, a: chrono::DateTime<Utc>, b: chrono::DateTime<Utc>) -> bool {
-        let next = match self.window {
-            Some((t, next)) if t <= a && a < next => next,
-            _ => {
-                let next = self.calendar.next_after(a);
-                self.window = Some((a, next));
-                next
-            }
-        };
-        a < b && next <= b
     }
 
     /// The samples of `batch` that are due.
@@ -238,7 +204,7 @@ impl HistorySampler {
                 .get(&(r.device.clone(), r.quantity))
                 .and_then(|(_, p)| p.as_ref().map(|p| p.ts_ms));
             let crossed = match prev_ts.and_then(chrono::DateTime::from_timestamp_millis) {
-                Some(a) => self.crossed(a, r.ts),
+                Some(a) => self.boundaries.crossed(a, r.ts),
                 None => false,
             };
             let (kept, prev) = self
@@ -351,6 +317,7 @@ impl Daemon {
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
         let recorder_store = store.clone();
         let mut sampler = HistorySampler::new(config.topology.history_every, calendar(config));
+        let mut reporter = crate::report::Reporter::new(config.report.clone(), calendar(config));
         let recorder = tokio::spawn(async move {
             let mut n = 0u64;
             let mut clock = crate::clock::ClockWatch::default();
@@ -382,12 +349,11 @@ impl Daemon {
                 if !samples.is_empty() {
                     recorder_store.record_history(samples).await;
                 }
-                if recorder_store
-                    .append(batch.iter().map(telemetry_record).collect())
-                    .await
-                    .is_err()
-                {
-                    break;
+                // What of the poll goes to the cloud (the report policy); everything above saw it all.
+                if let Some(record) = reporter.poll(&batch) {
+                    if recorder_store.append(vec![record]).await.is_err() {
+                        break;
+                    }
                 }
             }
             n
@@ -509,14 +475,15 @@ mod tests {
                 .with_timezone(&Utc)
         };
         let mut r = crate::enforce::test_support::reading(at("1970-01-01T00:00:42Z"), 1520.37);
-        let v: serde_json::Value = serde_json::from_slice(&telemetry_record(&r).payload).unwrap();
+        let record = |r: &Reading| crate::report::poll_record(std::slice::from_ref(r)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&record(&r).payload).unwrap();
         assert_eq!(v["clock_unsynced"], true);
         assert_eq!(
-            v["ts"], "1970-01-01T00:00:42Z",
+            v["ts"], "1970-01-01T00:00:42.000Z",
             "the time it was read, as the gateway had it"
         );
         r.ts = at("2026-11-30T00:05:00Z");
-        let v: serde_json::Value = serde_json::from_slice(&telemetry_record(&r).payload).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&record(&r).payload).unwrap();
         assert!(v.get("clock_unsynced").is_none());
 
         let mut w = crate::clock::ClockWatch::default();

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod enforce;
 pub mod modbus;
 pub mod money;
+pub mod report;
 pub mod sim;
 pub mod store;
 pub mod topology;

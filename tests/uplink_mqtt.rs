@@ -37,12 +37,24 @@ fn devices(units: u8, profile: &str, interval: &str) -> String {
     d
 }
 
+/// `[store]` and `[mqtt]`, and every poll reported whole: these tests drive the outbox and the
+/// link with volume (the report policy has its own test).
 fn uplink_sections(dir: &Path, port: u16, extra_mqtt: &str, extra_store: &str) -> String {
     ConfigText::sections()
         .store(dir, extra_store)
         .mqtt(port, extra_mqtt)
+        .with("[report]\nevery_poll = true")
         .text()
         .to_string()
+}
+
+/// Every value of `register` of `device` that reached the cloud, with its record.
+fn values_of(msgs: &[Msg], device: &str, register: &str) -> Vec<Value> {
+    msgs.iter()
+        .filter(|m| m.topic == "test/gw/telemetry")
+        .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
+        .filter(|r| r["device"] == device && r["values"].get(register).is_some())
+        .collect()
 }
 
 fn json_of(m: &Msg) -> Value {
@@ -116,38 +128,33 @@ async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
     let sub = Subscriber::connect(broker.cloud_port, "sub-normal", "test/#").await;
     let sim = common::start(&building(2, "eastron_sdm120")).await;
     let dir = tempfile::tempdir().unwrap();
+    // The default report policy: the first poll of each device goes out whole.
     let cfg = config(
         &sim,
         &devices(2, "eastron_sdm120", "200ms"),
-        &uplink_sections(dir.path(), broker.port, "", ""),
+        ConfigText::sections()
+            .store(dir.path(), "")
+            .mqtt(broker.port, "")
+            .text(),
     );
     let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
 
     let msgs = sub
         .wait_for("m2's import_kwh", Duration::from_secs(15), |m| {
-            m.iter()
-                .filter(|m| m.topic == "test/gw/telemetry")
-                .any(|m| {
-                    json_of(m)["records"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|r| r["device"] == "m2" && r["register"] == "import_kwh")
-                })
+            !values_of(m, "m2", "import_kwh").is_empty()
         })
         .await;
     for m in msgs.iter().filter(|m| m.topic == "test/gw/telemetry") {
         validate("telemetry.schema.json", &json_of(m));
     }
-    let r = msgs
-        .iter()
-        .filter(|m| m.topic == "test/gw/telemetry")
-        .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
-        .find(|r| r["device"] == "m2" && r["register"] == "import_kwh")
-        .unwrap();
-    assert!((r["value"].as_f64().unwrap() - 2000.0).abs() < 0.01, "{r}");
-    assert_eq!(r["unit"], "kWh");
-    assert_eq!(r["quality"], "good");
+    let r = values_of(&msgs, "m2", "import_kwh").remove(0);
+    let kwh = r["values"]["import_kwh"].as_f64().unwrap();
+    assert!((kwh - 2000.0).abs() < 0.01, "{r}");
+    assert!(r.get("quality").is_none(), "every value good: {r}");
+    assert!(r["ts"].as_str().unwrap().ends_with('Z'), "{r}");
+    // One record per poll with all the device's registers, not one per register.
+    let registers = cfg.device("m2").unwrap().profile.registers.len();
+    assert_eq!(r["values"].as_object().unwrap().len(), registers, "{r}");
     let birth = msgs
         .iter()
         .find(|m| m.topic == "test/gw/status")
@@ -207,9 +214,10 @@ async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
         polls(&daemon) >= polls_before + 4 * 20,
         "polling continued while the broker was down"
     );
+    // One record per poll: at least the polls of 2 of the 3 seconds.
     assert!(
-        during.rows > rows_before + 500,
-        "the outbox buffered the readings ({} -> {})",
+        during.rows > rows_before + 4 * 20,
+        "the outbox buffered the polls ({} -> {})",
         rows_before,
         during.rows
     );
@@ -355,11 +363,11 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     // Build a backlog with the broker down.
     let mut daemon = run();
     wait_until(
-        "a backlog of 8000 rows",
-        Duration::from_secs(20),
+        "a backlog of 4000 polls",
+        Duration::from_secs(30),
         async || {
             let rows = store::read_stats(&db).map_or(0, |s| s.rows);
-            if rows >= 8000 {
+            if rows >= 4000 {
                 Ok(())
             } else {
                 Err(format!("{rows} rows"))
@@ -852,7 +860,8 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
     // later during a burst; what counts is that it was taken on time and arrives.
     let readings =
         |msgs: &[Msg], from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>| -> usize {
-            let mut seqs: Vec<i64> = msgs
+            // One record per poll carries all its values: count the values, once per seq.
+            let mut seqs: Vec<(i64, usize)> = msgs
                 .iter()
                 .filter(|m| m.topic == "test/gw/telemetry")
                 .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
@@ -861,11 +870,16 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
                         chrono::DateTime::parse_from_rfc3339(r["ts"].as_str().unwrap()).unwrap();
                     ts >= from && ts < to
                 })
-                .map(|r| r["seq"].as_i64().unwrap())
+                .map(|r| {
+                    (
+                        r["seq"].as_i64().unwrap(),
+                        r["values"].as_object().map_or(0, serde_json::Map::len),
+                    )
+                })
                 .collect();
             seqs.sort_unstable();
             seqs.dedup();
-            seqs.len()
+            seqs.iter().map(|(_, n)| n).sum()
         };
     // The rate before the burst, over 3 s.
     let before_from = Utc::now();

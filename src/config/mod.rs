@@ -30,8 +30,8 @@ mod tests;
 mod validate;
 
 use raw::{
-    BusKind, RawBus, RawDevice, RawGateway, RawMqtt, RawPoll, RawProfiles, RawStore, RawTopology,
-    SECTIONS,
+    BusKind, RawBus, RawDevice, RawGateway, RawMqtt, RawPoll, RawProfiles, RawReport, RawStore,
+    RawTopology, SECTIONS,
 };
 use validate::Validator;
 
@@ -113,6 +113,8 @@ pub struct Config {
     pub replacements: Vec<ReplacementRecord>,
     /// Relays, freeze rules and prepaid accounts.
     pub enforcement: crate::enforce::config::Enforcement,
+    /// What of each poll goes to the cloud.
+    pub report: crate::report::ReportPolicy,
 }
 
 /// When balances and apportionment run.

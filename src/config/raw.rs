@@ -1,11 +1,13 @@
 //! The raw serde form of the config file: every section as written, unknown keys refused.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::Parity;
+use crate::modbus::profile::Quantity;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +104,33 @@ pub(super) struct RawDevice {
     pub(super) retries: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub(super) pause: Option<Duration>,
+    /// This device's counters go to the cloud at least this often (`[report] publish_every`).
+    #[serde(default, with = "humantime_serde")]
+    pub(super) publish_every: Option<Duration>,
+}
+
+/// `[report]` as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReport {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) publish_every: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) max_silence: Option<Duration>,
+    /// Per quantity (`power_w = { rel = 0.05, abs = 20.0 }`); replaces that quantity's default.
+    #[serde(default)]
+    pub(super) deadband: BTreeMap<Quantity, RawDeadband>,
+    #[serde(default)]
+    pub(super) every_poll: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeadband {
+    #[serde(default)]
+    pub(super) abs: f64,
+    #[serde(default)]
+    pub(super) rel: f64,
 }
 
 /// Top-level keys this version understands; anything else is a typo or a newer config.
@@ -113,6 +142,7 @@ pub(super) const SECTIONS: &[&str] = &[
     "mqtt",
     "bus",
     "device",
+    "report",
     "topology",
     "room",
     "meter",

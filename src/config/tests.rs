@@ -292,6 +292,40 @@ fn without_the_environment_nothing_outside_the_text_is_read() {
 }
 
 #[test]
+fn the_report_policy_is_validated_and_a_device_may_report_its_counters_on_its_own_interval() {
+    let text = GOOD.replace(
+        "interval = \"5s\"",
+        "interval = \"5s\"\npublish_every = \"5m\"",
+    ) + "\n[report]\npublish_every = \"30m\"\nmax_silence = \"1h\"\ndeadband.power_w = { rel = 0.02, abs = 5.0 }\n";
+    let c = load(&text).unwrap();
+    assert_eq!(c.report.publish_every, Duration::from_secs(1800));
+    assert_eq!(c.report.max_silence, Duration::from_secs(3600));
+    assert_eq!(
+        c.report.device_every.get("m1"),
+        Some(&Duration::from_secs(300))
+    );
+    let band = c.report.deadbands[&crate::modbus::profile::Quantity::PowerW];
+    assert_eq!((band.rel, band.abs), (0.02, 5.0));
+    // Voltage keeps its default.
+    assert!(c
+        .report
+        .deadbands
+        .contains_key(&crate::modbus::profile::Quantity::VoltageV));
+
+    let bad = format!(
+        "{GOOD}\n[report]\npublish_every = \"0s\"\ndeadband.energy_kwh = {{ rel = 0.1 }}\ndeadband.voltage_v = {{ rel = 1.5 }}\n"
+    );
+    let all = issues(&bad).join("\n");
+    for expected in [
+        "report.publish_every: 0s: expected 1s to 24h",
+        "report.deadband.energy_kwh: counters go out every publish_every",
+        "report.deadband.voltage_v: abs = 0, rel = 1.5: expected abs ≥ 0",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}
+
+#[test]
 fn store_and_mqtt_sections_are_validated_with_the_rest() {
     let text = format!(
         "{GOOD}\n[store]\npath = \"state/outbox.db\"\nmax_rows = 10\n[mqtt]\nhost = \"broker\"\nusername = \"u\"\nbacklog_share = 2.0\ntopic_prefix = \"a/#\"\n[mqtt.tls]\nca_file = \"missing-ca.pem\"\n"

@@ -566,7 +566,7 @@ mod tests {
             for i in 0..4000 {
                 let r = reading(t0 + chrono::Duration::milliseconds(i), 1.0);
                 let _ = writer
-                    .append(vec![crate::daemon::telemetry_record(&r)])
+                    .append(vec![crate::report::poll_record(&[r]).unwrap()])
                     .await;
             }
         });

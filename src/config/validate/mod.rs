@@ -9,14 +9,15 @@ use serde::de::DeserializeOwned;
 
 use super::{
     Bus, BusKind, Config, Device, Gateway, Issue, Mqtt, Parity, RawBus, RawDevice, RawGateway,
-    RawMqtt, RawPoll, RawProfiles, RawStore, RawTopology, ReplacementRecord, Serial, StoreConfig,
-    Tls, TopologyConfig, Transport, DEFAULT_SOCKET, DEFAULT_STORE, SECTIONS,
+    RawMqtt, RawPoll, RawProfiles, RawReport, RawStore, RawTopology, ReplacementRecord, Serial,
+    StoreConfig, Tls, TopologyConfig, Transport, DEFAULT_SOCKET, DEFAULT_STORE, SECTIONS,
 };
 
 mod bus;
 mod device;
 mod gateway;
 mod profiles;
+mod report;
 mod uplink;
 
 /// A log level as an operator writes it: `info`, or directives like `info,meterd::uplink=debug`.
@@ -168,6 +169,10 @@ impl Validator {
         let raw_mqtt: Option<RawMqtt> = table.remove("mqtt").and_then(|v| self.typed("mqtt", v));
         let raw_buses: Vec<(String, Option<RawBus>)> = self.entries(&mut table, "bus");
         let raw_devices: Vec<(String, Option<RawDevice>)> = self.entries(&mut table, "device");
+        let raw_report: RawReport = table
+            .remove("report")
+            .and_then(|v| self.typed("report", v))
+            .unwrap_or_default();
         let raw_topology: RawTopology = table
             .remove("topology")
             .and_then(|v| self.typed("topology", v))
@@ -197,6 +202,7 @@ impl Validator {
         let defaults = self.poll_defaults(&poll);
         let buses = self.buses(&raw_buses);
         let devices = self.devices(&raw_devices, &buses, &profiles, &defaults);
+        let report = self.report(raw_report, &raw_devices);
         let quantities: BTreeMap<
             String,
             std::collections::BTreeSet<crate::modbus::profile::Quantity>,
@@ -297,6 +303,7 @@ impl Validator {
             mqtt,
             site,
             topology,
+            report,
             replacements,
             enforcement,
             gateway,
