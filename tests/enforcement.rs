@@ -605,6 +605,27 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         "the override survived the restart"
     );
     daemon.stop().await;
+
+    // Every record of the day, as the cloud received it, matches its schema and carries its time.
+    let all = sub.take();
+    for (topic, schema) in [
+        ("test/gw/audit", "audit.schema.json"),
+        ("test/gw/events", "events.schema.json"),
+        ("test/gw/telemetry", "telemetry.schema.json"),
+    ] {
+        let mut n = 0;
+        for m in all.iter().filter(|m| m.topic == topic) {
+            common::broker::validate(schema, &serde_json::from_slice(&m.payload).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no message on {topic}");
+    }
+    for m in all.iter().filter(|m| m.topic == "test/gw/reply") {
+        common::broker::validate(
+            "reply.schema.json",
+            &serde_json::from_slice(&m.payload).unwrap(),
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

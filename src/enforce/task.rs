@@ -635,9 +635,10 @@ mod counter_events {
             enf.state.rooms["104"].prepaid[&Utility::Electricity].balance,
             9_999
         );
+        // As they go on the wire (the outbox gives every record its time).
         let payloads: Vec<Value> = events
             .iter()
-            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .map(|r| serde_json::from_slice(&crate::store::with_ts(r)).unwrap())
             .collect();
         assert_eq!(payloads.len(), 1, "one event for the episode: {payloads:?}");
         assert_eq!(payloads[0]["event"], "counter_suspect");

@@ -341,6 +341,7 @@ impl Store {
             "seq_first": first,
             "seq_last": last,
             "dropped_total": dropped_total,
+            "ts": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
         tx.execute(
             "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, 'events', ?2, ?3)",
@@ -457,6 +458,25 @@ impl Store {
 
 /// Inserts outbox records in the caller's transaction. A record larger than [`MAX_RECORD_BYTES`] is
 /// kept whole in `oversized` and never handed to the uplink; a `record_too_large` event says where.
+/// The record's payload carrying the time it describes: a record written without a top-level
+/// `ts` gets the record's own time (RFC 3339 UTC, milliseconds), so every record on the wire stands
+/// on its own. Telemetry is encoded with its `ts` already and passes untouched.
+pub(crate) fn with_ts(r: &NewRecord) -> std::borrow::Cow<'_, [u8]> {
+    if r.kind == Kind::Telemetry {
+        return std::borrow::Cow::Borrowed(&r.payload);
+    }
+    match serde_json::from_slice::<serde_json::Value>(&r.payload) {
+        Ok(serde_json::Value::Object(mut m)) if !m.contains_key("ts") => {
+            m.insert(
+                "ts".into(),
+                serde_json::Value::from(r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            );
+            std::borrow::Cow::Owned(serde_json::Value::Object(m).to_string().into_bytes())
+        }
+        _ => std::borrow::Cow::Borrowed(&r.payload),
+    }
+}
+
 pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
@@ -467,7 +487,7 @@ pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite
                 r.kind as i64,
                 r.topic,
                 r.ts.timestamp_millis(),
-                r.payload
+                with_ts(r)
             ])?;
             continue;
         }
@@ -481,7 +501,7 @@ pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite
             "bytes": r.payload.len(),
             "limit": MAX_RECORD_BYTES,
             "kept_as": tx.last_insert_rowid(),
-            "ts": r.ts.to_rfc3339(),
+            "ts": r.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
         tracing::error!(topic = %r.topic, bytes = r.payload.len(), "outbox record too large to publish; kept aside in the oversized table");
         stmt.execute(params![

@@ -263,7 +263,7 @@ proptest::proptest! {
                     let recs: Vec<NewRecord> = kinds.iter().enumerate().map(|(j, k)| rec(*k, i * 100 + j)).collect();
                     let last = s.append(&recs).unwrap();
                     for r in recs {
-                        model.insert(next_seq, (r.kind, r.payload));
+                        model.insert(next_seq, (r.kind, with_ts(&r).into_owned()));
                         next_seq += 1;
                     }
                     proptest::prop_assert_eq!(last, next_seq - 1);
