@@ -862,6 +862,7 @@ pub async fn run(
     store: StoreHandle,
     mut requests: mpsc::Receiver<Request>,
     mut shutdown: watch::Receiver<bool>,
+    model: watch::Sender<Arc<Vec<u8>>>,
 ) {
     if config.site.is_empty() {
         return;
@@ -893,6 +894,8 @@ pub async fn run(
             }
         }
     }
+    // The site model the cloud sees: with the tariffs the cloud set.
+    model.send_replace(Arc::new(config.site_model().to_string().into_bytes()));
     let tz = config.gateway.timezone;
     let since = if let Some(s) = since {
         s
@@ -972,6 +975,7 @@ pub async fn run(
                     let mut c = (*config).clone();
                     apply_tariff(&mut c.site, t);
                     config = Arc::new(c);
+                    model.send_replace(Arc::new(config.site_model().to_string().into_bytes()));
                 }
             },
             _ = shutdown.changed() => return,

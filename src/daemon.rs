@@ -359,11 +359,14 @@ impl Daemon {
             n
         });
         let (acct_tx, acct_rx) = mpsc::channel(4);
+        let (model_tx, model_rx) =
+            watch::channel(Arc::new(config.site_model().to_string().into_bytes()));
         let accounting = tokio::spawn(crate::accounting::run(
             shared.clone(),
             store.clone(),
             acct_rx,
             shutdown_rx.clone(),
+            model_tx,
         ));
         handlers.push(Arc::new(crate::accounting::AccountingCommands {
             requests: acct_tx.clone(),
@@ -388,6 +391,7 @@ impl Daemon {
                 store: store.clone(),
                 status: uplink.clone(),
                 commands,
+                model: model_rx,
             };
             tokio::spawn(u.run(shutdown_rx))
         });

@@ -148,6 +148,10 @@ impl Topics {
     pub(crate) fn status(&self) -> String {
         format!("{}/status", self.base)
     }
+    /// The retained site model.
+    pub(crate) fn config(&self) -> String {
+        format!("{}/config", self.base)
+    }
     /// Commands arrive on `cmd/{name}`.
     pub(crate) fn commands(&self) -> String {
         format!("{}/cmd/+", self.base)
@@ -451,6 +455,8 @@ pub(crate) struct Uplink {
     pub store: StoreHandle,
     pub status: Arc<Mutex<UplinkStatus>>,
     pub commands: Arc<dyn CommandHandler>,
+    /// The site model (JSON), published retained on `config` at every connect and every change.
+    pub model: watch::Receiver<Arc<Vec<u8>>>,
 }
 
 fn options(cfg: &Mqtt, topics: &Topics, identity: &Identity) -> Result<MqttOptions, UplinkError> {
@@ -638,6 +644,9 @@ impl Uplink {
         );
         try_publish(topics.status(), true, birth.to_string().into_bytes())?;
         sync.handed_untracked();
+        let mut model = self.model.clone();
+        try_publish(topics.config(), true, model.borrow_and_update().to_vec())?;
+        sync.handed_untracked();
         let mut last_ok_meta = std::time::Instant::now()
             .checked_sub(Duration::from_secs(10))
             .unwrap();
@@ -707,6 +716,11 @@ impl Uplink {
                     if r.is_err() {
                         return Err(UplinkError::Store(crate::store::StoreError::Stopped));
                     }
+                }
+                Ok(()) = model.changed() => {
+                    // A tariff the cloud set (or a reload) changed the site model.
+                    try_publish(topics.config(), true, model.borrow_and_update().to_vec())?;
+                    sync.handed_untracked();
                 }
                 _ = shutdown.changed() => {
                     let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": Utc::now().to_rfc3339()});

@@ -155,6 +155,31 @@ async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
     // One record per poll with all the device's registers, not one per register.
     let registers = cfg.device("m2").unwrap().profile.registers.len();
     assert_eq!(r["values"].as_object().unwrap().len(), registers, "{r}");
+    // The retained site model says what each register of each device measures.
+    let model = msgs
+        .iter()
+        .find(|m| m.topic == "test/gw/config")
+        .expect("the site model on connect");
+    let model = json_of(model);
+    // Retained: a backend that connects later gets it at once.
+    let late = Subscriber::connect(broker.cloud_port, "sub-late", "test/gw/config").await;
+    let got = late
+        .wait_for("the retained site model", Duration::from_secs(5), |m| {
+            !m.is_empty()
+        })
+        .await;
+    assert!(got[0].retain, "the site model is retained");
+    assert_eq!(json_of(&got[0])["model_hash"], model["model_hash"]);
+    validate("config.schema.json", &model);
+    assert_eq!(model["config_hash"], cfg.hash.as_str());
+    let m2 = model["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "m2")
+        .unwrap();
+    assert_eq!(m2["registers"]["import_kwh"]["quantity"], "energy_kwh");
+    assert_eq!(m2["registers"]["import_kwh"]["unit"], "kWh");
     let birth = msgs
         .iter()
         .find(|m| m.topic == "test/gw/status")
@@ -763,6 +788,35 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .unwrap()
         .contains("expected YYYY-MM"));
     assert_eq!(replies["a-1"]["ok"], true);
+    // The retained site model is published again with the tariff the cloud set.
+    let msgs = sub
+        .wait_for(
+            "the site model with the new price",
+            Duration::from_secs(10),
+            |m| {
+                m.iter().any(|m| {
+                    m.topic == "test/gw/config"
+                        && json_of(m)["tariffs"]["elec"]["price"]["micros"] == 1_200_000
+                })
+            },
+        )
+        .await;
+    let models: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/config")
+        .map(json_of)
+        .inspect(|v| validate("config.schema.json", v))
+        .collect();
+    let (first, last) = (&models[0], models.last().unwrap());
+    assert_ne!(first["tariffs"]["elec"]["price"]["micros"], 1_200_000);
+    assert_ne!(
+        first["model_hash"], last["model_hash"],
+        "a new tariff is a new model"
+    );
+    assert_eq!(
+        first["config_hash"], last["config_hash"],
+        "the file did not change"
+    );
     let res = json_of(
         msgs.iter()
             .find(|m| m.topic == "test/gw/results/apportionment")

@@ -24,6 +24,7 @@ pub use crate::modbus::spec::{Bus, Device, Parity, Serial, Transport};
 /// The `[mqtt]` section's types belong to the uplink that uses them.
 pub use crate::uplink::{Mqtt, Tls};
 
+mod model;
 mod raw;
 #[cfg(test)]
 mod tests;

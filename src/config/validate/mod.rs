@@ -33,7 +33,7 @@ pub(super) fn log_level_ok(l: &str) -> bool {
 }
 
 /// FNV-1a 64 of the config text: stable across builds, enough to tell two configs apart.
-pub(super) fn fnv1a(text: &str) -> String {
+pub(in crate::config) fn fnv1a(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h ^= u64::from(b);
