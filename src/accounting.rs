@@ -636,6 +636,7 @@ impl AccountingCommands {
                 )
             }
             "get_bill" => return Some(self.get_bill(args)),
+            "get_history" => return Some(self.get_history(args)),
             "set_tariff" => {
                 let raw: topology::RawTariff = match serde_json::from_value(args.clone()) {
                     Ok(r) => r,
@@ -675,7 +676,75 @@ impl AccountingCommands {
     }
 }
 
+/// Samples in one `get_history` reply; `next_after` pages on.
+const HISTORY_PAGE: usize = 1000;
+
 impl AccountingCommands {
+    /// `get_history {"device", "quantity"?, "period": "YYYY-MM" | "from", "to", "after"?}`: a
+    /// counter's samples from the local history (one per `history_every` and the readings around
+    /// every billing boundary), a page per reply.
+    fn get_history(&self, args: &Value) -> crate::uplink::Reply {
+        let usage = "get_history needs {\"device\", \"quantity\"?: \"energy_kwh\" | \"water_m3\", \"period\": \"YYYY-MM\"} or {\"device\", \"from\", \"to\"} (RFC 3339), and \"after\" (the last ts_ms received) for the next page";
+        let device = args.get("device").and_then(Value::as_str).ok_or(usage)?;
+        let quantity = args
+            .get("quantity")
+            .and_then(Value::as_str)
+            .unwrap_or("energy_kwh");
+        if !matches!(quantity, "energy_kwh" | "water_m3") {
+            return Err(format!(
+                "get_history: the history keeps billing counters (energy_kwh, water_m3), not {quantity:?}"
+            ));
+        }
+        let (from, to) = if args.get("period").is_some() {
+            let p = period_arg(args, self.timezone, "get_history")?;
+            period_bounds(&p, self.timezone).map_err(|e| e.to_string())?
+        } else {
+            let t = |k: &str| {
+                args.get(k)
+                    .and_then(Value::as_str)
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                    .map(|d| d.with_timezone(&Utc))
+                    .ok_or_else(|| {
+                        format!("get_history: \"{k}\" must be an RFC 3339 time; {usage}")
+                    })
+            };
+            (t("from")?, t("to")?)
+        };
+        let after = args
+            .get("after")
+            .and_then(Value::as_i64)
+            .unwrap_or(i64::MIN);
+        let conn = store::open_read_only(&self.path).map_err(|e| e.to_string())?;
+        let rows = store::history_page(
+            &conn,
+            device,
+            quantity,
+            (from.timestamp_millis(), to.timestamp_millis()),
+            after,
+            HISTORY_PAGE,
+        )
+        .map_err(|e| format!("history: {e}"))?;
+        let next = (rows.len() == HISTORY_PAGE)
+            .then(|| rows.last().map(|r| r.0))
+            .flatten();
+        let samples: Vec<Value> = rows
+            .iter()
+            .filter_map(|(ms, v)| {
+                DateTime::from_timestamp_millis(*ms).map(|t| {
+                    json!({"ts": t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "ts_ms": ms, "value": v})
+                })
+            })
+            .collect();
+        Ok(json!({
+            "device": device,
+            "quantity": quantity,
+            "from": from.to_rfc3339(),
+            "to": to.to_rfc3339(),
+            "samples": samples,
+            "next_after": next,
+        }))
+    }
+
     fn get_bill(&self, args: &Value) -> crate::uplink::Reply {
         let period = period_arg(args, self.timezone, "get_bill")?;
         let version = args.get("version").and_then(Value::as_i64);

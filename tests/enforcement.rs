@@ -335,6 +335,43 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         "the stuck board never moved"
     );
 
+    // The cloud asks for the room's state: the freeze with its command, the door desired and
+    // actually off. Unsigned (read-only); an unknown room is refused with the rooms there are.
+    send(&sub, "get_state", &json!({"id": "s-1", "room": "101"})).await;
+    send(&sub, "get_state", &json!({"id": "s-bad", "room": "999"})).await;
+    let msgs = until(&sub, "state replies", |m| {
+        reply(m, "s-1").is_some() && reply(m, "s-bad").is_some()
+    })
+    .await;
+    let state = reply(&msgs, "s-1").unwrap();
+    common::broker::validate("reply.schema.json", &state);
+    assert_eq!(state["ok"], true, "{state}");
+    let room = &state["result"]["rooms"]["101"];
+    assert_eq!(room["access_freeze"]["by"], "f-1", "{room}");
+    let door = &room["relays"][0];
+    assert_eq!(
+        (
+            &door["relay"],
+            &door["desired"],
+            &door["actual"],
+            &door["rule"]
+        ),
+        (
+            &json!("101-door"),
+            &json!("off"),
+            &json!("off"),
+            &json!("freeze")
+        ),
+        "{room}"
+    );
+    assert!(
+        state["result"]["rooms"].get("104").is_none(),
+        "one room asked"
+    );
+    let bad = reply(&msgs, "s-bad").unwrap();
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("101"), "{bad}");
+
     // Prepaid: a small balance is deducted locally from the meter (36 kW at 100.00/kWh = 1.00 per second),
     // warns, empties and cuts the supply (grace 0, window all day); a top-up restores it.
     send(

@@ -696,6 +696,76 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_reads_a_meters_counter_history_from_the_gateway() {
+    let broker = Broker::start();
+    let sub = Subscriber::connect(broker.cloud_port, "sub-hist", "test/gw/#").await;
+    let sim = common::start(&building(1, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        &devices(1, "chint_ddsu666", "500ms"),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let publish = |name: &str, body: Value| {
+        let c = sub.client.clone();
+        let topic = format!("test/gw/cmd/{name}");
+        async move {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                .await
+                .unwrap();
+        }
+    };
+    // A meter's counter history, from the gateway's own samples (the first poll is always kept).
+    sub.wait_for("m1 polled", Duration::from_secs(10), |m| {
+        m.iter().any(|m| m.topic == "test/gw/telemetry")
+    })
+    .await;
+    let window = json!({
+        "from": (Utc::now() - chrono::Duration::hours(1)).to_rfc3339(),
+        "to": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+    });
+    let mut h = window.clone();
+    h["id"] = json!("h-1");
+    h["device"] = json!("m1");
+    publish("get_history", h).await;
+    let mut bad = window.clone();
+    bad["id"] = json!("h-bad");
+    bad["device"] = json!("m1");
+    bad["quantity"] = json!("power_w");
+    publish("get_history", bad).await;
+    let msgs = sub
+        .wait_for("both replies", Duration::from_secs(10), |m| {
+            m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 2
+        })
+        .await;
+    let replies: BTreeMap<String, Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .inspect(|v| validate("reply.schema.json", v))
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect();
+    let history = &replies["h-1"];
+    assert_eq!(history["ok"], true, "{history}");
+    let samples = history["result"]["samples"].as_array().unwrap();
+    assert!(!samples.is_empty(), "{history}");
+    let kwh = samples[0]["value"].as_f64().unwrap();
+    assert!(
+        (1000.0..1000.1).contains(&kwh),
+        "m1 started at 1000 kWh: {history}"
+    );
+    assert!(samples[0]["ts"].as_str().unwrap().ends_with('Z'));
+    assert!(history["result"]["next_after"].is_null(), "one page");
+    assert_eq!(replies["h-bad"]["ok"], false);
+    assert!(replies["h-bad"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("billing counters"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tariff_and_apportion_commands_publish_versioned_results() {
     let broker = Broker::start();
     let sub = Subscriber::connect(broker.cloud_port, "sub-acct", "test/gw/#").await;

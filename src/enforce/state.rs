@@ -758,6 +758,36 @@ impl EnforcerState {
                     .collect();
                 json!({"ok": true, "fire_alarm": self.fire, "relays": relays})
             }
+            ControlRequest::State { room } => {
+                let rooms: serde_json::Map<String, Value> = self
+                    .config
+                    .site
+                    .rooms
+                    .keys()
+                    .filter(|r| room.as_ref().is_none_or(|want| want == *r))
+                    .map(|r| {
+                        let rules = self.rooms.get(r).cloned().unwrap_or_default();
+                        let relays: Vec<Value> = self
+                            .relays()
+                            .iter()
+                            .filter(|x| &x.spec.room == r)
+                            .map(|x| {
+                                let d = self.decided.get(&x.spec.name);
+                                json!({
+                                    "relay": x.spec.name, "kind": x.spec.kind,
+                                    "desired": d.map(|d| onoff(d.on)),
+                                    "actual": self.actual.get(&x.spec.name).map(|a| onoff(*a)),
+                                    "rule": d.map(|d| d.rule.clone()), "reason": d.map(|d| d.reason.clone()),
+                                })
+                            })
+                            .collect();
+                        let mut v = serde_json::to_value(&rules).unwrap_or(Value::Null);
+                        v["relays"] = json!(relays);
+                        (r.clone(), v)
+                    })
+                    .collect();
+                json!({"ok": true, "ts": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "fire_alarm": self.fire, "rooms": rooms})
+            }
             ControlRequest::Override {
                 room,
                 relay,

@@ -65,6 +65,9 @@ pub(crate) enum ControlRequest {
     },
     /// Remove a room's overrides (or one).
     ClearOverride { room: String, relay: Option<String> },
+    /// Every room's rules, lease, freezes, balances and overrides with its relays' desired and
+    /// actual state (or one room's): the cloud's `get_state`.
+    State { room: Option<String> },
 }
 
 /// Cloud commands that affect relays; each must be signed (see [`super::auth`]).
@@ -92,6 +95,9 @@ pub(crate) const APPLY_WITHIN: std::time::Duration = std::time::Duration::from_s
 
 impl CommandHandler for EnforcementCommands {
     fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
+        if name == "get_state" {
+            return Some(self.get_state(args));
+        }
         if !RELAY_COMMANDS.contains(&name) {
             return None;
         }
@@ -117,6 +123,47 @@ impl CommandHandler for EnforcementCommands {
 }
 
 impl EnforcementCommands {
+    /// `get_state {"room"?}`: read-only, so unsigned; answered by the enforcer from its state.
+    fn get_state(&self, args: &Value) -> Answer {
+        let room = match args.get("room") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(r)) if self.config.site.rooms.contains_key(r) => Some(r.clone()),
+            Some(other) => {
+                return Answer::Now(Err(format!(
+                    "get_state: \"room\" must be a room of this gateway ({}), got {other}",
+                    self.config
+                        .site
+                        .rooms
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .try_send(Input::Control {
+                req: ControlRequest::State { room },
+                reply: tx,
+            })
+            .is_err()
+        {
+            return Answer::Now(Err("enforcement is busy; ask again shortly".into()));
+        }
+        let (reply, answer) = oneshot::channel();
+        tokio::spawn(async move {
+            let r = match rx.await {
+                Ok(v) if v["ok"] == true => Ok(v),
+                Ok(v) => Err(v["error"].as_str().unwrap_or("refused").to_string()),
+                Err(_) => Err("enforcement stopped".to_string()),
+            };
+            let _ = reply.send(r);
+        });
+        Answer::Later(answer)
+    }
+
     /// Authenticates and validates a relay command against the config; remembers its id.
     fn check(&self, id: &str, name: &str, args: &Value) -> Result<(), String> {
         let Some(key) = &self.key else {

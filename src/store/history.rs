@@ -19,6 +19,26 @@ pub struct Sample {
 /// History older than this is pruned (13 months: a year of bills plus a month of disputes).
 pub(super) const HISTORY_KEEP_MS: i64 = 400 * 86_400_000;
 
+/// One page of a counter's samples in `(after_ms, to_ms]` with `ts_ms >= from_ms`, oldest first,
+/// at most `limit` (the cloud's `get_history`).
+pub(crate) fn history_page(
+    conn: &Connection,
+    device: &str,
+    quantity: &str,
+    (from_ms, to_ms): (i64, i64),
+    after_ms: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(i64, f64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ts_ms, value FROM history WHERE device = ?1 AND quantity = ?2 AND ts_ms >= ?3 AND ts_ms <= ?4 AND ts_ms > ?5 ORDER BY ts_ms LIMIT ?6",
+    )?;
+    let rows = stmt.query_map(
+        params![device, quantity, from_ms, to_ms, after_ms, limit as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    rows.collect()
+}
+
 /// Samples of one counter around `[from, to]`: the last one before `from`, all inside, the first after
 /// `to` (what interpolation at the boundaries needs). Works on any connection, read-only included.
 pub(crate) fn history_window(

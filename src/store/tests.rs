@@ -335,3 +335,45 @@ async fn a_full_disk_holds_records_in_memory_and_stores_them_when_space_returns(
     let all = h.fetch(0, i64::MAX, 10_000).await.unwrap();
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
 }
+
+#[test]
+fn a_month_of_counter_history_pages_out_in_order_without_gaps_or_repeats() {
+    // 30 days of 15-minute samples of a 1.2 kW room: 2,880 samples, three pages of 1,000.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let mut s = Store::open(&path, Caps::default()).unwrap();
+    let t0 = 1_790_000_000_000i64;
+    let samples: Vec<Sample> = (0..2880)
+        .map(|k| Sample {
+            device: "room-101".into(),
+            quantity: "energy_kwh".into(),
+            ts_ms: t0 + k * 900_000,
+            value: 1034.25 + (k as f64 * 0.3 * 100.0).floor() / 100.0,
+        })
+        .collect();
+    s.record_history(&samples).unwrap();
+    let conn = open_read_only(&path).unwrap();
+    let window = (t0 + 900_000, t0 + 2879 * 900_000);
+    let mut got = Vec::new();
+    let mut after = i64::MIN;
+    for _ in 0..10 {
+        let page = history_page(&conn, "room-101", "energy_kwh", window, after, 1000).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.0;
+        got.extend(page);
+    }
+    assert_eq!(
+        got.len(),
+        2879,
+        "everything in the window, the first sample outside it"
+    );
+    assert!(got.windows(2).all(|w| w[1].0 - w[0].0 == 900_000));
+    assert_eq!(got[0].0, window.0);
+    assert_eq!(got.last().unwrap().0, window.1);
+    // Another counter's samples stay out.
+    assert!(
+        history_page(&conn, "room-102", "energy_kwh", window, i64::MIN, 1000)
+            .unwrap()
+            .is_empty()
+    );
+}
