@@ -72,8 +72,32 @@ impl BufferCmd {
                     .filter(|e| !e.is_empty())
                     .unwrap_or_else(|| "-".into()),
             ],
+            vec!["written per hour".into(), s.bytes_per_hour.map_or_else(|| "- (no figure yet: less than 5 minutes of writing)".into(), |b| format!("{b} bytes"))],
+            vec!["an outage the cap holds".into(), outage_held(&c.store.caps, &s)],
         ];
         out(&table(&["", ""], &rows));
         Ok(())
+    }
+}
+
+/// How long an outage can last before the cap drops telemetry, at the current write rate: the
+/// room left under `max_bytes`, and `max_age`, whichever comes first.
+fn outage_held(caps: &crate::store::Caps, s: &crate::store::Stats) -> String {
+    let age_h = caps.max_age.as_secs_f64() / 3600.0;
+    match s.bytes_per_hour.filter(|b| *b > 0) {
+        None => format!("up to {age_h:.0} h (max_age); no write rate measured yet"),
+        Some(rate) => {
+            let room = caps.max_bytes.saturating_sub(s.payload_bytes) as f64;
+            let by_bytes = room / rate as f64;
+            let (h, by) = if by_bytes < age_h {
+                (by_bytes, "max_bytes")
+            } else {
+                (age_h, "max_age")
+            };
+            format!(
+                "about {h:.0} h ({:.1} days) at {rate} bytes/h, then {by} drops the oldest telemetry",
+                h / 24.0
+            )
+        }
     }
 }

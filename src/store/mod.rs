@@ -148,6 +148,64 @@ pub struct Stats {
     pub last_publish_ok: Option<String>,
     /// The last error writing to disk, if the store is currently failing.
     pub store_error: Option<String>,
+    /// Payload bytes written to the outbox per hour (the last full hour, or the current one so far
+    /// extrapolated): what an outage fills the outbox with.
+    pub bytes_per_hour: Option<u64>,
+}
+
+/// Bytes written to the outbox per clock hour, kept in `meta` so `meterd buffer` can say how many
+/// hours of outage the byte cap holds at the current rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) struct AppendRate {
+    /// Hours since the epoch of `bytes`.
+    hour: i64,
+    bytes: u64,
+    /// The hour before `hour` (0 when no record was written in it).
+    prev: u64,
+}
+
+impl AppendRate {
+    pub(crate) const META_KEY: &'static str = "append_rate";
+
+    /// `bytes` more written at `now_ms`.
+    #[must_use]
+    pub(crate) fn add(self, now_ms: i64, bytes: u64) -> AppendRate {
+        let hour = now_ms.div_euclid(3_600_000);
+        match hour - self.hour {
+            0 => AppendRate {
+                bytes: self.bytes + bytes,
+                ..self
+            },
+            1 => AppendRate {
+                hour,
+                bytes,
+                prev: self.bytes,
+            },
+            // A clock stepped back, or hours without writing: start again.
+            _ => AppendRate {
+                hour,
+                bytes,
+                prev: 0,
+            },
+        }
+    }
+
+    /// Bytes per hour at `now_ms`: the last full hour when it is the one before now, else the
+    /// current hour so far extrapolated (after its first 5 minutes); `None` without a figure.
+    #[must_use]
+    pub(crate) fn per_hour(&self, now_ms: i64) -> Option<u64> {
+        let hour = now_ms.div_euclid(3_600_000);
+        let into_hour_ms = now_ms.rem_euclid(3_600_000);
+        if hour == self.hour + 1 && self.bytes > 0 {
+            Some(self.bytes)
+        } else if hour == self.hour && self.prev > 0 {
+            Some(self.prev.max(self.bytes))
+        } else if hour == self.hour && into_hour_ms >= 300_000 {
+            Some(self.bytes * 3_600_000 / into_hour_ms as u64)
+        } else {
+            None
+        }
+    }
 }
 
 /// The largest record the outbox hands to the uplink (the uplink's packet limit is set above it).
@@ -230,6 +288,9 @@ pub(super) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     s.last_publish_error = meta_get(conn, "last_publish_error")?;
     s.last_publish_ok = meta_get(conn, "last_publish_ok")?;
     s.store_error = meta_get(conn, "store_error")?;
+    s.bytes_per_hour = meta_get(conn, AppendRate::META_KEY)?
+        .and_then(|v| serde_json::from_str::<AppendRate>(&v).ok())
+        .and_then(|r| r.per_hour(chrono::Utc::now().timestamp_millis()));
     Ok(s)
 }
 

@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::SCHEMA;
 use super::{
-    meta_get, stats, Caps, Kind, NewRecord, Remembered, Stats, StoreError, Stored, Write,
-    MAX_RECORD_BYTES, REPLY_KEEP_MS,
+    meta_get, stats, AppendRate, Caps, Kind, NewRecord, Remembered, Stats, StoreError, Stored,
+    Write, MAX_RECORD_BYTES, REPLY_KEEP_MS,
 };
 
 /// The `SQLite` outbox.
@@ -480,6 +480,21 @@ pub(crate) fn with_ts(r: &NewRecord) -> std::borrow::Cow<'_, [u8]> {
 pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
+    let rate: AppendRate = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [AppendRate::META_KEY],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default();
+    let rate = rate.add(Utc::now().timestamp_millis(), bytes);
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![AppendRate::META_KEY, serde_json::to_string(&rate).unwrap_or_default()],
     )?;
     for r in records {
         if r.payload.len() <= MAX_RECORD_BYTES {

@@ -377,3 +377,23 @@ fn a_month_of_counter_history_pages_out_in_order_without_gaps_or_repeats() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_write_rate_is_the_last_full_hour_or_the_current_one_extrapolated() {
+    let h = |hour: i64, min: i64| hour * 3_600_000 + min * 60_000;
+    // 10:00-10:59: 74,855 bytes a day per device × 5 devices ≈ 15,600 bytes an hour.
+    let mut r = AppendRate::default();
+    for m in 0..60 {
+        r = r.add(h(490_000, m), 260);
+    }
+    assert_eq!(r.per_hour(h(490_000, 2)), None, "too early in the hour");
+    assert_eq!(r.per_hour(h(490_000, 59)), Some(15_600 * 60 / 59));
+    r = r.add(h(490_001, 0), 260);
+    assert_eq!(r.per_hour(h(490_001, 1)), Some(15_600), "the last full hour");
+    // A gateway that wrote nothing for hours starts again.
+    let r = r.add(h(490_010, 30), 1000);
+    assert_eq!(r.per_hour(h(490_010, 30)), Some(2000));
+    // A clock stepped back does not count into a future hour.
+    let back = r.add(h(489_000, 0), 5);
+    assert_eq!(back.per_hour(h(489_000, 10)), Some(30));
+}
