@@ -72,8 +72,17 @@ impl BufferCmd {
                     .filter(|e| !e.is_empty())
                     .unwrap_or_else(|| "-".into()),
             ],
-            vec!["written per hour".into(), s.bytes_per_hour.map_or_else(|| "- (no figure yet: less than 5 minutes of writing)".into(), |b| format!("{b} bytes"))],
-            vec!["an outage the cap holds".into(), outage_held(&c.store.caps, &s)],
+            vec![
+                "written per hour".into(),
+                s.bytes_per_hour.map_or_else(
+                    || "- (no figure yet: less than 5 minutes of writing)".into(),
+                    |b| format!("{b} bytes"),
+                ),
+            ],
+            vec![
+                "an outage the cap holds".into(),
+                outage_held(&c.store.caps, &s),
+            ],
         ];
         out(&table(&["", ""], &rows));
         Ok(())

@@ -41,6 +41,13 @@ pub(crate) enum CloudCommand {
         room: String,
         end: Option<NaiveDate>,
         renewed: bool,
+        /// This room's notice period (else the policy's).
+        notice_days: Option<i64>,
+    },
+    /// Something was done on the lease at `at` (renewal talks logged): holds off the quiet period.
+    LeaseActivity {
+        room: String,
+        at: DateTime<Utc>,
     },
     SetLifeCritical {
         room: String,
@@ -65,6 +72,7 @@ impl CloudCommand {
         match self {
             CloudCommand::Freeze { room, .. }
             | CloudCommand::SetLease { room, .. }
+            | CloudCommand::LeaseActivity { room, .. }
             | CloudCommand::SetLifeCritical { room, .. }
             | CloudCommand::SetBalance { room, .. }
             | CloudCommand::TopUp { room, .. } => room,
@@ -115,6 +123,30 @@ pub(crate) fn parse(
                     .with_timezone(&Utc),
                 None => now,
             };
+            // A freeze that no relay carries out would be accepted and change nothing.
+            let kinds: Vec<super::rules::RelayKind> = enforcement
+                .relays
+                .iter()
+                .filter(|r| r.spec.room == room)
+                .map(|r| r.spec.kind)
+                .collect();
+            let door = kinds.contains(&super::rules::RelayKind::Door);
+            let supply = kinds.contains(&super::rules::RelayKind::Supply);
+            let carried = match scope {
+                Scope::Access => door,
+                Scope::Utilities => supply,
+                Scope::All => door || supply,
+            };
+            if name == "freeze" && !carried {
+                return Err(format!(
+                    "room {room:?} has no {} relay on this gateway: the freeze would change nothing; add a [[relay]] for it or freeze it where its relays are",
+                    match scope {
+                        Scope::Access => "door",
+                        Scope::Utilities => "supply",
+                        Scope::All => "door or supply",
+                    }
+                ));
+            }
             let set = (name == "freeze").then(|| Freeze {
                 reason: s("reason").unwrap_or_default(),
                 effective,
@@ -134,7 +166,34 @@ pub(crate) fn parse(
                 None => false,
                 Some(v) => v.as_bool().ok_or("\"renewed\" must be true or false")?,
             };
-            CloudCommand::SetLease { room, end, renewed }
+            let notice_days = match args.get("notice_days") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_i64()
+                        .filter(|d| (0..=365).contains(d))
+                        .ok_or("\"notice_days\" must be a whole number of days, 0 to 365")?,
+                ),
+            };
+            CloudCommand::SetLease {
+                room,
+                end,
+                renewed,
+                notice_days,
+            }
+        }
+        "lease_activity" => {
+            let at = match s("at") {
+                Some(t) => DateTime::parse_from_rfc3339(&t)
+                    .map_err(|e| format!("\"at\": {e}; expected RFC 3339"))?
+                    .with_timezone(&Utc),
+                None => now,
+            };
+            if at > now + chrono::Duration::minutes(5) {
+                return Err(format!(
+                    "\"at\" {at} is in the future: lease activity is what already happened"
+                ));
+            }
+            CloudCommand::LeaseActivity { room, at }
         }
         "set_life_critical" => CloudCommand::SetLifeCritical {
             on: args
@@ -232,6 +291,22 @@ mod tests {
                 "YYYY-MM-DD",
             ),
             ("set_life_critical", json!({"room": "104"}), "life_critical"),
+            // Room 104 has a supply relay and no door: an access freeze would change nothing.
+            (
+                "freeze",
+                json!({"room": "104", "scope": "access"}),
+                "has no door relay on this gateway: the freeze would change nothing",
+            ),
+            (
+                "lease_activity",
+                json!({"room": "104", "at": "2099-01-01T00:00:00Z"}),
+                "in the future",
+            ),
+            (
+                "set_lease",
+                json!({"room": "104", "lease_end": "2026-12-31", "notice_days": -3}),
+                "notice_days",
+            ),
         ];
         for (name, args, why) in refused {
             let e = p(name, args.clone()).unwrap_err();
@@ -255,14 +330,14 @@ mod tests {
             ..
         }) = p(
             "freeze",
-            json!({"room": "104", "scope": "access", "reason": "lease ended"}),
+            json!({"room": "104", "scope": "utilities", "reason": "lease ended"}),
         )
         else {
             panic!()
         };
         assert_eq!(
             (scope, f.reason.as_str(), f.by.as_str(), f.effective),
-            (Scope::Access, "lease ended", "c-1", now)
+            (Scope::Utilities, "lease ended", "c-1", now)
         );
     }
 }

@@ -6,7 +6,9 @@
 //! 2. **Manual override** from the local CLI, until it expires.
 //! 3. **Life-critical room**: its supply is never cut; freezes and empty balances only raise alarms.
 //! 4. **Tenant freeze** from the cloud (access and/or utilities), from its effective time.
-//! 5. **Lease quiet period**: `notice` days before a lease ends without renewal, door access is frozen.
+//! 5. **Lease quiet period**: a lease not renewed and with no activity recorded on it in the last
+//!    `notice` days before it ends is in its quiet period; a `lease_quiet_period` event (the red
+//!    alert) is raised when it begins, and door access is frozen `grace` later.
 //! 6. **Prepaid**: a balance at or below zero for longer than the grace period cuts that utility.
 //! 7. Otherwise: granted (door enabled, supply on).
 //!
@@ -16,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc, Weekday};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
 use serde::{Deserialize, Serialize};
 
 use crate::topology::Utility;
@@ -80,6 +82,15 @@ pub struct RoomRules {
     pub utility_freeze: Option<Freeze>,
     pub lease_end: Option<NaiveDate>,
     pub lease_renewed: bool,
+    /// The last action recorded on the lease (renewal talks, a visit), as the cloud reported it.
+    #[serde(default)]
+    pub lease_activity: Option<DateTime<Utc>>,
+    /// This room's notice period in days (else the policy's `lease_notice_days`).
+    #[serde(default)]
+    pub lease_notice_days: Option<i64>,
+    /// The start of the quiet period already alerted (so each quiet period is alerted once).
+    #[serde(default)]
+    pub quiet_alerted: Option<DateTime<Utc>>,
     pub life_critical: bool,
     pub prepaid: BTreeMap<Utility, Prepaid>,
     /// Per relay name.
@@ -116,6 +127,41 @@ pub struct Policy {
     pub calendar: Calendar,
     pub grace: chrono::Duration,
     pub lease_notice_days: i64,
+}
+
+/// A lease's quiet period: when it began and when the door freeze takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Quiet {
+    /// No activity on the lease for `notice_days`, within `notice_days` of its end.
+    pub since: DateTime<Utc>,
+    /// `since` plus the policy's grace: the alert comes first, the freeze after.
+    pub freeze_at: DateTime<Utc>,
+    pub notice_days: i64,
+}
+
+/// The quiet period of a room's lease, if it has one: not renewed, and `since` is the later of
+/// `notice` days before the lease's last day starts (site time) and `notice` days after the last
+/// activity recorded on it. `None` when the lease is renewed or has no end.
+pub(crate) fn quiet_period(room: &RoomRules, policy: &Policy) -> Option<Quiet> {
+    let end = room.lease_end.filter(|_| !room.lease_renewed)?;
+    let notice_days = room.lease_notice_days.unwrap_or(policy.lease_notice_days);
+    let notice = chrono::Duration::days(notice_days);
+    let window = (end - notice).and_time(NaiveTime::MIN);
+    let window = policy
+        .calendar
+        .timezone
+        .from_local_datetime(&window)
+        .earliest()?
+        .with_timezone(&Utc);
+    let since = match room.lease_activity {
+        Some(a) => window.max(a + notice),
+        None => window,
+    };
+    Some(Quiet {
+        since,
+        freeze_at: since + policy.grace,
+        notice_days,
+    })
 }
 
 /// A relay's target state with the rule that decided it.
@@ -190,13 +236,16 @@ pub(crate) fn decide(
                 RelayKind::Door => {
                     if let Some(f) = room.access_freeze.as_ref().filter(|f| now >= f.effective) {
                         Some(("freeze", format!("access frozen: {}", f.reason)))
-                    } else if let Some(end) = room.lease_end.filter(|_| !room.lease_renewed) {
-                        let local = now.with_timezone(&policy.calendar.timezone).date_naive();
-                        let days_left = (end - local).num_days();
-                        (days_left <= policy.lease_notice_days).then(|| {
+                    } else if let Some(q) = quiet_period(room, policy) {
+                        (now >= q.freeze_at).then(|| {
+                            let end = room.lease_end.unwrap_or_default();
                             (
                                 "lease",
-                                format!("lease ends {end} ({days_left} day(s)) without renewal"),
+                                format!(
+                                    "lease ends {end} without renewal and nothing was recorded on it for {} day(s) (quiet since {})",
+                                    q.notice_days,
+                                    q.since.with_timezone(&policy.calendar.timezone).format("%Y-%m-%d %H:%M")
+                                ),
                             )
                         })
                     } else {

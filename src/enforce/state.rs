@@ -339,6 +339,45 @@ impl EnforcerState {
     /// that failed to switch to the same state before is retried only when `retry_failed` (the
     /// re-check timer).
     fn reconcile(&mut self, now: DateTime<Utc>, retry_failed: bool) -> Vec<Action> {
+        // A lease entering its quiet period: the red alert, durable, before anything is switched.
+        let mut alerts = Vec::new();
+        let policy = self.config.enforcement.policy.clone();
+        let quiet: Vec<(String, rules::Quiet)> = self
+            .rooms
+            .iter()
+            .filter_map(|(id, r)| {
+                rules::quiet_period(r, &policy)
+                    .filter(|q| now >= q.since && r.quiet_alerted != Some(q.since))
+                    .map(|q| (id.clone(), q))
+            })
+            .collect();
+        for (room, q) in quiet {
+            let Ok(r) = self.room_mut(&room) else {
+                continue;
+            };
+            r.quiet_alerted = Some(q.since);
+            let payload = json!({
+                "event": "lease_quiet_period",
+                "room": room,
+                "lease_end": r.lease_end,
+                "last_activity": r.lease_activity,
+                "notice_days": q.notice_days,
+                "quiet_since": q.since.to_rfc3339(),
+                "freeze_at": q.freeze_at.to_rfc3339(),
+                "ts": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            });
+            tracing::warn!(room = %room, freeze_at = %q.freeze_at, "lease quiet period: door access will be frozen");
+            alerts.push(Action::Persist {
+                records: vec![NewRecord {
+                    kind: Kind::Event,
+                    topic: "events".into(),
+                    ts: now,
+                    payload: payload.to_string().into_bytes(),
+                }],
+                writes: self.room_write(&room).into_iter().collect(),
+                durable: true,
+            });
+        }
         let specs: Vec<_> = self.relays().iter().map(|r| r.spec.clone()).collect();
         let desired = rules::decide(
             &specs,
@@ -384,7 +423,7 @@ impl EnforcerState {
                 after: Duration::ZERO,
             });
         }
-        let mut out = Vec::new();
+        let mut out = alerts;
         if !audits.is_empty() {
             out.push(Action::Publish(audits));
         }
@@ -551,10 +590,20 @@ impl EnforcerState {
                     r.utility_freeze = set;
                 }
             }
-            CloudCommand::SetLease { end, renewed, .. } => {
+            CloudCommand::SetLease {
+                end,
+                renewed,
+                notice_days,
+                ..
+            } => {
                 let r = self.room_mut(&room)?;
                 r.lease_end = end;
                 r.lease_renewed = renewed;
+                r.lease_notice_days = notice_days;
+            }
+            CloudCommand::LeaseActivity { at, .. } => {
+                let r = self.room_mut(&room)?;
+                r.lease_activity = Some(r.lease_activity.map_or(at, |a| a.max(at)));
             }
             CloudCommand::SetLifeCritical { on, .. } => {
                 self.room_mut(&room)?.life_critical = on;
@@ -563,12 +612,10 @@ impl EnforcerState {
             | CloudCommand::TopUp { utility: u, .. } => {
                 let top_up = matches!(cmd, CloudCommand::TopUp { .. });
                 let policy = &self.config.enforcement.policy;
-                if let Some(r) = self.rooms.get(&room) {
-                    if let Some(end) = r.lease_end.filter(|_| !r.lease_renewed && top_up) {
-                        let today = now.with_timezone(&policy.calendar.timezone).date_naive();
-                        if (end - today).num_days() <= policy.lease_notice_days {
-                            return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal"));
-                        }
+                if let Some(r) = self.rooms.get(&room).filter(|_| top_up) {
+                    if let Some(q) = rules::quiet_period(r, policy).filter(|q| now >= q.since) {
+                        let end = r.lease_end.unwrap_or_default();
+                        return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal and is in its quiet period since {}", q.since.to_rfc3339()));
                     }
                 }
                 let r = self.room_mut(&room)?;
@@ -1209,5 +1256,108 @@ tariff = "elec"
             matches!(&a[0], Action::Persist { durable: true, writes, .. } if writes.len() == 1)
         );
         assert!(matches!(&a[1], Action::Answer(Err(e)) if e.contains("999")));
+    }
+
+    #[test]
+    fn a_lease_quiet_period_is_alerted_durably_before_the_door_freezes_a_grace_later_and_activity_holds_it_off(
+    ) {
+        let mut setup = (*config()).clone();
+        setup.enforcement.policy.grace = chrono::Duration::hours(48);
+        setup.enforcement.policy.lease_notice_days = 7;
+        let mut st = EnforcerState::new(
+            Arc::new(setup),
+            BTreeMap::new(),
+            HashMap::new(),
+            Some(false),
+        );
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        // Room 101's lease ends on 31 December (Shanghai), not renewed; its door is on.
+        st.rooms.entry("101".into()).or_default().lease_end =
+            chrono::NaiveDate::from_ymd_opt(2026, 12, 31);
+        read(&mut st, "101-door", true);
+        let reconcile = |st: &mut EnforcerState, at: &str| {
+            st.step(
+                t(at),
+                Event::Reconcile {
+                    retry_failed: false,
+                },
+            )
+        };
+        let alerts = |a: &[Action]| -> Vec<Value> {
+            a.iter()
+                .filter_map(|a| match a {
+                    Action::Persist {
+                        records,
+                        durable: true,
+                        ..
+                    } => Some(records.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .map(|r| serde_json::from_slice::<Value>(&r.payload).unwrap())
+                .filter(|v| v["event"] == "lease_quiet_period")
+                .collect()
+        };
+        // 7 days before the last day starts, 24 December 00:00 Shanghai = 23 December 16:00 UTC.
+        let a = reconcile(&mut st, "2026-12-23T15:59:00Z");
+        assert!(alerts(&a).is_empty() && switches(&a).is_empty());
+        let a = reconcile(&mut st, "2026-12-23T16:00:00Z");
+        let alert = alerts(&a);
+        assert_eq!(alert.len(), 1, "the red alert");
+        assert!(
+            matches!(&a[0], Action::Persist { durable: true, .. }),
+            "first, and durable"
+        );
+        assert_eq!(alert[0]["room"], "101");
+        assert_eq!(alert[0]["quiet_since"], "2026-12-23T16:00:00+00:00");
+        assert_eq!(
+            alert[0]["freeze_at"], "2026-12-25T16:00:00+00:00",
+            "the grace later"
+        );
+        crate::enforce::test_support::validate_record("events.schema.json", alert[0].clone());
+        assert!(
+            switches(&a).is_empty(),
+            "nothing is switched with the alert"
+        );
+        assert!(
+            st.rooms["101"].quiet_alerted.is_some(),
+            "kept with the room's rules"
+        );
+        // Once per quiet period.
+        let a = reconcile(&mut st, "2026-12-24T09:00:00Z");
+        assert!(alerts(&a).is_empty() && switches(&a).is_empty());
+        // The freeze takes effect at the announced time.
+        let a = reconcile(&mut st, "2026-12-25T16:00:00Z");
+        assert_eq!(switches(&a), vec![("101-door".into(), false, 1, 3)]);
+        assert_eq!(st.decided["101-door"].rule, "lease");
+        st.step(
+            t("2026-12-25T16:00:01Z"),
+            Event::Switched {
+                relay: "101-door".into(),
+                want: false,
+                attempt: 1,
+                of: 3,
+                result: Ok(RelayState {
+                    before: true,
+                    after: false,
+                    wrote: true,
+                }),
+            },
+        );
+        // Renewal talks logged by the cloud: the quiet period starts again 7 days after them.
+        let a = st.step(
+            t("2026-12-25T17:00:00Z"),
+            Event::Cloud {
+                name: "lease_activity".into(),
+                id: "la-1".into(),
+                args: json!({"room": "101", "at": "2026-12-25T17:00:00Z"}),
+            },
+        );
+        assert_eq!(switches(&a), vec![("101-door".into(), true, 1, 3)], "{a:?}");
+        let a = reconcile(&mut st, "2027-01-01T16:59:00Z");
+        assert!(alerts(&a).is_empty());
+        let a = reconcile(&mut st, "2027-01-01T17:00:00Z");
+        assert_eq!(alerts(&a)[0]["freeze_at"], "2027-01-03T17:00:00+00:00");
+        assert_eq!(alerts(&a)[0]["last_activity"], "2026-12-25T17:00:00Z");
     }
 }

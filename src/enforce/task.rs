@@ -75,6 +75,7 @@ pub(crate) const RELAY_COMMANDS: &[&str] = &[
     "freeze",
     "unfreeze",
     "set_lease",
+    "lease_activity",
     "set_balance",
     "top_up",
     "set_life_critical",
@@ -696,23 +697,7 @@ mod counter_events {
             ),
             (Some(5123.31), Some(0.0))
         );
-        let mut rec = payloads[0].clone();
-        rec["seq"] = json!(1);
-        let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("docs/schemas/events.schema.json");
-        let schema: Value =
-            serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
-        let mut schemas = boon::Schemas::new();
-        let mut compiler = boon::Compiler::new();
-        compiler.enable_format_assertions();
-        compiler.add_resource("events.schema.json", schema).unwrap();
-        let idx = compiler
-            .compile("events.schema.json", &mut schemas)
-            .unwrap();
-        let batch = json!({"gateway": "gw", "seq_first": 1, "seq_last": 1, "records": [rec]});
-        if let Err(e) = schemas.validate(&batch, idx) {
-            panic!("{e:#}");
-        }
+        super::super::test_support::validate_record("events.schema.json", payloads[0].clone());
     }
 }
 
@@ -774,7 +759,11 @@ mod command_replies {
         let r = handler.handle(
             "f-2",
             "freeze",
-            &signed("freeze", "f-2", json!({"room": "104", "scope": "access"})),
+            &signed(
+                "freeze",
+                "f-2",
+                json!({"room": "104", "scope": "utilities"}),
+            ),
         );
         assert!(matches!(r, Some(Answer::Later(_))), "{r:?}");
         assert!(matches!(rx.try_recv(), Ok(Input::Cloud { .. })));
@@ -790,14 +779,22 @@ mod command_replies {
         let store = store(&cfg);
         let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
         let now = Utc::now();
-        let freeze = signed("freeze", "f-1", json!({"room": "104", "scope": "access"}));
+        let freeze = signed(
+            "freeze",
+            "f-1",
+            json!({"room": "104", "scope": "utilities"}),
+        );
         enf.cloud("freeze", "f-1", freeze, now).await.unwrap();
-        assert!(enf.state.rooms["104"].access_freeze.is_some());
-        let unfreeze = signed("unfreeze", "u-1", json!({"room": "104", "scope": "access"}));
+        assert!(enf.state.rooms["104"].utility_freeze.is_some());
+        let unfreeze = signed(
+            "unfreeze",
+            "u-1",
+            json!({"room": "104", "scope": "utilities"}),
+        );
         enf.cloud("unfreeze", "u-1", unfreeze, now).await.unwrap();
         // No shutdown, no flush: what was answered must already be there.
         let reopened = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
-        assert!(reopened.state.rooms["104"].access_freeze.is_none());
+        assert!(reopened.state.rooms["104"].utility_freeze.is_none());
         let seen = load_seen(&cfg.store.path).unwrap();
         assert!(seen.contains("f-1") && seen.contains("u-1"));
     }

@@ -47,6 +47,13 @@ room = "104"
 utility = "electricity"
 meter = "meter104"
 tariff = "elec"
+[[relay]]
+name = "104-power"
+room = "104"
+kind = "supply"
+utility = "electricity"
+device = "meter104"
+output = "relay"
 "#,
         db.display()
     );
@@ -71,5 +78,25 @@ pub(crate) fn reading(ts: DateTime<Utc>, kwh: f64) -> Reading {
         quality: Quality::Good,
         raw: RawWords::new(&[]),
         error: None,
+    }
+}
+
+/// Validates one record as it goes on the wire (with a `seq`) against a schema in docs/schemas.
+pub(crate) fn validate_record(schema: &str, mut record: serde_json::Value) {
+    record["seq"] = serde_json::json!(1);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schemas")
+        .join(schema);
+    let schema_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler.enable_format_assertions();
+    compiler.add_resource(schema, schema_json).unwrap();
+    let idx = compiler.compile(schema, &mut schemas).unwrap();
+    let batch =
+        serde_json::json!({"gateway": "gw", "seq_first": 1, "seq_last": 1, "records": [record]});
+    if let Err(e) = schemas.validate(&batch, idx) {
+        panic!("{schema}: {e:#}\n{batch}");
     }
 }

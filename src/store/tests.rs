@@ -389,7 +389,11 @@ fn the_write_rate_is_the_last_full_hour_or_the_current_one_extrapolated() {
     assert_eq!(r.per_hour(h(490_000, 2)), None, "too early in the hour");
     assert_eq!(r.per_hour(h(490_000, 59)), Some(15_600 * 60 / 59));
     r = r.add(h(490_001, 0), 260);
-    assert_eq!(r.per_hour(h(490_001, 1)), Some(15_600), "the last full hour");
+    assert_eq!(
+        r.per_hour(h(490_001, 1)),
+        Some(15_600),
+        "the last full hour"
+    );
     // A gateway that wrote nothing for hours starts again.
     let r = r.add(h(490_010, 30), 1000);
     assert_eq!(r.per_hour(h(490_010, 30)), Some(2000));
