@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -726,4 +727,175 @@ async fn a_restart_or_reload_during_a_fire_alarm_never_locks_a_frozen_rooms_fail
         );
         daemon.stop().await;
     }
+}
+
+/// The cloud's side of the contract: a backend ingesting through a shared subscription (two
+/// consumers splitting the stream) rebuilds every relay action, with the time it happened, from the
+/// topics alone, across a link outage with replay; and what it rebuilds equals the gateway's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its_time_across_an_outage(
+) {
+    let mut broker = Broker::start();
+    let group = "$share/ingest/test/gw/#";
+    let ingest = [
+        Subscriber::connect(broker.cloud_port, "ingest-1", group).await,
+        Subscriber::connect(broker.cloud_port, "ingest-2", group).await,
+    ];
+    // Commands and the retained site model on ordinary subscriptions (retained messages are not
+    // sent to shared subscriptions).
+    let cloud = Subscriber::connect(broker.cloud_port, "cloud", "test/gw/config").await;
+    let sim = common::start(BUILDING).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&sim, dir.path(), broker.port);
+    let cfg = common::parse(&text);
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let union = || -> Vec<Msg> { ingest.iter().flat_map(Subscriber::take).collect() };
+    wait_until("the start-up audit", Duration::from_secs(20), async || {
+        let a = payloads(&union(), "test/gw/audit");
+        if a.iter()
+            .any(|r| r["relay"] == "101-door" && r["event"] == "relay_switched")
+        {
+            Ok(())
+        } else {
+            Err(format!("{} audit records", a.len()))
+        }
+    })
+    .await;
+
+    // A freeze that takes effect 3 s from now, sent while the link is up; the link then fails, so
+    // the door is switched (and audited) while the gateway cannot publish.
+    let effective = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let freeze = signed(
+        "freeze",
+        "f-late",
+        json!({"room": "101", "scope": "access", "reason": "arrears", "effective_at": effective.to_rfc3339()}),
+        chrono::Duration::minutes(5),
+    );
+    send(&cloud, "freeze", &freeze).await;
+    wait_until("the freeze accepted", Duration::from_secs(10), async || {
+        let msgs = union();
+        match reply(&msgs, "f-late") {
+            Some(r) if r["ok"] == true => Ok(()),
+            Some(r) => Err(format!("refused: {r}")),
+            None => Err("no reply yet".into()),
+        }
+    })
+    .await;
+    broker.stop();
+    let down_at = chrono::Utc::now();
+    wait_until(
+        "the door frozen at the relay",
+        Duration::from_secs(15),
+        async || {
+            if coil(&sim, &cfg, 10, 0).await {
+                Err("door still on".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.restart();
+    let up_at = chrono::Utc::now();
+
+    // The replay arrives; the backend's view of every relay is its last action by time.
+    let msgs = ingest[0]
+        .wait_for("the replayed freeze", Duration::from_secs(20), |_| {
+            payloads(&union(), "test/gw/audit")
+                .iter()
+                .any(|r| r["relay"] == "101-door" && r["rule"] == "freeze")
+        })
+        .await;
+    drop(msgs);
+    let all = union();
+    // Shared, not copied: each consumer got part of the stream, together all of it.
+    let keys = |msgs: &[Msg]| -> std::collections::BTreeSet<(String, Vec<u8>)> {
+        msgs.iter()
+            .map(|m| (m.topic.clone(), m.payload.clone()))
+            .collect()
+    };
+    let whole = keys(&all);
+    for s in &ingest {
+        let part = keys(&s.take());
+        assert!(
+            !part.is_empty() && part.len() < whole.len(),
+            "a consumer got {} of {} messages: the group did not share the stream",
+            part.len(),
+            whole.len()
+        );
+    }
+    let mut actions: Vec<Value> = payloads(&all, "test/gw/audit")
+        .into_iter()
+        .filter(|r| r["event"] == "relay_switched" || r["event"] == "relay_mismatch")
+        .collect();
+    for a in &actions {
+        common::broker::validate(
+            "audit.schema.json",
+            &json!({"gateway": "gw", "seq_first": 1, "seq_last": 1, "records": [a]}),
+        );
+    }
+    actions.sort_by_key(|a| a["ts"].as_str().unwrap().to_string());
+    actions.dedup_by_key(|a| a["seq"].clone());
+    let at = |a: &Value| {
+        chrono::DateTime::parse_from_rfc3339(a["ts"].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let frozen = actions
+        .iter()
+        .find(|a| a["relay"] == "101-door" && a["rule"] == "freeze")
+        .unwrap();
+    assert_eq!(frozen["to"], "off");
+    assert!(
+        at(frozen) >= effective && at(frozen) >= down_at && at(frozen) < up_at,
+        "the action's own time (during the outage), not when it was delivered: {frozen}"
+    );
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for a in &actions {
+        last.insert(
+            a["relay"].as_str().unwrap().to_string(),
+            a["readback"].as_str().unwrap().to_string(),
+        );
+    }
+    // The gateway's own view.
+    send(&cloud, "get_state", &json!({"id": "s-end"})).await;
+    let state = wait_until("the gateway's state", Duration::from_secs(10), async || {
+        reply(&union(), "s-end").ok_or_else(|| "no reply yet".to_string())
+    })
+    .await;
+    let mut gateway: BTreeMap<String, String> = BTreeMap::new();
+    for room in state["result"]["rooms"].as_object().unwrap().values() {
+        for r in room["relays"].as_array().unwrap() {
+            if let Some(actual) = r["actual"].as_str() {
+                gateway.insert(r["relay"].as_str().unwrap().to_string(), actual.to_string());
+            }
+        }
+    }
+    for (relay, seen) in &last {
+        assert_eq!(
+            gateway.get(relay),
+            Some(seen),
+            "{relay}: the backend rebuilt {seen}, the gateway has {:?}",
+            gateway.get(relay)
+        );
+    }
+    // And the backend knows what each relay is from the retained site model.
+    let model = cloud
+        .wait_for("the site model", Duration::from_secs(5), |m| {
+            m.iter().any(|m| m.topic == "test/gw/config")
+        })
+        .await;
+    let model: Value = serde_json::from_slice(&model[0].payload).unwrap();
+    for relay in last.keys() {
+        assert!(
+            model["relays"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == relay.as_str()),
+            "{relay} is in the site model"
+        );
+    }
+    daemon.stop().await;
 }
