@@ -325,9 +325,9 @@ fn shown(meter: &str, t: DateTime<Utc>) -> f64 {
 fn run_gateway(
     store: &mut Store,
     cal: &Calendar,
-    up: DateTime<Utc>,
-    down: DateTime<Utc>,
+    (up, down): (DateTime<Utc>, DateTime<Utc>),
     dead: Option<(&str, DateTime<Utc>)>,
+    cloud: &mut Cloud,
 ) -> BTreeMap<(String, DateTime<Utc>), f64> {
     let names = ["main", "m101", "m102", "m103", "lift"];
     let policy = PollPolicy {
@@ -380,9 +380,15 @@ fn run_gateway(
                 raw: RawWords::new(&[]),
                 error: None,
             };
-            let samples = sampler.take(&[r]);
+            let samples = sampler.take(std::slice::from_ref(&r));
             if !samples.is_empty() {
                 store.record_history(&samples).unwrap();
+            }
+            // What the report policy lets out to the cloud.
+            if let Some(record) = cloud.reporter.poll(&[r]) {
+                cloud
+                    .telemetry
+                    .push(serde_json::from_slice(&record.payload).unwrap());
             }
             waiting.retain(|(m, b)| {
                 if m == names[i] {
@@ -398,10 +404,19 @@ fn run_gateway(
     firsts
 }
 
+/// The cloud's side: the report policy's output as it reaches the backend.
+struct Cloud {
+    reporter: meterd::report::Reporter,
+    telemetry: Vec<serde_json::Value>,
+}
+
 struct Outcome {
     bills: Vec<RoomBill>,
     firsts: BTreeMap<(String, DateTime<Utc>), f64>,
     unread: Vec<String>,
+    /// Telemetry records the cloud received, and the retained site model.
+    telemetry: Vec<serde_json::Value>,
+    model: serde_json::Value,
 }
 
 /// October billed after the gateway ran across both of its boundaries, starting at `phase` past
@@ -416,19 +431,23 @@ fn october(
     let cfg = boundary_config(&db);
     let cal = meterd::daemon::calendar(&cfg);
     let mut store = Store::open(&db, Caps::default()).unwrap();
+    let mut cloud = Cloud {
+        reporter: meterd::report::Reporter::new(cfg.report.clone(), cal.clone()),
+        telemetry: Vec::new(),
+    };
     let mut firsts = run_gateway(
         &mut store,
         &cal,
-        local(2026, 9, 30, 23, 0) + phase,
-        local(2026, 10, 1, 1, 0),
+        (local(2026, 9, 30, 23, 0) + phase, local(2026, 10, 1, 1, 0)),
         dead,
+        &mut cloud,
     );
     let mut up = local(2026, 10, 31, 23, 0) + phase;
     for (down, back) in outages.iter().copied().chain(std::iter::once((
         local(2026, 11, 1, 3, 0),
         local(2026, 11, 1, 3, 0),
     ))) {
-        firsts.extend(run_gateway(&mut store, &cal, up, down, dead));
+        firsts.extend(run_gateway(&mut store, &cal, (up, down), dead, &mut cloud));
         up = back;
     }
     drop(store);
@@ -439,6 +458,8 @@ fn october(
         bills: st.bills,
         firsts,
         unread,
+        telemetry: cloud.telemetry,
+        model: cfg.site_model(),
     }
 }
 
@@ -841,4 +862,81 @@ fn a_swapped_pair_of_sibling_meters_corrected_from_a_date_adjusts_by_the_hand_co
             &serde_json::json!({"gateway": "gw", "seq_first": first, "seq_last": last, "records": recs}),
         );
     }
+}
+
+/// A backend's own arithmetic, from the topics alone: `amount = milli × micros / 10^7` fen,
+/// rounded half to even (docs/mqtt.md, results).
+fn backend_amount(milli: i64, micros: i64) -> i64 {
+    let n = i128::from(milli) * i128::from(micros);
+    let (q, r) = (n / 10_000_000, n % 10_000_000);
+    let q = match (2 * r).cmp(&10_000_000) {
+        std::cmp::Ordering::Greater => q + 1,
+        std::cmp::Ordering::Equal if q % 2 == 1 => q + 1,
+        _ => q,
+    };
+    i64::try_from(q).unwrap()
+}
+
+#[test]
+fn a_backend_rebuilds_every_rooms_bill_from_the_telemetry_and_the_site_model_alone() {
+    // October at 10 s polling through the default report policy: what the cloud receives.
+    let o = october(chrono::Duration::seconds(413), &[], None);
+    let (start, end) = (local(2026, 10, 1, 0, 0), local(2026, 11, 1, 0, 0));
+    let ts = |v: &serde_json::Value| {
+        DateTime::parse_from_rfc3339(v["ts"].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    // The counter each meter's device reported in the first poll at or after a boundary, marked.
+    let at_boundary = |device: &str, boundary: DateTime<Utc>| -> f64 {
+        let r = o
+            .telemetry
+            .iter()
+            .filter(|v| v["device"] == device && v["boundary"] == true && ts(v) >= boundary)
+            .min_by_key(|v| ts(v))
+            .unwrap_or_else(|| panic!("no boundary reading of {device} after {boundary}"));
+        assert!(ts(r) - boundary < chrono::Duration::seconds(60), "{r}");
+        r["values"]["energy_import"].as_f64().unwrap()
+    };
+    let milli = |kwh: f64| (kwh * 1000.0).round() as i64;
+    let model = &o.model;
+    let tariff = |name: &str| model["tariffs"][name]["price"]["micros"].as_i64().unwrap();
+    let mut own_total = 0;
+    for (name, m) in model["meters"].as_object().unwrap() {
+        let Some(room) = m["room"].as_str() else {
+            continue;
+        };
+        let device = m["source"]["device"].as_str().unwrap_or(name);
+        let used = milli(at_boundary(device, end) - at_boundary(device, start));
+        let amount = backend_amount(used, tariff("home"));
+        let b = bill(&o.bills, room);
+        assert_eq!(b.meters[0].consumption_milli, Some(used), "room {room}");
+        assert_eq!(
+            b.own[0].amount, amount,
+            "room {room}: the backend's own arithmetic"
+        );
+        own_total += amount;
+    }
+    assert_eq!(
+        own_total,
+        o.bills.iter().map(|b| b.own[0].amount).sum::<i64>()
+    );
+    // The lift pool: its common consumption priced, and the rooms' shares add up to it.
+    let pool = &model["pools"]["lift"];
+    let lift = milli(at_boundary("lift", end) - at_boundary("lift", start));
+    let lift_amount = backend_amount(lift, tariff(pool["tariff"].as_str().unwrap()));
+    let shares: i64 = o
+        .bills
+        .iter()
+        .flat_map(|b| b.shares.iter())
+        .map(|s| s.amount.unwrap())
+        .sum();
+    assert_eq!(shares, lift_amount, "pool shares add up to the lift's cost");
+    // All of it from the records the policy let out: the gateway ran 6 hours around the two
+    // boundaries, 2,160 polls a meter; the cloud got a counter a quarter hour and the boundaries.
+    let per_meter = o.telemetry.len() / 5;
+    assert!(
+        (24..=40).contains(&per_meter),
+        "{per_meter} records per meter"
+    );
 }
