@@ -458,6 +458,45 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         usage["consumption"].as_i64().unwrap() > 0 && usage["amount"].as_i64().unwrap() < 0,
         "{usage}"
     );
+    // The backend rebuilds the deductions from the site model's price alone: the counter runs on
+    // from row to row (nothing unbilled), and what was deducted is the exact cost rounded down
+    // within one fen (the fraction is carried, never lost or doubled).
+    let model = msgs
+        .iter()
+        .rev()
+        .find(|m| m.topic == "test/gw/config")
+        .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+        .expect("the retained site model");
+    let account = model["prepaid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["room"] == "104")
+        .unwrap();
+    let micros = account["tariff"]["base"]["micros"].as_i64().unwrap();
+    let usage: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "usage").collect();
+    for w in usage.windows(2) {
+        assert_eq!(w[0]["end_counter"], w[1]["start_counter"], "{usage:#?}");
+    }
+    let consumed: i64 = usage
+        .iter()
+        .map(|r| r["consumption"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        consumed,
+        usage.last().unwrap()["end_counter"].as_i64().unwrap()
+            - usage[0]["start_counter"].as_i64().unwrap()
+    );
+    let exact = i128::from(consumed) * i128::from(micros); // fen × 10^7
+    let deducted = -usage
+        .iter()
+        .map(|r| r["amount"].as_i64().unwrap())
+        .sum::<i64>();
+    let deducted = i128::from(deducted) * 10_000_000;
+    assert!(
+        deducted <= exact && exact - deducted < 10_000_000,
+        "deducted {deducted}, exact {exact} (fen × 10^7)"
+    );
     // In the lease quiet period top-ups are suspended, and say why.
     let soon = (chrono::Utc::now() + chrono::Duration::days(2))
         .date_naive()
