@@ -1215,3 +1215,209 @@ async fn an_oversized_record_never_wedges_the_uplink() {
     assert_eq!(uplink.reconnects, 0, "{:?}", uplink.last_error);
     daemon.stop().await;
 }
+
+/// The bill contract over MQTT: October is billed while the gateway's link is down; after the
+/// replay a backend rebuilds each room's bill from the topics alone (the retained site model and
+/// the counter history it asks for with `get_history`) and gets the gateway's figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_billed_during_an_outage_is_rebuilt_by_the_backend_from_the_topics_alone() {
+    let mut broker = Broker::start();
+    // The backend ingests on a shared subscription (two consumers); the retained site model comes
+    // on an ordinary one (brokers do not send retained messages to shared subscriptions).
+    let group = "$share/ingest/test/gw/#";
+    let ingest = [
+        Subscriber::connect(broker.cloud_port, "bills-1", group).await,
+        Subscriber::connect(broker.cloud_port, "bills-2", group).await,
+    ];
+    let sub = Subscriber::connect(broker.cloud_port, "sub-bills", "test/gw/config").await;
+    let union = || -> Vec<Msg> { ingest.iter().flat_map(Subscriber::take).collect() };
+    broker.stop();
+    let sim = common::start(&building(2, "chint_ddsu666")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topo = r#"
+        [[room]]
+        id = "A"
+        [[room]]
+        id = "B"
+        [[meter]]
+        name = "m1"
+        utility = "electricity"
+        room = "A"
+        [[meter]]
+        name = "m2"
+        utility = "electricity"
+        room = "B"
+        [[tariff]]
+        name = "elec"
+        utility = "electricity"
+        price = "0.8523"
+        rooms = ["*"]
+    "#;
+    let cfg = config(
+        &sim,
+        &format!("{}\n{topo}", devices(2, "chint_ddsu666", "500ms")),
+        &uplink_sections(dir.path(), broker.port, "", ""),
+    );
+    // The gateway ran through October: its history holds the readings around both month ends
+    // (1.2 kW and 0.45 kW rooms, counters at 0.01 kWh), and October is the month to bill.
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let samples: Vec<store::Sample> = [
+        ("m1", "2026-09-30T23:59:55Z", 1520.37),
+        ("m1", "2026-10-01T00:00:04Z", 1520.37),
+        ("m1", "2026-10-31T23:59:58Z", 2413.16),
+        ("m1", "2026-11-01T00:00:03Z", 2413.17),
+        ("m2", "2026-09-30T23:59:51Z", 88.12),
+        ("m2", "2026-10-01T00:00:08Z", 88.13),
+        ("m2", "2026-10-31T23:59:54Z", 422.91),
+        ("m2", "2026-11-01T00:00:06Z", 422.92),
+    ]
+    .iter()
+    .map(|(d, t, v)| store::Sample {
+        device: (*d).into(),
+        quantity: "energy_kwh".into(),
+        ts_ms: at(t).timestamp_millis(),
+        value: *v,
+    })
+    .collect();
+    {
+        let mut s = store::Store::open(&cfg.store.path, cfg.store.caps).unwrap();
+        s.record_history(&samples).unwrap();
+    }
+    rusqlite::Connection::open(&cfg.store.path)
+        .unwrap()
+        .execute(
+            "INSERT INTO meta (key, value) VALUES ('billing_since', '2026-10')",
+            [],
+        )
+        .unwrap();
+    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    wait_until(
+        "October billed into the outbox",
+        Duration::from_secs(20),
+        async || {
+            let s = daemon.store.stats().await;
+            if s.by_kind[Kind::Result as usize] >= 2 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} result records",
+                    s.by_kind[Kind::Result as usize]
+                ))
+            }
+        },
+    )
+    .await;
+    let up_at = Utc::now();
+    broker.restart();
+    let msgs = wait_until("the replayed bills", Duration::from_secs(20), async || {
+        let m = union();
+        let n = m
+            .iter()
+            .filter(|m| m.topic == "test/gw/results/bill")
+            .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
+            .count();
+        if n >= 2 {
+            Ok(m)
+        } else {
+            Err(format!("{n} bill records"))
+        }
+    })
+    .await;
+    let bills: BTreeMap<String, Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/results/bill")
+        .inspect(|m| validate("bill.schema.json", &json_of(m)))
+        .flat_map(|m| json_of(m)["records"].as_array().unwrap().clone())
+        .map(|b| (b["room"].as_str().unwrap().to_string(), b))
+        .collect();
+    let model = sub
+        .wait_for("the site model", Duration::from_secs(10), |m| !m.is_empty())
+        .await;
+    let model = json_of(model.last().unwrap());
+
+    // The backend asks for each billing meter's history around the month and prices it itself.
+    for (i, device) in ["m1", "m2"].iter().enumerate() {
+        let c = sub.client.clone();
+        let body = json!({"id": format!("h-{i}"), "device": device,
+            "from": "2026-09-30T23:00:00Z", "to": "2026-11-01T01:00:00Z"});
+        c.publish(
+            "test/gw/cmd/get_history",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body.to_string(),
+        )
+        .await
+        .unwrap();
+    }
+    let msgs = wait_until("the histories", Duration::from_secs(10), async || {
+        let m = union();
+        let n = m
+            .iter()
+            .filter(|m| {
+                m.topic == "test/gw/reply"
+                    && json_of(m)["id"]
+                        .as_str()
+                        .is_some_and(|i| i.starts_with("h-"))
+            })
+            .count();
+        if n >= 2 {
+            Ok(m)
+        } else {
+            Err(format!("{n} history replies"))
+        }
+    })
+    .await;
+    let (start, end) = (at("2026-10-01T00:00:00Z"), at("2026-11-01T00:00:00Z"));
+    for (room, meter) in model["meters"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(n, m)| m["room"].as_str().map(|r| (r.to_string(), n.clone())))
+    {
+        let history = msgs
+            .iter()
+            .filter(|m| m.topic == "test/gw/reply")
+            .map(json_of)
+            .find(|v| v["result"]["device"] == meter.as_str())
+            .unwrap();
+        let samples = history["result"]["samples"].as_array().unwrap();
+        // The bill rests on the first reading at or after each boundary (within 5 minutes).
+        let first_after = |b: chrono::DateTime<Utc>| {
+            samples
+                .iter()
+                .find(|s| at(s["ts"].as_str().unwrap()) >= b)
+                .map(|s| s["value"].as_f64().unwrap())
+                .unwrap()
+        };
+        let used = ((first_after(end) - first_after(start)) * 1000.0).round() as i64;
+        let micros = model["tariffs"]["elec"]["price"]["micros"]
+            .as_i64()
+            .unwrap();
+        // fen = Wh × micro-CNY / 10^7, half to even (docs/mqtt.md).
+        let n = i128::from(used) * i128::from(micros);
+        let (q, r) = (n / 10_000_000, n % 10_000_000);
+        let cost = if 2 * r > 10_000_000 || (2 * r == 10_000_000 && q % 2 == 1) {
+            q + 1
+        } else {
+            q
+        };
+        let bill = &bills[&room];
+        assert_eq!(
+            bill["meters"][0]["consumption_milli"], used,
+            "room {room}: {bill}"
+        );
+        assert_eq!(
+            bill["own"][0]["amount"].as_i64().unwrap(),
+            i64::try_from(cost).unwrap(),
+            "room {room}"
+        );
+        assert_eq!(bill["provisional"], false);
+        // Stamped when it was computed (during the outage), not when it was delivered.
+        assert!(at(bill["ts"].as_str().unwrap()) < up_at, "{bill}");
+    }
+    daemon.stop().await;
+}
