@@ -436,6 +436,21 @@ impl OutboxSync {
     }
 }
 
+/// The site model as a publish, unless it is larger than any publish the session allows (a site of
+/// tens of thousands of rooms): a publish over the packet limit would fail the session on every
+/// reconnect, so it is left out and said so in the log; the cloud still has the last one it got.
+fn site_model_payload(model: &[u8]) -> Option<Vec<u8>> {
+    if model.len() > crate::store::MAX_RECORD_BYTES {
+        tracing::error!(
+            bytes = model.len(),
+            limit = crate::store::MAX_RECORD_BYTES,
+            "site model too large to publish on config; the cloud keeps the last one it got"
+        );
+        return None;
+    }
+    Some(model.to_vec())
+}
+
 // ---- the task ----------------------------------------------------------------------------------
 
 /// Identity reported in the birth message.
@@ -645,8 +660,10 @@ impl Uplink {
         try_publish(topics.status(), true, birth.to_string().into_bytes())?;
         sync.handed_untracked();
         let mut model = self.model.clone();
-        try_publish(topics.config(), true, model.borrow_and_update().to_vec())?;
-        sync.handed_untracked();
+        if let Some(m) = site_model_payload(&model.borrow_and_update()) {
+            try_publish(topics.config(), true, m)?;
+            sync.handed_untracked();
+        }
         let mut last_ok_meta = std::time::Instant::now()
             .checked_sub(Duration::from_secs(10))
             .unwrap();
@@ -719,8 +736,10 @@ impl Uplink {
                 }
                 Ok(()) = model.changed() => {
                     // A tariff the cloud set (or a reload) changed the site model.
-                    try_publish(topics.config(), true, model.borrow_and_update().to_vec())?;
-                    sync.handed_untracked();
+                    if let Some(m) = site_model_payload(&model.borrow_and_update()) {
+                        try_publish(topics.config(), true, m)?;
+                        sync.handed_untracked();
+                    }
                 }
                 _ = shutdown.changed() => {
                     let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": Utc::now().to_rfc3339()});
@@ -923,6 +942,15 @@ fn splice_seq(out: &mut Vec<u8>, row: &Stored) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_site_model_above_the_packet_limit_is_not_published_so_it_cannot_wedge_the_session() {
+        // 20,000 rooms at ~150 bytes each: 3 MB.
+        let big = vec![b' '; 3_000_000];
+        assert!(site_model_payload(&big).is_none());
+        let small = br#"{"gateway":"gw"}"#;
+        assert_eq!(site_model_payload(small).as_deref(), Some(&small[..]));
+    }
     use crate::store::Kind;
 
     fn row(seq: i64, topic: &str, payload: &str) -> Stored {
