@@ -695,21 +695,7 @@ impl AccountingCommands {
                 "get_history: the history keeps billing counters (energy_kwh, water_m3), not {quantity:?}"
             ));
         }
-        let (from, to) = if args.get("period").is_some() {
-            let p = period_arg(args, self.timezone, "get_history")?;
-            period_bounds(&p, self.timezone).map_err(|e| e.to_string())?
-        } else {
-            let t = |k: &str| {
-                args.get(k)
-                    .and_then(Value::as_str)
-                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                    .map(|d| d.with_timezone(&Utc))
-                    .ok_or_else(|| {
-                        format!("get_history: \"{k}\" must be an RFC 3339 time; {usage}")
-                    })
-            };
-            (t("from")?, t("to")?)
-        };
+        let (from, to) = crate::bill::window_arg(args, self.timezone, "get_history")?;
         let after = args
             .get("after")
             .and_then(Value::as_i64)

@@ -95,6 +95,31 @@ impl Calendar {
     }
 }
 
+/// The time window a query command asks for: `"period": "YYYY-MM"` (that month in the site's
+/// timezone) or `"from"` and `"to"` (RFC 3339). The error names `command` and what to give.
+pub(crate) fn window_arg(
+    args: &serde_json::Value,
+    tz: chrono_tz::Tz,
+    command: &str,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), String> {
+    if let Some(p) = args.get("period").and_then(serde_json::Value::as_str) {
+        return month_bounds(p, tz)
+            .ok_or_else(|| format!("{command}: \"period\" must be YYYY-MM (a month), got {p:?}"));
+    }
+    let t = |k: &str| {
+        args.get(k)
+            .and_then(serde_json::Value::as_str)
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|d| d.with_timezone(&Utc))
+            .ok_or_else(|| {
+                format!(
+                    "{command}: \"{k}\" must be an RFC 3339 time, or give \"period\": \"YYYY-MM\""
+                )
+            })
+    };
+    Ok((t("from")?, t("to")?))
+}
+
 /// [`Calendar::crossed`] for a stream of readings in about time order: the next boundary is
 /// computed once per boundary, not once per reading.
 #[derive(Debug, Clone)]
@@ -723,4 +748,32 @@ pub fn adjustments(old: &[RoomBill], new: &[RoomBill]) -> Vec<Adjustment> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_query_window_is_a_site_month_or_two_times_and_a_bad_one_says_what_to_give() {
+        let tz = chrono_tz::Asia::Shanghai;
+        let (from, to) = window_arg(&json!({"period": "2026-10"}), tz, "get_ledger").unwrap();
+        assert_eq!(from.to_rfc3339(), "2026-09-30T16:00:00+00:00");
+        assert!(to > from && to < Utc.with_ymd_and_hms(2026, 10, 31, 16, 0, 1).unwrap());
+        let (from, to) = window_arg(
+            &json!({"from": "2026-11-30T08:00:00+08:00", "to": "2026-11-30T09:00:00Z"}),
+            tz,
+            "get_history",
+        )
+        .unwrap();
+        assert_eq!((to - from).num_hours(), 9);
+        let e = window_arg(&json!({"period": "2026-13"}), tz, "get_ledger").unwrap_err();
+        assert!(
+            e.starts_with("get_ledger: \"period\" must be YYYY-MM"),
+            "{e}"
+        );
+        let e = window_arg(&json!({"from": "yesterday"}), tz, "get_history").unwrap_err();
+        assert!(e.contains("\"from\" must be an RFC 3339 time"), "{e}");
+    }
 }

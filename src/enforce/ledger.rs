@@ -192,20 +192,7 @@ impl LedgerQuery {
                 ))
             }
         };
-        let (from, to) = if let Some(p) = args.get("period").and_then(Value::as_str) {
-            crate::bill::month_bounds(p, self.timezone).ok_or_else(|| {
-                format!("get_ledger: \"period\" must be YYYY-MM (a month), got {p:?}")
-            })?
-        } else {
-            let t = |k: &str| {
-                args.get(k)
-                    .and_then(Value::as_str)
-                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                    .map(|d| d.with_timezone(&Utc))
-                    .ok_or(format!("get_ledger: \"{k}\" must be an RFC 3339 time, or give \"period\": \"YYYY-MM\""))
-            };
-            (t("from")?, t("to")?)
-        };
+        let (from, to) = crate::bill::window_arg(args, self.timezone, "get_ledger")?;
         let after = args.get("after").and_then(Value::as_i64).unwrap_or(0);
         let conn = open(&self.path)?;
         let rows = query(&conn, room, utility, from, to, after, PAGE)
