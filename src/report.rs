@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Map, Value};
 
 use crate::bill::{BoundaryWatch, Calendar};
 use crate::modbus::profile::Quantity;
@@ -230,52 +229,76 @@ fn slot(t: DateTime<Utc>, every: Duration) -> i64 {
 /// `{"device", "ts", "values": {register: number}, "quality"?: {register: "error"|"stale"},
 /// "errors"?: {register: reason}, "boundary"?: true, "clock_unsynced"?: true}`.
 /// `ts` is the poll's time (its latest reading); `quality` lists only values that are not good.
+/// Keys are written in sorted order (registers too), straight from the readings without building a
+/// JSON tree: this runs for every poll.
 fn encode(device: &str, readings: &[&Reading], boundary: bool) -> NewRecord {
     let ts = readings.iter().map(|r| r.ts).max().unwrap_or_else(Utc::now);
-    let mut values = Map::new();
-    let mut quality = Map::new();
-    let mut errors = Map::new();
-    for r in readings {
-        if let Some(v) = r.value {
-            values.insert(r.register.to_string(), Value::from(v));
-        }
-        match r.quality {
-            Quality::Good => {}
-            Quality::Error => {
-                quality.insert(r.register.to_string(), Value::from("error"));
-            }
-            Quality::Stale => {
-                quality.insert(r.register.to_string(), Value::from("stale"));
-            }
-        }
-        if let Some(e) = &r.error {
-            errors.insert(r.register.to_string(), Value::from(e.as_ref()));
-        }
-    }
-    let mut v = Map::new();
-    v.insert("device".into(), Value::from(device));
-    v.insert(
-        "ts".into(),
-        Value::from(ts.to_rfc3339_opts(SecondsFormat::Millis, true)),
-    );
-    v.insert("values".into(), Value::Object(values));
-    if !quality.is_empty() {
-        v.insert("quality".into(), Value::Object(quality));
-    }
-    if !errors.is_empty() {
-        v.insert("errors".into(), Value::Object(errors));
-    }
-    if boundary {
-        v.insert("boundary".into(), Value::Bool(true));
-    }
-    if !crate::clock::plausible(ts) {
-        v.insert("clock_unsynced".into(), Value::Bool(true));
-    }
+    let mut sorted: Vec<&Reading> = readings.to_vec();
+    sorted.sort_by(|a, b| a.register.cmp(&b.register));
+    let record = Record {
+        boundary,
+        clock_unsynced: !crate::clock::plausible(ts),
+        device,
+        errors: Fields(
+            sorted
+                .iter()
+                .filter_map(|r| Some((&*r.register, r.error.as_deref()?)))
+                .collect(),
+        ),
+        quality: Fields(
+            sorted
+                .iter()
+                .filter_map(|r| match r.quality {
+                    Quality::Good => None,
+                    Quality::Error => Some((&*r.register, "error")),
+                    Quality::Stale => Some((&*r.register, "stale")),
+                })
+                .collect(),
+        ),
+        ts: ts.to_rfc3339_opts(SecondsFormat::Millis, true),
+        values: Fields(
+            sorted
+                .iter()
+                .filter_map(|r| Some((&*r.register, r.value?)))
+                .collect(),
+        ),
+    };
     NewRecord {
         kind: Kind::Telemetry,
         topic: "telemetry".into(),
         ts,
-        payload: Value::Object(v).to_string().into_bytes(),
+        payload: serde_json::to_vec(&record).unwrap_or_default(),
+    }
+}
+
+/// The telemetry record's fields, in the order they are written (sorted by name).
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    boundary: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    clock_unsynced: bool,
+    device: &'a str,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    errors: Fields<'a, &'a str>,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    quality: Fields<'a, &'static str>,
+    ts: String,
+    values: Fields<'a, f64>,
+}
+
+/// `register → value` pairs written as a JSON object.
+struct Fields<'a, T>(Vec<(&'a str, T)>);
+
+impl<T> Fields<'_, T> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<T: serde::Serialize> serde::Serialize for Fields<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
     }
 }
 
@@ -285,6 +308,7 @@ mod tests {
     use crate::reading::RawWords;
     use chrono::TimeZone;
     use proptest::prelude::*;
+    use serde_json::Value;
 
     fn reading(register: &str, quantity: Quantity, value: f64, ts: DateTime<Utc>) -> Reading {
         Reading {

@@ -32,6 +32,7 @@ mod history;
 mod outbox;
 mod runs;
 mod schema;
+mod tail;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -205,6 +206,40 @@ impl AppendRate {
         } else {
             None
         }
+    }
+}
+
+/// The append rate as the writer keeps it: in memory, saved to `meta` (for `meterd buffer` in
+/// another process) on the first write and then at most once a minute, so a commit does not pay
+/// for a read, a JSON round trip and a write of it.
+#[derive(Debug, Default)]
+pub(crate) struct RateKeeper {
+    pub(crate) rate: AppendRate,
+    saved: Option<std::time::Instant>,
+}
+
+impl RateKeeper {
+    /// The rate saved in the outbox, if any.
+    pub(crate) fn load(conn: &rusqlite::Connection) -> rusqlite::Result<RateKeeper> {
+        Ok(RateKeeper {
+            rate: meta_get(conn, AppendRate::META_KEY)?
+                .and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default(),
+            saved: None,
+        })
+    }
+
+    /// `bytes` more written at `now_ms`; returns the value to save when it is time to.
+    pub(crate) fn add(&mut self, now_ms: i64, bytes: u64) -> Option<String> {
+        self.rate = self.rate.add(now_ms, bytes);
+        if self
+            .saved
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return None;
+        }
+        self.saved = Some(std::time::Instant::now());
+        serde_json::to_string(&self.rate).ok()
     }
 }
 

@@ -3,14 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::schema::SCHEMA;
+use super::tail::{Tail, TAIL_BYTES};
 use super::{
-    meta_get, stats, AppendRate, Caps, Kind, NewRecord, Remembered, Stats, StoreError, Stored,
+    meta_get, stats, Caps, Kind, NewRecord, RateKeeper, Remembered, Stats, StoreError, Stored,
     Write, MAX_RECORD_BYTES, REPLY_KEEP_MS,
 };
 
@@ -25,6 +27,9 @@ pub struct Store {
     /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
     pub(super) last_age_check: Option<std::time::Instant>,
     pub(super) last_prune: Option<std::time::Instant>,
+    /// The newest committed rows, shared with the uplink's handle (see `tail`).
+    pub(super) tail: Arc<Mutex<Tail>>,
+    pub(super) rate: RateKeeper,
     /// Test fault: the next cap pass fails as on a full disk.
     #[cfg(test)]
     pub(super) fail_next_cap_pass: bool,
@@ -61,7 +66,18 @@ impl Store {
             .map_err(err)?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let rate = RateKeeper::load(&conn).map_err(err)?;
+        let last: Option<i64> = conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
         Ok(Store {
+            tail: Arc::new(Mutex::new(Tail::new(last.unwrap_or(0), TAIL_BYTES))),
+            rate,
             conn,
             path: path.to_path_buf(),
             caps,
@@ -102,7 +118,29 @@ impl Store {
         records: &[NewRecord],
         remember: &[Remembered],
     ) -> Result<i64, StoreError> {
+        self.append_all(records, remember, &[])
+    }
+
+    /// [`Store::append`], deleting acknowledged records (inclusive seq ranges) in the same
+    /// transaction: the store thread's group commit of what the recorder and the uplink sent.
+    pub(crate) fn append_acking(
+        &mut self,
+        records: &[NewRecord],
+        acks: &[(i64, i64)],
+    ) -> Result<i64, StoreError> {
+        self.append_all(records, &[], acks)
+    }
+
+    fn append_all(
+        &mut self,
+        records: &[NewRecord],
+        remember: &[Remembered],
+        acks: &[(i64, i64)],
+    ) -> Result<i64, StoreError> {
         if records.is_empty() {
+            if !acks.is_empty() {
+                self.ack(acks)?;
+            }
             return self.last_seq();
         }
         let critical = records.iter().any(|r| r.kind.critical());
@@ -111,7 +149,7 @@ impl Store {
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(|e| self.err(e))?;
         }
-        let result = self.insert(records, remember);
+        let result = self.insert(records, remember, acks);
         if critical {
             self.conn
                 .pragma_update(None, "synchronous", "NORMAL")
@@ -135,6 +173,7 @@ impl Store {
         &mut self,
         records: &[NewRecord],
         remember: &[Remembered],
+        acks: &[(i64, i64)],
     ) -> Result<i64, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
@@ -142,7 +181,8 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
-        insert_records(&tx, records).map_err(err)?;
+        let (acked_rows, acked_bytes) = delete_ranges(&tx, acks).map_err(err)?;
+        insert_records(&tx, records, &mut self.rate).map_err(err)?;
         let last = tx.last_insert_rowid();
         if !remember.is_empty() {
             let mut stmt = tx
@@ -160,7 +200,50 @@ impl Store {
                 .map_err(err)?;
         }
         tx.commit().map_err(err)?;
+        self.acked(acks, acked_rows, acked_bytes);
+        self.tail_committed(records, last);
         Ok(last)
+    }
+
+    /// Tells the tail about records just committed with seqs up to `last`: plain telemetry (stored
+    /// as given) is kept; anything else sends readers of these seqs to the table.
+    fn tail_committed(&self, records: &[NewRecord], last: i64) {
+        let Ok(mut tail) = self.tail.lock() else {
+            return;
+        };
+        let plain = records
+            .iter()
+            .all(|r| r.kind == Kind::Telemetry && r.payload.len() <= MAX_RECORD_BYTES);
+        if !plain {
+            tail.reset(last);
+            return;
+        }
+        let first = last - records.len() as i64 + 1;
+        tail.push(
+            records
+                .iter()
+                .zip(first..)
+                .map(|(r, seq)| Stored {
+                    seq,
+                    kind: r.kind,
+                    topic: r.topic.clone(),
+                    ts_ms: r.ts.timestamp_millis(),
+                    payload: r.payload.clone(),
+                })
+                .collect(),
+        );
+    }
+
+    /// Rows were added or removed past the tail's knowledge; the newest seq is `last`.
+    pub(super) fn tail_reset(&self, last: i64) {
+        if let Ok(mut tail) = self.tail.lock() {
+            tail.reset(last);
+        }
+    }
+
+    /// The tail, for the store handle's fetches.
+    pub(super) fn tail(&self) -> Arc<Mutex<Tail>> {
+        self.tail.clone()
     }
 
     /// Runs `writes` and appends `records` in one transaction (see [`StoreHandle::transact`]).
@@ -190,7 +273,7 @@ impl Store {
             for w in writes {
                 w(&tx).map_err(err)?;
             }
-            insert_records(&tx, records).map_err(err)?;
+            insert_records(&tx, records, &mut self.rate).map_err(err)?;
             let last = if records.is_empty() {
                 None
             } else {
@@ -206,6 +289,7 @@ impl Store {
         }
         match result? {
             Some(last) => {
+                self.tail_reset(last);
                 self.rows += records.len() as u64;
                 self.bytes += records
                     .iter()
@@ -352,12 +436,14 @@ impl Store {
             ],
         )
         .map_err(err)?;
+        let event_seq = tx.last_insert_rowid();
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('dropped_total', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [dropped_total.to_string()],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;
+        self.tail_reset(event_seq);
         tracing::warn!(
             dropped = n,
             seq_first = first,
@@ -399,27 +485,22 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
-        let (mut n, mut b) = (0u64, 0u64);
-        {
-            let mut count = tx
-                .prepare_cached("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq BETWEEN ?1 AND ?2")
-                .map_err(err)?;
-            let mut del = tx
-                .prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")
-                .map_err(err)?;
-            for (a, z) in ranges {
-                let (c, s): (i64, i64) = count
-                    .query_row([a, z], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .map_err(err)?;
-                del.execute([a, z]).map_err(err)?;
-                n += c as u64;
-                b += s as u64;
-            }
-        }
+        let (n, b) = delete_ranges(&tx, ranges).map_err(err)?;
         tx.commit().map_err(err)?;
-        self.rows = self.rows.saturating_sub(n);
-        self.bytes = self.bytes.saturating_sub(b);
+        self.acked(ranges, n, b);
         Ok(())
+    }
+
+    /// Committed deletes of `ranges` (`rows` rows, `bytes` payload bytes) in the counters and tail.
+    fn acked(&mut self, ranges: &[(i64, i64)], rows: u64, bytes: u64) {
+        if ranges.is_empty() {
+            return;
+        }
+        if let Ok(mut tail) = self.tail.lock() {
+            tail.ack(ranges);
+        }
+        self.rows = self.rows.saturating_sub(rows);
+        self.bytes = self.bytes.saturating_sub(bytes);
     }
 
     /// The newest seq ever assigned (0 for a fresh outbox), from `SQLite`'s own sequence.
@@ -451,6 +532,7 @@ impl Store {
     pub fn stats(&self) -> Result<Stats, StoreError> {
         stats(&self.conn).map_err(|e| self.err(e)).map(|mut s| {
             s.dropped_total = self.dropped_total;
+            s.bytes_per_hour = self.rate.rate.per_hour(Utc::now().timestamp_millis());
             s
         })
     }
@@ -477,25 +559,40 @@ pub(crate) fn with_ts(r: &NewRecord) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-pub(super) fn insert_records(tx: &Connection, records: &[NewRecord]) -> rusqlite::Result<()> {
+/// Deletes inclusive seq ranges in the caller's transaction; returns (rows, payload bytes) deleted.
+fn delete_ranges(tx: &Connection, ranges: &[(i64, i64)]) -> rusqlite::Result<(u64, u64)> {
+    let (mut n, mut b) = (0u64, 0u64);
+    if ranges.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut count = tx.prepare_cached(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq BETWEEN ?1 AND ?2",
+    )?;
+    let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+    for (a, z) in ranges {
+        let (c, s): (i64, i64) = count.query_row([a, z], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        del.execute([a, z])?;
+        n += c as u64;
+        b += s as u64;
+    }
+    Ok((n, b))
+}
+
+pub(super) fn insert_records(
+    tx: &Connection,
+    records: &[NewRecord],
+    rate: &mut RateKeeper,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
     )?;
     let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
-    let rate: AppendRate = tx
-        .query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            [AppendRate::META_KEY],
-            |r| r.get::<_, String>(0),
-        )
-        .optional()?
-        .and_then(|v| serde_json::from_str(&v).ok())
-        .unwrap_or_default();
-    let rate = rate.add(Utc::now().timestamp_millis(), bytes);
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![AppendRate::META_KEY, serde_json::to_string(&rate).unwrap_or_default()],
-    )?;
+    if let Some(saved) = rate.add(Utc::now().timestamp_millis(), bytes) {
+        tx.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        )?
+        .execute(params![super::AppendRate::META_KEY, saved])?;
+    }
     for r in records {
         if r.payload.len() <= MAX_RECORD_BYTES {
             stmt.execute(params![

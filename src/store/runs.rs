@@ -133,8 +133,12 @@ impl Store {
         .map_err(err)?;
         let version = tx.last_insert_rowid();
         let records = records(version);
-        super::outbox::insert_records(&tx, &records).map_err(err)?;
+        super::outbox::insert_records(&tx, &records, &mut self.rate).map_err(err)?;
+        let last = (!records.is_empty()).then(|| tx.last_insert_rowid());
         tx.commit().map_err(err)?;
+        if let Some(last) = last {
+            self.tail_reset(last);
+        }
         let bytes = records.iter().map(|r| r.payload.len() as u64).sum();
         Ok((version, records.len() as u64, bytes))
     }

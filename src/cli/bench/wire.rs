@@ -28,41 +28,44 @@ const POLLS: i64 = 8_640;
 /// Field-like values of one device: a load that sits at a level with ±1 % noise and switches to a
 /// new level (0.3–3 kW) about every ten minutes, mains voltage drifting a few volts over the day,
 /// counters integrating the load at their 0.01 resolution, relays switched twice a day.
-struct Meter {
+pub(super) struct Meter {
     rng: fastrand::Rng,
+    /// Seconds between polls.
+    step_s: f64,
     level_w: f64,
     kwh: f64,
     relays: HashMap<String, bool>,
 }
 
 impl Meter {
-    fn new(seed: u64) -> Meter {
+    pub(super) fn new(seed: u64, step_s: f64) -> Meter {
         let mut rng = fastrand::Rng::with_seed(seed);
         let level_w = 300.0 + rng.f64() * 2700.0;
         Meter {
             rng,
+            step_s,
             level_w,
             kwh: 1000.0 + f64::from(u32::try_from(seed % 5000).unwrap_or(0)),
             relays: HashMap::new(),
         }
     }
 
-    fn poll(
+    pub(super) fn poll(
         &mut self,
         device: &str,
         registers: &[RegisterDef],
         k: i64,
         ts: DateTime<Utc>,
     ) -> Vec<Reading> {
-        if self.rng.f64() < 1.0 / 60.0 {
+        if self.rng.f64() < self.step_s / 600.0 {
             self.level_w = 300.0 + self.rng.f64() * 2700.0;
         }
         let w = self.level_w * (1.0 + (self.rng.f64() - 0.5) * 0.02);
-        self.kwh += w * 10.0 / 3.6e6;
-        let hour = (k as f64) * 10.0 / 3600.0;
+        self.kwh += w * self.step_s / 3.6e6;
+        let hour = (k as f64) * self.step_s / 3600.0;
         let volts =
             226.0 + 4.0 * (hour / 24.0 * std::f64::consts::TAU).sin() + (self.rng.f64() - 0.5);
-        let switch = self.rng.f64() < 2.0 / POLLS as f64;
+        let switch = self.rng.f64() < 2.0 * self.step_s / 86_400.0;
         registers
             .iter()
             .map(|r| {
@@ -192,7 +195,7 @@ pub(super) fn wire() -> Result<bool> {
     let mut rows = Vec::new();
     let (mut total_before, mut total_after) = (Day::default(), Day::default());
     for (i, d) in config.devices.iter().enumerate() {
-        let mut meter = Meter::new(0x5EED + i as u64);
+        let mut meter = Meter::new(0x5EED + i as u64, 10.0);
         let (mut before, mut after) = (Day::default(), Day::default());
         let mut counters_after = 0usize;
         for k in 0..POLLS {
