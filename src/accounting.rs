@@ -950,7 +950,7 @@ pub async fn run(
         }
     }
     // The site model the cloud sees: with the tariffs the cloud set.
-    model.send_replace(Arc::new(config.site_model().to_string().into_bytes()));
+    model.send_replace(Arc::new(config.site_model_bytes()));
     let tz = config.gateway.timezone;
     let since = if let Some(s) = since {
         s
@@ -1030,7 +1030,7 @@ pub async fn run(
                     let mut c = (*config).clone();
                     apply_tariff(&mut c.site, t);
                     config = Arc::new(c);
-                    model.send_replace(Arc::new(config.site_model().to_string().into_bytes()));
+                    model.send_replace(Arc::new(config.site_model_bytes()));
                 }
             },
             _ = shutdown.changed() => return,

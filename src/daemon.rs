@@ -267,6 +267,7 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         // rustls needs one process-wide crypto provider; ring cross-compiles cleanly for ARM.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let model = Arc::new(config.site_model_bytes());
         if let Some(dir) = config.store.path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir {
@@ -359,8 +360,7 @@ impl Daemon {
             n
         });
         let (acct_tx, acct_rx) = mpsc::channel(4);
-        let (model_tx, model_rx) =
-            watch::channel(Arc::new(config.site_model().to_string().into_bytes()));
+        let (model_tx, model_rx) = watch::channel(model);
         let accounting = tokio::spawn(crate::accounting::run(
             shared.clone(),
             store.clone(),

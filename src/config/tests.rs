@@ -446,3 +446,23 @@ fn topology_errors_name_the_node_and_are_all_listed() {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
 }
+
+/// The site model is written without a tree of its devices; it must be the very text a JSON tree
+/// writes (keys sorted at every level), and its hash the hash of that text without `model_hash`.
+#[test]
+fn the_site_model_written_without_a_tree_is_the_trees_text_and_hash() {
+    let cfg = Config::from_str_only(
+        include_str!("../../config/meterd.toml"),
+        "config/meterd.toml",
+        std::path::Path::new("/etc/meterd"),
+    )
+    .unwrap();
+    let bytes = cfg.site_model_bytes();
+    let tree: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(tree.to_string().into_bytes(), bytes);
+    assert!(tree["devices"].as_array().is_some_and(|d| d.len() == cfg.devices.len()));
+    let mut without = tree.clone();
+    let hash = without.as_object_mut().unwrap().remove("model_hash").unwrap();
+    assert_eq!(hash, serde_json::json!(super::validate::fnv1a(&without.to_string())));
+    assert!(!String::from_utf8(bytes).unwrap().contains('\u{1}'));
+}
