@@ -166,8 +166,9 @@ pub(crate) fn clock_jump_record(j: &crate::clock::ClockJump) -> NewRecord {
 pub struct HistorySampler {
     every_ms: i64,
     boundaries: crate::bill::BoundaryWatch,
-    /// Per counter: the time of the last kept sample, and the last reading seen (kept or not).
-    last: std::collections::HashMap<(Arc<str>, Quantity), (i64, Option<Sample>)>,
+    /// Per counter: the time of the last kept sample, and the last reading seen (kept or not) as
+    /// its time and value.
+    last: std::collections::HashMap<(Arc<str>, Quantity), (i64, Option<Seen>)>,
 }
 
 impl HistorySampler {
@@ -193,7 +194,7 @@ impl HistorySampler {
             let (Some(value), ts) = (r.value, r.ts.timestamp_millis()) else {
                 continue;
             };
-            let sample = Sample {
+            let sample = || Sample {
                 device: r.device.to_string(),
                 quantity: r.quantity.as_str().to_string(),
                 ts_ms: ts,
@@ -202,7 +203,7 @@ impl HistorySampler {
             let prev_ts = self
                 .last
                 .get(&(r.device.clone(), r.quantity))
-                .and_then(|(_, p)| p.as_ref().map(|p| p.ts_ms));
+                .and_then(|(_, p)| p.as_ref().map(|p| p.0));
             let crossed = match prev_ts.and_then(chrono::DateTime::from_timestamp_millis) {
                 Some(a) => self.boundaries.crossed(a, r.ts),
                 None => false,
@@ -212,19 +213,26 @@ impl HistorySampler {
                 .entry((r.device.clone(), r.quantity))
                 .or_insert((i64::MIN, None));
             if crossed {
-                if let Some(p) = prev.take().filter(|p| p.ts_ms != *kept) {
-                    out.push(p);
+                if let Some((p_ts, p_value)) = prev.take().filter(|p| p.0 != *kept) {
+                    out.push(Sample {
+                        ts_ms: p_ts,
+                        value: p_value,
+                        ..sample()
+                    });
                 }
             }
             if crossed || *kept == i64::MIN || ts - *kept >= self.every_ms {
                 *kept = ts;
-                out.push(sample.clone());
+                out.push(sample());
             }
-            *prev = Some(sample);
+            *prev = Some((ts, value));
         }
         out
     }
 }
+
+/// A counter reading's time (ms) and value.
+type Seen = (i64, f64);
 
 /// The site's billing calendar: month starts and the band changes of every tariff and prepaid
 /// account.

@@ -123,7 +123,8 @@ struct Sent {
 pub struct Reporter {
     policy: ReportPolicy,
     boundaries: BoundaryWatch,
-    last: HashMap<(Arc<str>, Arc<str>), Sent>,
+    /// Per device, per register (looked up by `&str`, so a poll clones no key).
+    last: HashMap<Arc<str>, HashMap<Arc<str>, Sent>>,
     /// Each device's previous poll, for the boundary check.
     polled: HashMap<Arc<str>, DateTime<Utc>>,
 }
@@ -158,25 +159,23 @@ impl Reporter {
             .copied()
             .unwrap_or(self.policy.publish_every);
         let mut chosen: Vec<&Reading> = Vec::new();
+        let mut last = self.last.remove(device.as_ref()).unwrap_or_default();
         for r in readings {
-            let key = (r.device.clone(), r.register.clone());
-            let send = match self.last.get(&key) {
-                None => true,
-                Some(_) if self.policy.every_poll => true,
-                Some(s) => self.due(r, s, every, boundary),
+            let sent = Sent {
+                value: r.value,
+                quality: r.quality,
+                at: r.ts,
             };
-            if send {
-                self.last.insert(
-                    key,
-                    Sent {
-                        value: r.value,
-                        quality: r.quality,
-                        at: r.ts,
-                    },
-                );
-                chosen.push(r);
+            match last.get_mut(r.register.as_ref()) {
+                None => {
+                    last.insert(r.register.clone(), sent);
+                }
+                Some(s) if self.policy.every_poll || self.due(r, s, every, boundary) => *s = sent,
+                Some(_) => continue,
             }
+            chosen.push(r);
         }
+        self.last.insert(device.clone(), last);
         if chosen.is_empty() {
             return None;
         }

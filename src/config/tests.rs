@@ -460,9 +460,18 @@ fn the_site_model_written_without_a_tree_is_the_trees_text_and_hash() {
     let bytes = cfg.site_model_bytes();
     let tree: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(tree.to_string().into_bytes(), bytes);
-    assert!(tree["devices"].as_array().is_some_and(|d| d.len() == cfg.devices.len()));
+    assert!(tree["devices"]
+        .as_array()
+        .is_some_and(|d| d.len() == cfg.devices.len()));
     let mut without = tree.clone();
-    let hash = without.as_object_mut().unwrap().remove("model_hash").unwrap();
-    assert_eq!(hash, serde_json::json!(super::validate::fnv1a(&without.to_string())));
+    let hash = without
+        .as_object_mut()
+        .unwrap()
+        .remove("model_hash")
+        .unwrap();
+    assert_eq!(
+        hash,
+        serde_json::json!(super::validate::fnv1a(&without.to_string()))
+    );
     assert!(!String::from_utf8(bytes).unwrap().contains('\u{1}'));
 }

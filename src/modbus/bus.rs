@@ -439,6 +439,15 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
         .map(|d| vec![None; d.profile.registers.len()])
         .collect();
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(pollers.len());
+    // One poller (every RS485 line, a TCP endpoint taking one transaction at a time): the
+    // dispatcher runs each job itself, without a task and two channel hops per poll. Several: a
+    // task each, fed by a channel.
+    let mut pollers = pollers;
+    let mut single = if pollers.len() == 1 {
+        pollers.pop()
+    } else {
+        None
+    };
     let mut jobs = Vec::new();
     for (worker, mut poller) in pollers.into_iter().enumerate() {
         let (tx, mut rx) = mpsc::channel::<Job>(1);
@@ -447,27 +456,23 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
         let done_tx = done_tx.clone();
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
-                let poll = match job {
-                    Job::Poll(device) => Some((device, poller.poll(&devices[device]).await)),
-                    Job::Actuate(device, a) => {
-                        let r = poller.actuate(&devices[device], &a.output, a.set).await;
-                        let _ = a.reply.send(r);
-                        None
-                    }
-                };
-                if done_tx.send(Done { worker, poll }).await.is_err() {
+                let done = run_job(&mut poller, &devices, worker, job).await;
+                if done_tx.send(done).await.is_err() {
                     break;
                 }
             }
         });
     }
     drop(done_tx);
-    let mut idle: Vec<usize> = (0..jobs.len()).rev().collect();
+    let workers = single.as_ref().map_or(jobs.len(), |_| 1);
+    let mut idle: Vec<usize> = (0..workers).rev().collect();
     let start = Instant::now();
     let mut actions_open = true;
     let mut pending: Option<Actuation> = None;
     loop {
         let now = start.elapsed();
+        // A job the dispatcher ran itself (single poller), handled below like a worker's.
+        let mut ran: Option<Done> = None;
         // Relay actions first: a door should not wait behind a meter poll.
         while let Some(&w) = idle.last() {
             let a = match pending.take() {
@@ -482,53 +487,112 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
                 continue;
             };
             idle.pop();
-            if jobs[w].send(Job::Actuate(d, a)).await.is_err() {
-                return;
+            match hand(&mut single, &jobs, &devices, w, Job::Actuate(d, a)).await {
+                Err(()) => return,
+                Ok(Some(done)) => {
+                    ran = Some(done);
+                    break;
+                }
+                Ok(None) => {}
             }
         }
-        while let Some(&w) = idle.last() {
+        while ran.is_none() {
+            let Some(&w) = idle.last() else { break };
             let Some(d) = sched.pop_due(now) else { break };
             idle.pop();
-            if jobs[w].send(Job::Poll(d)).await.is_err() {
-                return;
+            match hand(&mut single, &jobs, &devices, w, Job::Poll(d)).await {
+                Err(()) => return,
+                Ok(done) => ran = done,
             }
         }
-        let next = sched.next_due();
-        tokio::select! {
-            a = actions.recv(), if actions_open && pending.is_none() => match a {
-                Some(a) => pending = Some(a),
-                None => actions_open = false,
-            },
-            done = done_rx.recv() => {
-                let Some(Done { worker, poll }) = done else { return };
-                idle.push(worker);
-                let Some((device, result)) = poll else { continue };
-                let ok = result.failure.is_none();
-                let verdict = sched.complete(device, ok, start.elapsed());
-                let dev = &devices[device];
-                let batch = account(&status, device, dev, &result, verdict, sched.missed(device), &mut last_good[device]);
-                let batch = if ok { result.readings } else { batch };
-                if !batch.is_empty() && out.send(batch).await.is_err() {
-                    return;
-                }
-            }
-            () = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => {}
-            r = async {
-                match boundaries.as_mut() {
-                    Some(b) => b.changed().await,
-                    None => std::future::pending().await,
-                }
-            }, if boundaries.is_some() => match r {
-                Ok(()) => {
-                    let now = start.elapsed();
-                    for &i in &billing {
-                        sched.poll_now(i, now);
+        let done = if let Some(done) = ran {
+            done
+        } else {
+            {
+                let next = sched.next_due();
+                tokio::select! {
+                    a = actions.recv(), if actions_open && pending.is_none() => {
+                        match a {
+                            Some(a) => pending = Some(a),
+                            None => actions_open = false,
+                        }
+                        continue;
                     }
+                    done = done_rx.recv(), if single.is_none() => {
+                        let Some(done) = done else { return };
+                        done
+                    }
+                    () = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => continue,
+                    r = async {
+                        match boundaries.as_mut() {
+                            Some(b) => b.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if boundaries.is_some() => {
+                        match r {
+                            Ok(()) => {
+                                let now = start.elapsed();
+                                for &i in &billing {
+                                    sched.poll_now(i, now);
+                                }
+                            }
+                            Err(_) => boundaries = None,
+                        }
+                        continue;
+                    }
+                    () = out.closed() => return,
                 }
-                Err(_) => boundaries = None,
-            },
-            () = out.closed() => return,
+            }
+        };
+        let Done { worker, poll } = done;
+        idle.push(worker);
+        let Some((device, result)) = poll else {
+            continue;
+        };
+        let ok = result.failure.is_none();
+        let verdict = sched.complete(device, ok, start.elapsed());
+        let dev = &devices[device];
+        let batch = account(
+            &status,
+            device,
+            dev,
+            &result,
+            verdict,
+            sched.missed(device),
+            &mut last_good[device],
+        );
+        let batch = if ok { result.readings } else { batch };
+        if !batch.is_empty() && out.send(batch).await.is_err() {
+            return;
         }
+    }
+}
+
+/// Runs one job on a poller.
+async fn run_job<P: Poller>(poller: &mut P, devices: &[Device], worker: usize, job: Job) -> Done {
+    let poll = match job {
+        Job::Poll(device) => Some((device, poller.poll(&devices[device]).await)),
+        Job::Actuate(device, a) => {
+            let r = poller.actuate(&devices[device], &a.output, a.set).await;
+            let _ = a.reply.send(r);
+            None
+        }
+    };
+    Done { worker, poll }
+}
+
+/// Gives `job` to worker `w`: the single poller runs it here and its outcome comes back at once;
+/// a worker task reports through the done channel later. `Err` when the worker is gone.
+async fn hand<P: Poller>(
+    single: &mut Option<P>,
+    jobs: &[mpsc::Sender<Job>],
+    devices: &[Device],
+    w: usize,
+    job: Job,
+) -> Result<Option<Done>, ()> {
+    match single {
+        Some(poller) => Ok(Some(run_job(poller, devices, w, job).await)),
+        None => jobs[w].send(job).await.map(|()| None).map_err(|_| ()),
     }
 }
 

@@ -160,7 +160,11 @@ impl Prepared {
         let counts = Arc::new(Mutex::new(Counts::default()));
         let started = Utc::now();
         let subscriber = subscribe(self.port, counts.clone(), started).await?;
-        let exe = std::env::current_exe()?;
+        // `METERD_BENCH_DAEMON` measures another build's `meterd run` with this bench (before/after).
+        let exe = match std::env::var_os("METERD_BENCH_DAEMON") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()?,
+        };
         let child = Command::new(exe)
             .args(["--log-level", "warn", "run", "--config"])
             .arg(&self.config)
@@ -455,9 +459,15 @@ pub(super) fn print_steady(
     println!(
         "    meterd run CPU: {:.2} us per reading delivered{}, {:.1}% of one core{}",
         m.us_per_reading(),
-        us_target.map_or(String::new(), |t| format!(" (target <= {t}: {})", verdict(us_ok))),
+        us_target.map_or(String::new(), |t| format!(
+            " (target <= {t}: {})",
+            verdict(us_ok)
+        )),
         m.cpu_pct(),
-        pct_target.map_or(String::new(), |t| format!(" (target <= {t}%: {})", verdict(pct_ok)))
+        pct_target.map_or(String::new(), |t| format!(
+            " (target <= {t}%: {})",
+            verdict(pct_ok)
+        ))
     );
     println!(
         "    polls: {} done of {:.0} due, {} missed deadlines (every poll on schedule: {})",
@@ -484,7 +494,7 @@ pub(super) fn print_steady(
     us_ok && pct_ok && lat_ok && rss_ok && sched_ok
 }
 
-/// Target 1: 50 meters x 4 floats at 100 ms, one port per meter, to Mosquitto at QoS 1.
+/// Target 1: 50 meters x 4 floats at 100 ms, one port per meter, to Mosquitto at `QoS` 1.
 pub(super) async fn building_50(window: Duration) -> Result<bool> {
     let site = Site {
         endpoints: 50,
@@ -497,13 +507,13 @@ pub(super) async fn building_50(window: Duration) -> Result<bool> {
     println!("\n[daemon] whole daemon, bus to broker: `meterd run` polling 50 meters x 4 float32 at 100 ms (2,000 readings/s) over Modbus TCP, one port per meter, to a local Mosquitto at QoS 1, every reading reported ([report] every_poll); readings counted at the broker");
     let m = steady("daemon", &site, Duration::from_secs(3), window).await?;
     let ok = print_steady(&m, Some(8.0), None, Some(20), 16.0);
-    engine_share(&site, &m, window).await?;
+    engine_share(&site, &m, window)?;
     Ok(ok)
 }
 
 /// The same site polled by the engine alone (in this process: poll and decode, no recorder, store
 /// or uplink), so the figure above splits into the engine's part and the rest of the daemon's.
-async fn engine_share(site: &Site, whole: &Steady, window: Duration) -> Result<()> {
+fn engine_share(site: &Site, whole: &Steady, window: Duration) -> Result<()> {
     let prepared = prepare("engine", site)?;
     let text = std::fs::read_to_string(&prepared.config)?;
     let config = crate::config::Config::from_str_at(&text, "bench", &prepared.scratch.0)?;

@@ -603,8 +603,7 @@ async fn replay() -> Result<bool> {
         store: handle.clone(),
         status: status.clone(),
         commands: Arc::new(NoCommands),
-        model: tokio::sync::watch::channel(Arc::new(config.site_model_bytes()))
-            .1,
+        model: tokio::sync::watch::channel(Arc::new(config.site_model_bytes())).1,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t0 = Instant::now();
