@@ -360,7 +360,7 @@ async fn tcp_readings(window: Duration) -> Result<bool> {
     )?;
     let (sim_child, addrs) = spawn_simulator(&b)?;
     let sim_pid = sim_child.0.id();
-    println!("\n[1] request-bound, Modbus TCP: {} meters x 4 float32 values on {endpoints} loopback endpoints (simulator in its own process)", endpoints * units);
+    println!("\n[tcp-readings] scope: engine only (poll and decode in this process; no recorder, store or uplink: `meterd bench daemon` measures the whole daemon). Request-bound, Modbus TCP: {} meters x 4 float32 values on {endpoints} loopback endpoints (simulator in its own process)", endpoints * units);
     let mut pass = true;
     for (label, interval) in [
         ("at the target rate (200 ms interval)", "200ms"),
@@ -396,7 +396,7 @@ async fn points(window: Duration) -> Result<bool> {
     let text = config_text(endpoints, 1, "bulk_5000", "1s", 1, &addrs);
     let config = Config::from_str_at(&text, "bench", &scratch.0)?;
     let requests: usize = config.devices.iter().map(|d| d.plan.requests.len()).sum();
-    println!("\n[2] point-bound (cf. EMQ Neuron 3.2.1: 100,000 points/s used 30% of a 4-core Xeon, 497 MB): {endpoints} TCP endpoints x 5,000 contiguous float32 at 1 s = 100,000 points/s, {requests} requests/s");
+    println!("\n[points] scope: engine only (poll and decode in this process). Point-bound (cf. EMQ Neuron 3.2.1: 100,000 points/s used 30% of a 4-core Xeon, 497 MB): {endpoints} TCP endpoints x 5,000 contiguous float32 at 1 s = 100,000 points/s, {requests} requests/s");
     let m = measure_engine(
         &config,
         Duration::from_secs(3),
@@ -466,7 +466,7 @@ async fn rtu(window: Duration) -> Result<bool> {
     let t35 = timing::t35(baud);
     let tx = timing::wire_time(req + resp, baud, 11) + 2 * t35 + turnaround;
     let theoretical = 1.0 / tx.as_secs_f64();
-    println!("\n[3] RTU bus efficiency, {baud} baud 8E1 emulated on a pty ({units} meters, 1 request of {count} registers each)");
+    println!("\n[rtu] scope: engine only (bus efficiency). RTU {baud} baud 8E1 emulated on a pty ({units} meters, 1 request of {count} registers each)");
     println!("    transaction = (request {req} B + response {resp} B) x 11 / {baud} + 2 x t3.5 ({:.3} ms) + turnaround ({} ms) = {:.3} ms", t35.as_secs_f64() * 1000.0, turnaround.as_millis(), tx.as_secs_f64() * 1000.0);
     let m = measure_engine(&config, Duration::from_secs(2), window, None).await?;
     let ratio = m.polls_per_s / theoretical;
@@ -502,7 +502,7 @@ async fn outbox_write() -> Result<bool> {
     let scratch = Scratch::new("outbox")?;
     let total = 1_000_000usize;
     let per_poll = 100;
-    println!("\n[5] outbox write: {total} readings serialized to JSON and written through the store task (group commit, WAL, synchronous=NORMAL), {per_poll} per poll batch");
+    println!("\n[outbox-write] scope: store only. Outbox write: {total} readings serialized to JSON and written through the store task (group commit, WAL, synchronous=NORMAL), {per_poll} per poll batch");
     let handle = store::spawn(Store::open(&scratch.0.join("outbox.db"), Caps::default())?)?;
     let polls: Vec<Vec<crate::reading::Reading>> = (0..total / per_poll)
         .map(|b| {
@@ -585,7 +585,7 @@ async fn replay() -> Result<bool> {
     let config = Config::from_str_at(&text, "bench", &scratch.0)?;
     let mqtt = config.mqtt.clone().context("mqtt section")?;
     println!(
-        "\n[6] backlog replay: {total} buffered readings to a local Mosquitto, QoS 1, {} readings per PUBLISH, {} in flight",
+        "\n[replay] scope: store and uplink in this process (the whole daemon: `meterd bench backlog`). Backlog replay: {total} buffered readings to a local Mosquitto, QoS 1, {} readings per PUBLISH, {} in flight",
         mqtt.batch_max_records, mqtt.inflight
     );
     let rss_before = memory_kib(std::process::id())?.0;
@@ -651,7 +651,7 @@ fn apportion_bench() -> Result<bool> {
     use std::collections::{BTreeMap, BTreeSet};
     let (rooms_n, pools_n) = (20_000usize, 200usize);
     let per_pool = rooms_n / pools_n;
-    println!("\n[7] monthly apportionment: {rooms_n} rooms with their meters, {pools_n} pools (area 40 % + consumption 40 % + headcount 20 %, each with a common-area meter and the loss of its floor meter)");
+    println!("\n[apportion] scope: the pure apportionment core. Monthly apportionment: {rooms_n} rooms with their meters, {pools_n} pools (area 40 % + consumption 40 % + headcount 20 %, each with a common-area meter and the loss of its floor meter)");
     let rooms: Vec<(String, Room)> = (0..rooms_n)
         .map(|i| {
             (
@@ -844,7 +844,7 @@ fn bill_bench() -> Result<bool> {
     use std::fmt::Write as _;
     let (rooms_n, per_floor) = (20_000usize, 100usize);
     let floors = rooms_n / per_floor;
-    println!("\n[8] meterd bill: {rooms_n} rooms, {floors} floors (floor meter + lift pool with the floor's loss), October from the history");
+    println!("\n[bill] scope: the whole `meterd bill` command. meterd bill: {rooms_n} rooms, {floors} floors (floor meter + lift pool with the floor's loss), October from the history");
     let scratch = Scratch::new("bill")?;
     let dir = scratch.0.clone();
     let mut ok = true;

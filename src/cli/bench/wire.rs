@@ -179,7 +179,7 @@ pub(super) fn wire() -> Result<bool> {
         .map_or("meterd", |m| m.topic_prefix.as_str());
     let topic = format!("{prefix}/{gateway}/telemetry");
     println!(
-        "\n[9] bytes on the link per device per day: the sample building ({} devices of config/meterd.toml), 10 s polling, a simulated day; before = one record per register, after = one record per poll under the default report policy (scope: encoders, policy and MQTT framing; TCP/IP/TLS not counted)",
+        "\n[wire] bytes on the link per device per day: the sample building ({} devices of config/meterd.toml), 10 s polling, a simulated day; before = one record per register, after = one record per poll under the default report policy (scope: encoders, policy and MQTT framing; TCP/IP/TLS not counted)",
         config.devices.len()
     );
     // A month end inside the day: 2026-11-30 12:00 to 2026-12-01 12:00 in the site's timezone.
