@@ -703,3 +703,44 @@ pub(super) async fn backlog() -> Result<bool> {
     );
     Ok(rate_ok && live_ok && flat)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old memory bench ran `meterd run` on a config without `[store]` or a control socket, so
+    /// it wrote into /var/lib/meterd/outbox.db and unlinked the live daemon's socket.
+    #[test]
+    fn a_bench_daemon_keeps_its_outbox_and_socket_in_its_scratch_directory() {
+        let site = Site {
+            endpoints: 2,
+            units: 3,
+            values: 4,
+            interval: Duration::from_millis(100),
+            concurrency: 1,
+            report: "every_poll = true",
+        };
+        let scratch = Scratch::new("config-test").unwrap();
+        let profile = site.profile();
+        scratch
+            .write(
+                &format!("profiles/{profile}.toml"),
+                &float_profile(&profile, 4),
+            )
+            .unwrap();
+        let text = site.config(&scratch, &std::collections::HashMap::new(), 1883);
+        let config = crate::config::Config::from_str_at(&text, "bench", &scratch.0).unwrap();
+        assert!(
+            config.store.path.starts_with(&scratch.0),
+            "{:?}",
+            config.store.path
+        );
+        assert!(
+            config.gateway.control_socket.starts_with(&scratch.0),
+            "{:?}",
+            config.gateway.control_socket
+        );
+        assert_eq!(config.devices.len(), 6);
+        assert!(config.report.every_poll);
+    }
+}
