@@ -286,8 +286,8 @@ struct Record<'a> {
     values: Fields<'a, f64>,
 }
 
-/// `register → value` pairs written as a JSON object.
-struct Fields<'a, T>(Vec<(&'a str, T)>);
+/// `name → value` pairs written as a JSON object, in the order given (the site model uses it too).
+pub(crate) struct Fields<'a, T>(pub(crate) Vec<(&'a str, T)>);
 
 impl<T> Fields<'_, T> {
     fn is_empty(&self) -> bool {

@@ -3,6 +3,7 @@
 use serde_json::{json, Map, Value};
 
 use super::Config;
+use crate::report::Fields;
 
 impl Config {
     /// Rooms, meters with their parents, rooms and dated assignments, pools and their methods,
@@ -51,7 +52,7 @@ impl Config {
                         .get(d.name.as_ref())
                         .unwrap_or(&self.report.publish_every)
                         .as_secs(),
-                    registers: Registers(registers),
+                    registers: Fields(registers),
                     unit: d.unit,
                 }
             })
@@ -129,7 +130,7 @@ struct ModelDevice<'a> {
     name: &'a str,
     profile: &'a str,
     publish_every_s: u64,
-    registers: Registers<'a>,
+    registers: Fields<'a, ModelRegister<'a>>,
     unit: u8,
 }
 
@@ -137,13 +138,4 @@ struct ModelDevice<'a> {
 struct ModelRegister<'a> {
     quantity: &'a str,
     unit: &'a str,
-}
-
-/// Register name → what it measures, sorted by name.
-struct Registers<'a>(Vec<(&'a str, ModelRegister<'a>)>);
-
-impl serde::Serialize for Registers<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-    }
 }

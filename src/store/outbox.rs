@@ -67,16 +67,8 @@ impl Store {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let rate = RateKeeper::load(&conn).map_err(err)?;
-        let last: Option<i64> = conn
-            .query_row(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(err)?;
-        Ok(Store {
-            tail: Arc::new(Mutex::new(Tail::new(last.unwrap_or(0), TAIL_BYTES))),
+        let store = Store {
+            tail: Arc::new(Mutex::new(Tail::new(0, TAIL_BYTES))),
             rate,
             conn,
             path: path.to_path_buf(),
@@ -88,7 +80,9 @@ impl Store {
             last_prune: None,
             #[cfg(test)]
             fail_next_cap_pass: false,
-        })
+        };
+        store.tail_reset(store.last_seq()?);
+        Ok(store)
     }
 
     pub(super) fn err(&self, source: rusqlite::Error) -> StoreError {
