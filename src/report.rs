@@ -118,15 +118,33 @@ struct Sent {
     at: DateTime<Utc>,
 }
 
+/// One device's state in the report policy.
+#[derive(Debug)]
+struct DeviceSent {
+    /// The device's previous poll, for the boundary check.
+    polled: DateTime<Utc>,
+    /// What was last sent of each register, in the order its polls list them (a poll's readings
+    /// come in profile order, so the lookup is by position, checked by name).
+    registers: Vec<(Arc<str>, Sent)>,
+}
+
+impl DeviceSent {
+    /// The slot of the reading at position `i` of a poll named `name`.
+    fn slot(&self, i: usize, name: &str) -> Option<usize> {
+        match self.registers.get(i) {
+            Some((n, _)) if **n == *name => Some(i),
+            _ => self.registers.iter().position(|(n, _)| **n == *name),
+        }
+    }
+}
+
 /// The report policy's state: what was last sent of every register.
 #[derive(Debug)]
 pub struct Reporter {
     policy: ReportPolicy,
     boundaries: BoundaryWatch,
-    /// Per device, per register (looked up by `&str`, so a poll clones no key).
-    last: HashMap<Arc<str>, HashMap<Arc<str>, Sent>>,
-    /// Each device's previous poll, for the boundary check.
-    polled: HashMap<Arc<str>, DateTime<Utc>>,
+    /// Per device (looked up by `&str`, so a poll clones no key).
+    last: HashMap<Arc<str>, DeviceSent>,
 }
 
 impl Reporter {
@@ -137,7 +155,6 @@ impl Reporter {
             policy,
             boundaries: BoundaryWatch::new(calendar),
             last: HashMap::new(),
-            polled: HashMap::new(),
         }
     }
 
@@ -145,68 +162,79 @@ impl Reporter {
     /// publish, or nothing when nothing in it needs sending.
     pub fn poll(&mut self, readings: &[Reading]) -> Option<NewRecord> {
         let first = readings.first()?;
-        let device = first.device.clone();
+        let device = &first.device;
         let at = readings.iter().map(|r| r.ts).max().unwrap_or(first.ts);
-        // A billing boundary passed since this device's previous poll: its counters go out now.
-        let boundary = match self.polled.insert(device.clone(), at) {
-            Some(prev) => self.boundaries.crossed(prev, at),
-            None => false,
-        };
-        let every = self
-            .policy
+        let policy = &self.policy;
+        let every = policy
             .device_every
             .get(device.as_ref())
             .copied()
-            .unwrap_or(self.policy.publish_every);
-        let mut chosen: Vec<&Reading> = Vec::new();
-        let mut last = self.last.remove(device.as_ref()).unwrap_or_default();
-        for r in readings {
+            .unwrap_or(policy.publish_every);
+        // A billing boundary passed since this device's previous poll: its counters go out now.
+        let (state, boundary) = match self.last.get_mut(device.as_ref()) {
+            Some(state) => {
+                let boundary = self.boundaries.crossed(state.polled, at);
+                state.polled = at;
+                (state, boundary)
+            }
+            None => (
+                self.last.entry(device.clone()).or_insert(DeviceSent {
+                    polled: at,
+                    registers: Vec::with_capacity(readings.len()),
+                }),
+                false,
+            ),
+        };
+        let mut chosen: Vec<&Reading> = Vec::with_capacity(readings.len());
+        for (i, r) in readings.iter().enumerate() {
             let sent = Sent {
                 value: r.value,
                 quality: r.quality,
                 at: r.ts,
             };
-            match last.get_mut(r.register.as_ref()) {
-                None => {
-                    last.insert(r.register.clone(), sent);
+            match state.slot(i, &r.register) {
+                None => state.registers.push((r.register.clone(), sent)),
+                Some(j) => {
+                    let s = &mut state.registers[j].1;
+                    if !(policy.every_poll || due(policy, r, s, every, boundary)) {
+                        continue;
+                    }
+                    *s = sent;
                 }
-                Some(s) if self.policy.every_poll || self.due(r, s, every, boundary) => *s = sent,
-                Some(_) => continue,
             }
             chosen.push(r);
         }
-        self.last.insert(device.clone(), last);
         if chosen.is_empty() {
             return None;
         }
-        Some(encode(&device, &chosen, boundary))
+        Some(encode(device, &chosen, boundary))
     }
+}
 
-    fn due(&self, r: &Reading, s: &Sent, every: Duration, boundary: bool) -> bool {
-        if r.quality != s.quality {
-            return true;
+/// Whether reading `r` goes out, given what was last sent of its register (`s`).
+fn due(policy: &ReportPolicy, r: &Reading, s: &Sent, every: Duration, boundary: bool) -> bool {
+    if r.quality != s.quality {
+        return true;
+    }
+    let silent_for = (r.ts - s.at).to_std().unwrap_or(Duration::ZERO);
+    match class(r.quantity) {
+        Class::Counter => {
+            boundary
+                || slot(r.ts, every) != slot(s.at, every)
+                // A clock stepped back: the grid restarts from here.
+                || r.ts < s.at
         }
-        let silent_for = (r.ts - s.at).to_std().unwrap_or(Duration::ZERO);
-        match class(r.quantity) {
-            Class::Counter => {
-                boundary
-                    || slot(r.ts, every) != slot(s.at, every)
-                    // A clock stepped back: the grid restarts from here.
-                    || r.ts < s.at
-            }
-            Class::State => r.value != s.value || silent_for >= self.policy.max_silence,
-            Class::Instantaneous => {
-                silent_for >= self.policy.max_silence
-                    || r.ts < s.at
-                    || match (s.value, r.value) {
-                        (Some(last), Some(now)) => self
-                            .policy
-                            .deadbands
-                            .get(&r.quantity)
-                            .map_or(last != now, |d| d.exceeded(last, now)),
-                        (a, b) => a.is_some() != b.is_some(),
-                    }
-            }
+        Class::State => r.value != s.value || silent_for >= policy.max_silence,
+        Class::Instantaneous => {
+            silent_for >= policy.max_silence
+                || r.ts < s.at
+                || match (s.value, r.value) {
+                    (Some(last), Some(now)) => policy
+                        .deadbands
+                        .get(&r.quantity)
+                        .map_or(last != now, |d| d.exceeded(last, now)),
+                    (a, b) => a.is_some() != b.is_some(),
+                }
         }
     }
 }
@@ -370,6 +398,31 @@ mod tests {
             "one per slot touched, plus the boundary"
         );
         assert!(sent.iter().all(|v| v["values"]["import_kwh"].is_number()));
+    }
+
+    #[test]
+    fn a_poll_listing_its_registers_in_another_order_or_one_more_keeps_each_registers_own_state() {
+        // A profile edited between polls (a register added in front): each register is compared
+        // with what was last sent of that register, not of the one that used to sit at its place.
+        let mut rep = Reporter::new(ReportPolicy::default(), shanghai());
+        let v = |w: f64, k: i64| reading("voltage", Quantity::VoltageV, w, t(10 * k));
+        let p = |w: f64, k: i64| reading("power", Quantity::PowerW, w, t(10 * k));
+        let c = |w: f64, k: i64| reading("current", Quantity::CurrentA, w, t(10 * k));
+        assert!(rep.poll(&[v(229.8, 0), p(1200.0, 0)]).is_some());
+        // Both inside their deadbands, in the other order, with a new register in front.
+        let rec = rep
+            .poll(&[c(5.2, 1), p(1210.0, 1), v(230.1, 1)])
+            .expect("the new register goes out");
+        let values = payload(&rec)["values"].clone();
+        assert_eq!(values, serde_json::json!({"current": 5.2}), "{values}");
+        // A step of power in the new order goes out alone.
+        let rec = rep
+            .poll(&[c(5.2, 2), p(2400.0, 2), v(230.0, 2)])
+            .expect("the power step");
+        assert_eq!(
+            payload(&rec)["values"],
+            serde_json::json!({"power": 2400.0})
+        );
     }
 
     #[test]

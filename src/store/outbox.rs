@@ -174,8 +174,9 @@ impl Store {
             path: path.clone(),
             source,
         };
+        let known = self.tail_counted(acks);
         let tx = self.conn.transaction().map_err(err)?;
-        let (acked_rows, acked_bytes) = delete_ranges(&tx, acks).map_err(err)?;
+        let (acked_rows, acked_bytes) = delete_ranges(&tx, acks, known).map_err(err)?;
         insert_records(&tx, records, &mut self.rate).map_err(err)?;
         let last = tx.last_insert_rowid();
         if !remember.is_empty() {
@@ -478,11 +479,17 @@ impl Store {
             path: path.clone(),
             source,
         };
+        let known = self.tail_counted(ranges);
         let tx = self.conn.transaction().map_err(err)?;
-        let (n, b) = delete_ranges(&tx, ranges).map_err(err)?;
+        let (n, b) = delete_ranges(&tx, ranges, known).map_err(err)?;
         tx.commit().map_err(err)?;
         self.acked(ranges, n, b);
         Ok(())
+    }
+
+    /// What the tail knows of `ranges` (rows, bytes), so their delete needs no counting query.
+    fn tail_counted(&self, ranges: &[(i64, i64)]) -> Option<(u64, u64)> {
+        self.tail.lock().ok()?.counted(ranges)
     }
 
     /// Committed deletes of `ranges` (`rows` rows, `bytes` payload bytes) in the counters and tail.
@@ -554,15 +561,27 @@ pub(crate) fn with_ts(r: &NewRecord) -> std::borrow::Cow<'_, [u8]> {
 }
 
 /// Deletes inclusive seq ranges in the caller's transaction; returns (rows, payload bytes) deleted.
-fn delete_ranges(tx: &Connection, ranges: &[(i64, i64)]) -> rusqlite::Result<(u64, u64)> {
+/// Deletes the inclusive seq `ranges`; returns the rows and payload bytes deleted (`known` when the
+/// tail has counted them, else counted here first).
+fn delete_ranges(
+    tx: &Connection,
+    ranges: &[(i64, i64)],
+    known: Option<(u64, u64)>,
+) -> rusqlite::Result<(u64, u64)> {
     let (mut n, mut b) = (0u64, 0u64);
     if ranges.is_empty() {
         return Ok((0, 0));
     }
+    let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+    if let Some(known) = known {
+        for (a, z) in ranges {
+            del.execute([a, z])?;
+        }
+        return Ok(known);
+    }
     let mut count = tx.prepare_cached(
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq BETWEEN ?1 AND ?2",
     )?;
-    let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
     for (a, z) in ranges {
         let (c, s): (i64, i64) = count.query_row([a, z], |r| Ok((r.get(0)?, r.get(1)?)))?;
         del.execute([a, z])?;
@@ -571,6 +590,15 @@ fn delete_ranges(tx: &Connection, ranges: &[(i64, i64)]) -> rusqlite::Result<(u6
     }
     Ok((n, b))
 }
+
+/// Records inserted by one statement when a commit has that many in a row.
+const INSERT_CHUNK: usize = 16;
+
+/// `INSERT … VALUES (?, ?, ?, ?), …` for [`INSERT_CHUNK`] rows.
+static INSERT_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(?, ?, ?, ?)"; INSERT_CHUNK].join(", ");
+    format!("INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES {rows}")
+});
 
 pub(super) fn insert_records(
     tx: &Connection,
@@ -587,8 +615,30 @@ pub(super) fn insert_records(
         )?
         .execute(params![super::AppendRate::META_KEY, saved])?;
     }
-    for r in records {
-        if r.payload.len() <= MAX_RECORD_BYTES {
+    let plain = |r: &NewRecord| r.payload.len() <= MAX_RECORD_BYTES;
+    let mut i = 0;
+    while i < records.len() {
+        // Full chunks of plain records go in one statement each: one pass of the insert program
+        // (and of AUTOINCREMENT's sequence update) for INSERT_CHUNK rows, seqs still in order.
+        if let Some(chunk) = records
+            .get(i..i + INSERT_CHUNK)
+            .filter(|c| c.iter().all(plain))
+        {
+            let mut many = tx.prepare_cached(&INSERT_MANY)?;
+            for (k, r) in chunk.iter().enumerate() {
+                let at = 4 * k;
+                many.raw_bind_parameter(at + 1, r.kind as i64)?;
+                many.raw_bind_parameter(at + 2, &r.topic)?;
+                many.raw_bind_parameter(at + 3, r.ts.timestamp_millis())?;
+                many.raw_bind_parameter(at + 4, with_ts(r))?;
+            }
+            many.raw_execute()?;
+            i += INSERT_CHUNK;
+            continue;
+        }
+        let r = &records[i];
+        i += 1;
+        if plain(r) {
             stmt.execute(params![
                 r.kind as i64,
                 r.topic,

@@ -79,6 +79,22 @@ impl Tail {
         }
     }
 
+    /// The rows and payload bytes the table holds in the inclusive `ranges`, when the tail covers
+    /// them all (an ack of live records then needs no counting query before its delete).
+    pub(crate) fn counted(&self, ranges: &[(i64, i64)]) -> Option<(u64, u64)> {
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        for &(a, z) in ranges.iter().filter(|(a, z)| a <= z) {
+            if a <= self.base || z > self.top {
+                return None;
+            }
+            for r in self.rows.range(a..=z).map(|(_, r)| r) {
+                rows += 1;
+                bytes += r.payload.len() as u64;
+            }
+        }
+        Some((rows, bytes))
+    }
+
     /// What `Store::fetch(after, upto, limit)` would return, when the tail can answer it.
     pub(crate) fn fetch(&self, after: i64, upto: i64, limit: usize) -> Option<Vec<Stored>> {
         if after < self.base || upto > self.top {
@@ -196,6 +212,10 @@ mod tests {
                     Op::Ack(a, n) => {
                         let a = last - i64::from(a);
                         let z = a + i64::from(n);
+                        if let Some(counted) = t.counted(&[(a, z)]) {
+                            let held = table.range(a..=z).map(|(_, b)| *b as u64);
+                            prop_assert_eq!(counted, (held.clone().count() as u64, held.sum::<u64>()));
+                        }
                         table.retain(|s, _| !(a..=z).contains(s));
                         t.ack(&[(a, z)]);
                     }

@@ -401,3 +401,32 @@ fn the_write_rate_is_the_last_full_hour_or_the_current_one_extrapolated() {
     let back = r.add(h(489_000, 0), 5);
     assert_eq!(back.per_hour(h(489_000, 10)), Some(30));
 }
+
+#[test]
+fn a_commit_of_many_records_keeps_their_order_across_insert_chunks_and_an_oversized_one() {
+    // 41 records in one commit (two full chunks of 16 and the rest one by one), an oversized one
+    // at position 20 breaking the second chunk: every record in its place, seqs consecutive, the
+    // oversized one replaced in line by its event.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(&dir.path().join("outbox.db"), Caps::default()).unwrap();
+    let mut records: Vec<NewRecord> = (0..41).map(|n| rec(Kind::Telemetry, n)).collect();
+    records[20].payload = vec![b'x'; MAX_RECORD_BYTES + 1];
+    let last = s.append(&records).unwrap();
+    assert_eq!(last, 41);
+    let got = s.fetch(0, last, 100).unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=41).collect::<Vec<_>>()
+    );
+    for (n, r) in got.iter().enumerate() {
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        if n == 20 {
+            assert_eq!(v["event"], "record_too_large", "{v}");
+            assert_eq!(r.kind, Kind::Event);
+        } else {
+            assert_eq!(v["n"], n, "record {n}");
+            assert_eq!(r.kind, Kind::Telemetry);
+        }
+    }
+    assert_eq!(s.stats().unwrap().oversized, 1);
+}

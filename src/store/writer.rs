@@ -56,6 +56,11 @@ pub(super) enum StoreRequest {
 /// 10 ms instead of one per poll (fewer flash writes too), for at most 10 ms more latency.
 pub(crate) const COMMIT_LINGER: Duration = Duration::from_millis(10);
 
+/// Within the linger, appends stop being gathered once none has come for this long: the polls due
+/// at one instant (a building's meters on their common grid) answer within a few milliseconds, and
+/// their records need not wait out the rest of the linger.
+pub(crate) const COMMIT_IDLE: Duration = Duration::from_millis(2);
+
 /// How long acknowledged records may wait for the next append's transaction before they get one of
 /// their own. Deleting them is not urgent: a record acknowledged but not yet deleted when the power
 /// goes is sent again after the restart and the cloud drops it by its seq.
@@ -481,11 +486,11 @@ pub(super) fn store_loop(
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         };
-        // Group commit: appends arriving within COMMIT_LINGER of the first go into one transaction,
-        // with the acks that came meanwhile; acks alone wait up to ACK_LINGER for an append to ride
-        // with. Any other command first commits what came before it, so every command sees the
-        // effect of earlier ones.
-        let mut batch: Vec<NewRecord> = Vec::new();
+        // Group commit: appends arriving within COMMIT_LINGER of the first (and less than
+        // COMMIT_IDLE apart) go into one transaction, with the acks that came meanwhile; acks alone
+        // wait up to ACK_LINGER for an append to ride with. Any other command first commits what
+        // came before it, so every command sees the effect of earlier ones.
+        let mut batch: Vec<NewRecord> = Vec::with_capacity(64);
         let mut acks: Vec<(i64, i64)> = Vec::new();
         let mut linger_until: Option<std::time::Instant> = None;
         let mut next = first;
@@ -526,9 +531,9 @@ pub(super) fn store_loop(
                     Ok(None) | Err(_) => break,
                 }
             } else {
-                // Appends wait out their linger asleep: what the recorder sends meanwhile queues up
-                // without waking this thread.
-                std::thread::sleep(rest);
+                // Appends wait asleep, what the recorder sends meanwhile queuing up without waking
+                // this thread: to the end of the linger, or until none came for COMMIT_IDLE.
+                std::thread::sleep(rest.min(COMMIT_IDLE));
                 next = rx.try_recv().ok();
                 if next.is_none() {
                     break;

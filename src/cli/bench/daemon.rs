@@ -517,20 +517,7 @@ fn engine_share(site: &Site, whole: &Steady, window: Duration) -> Result<()> {
     let prepared = prepare("engine", site)?;
     let text = std::fs::read_to_string(&prepared.config)?;
     let config = crate::config::Config::from_str_at(&text, "bench", &prepared.scratch.0)?;
-    // On a runtime like the daemon's (one thread; see main.rs), in a thread of its own.
-    let m = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(super::measure_engine(
-                &config,
-                Duration::from_secs(3),
-                window,
-                None,
-            ))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the engine-only run panicked"))??;
+    let m = super::measure_engine_as_daemon(config, Duration::from_secs(3), window, None)?;
     if m.readings_per_s <= 0.0 {
         bail!("the engine-only run read nothing");
     }

@@ -263,6 +263,24 @@ impl Drop for ChildGuard {
     }
 }
 
+/// [`measure_engine`] on a runtime like `meterd run`'s (one thread; see main.rs), in a thread of its
+/// own: the engine-only figures then hold for the daemon (timers, the precise inter-frame sleep).
+fn measure_engine_as_daemon(
+    config: Config,
+    warmup: Duration,
+    window: Duration,
+    sim_pid: Option<u32>,
+) -> Result<Measured> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(measure_engine(&config, warmup, window, sim_pid))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the engine-only run panicked"))?
+}
+
 /// Runs the engine for `warmup + window`, counting good readings and polls in the window.
 async fn measure_engine(
     config: &Config,
@@ -466,9 +484,9 @@ async fn rtu(window: Duration) -> Result<bool> {
     let t35 = timing::t35(baud);
     let tx = timing::wire_time(req + resp, baud, 11) + 2 * t35 + turnaround;
     let theoretical = 1.0 / tx.as_secs_f64();
-    println!("\n[rtu] scope: engine only (bus efficiency). RTU {baud} baud 8E1 emulated on a pty ({units} meters, 1 request of {count} registers each)");
+    println!("\n[rtu] scope: engine only (bus efficiency), on a runtime like `meterd run`'s. RTU {baud} baud 8E1 emulated on a pty ({units} meters, 1 request of {count} registers each)");
     println!("    transaction = (request {req} B + response {resp} B) x 11 / {baud} + 2 x t3.5 ({:.3} ms) + turnaround ({} ms) = {:.3} ms", t35.as_secs_f64() * 1000.0, turnaround.as_millis(), tx.as_secs_f64() * 1000.0);
-    let m = measure_engine(&config, Duration::from_secs(2), window, None).await?;
+    let m = measure_engine_as_daemon(config, Duration::from_secs(2), window, None)?;
     let ratio = m.polls_per_s / theoretical;
     let ok = ratio >= 0.9;
     println!(
