@@ -8,13 +8,17 @@
 
 pub mod accounting;
 pub mod apportion;
+pub mod bcd;
 pub mod bill;
+pub mod cjt188;
 pub mod cli;
 pub(crate) mod clock;
 pub mod config;
 pub(crate) mod control;
 pub mod daemon;
+pub mod dlt645;
 pub mod enforce;
+pub(crate) mod framing;
 pub mod modbus;
 pub mod money;
 pub mod report;
