@@ -18,6 +18,7 @@ pub(crate) mod control;
 pub mod daemon;
 pub mod dlt645;
 pub mod enforce;
+pub mod exchange;
 pub(crate) mod framing;
 pub mod modbus;
 pub mod money;

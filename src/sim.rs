@@ -35,6 +35,8 @@ use crate::modbus::decode;
 use crate::modbus::profile::{Function, Profile, Quantity, RegisterDef};
 use crate::modbus::timing;
 
+mod dlt645;
+
 /// Why a building could not be loaded or served.
 #[derive(Debug, Error)]
 pub enum SimError {
@@ -126,12 +128,34 @@ pub enum Fault {
     Stuck,
 }
 
+/// The protocol a simulated device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitProtocol {
+    #[default]
+    Modbus,
+    /// DL/T 645-2007, addressed by `address` (the nameplate number); serial lines only.
+    Dlt645,
+}
+
 /// One simulated device.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UnitSpec {
     pub endpoint: String,
+    /// Modbus unit id (1–247); unused by DL/T 645 meters.
+    #[serde(default)]
     pub unit: u8,
+    #[serde(default)]
+    pub protocol: UnitProtocol,
+    /// DL/T 645: the meter's 12-digit address.
+    pub address: Option<String>,
+    /// DL/T 645 relay control: password level (2 or 4 for plaintext), password (6 hex digits) and
+    /// operator code (8 hex digits) the meter accepts; without them it refuses every command.
+    #[serde(default = "plaintext_level")]
+    pub password_level: u8,
+    pub password: Option<String>,
+    pub operator: Option<String>,
     pub profile: String,
     /// Active power drawn, W; energy rises by exactly this.
     #[serde(default)]
@@ -161,6 +185,9 @@ pub struct UnitSpec {
 fn two() -> u8 {
     2
 }
+fn plaintext_level() -> u8 {
+    2
+}
 fn five() -> u32 {
     5
 }
@@ -173,6 +200,34 @@ impl Building {
             message: e.to_string(),
         })?;
         for u in &b.unit {
+            let bad = |message: String| SimError::Invalid {
+                file: file.to_string(),
+                message,
+            };
+            match u.protocol {
+                UnitProtocol::Modbus if !(1..=247).contains(&u.unit) => {
+                    return Err(bad(format!(
+                        "unit {} on {}: a Modbus unit id is 1 to 247",
+                        u.unit, u.endpoint
+                    )));
+                }
+                UnitProtocol::Dlt645 => {
+                    let address = u.address.as_deref().unwrap_or_default();
+                    crate::dlt645::Address::parse(address)
+                        .map_err(|e| bad(format!("DL/T 645 unit on {}: {e}", u.endpoint)))?;
+                    if let (Some(p), Some(o)) = (&u.password, &u.operator) {
+                        crate::dlt645::data::Credentials::new(u.password_level, p, o)
+                            .map_err(|e| bad(format!("DL/T 645 unit {address}: {e}")))?;
+                    }
+                    if b.endpoint
+                        .iter()
+                        .any(|e| e.name == u.endpoint && e.kind == EndpointKind::Tcp)
+                    {
+                        return Err(bad(format!("DL/T 645 unit {address}: endpoint {} is Modbus TCP; DL/T 645 meters sit on a serial line (kind = \"rtu\" or \"rtu_over_tcp\")", u.endpoint)));
+                    }
+                }
+                UnitProtocol::Modbus => {}
+            }
             if !b.endpoint.iter().any(|e| e.name == u.endpoint) {
                 return Err(SimError::Invalid {
                     file: file.to_string(),
@@ -777,9 +832,18 @@ pub async fn start(
         lines: HashMap::new(),
         tasks: Vec::new(),
     };
+    let dlt645_profiles = crate::dlt645::profile::builtin().map_err(|e| SimError::Invalid {
+        file: "<builtin DL/T 645 profiles>".into(),
+        message: format!("{e:?}"),
+    })?;
     for ep in &building.endpoint {
         let mut units = HashMap::new();
-        for u in building.unit.iter().filter(|u| u.endpoint == ep.name) {
+        let meters645 = Arc::new(dlt645::meters(building, &ep.name, &dlt645_profiles)?);
+        for u in building
+            .unit
+            .iter()
+            .filter(|u| u.endpoint == ep.name && u.protocol == UnitProtocol::Modbus)
+        {
             let profile = profiles
                 .get(&u.profile)
                 .cloned()
@@ -851,6 +915,7 @@ pub async fn start(
                                 LineSetup {
                                     timing: line,
                                     units: service.units.clone(),
+                                    dlt645: meters645.clone(),
                                     delay: endpoint_delay,
                                     shared: shared.clone(),
                                     reopens: false,
@@ -894,6 +959,7 @@ pub async fn start(
                 let setup = LineSetup {
                     timing: LineTiming::of(ep),
                     units: service.units.clone(),
+                    dlt645: meters645.clone(),
                     delay: service.delay,
                     shared,
                     reopens: true,
@@ -979,6 +1045,8 @@ impl LineTiming {
 struct LineSetup {
     timing: LineTiming,
     units: Arc<HashMap<u8, Arc<SimUnit>>>,
+    /// DL/T 645 meters on the same line.
+    dlt645: Arc<Vec<Arc<dlt645::Meter>>>,
     /// The endpoint's turnaround, added to every answer.
     delay: Duration,
     shared: Arc<SharedLine>,
@@ -1002,6 +1070,7 @@ where
     let LineSetup {
         timing,
         units,
+        dlt645: meters645,
         delay,
         shared,
         reopens,
@@ -1016,6 +1085,7 @@ where
     }
     let log = shared.clone();
     let free = line_free.clone();
+    let national_tx = out_tx.clone();
     let requests = async move {
         let mut buf = vec![0u8; 512];
         let mut pending: Vec<u8> = Vec::new();
@@ -1040,11 +1110,20 @@ where
             // silence is measured from the end of the last frame on the wire to its first byte; a
             // frame that came in the same read as the one before it follows it without any.
             while !pending.is_empty() {
-                let len = match crate::modbus::frame::request_len(&pending) {
-                    Some(len) if pending.len() >= len => len,
-                    Some(_) => break,
-                    None if pending.len() < 2 => break,
-                    None => pending.len(),
+                // A DL/T 645 request goes to the DL/T 645 meters of the line, not the Modbus server.
+                let (len, national) = match dlt645::scan(&pending) {
+                    dlt645::Scan::Frame(len, frame) => (Some(len), Some(frame)),
+                    dlt645::Scan::Wait => break,
+                    dlt645::Scan::NotOurs => (None, None),
+                };
+                let len = match len {
+                    Some(len) => len,
+                    None => match crate::modbus::frame::request_len(&pending) {
+                        Some(len) if pending.len() >= len => len,
+                        Some(_) => break,
+                        None if pending.len() < 2 => break,
+                        None => pending.len(),
+                    },
                 };
                 let frame: Vec<u8> = pending.drain(..len).collect();
                 let prev_end = free.lock().map_or(frame_start, |f| *f);
@@ -1064,6 +1143,27 @@ where
                     *f = (*f).max(end);
                 }
                 frame_start = end;
+                if let Some(request) = national {
+                    // Every meter the request addresses answers in its own time; several answering
+                    // one wildcard read collide into noise, as on a real line.
+                    let answering: Vec<_> =
+                        meters645.iter().filter(|m| m.addressed(&request)).collect();
+                    let answers: Vec<(std::time::Duration, Vec<u8>)> = answering
+                        .iter()
+                        .filter_map(|m| m.answer(&request).map(|a| (m.delay(), a)))
+                        .collect();
+                    let out = match answers.as_slice() {
+                        [] => None,
+                        [(own, a)] => Some((end + delay + *own, a.clone())),
+                        many => Some((end + delay, vec![0xFF; many[0].1.len()])),
+                    };
+                    if let Some(out) = out {
+                        if national_tx.send(out).is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 crate::clock::sleep_until_precise(end + timing.t35()).await;
                 if srv_tx.write_all(&frame).await.is_err() {
                     return;

@@ -52,13 +52,13 @@ impl fmt::Debug for Di {
     }
 }
 
-/// How a value is written (§A10): BCD with `decimals` implied decimals, signed ones with the sign
-/// in bit 7 of the last byte; a `Word` is a 2-byte bit field read as an integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+/// How a value is written (§A10): `bytes` of BCD with `decimals` implied decimals, signed ones with
+/// the sign in bit 7 of the last byte; a `Word` is a 2-byte bit field read as an integer. Reading
+/// takes the length from the frame; `bytes` is what a meter (the simulator) writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    Unsigned { decimals: u8 },
-    Signed { decimals: u8 },
+    Unsigned { bytes: u8, decimals: u8 },
+    Signed { bytes: u8, decimals: u8 },
     Word,
 }
 
@@ -81,13 +81,37 @@ pub fn decode(format: Format, bytes: &[u8]) -> Result<f64, ValueError> {
     }
     let scale = |d: u8| 10f64.powi(i32::from(d));
     Ok(match format {
-        Format::Unsigned { decimals } => bcd::to_u64(bytes)? as f64 / scale(decimals),
-        Format::Signed { decimals } => bcd::to_i64_signed(bytes)? as f64 / scale(decimals),
+        Format::Unsigned { decimals, .. } => bcd::to_u64(bytes)? as f64 / scale(decimals),
+        Format::Signed { decimals, .. } => bcd::to_i64_signed(bytes)? as f64 / scale(decimals),
         Format::Word => match bytes {
             [lo, hi] => f64::from(u16::from_le_bytes([*lo, *hi])),
             _ => return Err(ValueError::WordLength(bytes.len())),
         },
     })
+}
+
+/// `value` written in `format` (as a meter sends it); `None` when it does not fit.
+#[must_use]
+pub fn encode(format: Format, value: f64) -> Option<Vec<u8>> {
+    let scaled = |d: u8| (value * 10f64.powi(i32::from(d))).round();
+    match format {
+        Format::Unsigned { bytes, decimals } => {
+            let v = scaled(decimals);
+            (0.0..1e18)
+                .contains(&v)
+                .then(|| bcd::from_u64(v as u64, usize::from(bytes)))?
+        }
+        Format::Signed { bytes, decimals } => {
+            let v = scaled(decimals);
+            (v.abs() < 1e18).then(|| bcd::from_i64_signed(v as i64, usize::from(bytes)))?
+        }
+        Format::Word => {
+            let v = value.round();
+            (0.0..=65535.0)
+                .contains(&v)
+                .then(|| (v as u16).to_le_bytes().to_vec())
+        }
+    }
 }
 
 /// The request that reads `di` from the meter at `address`.
@@ -438,7 +462,14 @@ mod tests {
             panic!()
         };
         assert!(!more);
-        let kwh = decode(Format::Unsigned { decimals: 2 }, &value).unwrap();
+        let kwh = decode(
+            Format::Unsigned {
+                bytes: 4,
+                decimals: 2,
+            },
+            &value,
+        )
+        .unwrap();
         assert!((kwh - 12_345.67).abs() < 1e-9, "{kwh}");
         // LIB tests/test_frame.c: 123456.78 kWh from meter 123456789012.
         let lib = frame("68 12 90 78 56 34 12 68 91 08 33 33 34 33 AB 89 67 45 CC 16");
@@ -450,7 +481,17 @@ mod tests {
             panic!()
         };
         assert!(
-            (decode(Format::Unsigned { decimals: 2 }, &value).unwrap() - 123_456.78).abs() < 1e-9
+            (decode(
+                Format::Unsigned {
+                    bytes: 4,
+                    decimals: 2
+                },
+                &value
+            )
+            .unwrap()
+                - 123_456.78)
+                .abs()
+                < 1e-9
         );
     }
 
@@ -463,7 +504,16 @@ mod tests {
         };
         let volts: Vec<f64> = value
             .chunks(2)
-            .map(|c| decode(Format::Unsigned { decimals: 1 }, c).unwrap())
+            .map(|c| {
+                decode(
+                    Format::Unsigned {
+                        bytes: 2,
+                        decimals: 1,
+                    },
+                    c,
+                )
+                .unwrap()
+            })
             .collect();
         assert_eq!(volts, vec![220.1, 221.0, 219.9]);
         // §A13: current A = -1.234 A (XXX.XXX, sign bit).
@@ -471,7 +521,16 @@ mod tests {
         let Ok(ReadAnswer::Data { value, .. }) = read_answer(meter(), Di(0x0202_0100), &f) else {
             panic!()
         };
-        assert_eq!(decode(Format::Signed { decimals: 3 }, &value), Ok(-1.234));
+        assert_eq!(
+            decode(
+                Format::Signed {
+                    bytes: 3,
+                    decimals: 3
+                },
+                &value
+            ),
+            Ok(-1.234)
+        );
     }
 
     #[test]
@@ -573,6 +632,22 @@ mod tests {
             !e.to_string().contains("98765"),
             "the secret is not echoed: {e}"
         );
+    }
+
+    #[test]
+    fn what_a_meter_writes_reads_back() {
+        let kwh = Format::Unsigned {
+            bytes: 4,
+            decimals: 2,
+        };
+        assert_eq!(encode(kwh, 12_345.67), Some(vec![0x67, 0x45, 0x23, 0x01]));
+        assert_eq!(encode(kwh, 1_000_000.0), None, "eight digits only");
+        let amps = Format::Signed {
+            bytes: 3,
+            decimals: 3,
+        };
+        assert_eq!(encode(amps, -1.234), Some(vec![0x34, 0x12, 0x80]));
+        assert_eq!(encode(Format::Word, 80.0), Some(vec![0x50, 0x00]));
     }
 
     #[test]

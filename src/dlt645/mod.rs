@@ -3,8 +3,10 @@
 //! in the style of tokio-modbus; the facts, with their sources and the points where sources
 //! disagree, are in `shared/reference/dlt645-cjt188.md` (section numbers below refer to it).
 
+pub mod client;
 pub mod data;
 pub mod frame;
+pub mod profile;
 
 pub use data::{Di, Format};
 pub use frame::{Address, Frame, Receiver};
