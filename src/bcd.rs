@@ -61,6 +61,28 @@ pub fn from_i64_signed(value: i64, len: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A meter number printed most significant digit first (1 to `2 × N` digits, zero-padded) as `N`
+/// BCD bytes in wire order; `None` when it is not such a number.
+#[must_use]
+pub fn number<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.is_empty() || s.len() > 2 * N || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let bytes = from_u64(s.parse().ok()?, N)?;
+    bytes.try_into().ok()
+}
+
+/// Whether an address in a request (`want`, where `AA` bytes are wildcards) covers `got`.
+#[must_use]
+pub fn covers(want: &[u8], got: &[u8]) -> bool {
+    want.len() == got.len() && want.iter().zip(got).all(|(a, b)| *a == 0xAA || a == b)
+}
+
+/// Writes BCD bytes in wire order as the number is printed (most significant first).
+pub fn write_number(bytes: &[u8], f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    bytes.iter().rev().try_for_each(|b| write!(f, "{b:02X}"))
+}
+
 /// The two digits of one byte as 0-99.
 fn digits(b: u8) -> Option<u8> {
     let (hi, lo) = (b >> 4, b & 0x0F);

@@ -161,18 +161,23 @@ impl fmt::Display for ErrorWord {
             "too many daily time slots",
             "too many tariffs",
         ];
-        let named: Vec<&str> = BITS
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.0 & (1 << i) != 0)
-            .map(|(_, s)| *s)
-            .collect();
+        let named = set_bits(&BITS, u16::from(self.0));
         if named.is_empty() {
             write!(f, "error byte {:#04x}", self.0)
         } else {
             write!(f, "{} (error byte {:#04x})", named.join(", "), self.0)
         }
     }
+}
+
+/// The names of the bits set in `word` (bit 0 first).
+fn set_bits<'a>(names: &[&'a str], word: u16) -> Vec<&'a str> {
+    names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| word & (1 << i) != 0)
+        .map(|(_, s)| *s)
+        .collect()
 }
 
 /// What a meter's answer to a read says.
@@ -368,12 +373,7 @@ impl fmt::Display for ControlError {
             "the command's validity time has passed (check the gateway's clock)",
             "trip refused: the meter is in keep-power (保电)",
         ];
-        let named: Vec<&str> = BITS
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.0 & (1 << i) != 0)
-            .map(|(_, s)| *s)
-            .collect();
+        let named = set_bits(&BITS, self.0);
         if named.is_empty() {
             write!(f, "control refused, error word {:#06x}", self.0)
         } else {

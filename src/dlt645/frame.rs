@@ -65,32 +65,19 @@ impl Address {
         if s.eq_ignore_ascii_case("AAAAAAAAAAAA") {
             return Ok(Address::WILDCARD);
         }
-        if s.is_empty() || s.len() > 12 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err());
-        }
-        let number: u64 = s.parse().map_err(|_| err())?;
-        let bytes = crate::bcd::from_u64(number, 6).ok_or_else(err)?;
-        let mut out = [0u8; 6];
-        out.copy_from_slice(&bytes);
-        Ok(Address(out))
+        crate::bcd::number(s).map(Address).ok_or_else(err)
     }
 
     /// Whether an answer from `other` can be this request's (wildcard bytes match any).
     #[must_use]
     pub fn matches(&self, other: &Address) -> bool {
-        self.0
-            .iter()
-            .zip(other.0.iter())
-            .all(|(a, b)| *a == 0xAA || a == b)
+        crate::bcd::covers(&self.0, &other.0)
     }
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0.iter().rev() {
-            write!(f, "{b:02X}")?;
-        }
-        Ok(())
+        crate::bcd::write_number(&self.0, f)
     }
 }
 

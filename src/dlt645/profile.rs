@@ -201,23 +201,7 @@ pub(crate) const BUILTIN_SOURCES: &[(&str, &str)] = &[
 
 /// Parses the built-in DL/T 645 profiles (a failure is a bug in meterd, named by file).
 pub fn builtin() -> Result<BTreeMap<String, Profile>, Vec<(String, ProfileIssue)>> {
-    let mut out = BTreeMap::new();
-    let mut errors = Vec::new();
-    for (file, text) in BUILTIN_SOURCES {
-        match Profile::from_toml(text) {
-            Ok(p) => {
-                out.insert(p.name.clone(), p);
-            }
-            Err(issues) => {
-                errors.extend(issues.into_iter().map(|i| (format!("<builtin>/{file}"), i)));
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    crate::modbus::profile::parse_builtin(BUILTIN_SOURCES, Profile::from_toml, |p| &p.name)
 }
 
 #[cfg(test)]

@@ -610,12 +610,21 @@ pub(crate) const BUILTIN_SOURCES: &[(&str, &str)] = &[
 /// Parses the built-in library. The files are part of the build and a unit test parses each, so a
 /// failure here is a bug in meterd, reported with the file name rather than a panic.
 pub fn builtin() -> Result<BTreeMap<String, Profile>, Vec<(String, ProfileIssue)>> {
+    parse_builtin(BUILTIN_SOURCES, Profile::from_toml, |p| &p.name)
+}
+
+/// Parses embedded profile files (`(file name, text)`) by their name, every problem named by file.
+pub(crate) fn parse_builtin<P>(
+    sources: &[(&str, &str)],
+    parse: fn(&str) -> Result<P, Vec<ProfileIssue>>,
+    name: fn(&P) -> &str,
+) -> Result<BTreeMap<String, P>, Vec<(String, ProfileIssue)>> {
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
-    for (file, text) in BUILTIN_SOURCES {
-        match Profile::from_toml(text) {
+    for (file, text) in sources {
+        match parse(text) {
             Ok(p) => {
-                out.insert(p.name.clone(), p);
+                out.insert(name(&p).to_string(), p);
             }
             Err(issues) => {
                 errors.extend(issues.into_iter().map(|i| (format!("<builtin>/{file}"), i)));
