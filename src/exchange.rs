@@ -21,6 +21,10 @@ pub enum ExchangeError {
     Closed,
 }
 
+/// A byte stream to a line (a serial port, a serial server's socket).
+pub trait Line: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Line for T {}
+
 /// What listens for the answer: the protocol's receiver and its test of "the answer to this
 /// request".
 pub trait Listener {

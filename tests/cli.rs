@@ -252,6 +252,76 @@ fn read_scan_and_raw_against_the_simulator() {
     let text = stdout(&o);
     assert!(text.contains("5 of 7 unit id(s) answered"), "{text}");
 
+    // raw DL/T 645: the prepaid meter on the Modbus line, energy by its DI, decoded by the built-in
+    // profile; a DI it lacks is the meter's own refusal; a wrong DI spelling says what is expected.
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00010000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kwh = v[0]["value"].as_f64().unwrap();
+    assert!((1520.37..1520.5).contains(&kwh), "{v}");
+    assert_eq!(v[0]["item"], "import_kwh");
+    assert_eq!(v[0]["unit"], "kWh");
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00040000",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not have this DI"),
+        "{}",
+        stderr(&o)
+    );
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "input",
+    ]);
+    assert!(stderr(&o).contains("8 hex digits"), "{}", stderr(&o));
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "lan",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00010000",
+    ]);
+    assert!(stderr(&o).contains("serial line"), "{}", stderr(&o));
+
     // raw: decode a float, write a coil with --yes, read it back.
     let o = meterd(&[
         "raw", "--config", cfg, "--bus", "rs485-1", "--unit", "1", "read", "input", "0x0000", "2",

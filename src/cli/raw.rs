@@ -10,13 +10,27 @@ pub struct RawCmd {
     /// Bus name from the configuration.
     #[arg(long)]
     pub bus: String,
-    /// Unit id.
+    /// Modbus unit id.
+    #[arg(long, required_unless_present = "address")]
+    pub unit: Option<u8>,
+    /// The protocol to speak on the bus.
+    #[arg(long, value_enum, default_value = "modbus")]
+    pub protocol: RawProtocol,
+    /// DL/T 645: the meter's address, the 12-digit number on its nameplate.
     #[arg(long)]
-    pub unit: u8,
+    pub address: Option<String>,
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub op: RawOp,
+}
+
+/// Protocols `raw` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RawProtocol {
+    Modbus,
+    /// DL/T 645-2007 (China's electricity meters): `read DI`, e.g. `read 00010000`.
+    Dlt645,
 }
 
 /// Object tables as named on the command line.
@@ -62,11 +76,12 @@ impl Layout {
 /// A raw operation.
 #[derive(Debug, Subcommand)]
 pub enum RawOp {
-    /// Read COUNT registers or bits from ADDRESS.
+    /// Modbus: read COUNT registers or bits of TABLE (coil, discrete, holding, input) from
+    /// ADDRESS. DL/T 645: read the data identifier TABLE (8 hex digits, e.g. 00010000).
     Read {
-        table: Table,
+        table: String,
         #[arg(value_parser = parse_u16)]
-        address: u16,
+        address: Option<u16>,
         #[arg(default_value_t = 1)]
         count: u16,
         /// Also decode the registers as this type, value by value.
@@ -77,8 +92,9 @@ pub enum RawOp {
         #[arg(long)]
         json: bool,
     },
-    /// Write a coil (on/off) or holding register value(s).
+    /// Write a coil (on/off) or holding register value(s) (Modbus).
     Write {
+        #[arg(value_enum)]
         table: Table,
         #[arg(value_parser = parse_u16)]
         address: u16,
@@ -109,17 +125,30 @@ impl RawCmd {
         let bi = c
             .bus_index(&self.bus)
             .with_context(|| format!("no bus {:?} in {}", self.bus, c.source))?;
+        if self.protocol == RawProtocol::Dlt645 {
+            return self.execute_dlt645(&c.buses[bi]).await;
+        }
+        let Some(unit) = self.unit else {
+            bail!("give --unit for a Modbus device (or --protocol dlt645 --address NUMBER)");
+        };
         let mut link = Link::new(&c.buses[bi]);
-        let unit = self.unit;
         match self.op {
             RawOp::Read {
-                table: t,
+                table: what,
                 address,
                 count,
                 ty,
                 order,
                 json: as_json,
             } => {
+                let t = <Table as ValueEnum>::from_str(&what, true).map_err(|_| {
+                    anyhow::anyhow!(
+                        "{what:?} is not a Modbus table: expected coil, discrete, holding or input"
+                    )
+                })?;
+                let Some(address) = address else {
+                    bail!("give the register address to read from, e.g. read {what} 0x0000 2");
+                };
                 let req = ReadRequest {
                     function: t.into(),
                     address,
@@ -222,5 +251,127 @@ impl RawCmd {
             }
         }
         Ok(())
+    }
+}
+
+/// One row of `raw --protocol dlt645 read`.
+#[derive(Debug, Serialize)]
+struct Dlt645Row {
+    address: String,
+    di: String,
+    /// The value bytes as the meter meant them (the +0x33 removed), first on the wire first.
+    raw: String,
+    /// Decoded with the format of a built-in profile's item of this DI, when one has it.
+    value: Option<f64>,
+    item: Option<String>,
+    unit: Option<String>,
+}
+
+impl RawCmd {
+    /// `raw --protocol dlt645`: one DI read from one meter, straight on the bus's line.
+    async fn execute_dlt645(&self, bus: &crate::modbus::spec::Bus) -> Result<()> {
+        use crate::dlt645::{client::Client, profile, Address, Di};
+        let Some(address) = &self.address else {
+            bail!("give the meter's address: --address NUMBER (the 12 digits on its nameplate)");
+        };
+        let address = Address::parse(address)?;
+        let RawOp::Read {
+            table: what,
+            json: as_json,
+            ..
+        } = &self.op
+        else {
+            bail!("DL/T 645 writes need the meter's password and are not raw operations; relays are switched through [[relay]] and `meterd relay`");
+        };
+        let di = Di::parse(what).with_context(|| {
+            format!("{what:?} is not a DL/T 645 data identifier: expected 8 hex digits as the standard's tables print it, DI3 first (e.g. 00010000 for forward active energy)")
+        })?;
+        let mut line = open_serial_line(bus).await?;
+        let mut client = Client::new(crate::dlt645::frame::DEFAULT_PREAMBLE);
+        let value = client
+            .read(&mut line, address, di, self.timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("bus {}: {e}", bus.name))?;
+        let library = profile::builtin().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let item = library
+            .values()
+            .flat_map(|p| p.items.iter())
+            .find(|i| i.di == di);
+        let row = Dlt645Row {
+            address: address.to_string(),
+            di: di.to_string(),
+            raw: value
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            value: item.and_then(|i| i.value(&value).ok()),
+            item: item.map(|i| i.name.to_string()),
+            unit: item.map(|i| i.unit.to_string()),
+        };
+        if *as_json {
+            out(&json(&[&row])?);
+        } else {
+            let shown = row.value.map_or_else(
+                || "(no built-in profile decodes this DI)".to_string(),
+                |v| format!("{v} {}", row.unit.as_deref().unwrap_or_default()),
+            );
+            out(&table(
+                &["meter", "di", "raw", "item", "value"],
+                &[vec![
+                    row.address.clone(),
+                    row.di.clone(),
+                    row.raw.clone(),
+                    row.item.clone().unwrap_or_default(),
+                    shown,
+                ]],
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A serial bus's line as a byte stream: the local port, or a serial server's TCP socket.
+async fn open_serial_line(
+    bus: &crate::modbus::spec::Bus,
+) -> Result<Box<dyn crate::exchange::Line>> {
+    use tokio_serial::SerialPortBuilderExt;
+    match &bus.transport {
+        Transport::Rtu(s) => {
+            let parity = match s.parity {
+                config::Parity::None => tokio_serial::Parity::None,
+                config::Parity::Even => tokio_serial::Parity::Even,
+                config::Parity::Odd => tokio_serial::Parity::Odd,
+            };
+            let port = tokio_serial::new(&s.device, s.baud)
+                .parity(parity)
+                .stop_bits(if s.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                })
+                .data_bits(tokio_serial::DataBits::Eight)
+                .open_native_async()
+                .with_context(|| format!("bus {}: cannot open {}", bus.name, s.device))?;
+            Ok(Box::new(port))
+        }
+        Transport::RtuOverTcp {
+            host,
+            port,
+            connect_timeout,
+        } => {
+            let stream = tokio::time::timeout(
+                *connect_timeout,
+                tokio::net::TcpStream::connect((host.as_str(), *port)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("bus {}: {host}:{port} did not accept within {connect_timeout:?}", bus.name))?
+            .with_context(|| format!("bus {}: cannot connect to {host}:{port}", bus.name))?;
+            Ok(Box::new(stream))
+        }
+        Transport::Tcp { .. } => bail!(
+            "bus {} is Modbus TCP: DL/T 645 meters hang on a serial line (kind = \"rtu\") or a serial server passing raw bytes (kind = \"rtu_over_tcp\")",
+            bus.name
+        ),
     }
 }
