@@ -23,6 +23,7 @@ use crate::reading::Quality;
 use crate::sim;
 
 mod daemon;
+mod dlt645;
 mod wire;
 
 /// Which benchmark to run.
@@ -34,6 +35,9 @@ pub enum Which {
     Points,
     /// RS485 at 9600 8E1 emulated on a pty: transactions/s ≥ 90 % of the line's theoretical maximum.
     Rtu,
+    /// DL/T 645-2007 meters at 2400 8E1 emulated on a pty: transactions/s ≥ 90 % of the line's
+    /// theoretical maximum.
+    Dlt645,
     /// Whole daemon, bus to broker: 50 meters × 4 floats at 100 ms to a local Mosquitto (targets
     /// ≤ 8 µs of `meterd run` CPU per reading, every poll on schedule, p99 ≤ 20 ms, RSS ≤ 16 MiB).
     Daemon,
@@ -90,6 +94,9 @@ impl BenchCmd {
         }
         if wants(Which::Rtu) && !rtu(self.measure).await? {
             failed.push("rtu");
+        }
+        if wants(Which::Dlt645) && !dlt645::line(self.measure).await? {
+            failed.push("dlt645");
         }
         if wants(Which::Daemon) && !daemon::building_50(self.measure).await? {
             failed.push("daemon");
