@@ -35,6 +35,38 @@ pub trait Listener {
     fn noise(&self) -> u64;
 }
 
+/// A protocol's receiver: bytes off the line in, whole frames out.
+pub trait Receive {
+    type Frame;
+    fn push(&mut self, bytes: &[u8]);
+    fn next_frame(&mut self) -> Option<Self::Frame>;
+    fn noise(&self) -> u64;
+}
+
+/// The frames of `rx`, tested by `accept` for the answer to the request on the line.
+pub struct Answers<'a, R, F> {
+    pub rx: &'a mut R,
+    pub accept: &'a mut F,
+}
+
+impl<R: Receive, T, F: FnMut(&R::Frame) -> Option<T>> Listener for Answers<'_, R, F> {
+    type Answer = T;
+
+    fn feed(&mut self, bytes: &[u8]) -> Option<T> {
+        self.rx.push(bytes);
+        while let Some(f) = self.rx.next_frame() {
+            if let Some(t) = (self.accept)(&f) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    fn noise(&self) -> u64 {
+        self.rx.noise()
+    }
+}
+
 /// Sends `request`, then feeds what the line brings to `listener` until it has the answer or
 /// `timeout` passes.
 pub async fn exchange<IO, L>(

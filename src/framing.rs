@@ -12,7 +12,7 @@ pub(crate) const PREAMBLE: u8 = 0xFE;
 
 /// Where a protocol keeps its length byte and how far its header goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Layout {
+pub struct Layout {
     /// Bytes from the first `68` up to and including the length byte `L`.
     pub header: usize,
     /// Offset of a second `68` in the header (DL/T 645 has one after the address).
@@ -115,6 +115,68 @@ impl Scanner {
     fn drop_front(&mut self, n: usize) {
         self.noise += self.buf[..n].iter().filter(|b| **b != PREAMBLE).count() as u64;
         self.buf.drain(..n);
+    }
+}
+
+/// A protocol whose frames the scanner finds: its layout and how a whole frame is read.
+pub trait Protocol: Sized {
+    const LAYOUT: Layout;
+    /// A whole frame, checksum verified, from its `68` through its `16`.
+    fn from_wire(bytes: &[u8]) -> Self;
+}
+
+/// One protocol's frames found in the bytes of a line.
+#[derive(Debug)]
+pub struct Frames<P> {
+    scanner: Scanner,
+    _protocol: std::marker::PhantomData<P>,
+}
+
+impl<P> Default for Frames<P> {
+    fn default() -> Frames<P> {
+        Frames {
+            scanner: Scanner::default(),
+            _protocol: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<P: Protocol> Frames<P> {
+    /// Appends bytes as read from the line.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.scanner.push(bytes);
+    }
+
+    /// The next whole frame; `None` until one is complete.
+    pub fn next_frame(&mut self) -> Option<P> {
+        self.scanner.next(P::LAYOUT).map(|b| P::from_wire(&b))
+    }
+
+    /// Bytes dropped as noise so far.
+    #[must_use]
+    pub fn noise(&self) -> u64 {
+        self.scanner.noise()
+    }
+
+    /// Forgets what is held (after a timeout: the rest of that answer is stale).
+    pub fn clear(&mut self) {
+        self.scanner.clear();
+    }
+}
+
+impl<P: Protocol> crate::exchange::Receive for Frames<P> {
+    type Frame = P;
+
+    fn push(&mut self, bytes: &[u8]) {
+        Frames::push(self, bytes);
+    }
+
+    fn next_frame(&mut self) -> Option<P> {
+        Frames::next_frame(self)
+    }
+
+    fn noise(&self) -> u64 {
+        Frames::noise(self)
     }
 }
 

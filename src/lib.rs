@@ -19,7 +19,7 @@ pub mod daemon;
 pub mod dlt645;
 pub mod enforce;
 pub mod exchange;
-pub(crate) mod framing;
+pub mod framing;
 pub mod modbus;
 pub mod money;
 pub mod report;

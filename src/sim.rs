@@ -35,6 +35,7 @@ use crate::modbus::decode;
 use crate::modbus::profile::{Function, Profile, Quantity, RegisterDef};
 use crate::modbus::timing;
 
+mod cjt188;
 mod dlt645;
 
 /// Why a building could not be loaded or served.
@@ -136,6 +137,13 @@ pub enum UnitProtocol {
     Modbus,
     /// DL/T 645-2007, addressed by `address` (the nameplate number); serial lines only.
     Dlt645,
+    /// CJ/T 188-2004 water meter, addressed by `address` (14 digits) and `meter_type`; serial
+    /// lines only.
+    Cjt188,
+}
+
+fn cold_water() -> u8 {
+    0x10
 }
 
 /// One simulated device.
@@ -156,6 +164,14 @@ pub struct UnitSpec {
     pub password_level: u8,
     pub password: Option<String>,
     pub operator: Option<String>,
+    /// CJ/T 188: the meter type byte (0x10 cold water, 0x11 hot water).
+    #[serde(default = "cold_water")]
+    pub meter_type: u8,
+    /// CJ/T 188: how the meter writes its DIs (§B5 of the protocol reference).
+    #[serde(default)]
+    pub di_order: crate::cjt188::DiOrder,
+    /// The profile (Modbus, DL/T 645); CJ/T 188 meters answer their fixed 901F record.
+    #[serde(default)]
     pub profile: String,
     /// Active power drawn, W; energy rises by exactly this.
     #[serde(default)]
@@ -224,6 +240,17 @@ impl Building {
                         .any(|e| e.name == u.endpoint && e.kind == EndpointKind::Tcp)
                     {
                         return Err(bad(format!("DL/T 645 unit {address}: endpoint {} is Modbus TCP; DL/T 645 meters sit on a serial line (kind = \"rtu\" or \"rtu_over_tcp\")", u.endpoint)));
+                    }
+                }
+                UnitProtocol::Cjt188 => {
+                    let address = u.address.as_deref().unwrap_or_default();
+                    crate::cjt188::Address::parse(address)
+                        .map_err(|e| bad(format!("CJ/T 188 unit on {}: {e}", u.endpoint)))?;
+                    if b.endpoint
+                        .iter()
+                        .any(|e| e.name == u.endpoint && e.kind == EndpointKind::Tcp)
+                    {
+                        return Err(bad(format!("CJ/T 188 unit {address}: endpoint {} is Modbus TCP; CJ/T 188 meters sit on a serial line (kind = \"rtu\" or \"rtu_over_tcp\")", u.endpoint)));
                     }
                 }
                 UnitProtocol::Modbus => {}
@@ -839,6 +866,7 @@ pub async fn start(
     for ep in &building.endpoint {
         let mut units = HashMap::new();
         let meters645 = Arc::new(dlt645::meters(building, &ep.name, &dlt645_profiles)?);
+        let meters188 = Arc::new(cjt188::meters(building, &ep.name)?);
         for u in building
             .unit
             .iter()
@@ -916,6 +944,7 @@ pub async fn start(
                                     timing: line,
                                     units: service.units.clone(),
                                     dlt645: meters645.clone(),
+                                    cjt188: meters188.clone(),
                                     delay: endpoint_delay,
                                     shared: shared.clone(),
                                     reopens: false,
@@ -960,6 +989,7 @@ pub async fn start(
                     timing: LineTiming::of(ep),
                     units: service.units.clone(),
                     dlt645: meters645.clone(),
+                    cjt188: meters188.clone(),
                     delay: service.delay,
                     shared,
                     reopens: true,
@@ -1041,12 +1071,20 @@ impl LineTiming {
     }
 }
 
+/// A request in one of China's national protocols, seen on a simulated line.
+enum National {
+    Dlt645(crate::dlt645::Frame),
+    Cjt188(crate::cjt188::Frame),
+}
+
 /// What a line emulator needs to know about its line.
 struct LineSetup {
     timing: LineTiming,
     units: Arc<HashMap<u8, Arc<SimUnit>>>,
     /// DL/T 645 meters on the same line.
     dlt645: Arc<Vec<Arc<dlt645::Meter>>>,
+    /// CJ/T 188 meters on the same line.
+    cjt188: Arc<Vec<Arc<cjt188::Meter>>>,
     /// The endpoint's turnaround, added to every answer.
     delay: Duration,
     shared: Arc<SharedLine>,
@@ -1071,6 +1109,7 @@ where
         timing,
         units,
         dlt645: meters645,
+        cjt188: meters188,
         delay,
         shared,
         reopens,
@@ -1110,11 +1149,17 @@ where
             // silence is measured from the end of the last frame on the wire to its first byte; a
             // frame that came in the same read as the one before it follows it without any.
             while !pending.is_empty() {
-                // A DL/T 645 request goes to the DL/T 645 meters of the line, not the Modbus server.
-                let (len, national) = match dlt645::scan(&pending) {
-                    dlt645::Scan::Frame(len, frame) => (Some(len), Some(frame)),
-                    dlt645::Scan::Wait => break,
-                    dlt645::Scan::NotOurs => (None, None),
+                // A DL/T 645 or CJ/T 188 request goes to those meters of the line, not the Modbus
+                // server.
+                let (len, national) = match (dlt645::scan(&pending), cjt188::scan(&pending)) {
+                    (dlt645::Scan::Frame(len, frame), _) => {
+                        (Some(len), Some(National::Dlt645(frame)))
+                    }
+                    (_, cjt188::Scan::Frame(len, frame)) => {
+                        (Some(len), Some(National::Cjt188(frame)))
+                    }
+                    (dlt645::Scan::Wait, _) | (_, cjt188::Scan::Wait) => break,
+                    (dlt645::Scan::NotOurs, cjt188::Scan::NotOurs) => (None, None),
                 };
                 let len = match len {
                     Some(len) => len,
@@ -1146,12 +1191,18 @@ where
                 if let Some(request) = national {
                     // Every meter the request addresses answers in its own time; several answering
                     // one wildcard read collide into noise, as on a real line.
-                    let answering: Vec<_> =
-                        meters645.iter().filter(|m| m.addressed(&request)).collect();
-                    let answers: Vec<(std::time::Duration, Vec<u8>)> = answering
-                        .iter()
-                        .filter_map(|m| m.answer(&request).map(|a| (m.delay(), a)))
-                        .collect();
+                    let answers: Vec<(std::time::Duration, Vec<u8>)> = match &request {
+                        National::Dlt645(r) => meters645
+                            .iter()
+                            .filter(|m| m.addressed(r))
+                            .filter_map(|m| m.answer(r).map(|a| (m.delay(), a)))
+                            .collect(),
+                        National::Cjt188(r) => meters188
+                            .iter()
+                            .filter(|m| m.addressed(r))
+                            .filter_map(|m| m.answer(r).map(|a| (m.delay(), a)))
+                            .collect(),
+                    };
                     let out = match answers.as_slice() {
                         [] => None,
                         [(own, a)] => Some((end + delay + *own, a.clone())),

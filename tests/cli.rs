@@ -97,8 +97,22 @@ name = "room-101"
 bus = "rs485-1"
 unit = 1
 profile = "eastron_sdm120"
+
+[[bus]]
+name = "rs485-2"
+kind = "rtu"
+device = "{water_pty}"
+baud = 9600
+parity = "even"
+
+[[device]]
+name = "water-room-101"
+bus = "rs485-2"
+unit = 2
+profile = "water_xintai_valve"
 "#,
-        pty = sim.endpoints["rs485-1"]
+        pty = sim.endpoints["rs485-1"],
+        water_pty = sim.endpoints["rs485-2"]
     );
     let path = dir.join("meterd.toml");
     std::fs::write(&path, text).unwrap();
@@ -321,6 +335,27 @@ fn read_scan_and_raw_against_the_simulator() {
         "00010000",
     ]);
     assert!(stderr(&o).contains("serial line"), "{}", stderr(&o));
+
+    // raw CJ/T 188: the water meter on the water line.
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-2",
+        "--protocol",
+        "cjt188",
+        "--address",
+        "20241111000301",
+        "read",
+        "901F",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let m3 = v[0]["volume_m3"].as_f64().unwrap();
+    assert!((412.37..412.5).contains(&m3), "{v}");
+    assert_eq!(v[0]["valve"], "open");
 
     // raw: decode a float, write a coil with --yes, read it back.
     let o = meterd(&[

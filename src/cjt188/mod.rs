@@ -9,7 +9,9 @@ use chrono::NaiveDateTime;
 use thiserror::Error;
 
 use crate::bcd;
-use crate::framing::{self, Layout, Scanner, END, PREAMBLE, START};
+use crate::framing::{self, Layout, END, PREAMBLE, START};
+
+pub mod client;
 
 /// Where CJ/T 188 keeps its length byte (§B2); reads answer at most 0x64 data bytes.
 pub(crate) const LAYOUT: Layout = Layout {
@@ -166,30 +168,13 @@ impl Frame {
 }
 
 /// CJ/T 188 frames found in the bytes of a line.
-#[derive(Debug, Default)]
-pub struct Receiver {
-    scanner: Scanner,
-}
+pub type Receiver = crate::framing::Frames<Frame>;
 
-impl Receiver {
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.scanner.push(bytes);
-    }
+impl crate::framing::Protocol for Frame {
+    const LAYOUT: Layout = LAYOUT;
 
-    /// The next whole frame; `None` until one is complete.
-    pub fn next_frame(&mut self) -> Option<Frame> {
-        self.scanner.next(LAYOUT).map(|b| Frame::from_wire(&b))
-    }
-
-    /// Bytes dropped as noise so far.
-    #[must_use]
-    pub fn noise(&self) -> u64 {
-        self.scanner.noise()
-    }
-
-    /// Forgets what is held (after a timeout).
-    pub fn clear(&mut self) {
-        self.scanner.clear();
+    fn from_wire(bytes: &[u8]) -> Frame {
+        Frame::from_wire(bytes)
     }
 }
 

@@ -12,7 +12,7 @@ use super::data::{
     ControlError, Credentials, Di, ErrorWord, ReadAnswer, RelayAction, Status3,
 };
 use super::frame::{function, Address, Frame, Receiver, TooLong};
-use crate::exchange::{exchange, ExchangeError, Listener};
+use crate::exchange::{exchange, Answers, ExchangeError};
 
 /// How a DL/T 645 transaction failed, with the meter it was for.
 #[derive(Debug, Error)]
@@ -47,30 +47,6 @@ impl ClientError {
             self,
             ClientError::Refused { .. } | ClientError::ControlRefused { .. }
         )
-    }
-}
-
-/// DL/T 645 frames off the line, tested by `accept` for the answer to the request.
-struct Answers<'a, F> {
-    rx: &'a mut Receiver,
-    accept: &'a mut F,
-}
-
-impl<T, F: FnMut(&Frame) -> Option<T>> Listener for Answers<'_, F> {
-    type Answer = T;
-
-    fn feed(&mut self, bytes: &[u8]) -> Option<T> {
-        self.rx.push(bytes);
-        while let Some(f) = self.rx.next_frame() {
-            if let Some(t) = (self.accept)(&f) {
-                return Some(t);
-            }
-        }
-        None
-    }
-
-    fn noise(&self) -> u64 {
-        self.rx.noise()
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::framing::{self, Layout, Scanner, END, PREAMBLE, START};
+use crate::framing::{self, Layout, END, PREAMBLE, START};
 
 /// Every data byte travels +0x33 (mod 256), the DI included (§A2).
 pub const DATA_OFFSET: u8 = 0x33;
@@ -172,31 +172,13 @@ impl Frame {
 }
 
 /// DL/T 645 frames found in the bytes of a line.
-#[derive(Debug, Default)]
-pub struct Receiver {
-    scanner: Scanner,
-}
+pub type Receiver = crate::framing::Frames<Frame>;
 
-impl Receiver {
-    /// Appends bytes as read from the line.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.scanner.push(bytes);
-    }
+impl crate::framing::Protocol for Frame {
+    const LAYOUT: Layout = LAYOUT;
 
-    /// The next whole frame; `None` until one is complete.
-    pub fn next_frame(&mut self) -> Option<Frame> {
-        self.scanner.next(LAYOUT).map(|b| Frame::from_wire(&b))
-    }
-
-    /// Bytes dropped as noise so far.
-    #[must_use]
-    pub fn noise(&self) -> u64 {
-        self.scanner.noise()
-    }
-
-    /// Forgets what is held (after a timeout).
-    pub fn clear(&mut self) {
-        self.scanner.clear();
+    fn from_wire(bytes: &[u8]) -> Frame {
+        Frame::from_wire(bytes)
     }
 }
 

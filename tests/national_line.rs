@@ -1,13 +1,15 @@
-//! DL/T 645-2007 meters on an RS485 line shared with a Modbus meter, at the field's 2400 8E1, over
-//! the simulator's pty line emulator: reads with the standard's formats, an unsupported item
-//! answered with the meter's error, relay trip and close with read-back of status word 3, a wrong
-//! password refused, a dead meter timing out without taking the line's next answer, and the
-//! Modbus meter still read on the same line.
+//! China's national protocols on an RS485 line shared with a Modbus meter, at the field's 2400
+//! 8E1, over the simulator's pty line emulator. DL/T 645-2007: reads with the standard's formats,
+//! an unsupported item answered with the meter's error, relay trip and close with read-back of
+//! status word 3, a wrong password refused, a dead meter timing out without taking the line's next
+//! answer. CJ/T 188-2004: current data, valve close and open (a stuck valve says so), a meter that
+//! writes its DIs reversed. The Modbus meter is still read on the same line.
 
 mod common;
 
 use std::time::Duration;
 
+use meterd::cjt188::{self, DiOrder, MeterType, Valve};
 use meterd::dlt645::client::{Client, ClientError};
 use meterd::dlt645::data::{Credentials, Di, ErrorWord, Format, RelayAction};
 use meterd::dlt645::{data, Address};
@@ -46,6 +48,21 @@ protocol = "dlt645"
 address = "202411110003"
 profile = "dlt645_2007_single_phase"
 fault = "dead"
+
+[[unit]]
+endpoint = "line"
+protocol = "cjt188"
+address = "12345678901234"
+flow_m3h = 0.9
+start_m3 = 1234.56
+
+[[unit]]
+endpoint = "line"
+protocol = "cjt188"
+address = "12345678901299"
+di_order = "reversed"
+fault = "stuck"
+start_m3 = 88.5
 "#;
 
 fn port(path: &std::path::Path) -> tokio_serial::SerialStream {
@@ -260,4 +277,102 @@ profile = "dlt645_2007_single_phase"
         e.to_string().contains("no valid frame"),
         "two meters answering the wildcard garble each other: {e}"
     );
+}
+
+#[tokio::test]
+async fn cjt188_water_meters_read_and_switch_their_valves_on_the_same_line() {
+    let sim = common::start(BUILDING).await;
+    let Some(EndpointAddr::Pty(path)) = sim.addr("line").cloned() else {
+        panic!("no pty")
+    };
+    let mut line = port(&path);
+    let mut client = cjt188::client::Client::new(4);
+    let water = cjt188::Address::parse("12345678901234").unwrap();
+    let timeout = Duration::from_secs(1);
+
+    let d = read_water(&mut client, &mut line, water, DiOrder::AsDisplayed).await;
+    assert!((1234.56..1234.6).contains(&d.volume_m3), "{d:?}");
+    assert_eq!(d.status.valve, Valve::Open);
+
+    // Close: the meter reports it closed, and the volume stops rising.
+    let st = client
+        .valve(
+            &mut line,
+            MeterType::COLD_WATER,
+            water,
+            DiOrder::AsDisplayed,
+            false,
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.valve, Valve::Closed);
+    let closed = read_water(&mut client, &mut line, water, DiOrder::AsDisplayed).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = read_water(&mut client, &mut line, water, DiOrder::AsDisplayed).await;
+    assert_eq!(
+        later.volume_m3, closed.volume_m3,
+        "no flow through a closed valve"
+    );
+    assert_eq!(later.status.valve, Valve::Closed);
+    let st = client
+        .valve(
+            &mut line,
+            MeterType::COLD_WATER,
+            water,
+            DiOrder::AsDisplayed,
+            true,
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.valve, Valve::Open);
+
+    // A meter writing its DIs reversed, with a stuck valve: it acknowledges and stays open.
+    let stuck = cjt188::Address::parse("12345678901299").unwrap();
+    let d = read_water(&mut client, &mut line, stuck, DiOrder::Reversed).await;
+    assert!((d.volume_m3 - 88.5).abs() < 1e-9, "{d:?}");
+    let st = client
+        .valve(
+            &mut line,
+            MeterType::COLD_WATER,
+            stuck,
+            DiOrder::Reversed,
+            false,
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.valve, Valve::Open, "the valve did not move");
+    assert_eq!(client.noise(), 0);
+
+    // The DL/T 645 meter next to them still answers.
+    let mut d645 = Client::new(4);
+    let v = d645
+        .read(
+            &mut line,
+            Address::parse("202411110002").unwrap(),
+            Di::FORWARD_ACTIVE_KWH,
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(v.len(), 4);
+}
+
+async fn read_water(
+    c: &mut cjt188::client::Client,
+    line: &mut tokio_serial::SerialStream,
+    address: cjt188::Address,
+    order: DiOrder,
+) -> cjt188::CurrentData {
+    c.read(
+        line,
+        MeterType::COLD_WATER,
+        address,
+        order,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap()
 }
