@@ -336,6 +336,59 @@ fn read_scan_and_raw_against_the_simulator() {
     ]);
     assert!(stderr(&o).contains("serial line"), "{}", stderr(&o));
 
+    // scan by meter number: the DL/T 645 meter among three numbers on the Modbus line, the CJ/T 188
+    // one on the water line.
+    for (bus, protocol, numbers, found) in [
+        (
+            "rs485-1",
+            "dlt645",
+            "202411110001-202411110003",
+            "202411110002",
+        ),
+        (
+            "rs485-2",
+            "cjt188",
+            "20241111000300-20241111000302",
+            "20241111000301",
+        ),
+    ] {
+        let o = meterd(&[
+            "scan",
+            "--config",
+            cfg,
+            "--bus",
+            bus,
+            "--protocol",
+            protocol,
+            "--addresses",
+            numbers,
+            "--timeout",
+            "800ms",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let hits: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got: Vec<&str> = hits
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["address"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, vec![found], "{protocol}");
+    }
+    let o = meterd(&[
+        "scan",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--addresses",
+        "1-20000",
+    ]);
+    assert!(stderr(&o).contains("more than 10000"), "{}", stderr(&o));
+
     // raw CJ/T 188: the water meter on the water line.
     let o = meterd(&[
         "raw",

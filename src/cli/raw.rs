@@ -436,7 +436,7 @@ impl RawCmd {
 }
 
 /// A serial bus's line as a byte stream: the local port, or a serial server's TCP socket.
-async fn open_serial_line(
+pub(super) async fn open_serial_line(
     bus: &crate::modbus::spec::Bus,
 ) -> Result<Box<dyn crate::exchange::Line>> {
     use tokio_serial::SerialPortBuilderExt;

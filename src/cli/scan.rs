@@ -19,8 +19,96 @@ pub struct ScanCmd {
     /// Register probed on each unit (holding table).
     #[arg(long, default_value_t = 0, value_parser = parse_u16)]
     pub register: u16,
+    /// The protocol to probe with.
+    #[arg(long, value_enum, default_value = "modbus")]
+    pub protocol: RawProtocol,
+    /// DL/T 645 / CJ/T 188: meter numbers to probe, `202411110001-202411110040,202411110099`.
+    /// Without it, the single meter on the line is asked for its address (only one may be
+    /// connected: several answer at once and garble each other).
+    #[arg(long, value_parser = parse_addresses)]
+    pub addresses: Option<AddressList>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Meter numbers to probe, as printed on their nameplates.
+#[derive(Debug, Clone)]
+pub struct AddressList(pub Vec<String>);
+
+/// Most meter numbers one scan probes (each absent one costs a timeout on a slow line).
+const MAX_ADDRESSES: u64 = 10_000;
+
+fn parse_addresses(s: &str) -> Result<AddressList, String> {
+    let mut v = Vec::new();
+    let number = |t: &str| {
+        let t = t.trim();
+        (!t.is_empty() && t.len() <= 14 && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse::<u64>().ok())
+            .flatten()
+            .map(|n| (n, t.len()))
+            .ok_or_else(|| format!("{t:?}: expected a meter number (up to 14 digits) or a range like 202411110001-202411110040"))
+    };
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let ((a, width), (b, _)) = (number(a)?, number(b)?);
+        if a > b {
+            return Err(format!("{part:?}: range runs backwards"));
+        }
+        if (b - a + 1) + v.len() as u64 > MAX_ADDRESSES {
+            return Err(format!("{part:?}: more than {MAX_ADDRESSES} numbers; a missing meter costs its timeout, so probe the numbers the installation list gives"));
+        }
+        v.extend((a..=b).map(|n| format!("{n:0width$}")));
+    }
+    Ok(AddressList(v))
+}
+
+/// Progress and ETA of a scan on a terminal.
+struct Progress {
+    tty: bool,
+    started: Instant,
+    total: usize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            total,
+        }
+    }
+
+    fn show(&self, done: usize, what: &str, found: usize) {
+        if !self.tty {
+            return;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = elapsed / done.max(1) as f64 * (self.total - done) as f64;
+        let width = 30;
+        let filled = width * done / self.total.max(1);
+        eprint!(
+            "\r[{}{}] {done}/{} {what}  found {found}  ETA {eta:>4.0}s ",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            self.total
+        );
+    }
+
+    fn end(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// A meter found by a DL/T 645 or CJ/T 188 scan.
+#[derive(Debug, Serialize)]
+pub(crate) struct MeterHit {
+    pub address: String,
+    /// `ok`, the meter's refusal, or `garbled` (bytes but no valid frame: two meters with one
+    /// number, or noise).
+    pub answer: String,
+    pub latency_ms: f64,
 }
 
 /// A list of unit ids.
@@ -80,11 +168,14 @@ impl ScanCmd {
             )
         })?;
         let bus = &c.buses[bi];
+        if self.protocol != RawProtocol::Modbus {
+            return self.scan_meters(bus).await;
+        }
         let mut link = Link::new(bus);
         let mut hits = Vec::new();
         let total = self.units.0.len();
         let started = Instant::now();
-        let tty = std::io::stderr().is_terminal();
+        let progress = Progress::new(total);
         for (i, unit) in self.units.0.iter().copied().enumerate() {
             let t0 = Instant::now();
             let req = ReadRequest {
@@ -112,23 +203,9 @@ impl ScanCmd {
                 }
                 Err(_) => {}
             }
-            if tty {
-                let done = i + 1;
-                let elapsed = started.elapsed().as_secs_f64();
-                let eta = elapsed / done as f64 * (total - done) as f64;
-                let width = 30;
-                let filled = width * done / total.max(1);
-                eprint!(
-                    "\r[{}{}] {done}/{total} unit {unit:>3}  found {}  ETA {eta:>4.0}s ",
-                    "#".repeat(filled),
-                    " ".repeat(width - filled),
-                    hits.len()
-                );
-            }
+            progress.show(i + 1, &format!("unit {unit:>3}"), hits.len());
         }
-        if tty {
-            eprintln!();
-        }
+        progress.end();
         if self.json {
             out(&json(&hits)?);
         } else {
@@ -150,6 +227,109 @@ impl ScanCmd {
                 started.elapsed().as_secs_f64()
             ));
             out(&table(&["unit", "answer", "latency_ms"], &rows));
+        }
+        Ok(())
+    }
+}
+
+impl ScanCmd {
+    /// DL/T 645 / CJ/T 188: probes each listed meter number (energy 00010000, or a cold-water
+    /// meter's current data 901F), or asks the single meter on the line for its address.
+    async fn scan_meters(&self, bus: &crate::modbus::spec::Bus) -> Result<()> {
+        use crate::{cjt188, dlt645};
+        let mut line = super::raw::open_serial_line(bus).await?;
+        let Some(addresses) = &self.addresses else {
+            out(&format!("bus {}: asking the meter on the line for its address (works only with ONE meter connected: with several they answer at once and garble each other; give --addresses to probe a list)\n", bus.name));
+            let found = match self.protocol {
+                RawProtocol::Dlt645 => dlt645::client::Client::new(dlt645::frame::DEFAULT_PREAMBLE)
+                    .read_address(&mut line, self.timeout)
+                    .await
+                    .map(|a| a.to_string())
+                    .map_err(|e| anyhow::anyhow!("{e}")),
+                _ => cjt188::client::Client::new(cjt188::DEFAULT_PREAMBLE)
+                    .read_address(&mut line, cjt188::DiOrder::AsDisplayed, self.timeout)
+                    .await
+                    .map(|(t, a)| format!("{a} (type {:02X})", t.0))
+                    .map_err(|e| anyhow::anyhow!("{e}")),
+            }
+            .with_context(|| format!("bus {}: no single meter answered", bus.name))?;
+            out(&format!("address: {found}\n"));
+            return Ok(());
+        };
+        let progress = Progress::new(addresses.0.len());
+        let mut hits = Vec::new();
+        let mut d645 = dlt645::client::Client::new(dlt645::frame::DEFAULT_PREAMBLE);
+        let mut c188 = cjt188::client::Client::new(cjt188::DEFAULT_PREAMBLE);
+        for (i, number) in addresses.0.iter().enumerate() {
+            let t0 = Instant::now();
+            let answer = if self.protocol == RawProtocol::Dlt645 {
+                let a = dlt645::Address::parse(number)?;
+                match d645
+                    .read(&mut line, a, dlt645::Di::FORWARD_ACTIVE_KWH, self.timeout)
+                    .await
+                {
+                    Ok(_) => Some("ok".to_string()),
+                    Err(e) if e.meter_answered() => Some(e.to_string()),
+                    Err(dlt645::client::ClientError::Line {
+                        source: crate::exchange::ExchangeError::Timeout { garbled: true, .. },
+                        ..
+                    }) => Some("garbled".into()),
+                    Err(_) => None,
+                }
+            } else {
+                let a = cjt188::Address::parse(number)?;
+                match c188
+                    .read(
+                        &mut line,
+                        cjt188::MeterType::COLD_WATER,
+                        a,
+                        cjt188::DiOrder::AsDisplayed,
+                        self.timeout,
+                    )
+                    .await
+                {
+                    Ok(_) => Some("ok".to_string()),
+                    Err(cjt188::client::ClientError::Answer { source, .. }) => {
+                        Some(source.to_string())
+                    }
+                    Err(cjt188::client::ClientError::Line {
+                        source: crate::exchange::ExchangeError::Timeout { garbled: true, .. },
+                        ..
+                    }) => Some("garbled".into()),
+                    Err(_) => None,
+                }
+            };
+            if let Some(answer) = answer {
+                hits.push(MeterHit {
+                    address: number.clone(),
+                    answer,
+                    latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                });
+            }
+            progress.show(i + 1, number, hits.len());
+        }
+        progress.end();
+        if self.json {
+            out(&json(&hits)?);
+        } else {
+            out(&format!(
+                "bus {}: {} of {} meter number(s) answered in {:.1} s\n",
+                bus.name,
+                hits.len(),
+                addresses.0.len(),
+                progress.started.elapsed().as_secs_f64()
+            ));
+            let rows: Vec<Vec<String>> = hits
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.address.clone(),
+                        h.answer.clone(),
+                        format!("{:.1}", h.latency_ms),
+                    ]
+                })
+                .collect();
+            out(&table(&["address", "answer", "latency_ms"], &rows));
         }
         Ok(())
     }
