@@ -10,6 +10,7 @@ pub mod accounting;
 pub mod apportion;
 pub mod bcd;
 pub mod bill;
+pub mod catalog;
 pub mod cjt188;
 pub mod cli;
 pub(crate) mod clock;

@@ -266,150 +266,6 @@ fn read_scan_and_raw_against_the_simulator() {
     let text = stdout(&o);
     assert!(text.contains("5 of 7 unit id(s) answered"), "{text}");
 
-    // raw DL/T 645: the prepaid meter on the Modbus line, energy by its DI, decoded by the built-in
-    // profile; a DI it lacks is the meter's own refusal; a wrong DI spelling says what is expected.
-    let o = meterd(&[
-        "raw",
-        "--config",
-        cfg,
-        "--bus",
-        "rs485-1",
-        "--protocol",
-        "dlt645",
-        "--address",
-        "202411110002",
-        "read",
-        "00010000",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let kwh = v[0]["value"].as_f64().unwrap();
-    assert!((1520.37..1520.5).contains(&kwh), "{v}");
-    assert_eq!(v[0]["item"], "import_kwh");
-    assert_eq!(v[0]["unit"], "kWh");
-    let o = meterd(&[
-        "raw",
-        "--config",
-        cfg,
-        "--bus",
-        "rs485-1",
-        "--protocol",
-        "dlt645",
-        "--address",
-        "202411110002",
-        "read",
-        "00040000",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("does not have this DI"),
-        "{}",
-        stderr(&o)
-    );
-    let o = meterd(&[
-        "raw",
-        "--config",
-        cfg,
-        "--bus",
-        "rs485-1",
-        "--protocol",
-        "dlt645",
-        "--address",
-        "202411110002",
-        "read",
-        "input",
-    ]);
-    assert!(stderr(&o).contains("8 hex digits"), "{}", stderr(&o));
-    let o = meterd(&[
-        "raw",
-        "--config",
-        cfg,
-        "--bus",
-        "lan",
-        "--protocol",
-        "dlt645",
-        "--address",
-        "202411110002",
-        "read",
-        "00010000",
-    ]);
-    assert!(stderr(&o).contains("serial line"), "{}", stderr(&o));
-
-    // scan by meter number: the DL/T 645 meter among three numbers on the Modbus line, the CJ/T 188
-    // one on the water line.
-    for (bus, protocol, numbers, found) in [
-        (
-            "rs485-1",
-            "dlt645",
-            "202411110001-202411110003",
-            "202411110002",
-        ),
-        (
-            "rs485-2",
-            "cjt188",
-            "20241111000300-20241111000302",
-            "20241111000301",
-        ),
-    ] {
-        let o = meterd(&[
-            "scan",
-            "--config",
-            cfg,
-            "--bus",
-            bus,
-            "--protocol",
-            protocol,
-            "--addresses",
-            numbers,
-            "--timeout",
-            "800ms",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let hits: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let got: Vec<&str> = hits
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["address"].as_str().unwrap())
-            .collect();
-        assert_eq!(got, vec![found], "{protocol}");
-    }
-    let o = meterd(&[
-        "scan",
-        "--config",
-        cfg,
-        "--bus",
-        "rs485-1",
-        "--protocol",
-        "dlt645",
-        "--addresses",
-        "1-20000",
-    ]);
-    assert!(stderr(&o).contains("more than 10000"), "{}", stderr(&o));
-
-    // raw CJ/T 188: the water meter on the water line.
-    let o = meterd(&[
-        "raw",
-        "--config",
-        cfg,
-        "--bus",
-        "rs485-2",
-        "--protocol",
-        "cjt188",
-        "--address",
-        "20241111000301",
-        "read",
-        "901F",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let m3 = v[0]["volume_m3"].as_f64().unwrap();
-    assert!((412.37..412.5).contains(&m3), "{v}");
-    assert_eq!(v[0]["valve"], "open");
-
     // raw: decode a float, write a coil with --yes, read it back.
     let o = meterd(&[
         "raw", "--config", cfg, "--bus", "rs485-1", "--unit", "1", "read", "input", "0x0000", "2",
@@ -589,4 +445,156 @@ fn logs_written_to_a_pipe_or_journald_carry_no_colour_codes() {
         !err.contains('\u{1b}'),
         "ANSI escape codes in a non-terminal log: {err:?}"
     );
+}
+
+#[test]
+fn dlt645_and_cjt188_meters_by_raw_and_scan_against_the_simulator() {
+    let sim = simulate();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site_config(&sim, dir.path());
+    let cfg = cfg.to_str().unwrap();
+
+    // raw DL/T 645: the prepaid meter on the Modbus line, energy by its DI, decoded by the built-in
+    // profile; a DI it lacks is the meter's own refusal; a wrong DI spelling says what is expected.
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00010000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kwh = v[0]["value"].as_f64().unwrap();
+    assert!((1520.37..1520.5).contains(&kwh), "{v}");
+    assert_eq!(v[0]["item"], "import_kwh");
+    assert_eq!(v[0]["unit"], "kWh");
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00040000",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not have this DI"),
+        "{}",
+        stderr(&o)
+    );
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "input",
+    ]);
+    assert!(stderr(&o).contains("8 hex digits"), "{}", stderr(&o));
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "lan",
+        "--protocol",
+        "dlt645",
+        "--address",
+        "202411110002",
+        "read",
+        "00010000",
+    ]);
+    assert!(stderr(&o).contains("serial line"), "{}", stderr(&o));
+
+    // scan by meter number: the DL/T 645 meter among three numbers on the Modbus line, the CJ/T 188
+    // one on the water line.
+    for (bus, protocol, numbers, found) in [
+        (
+            "rs485-1",
+            "dlt645",
+            "202411110001-202411110003",
+            "202411110002",
+        ),
+        (
+            "rs485-2",
+            "cjt188",
+            "20241111000300-20241111000302",
+            "20241111000301",
+        ),
+    ] {
+        let o = meterd(&[
+            "scan",
+            "--config",
+            cfg,
+            "--bus",
+            bus,
+            "--protocol",
+            protocol,
+            "--addresses",
+            numbers,
+            "--timeout",
+            "800ms",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let hits: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let got: Vec<&str> = hits
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["address"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, vec![found], "{protocol}");
+    }
+    let o = meterd(&[
+        "scan",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-1",
+        "--protocol",
+        "dlt645",
+        "--addresses",
+        "1-20000",
+    ]);
+    assert!(stderr(&o).contains("more than 10000"), "{}", stderr(&o));
+
+    // raw CJ/T 188: the water meter on the water line.
+    let o = meterd(&[
+        "raw",
+        "--config",
+        cfg,
+        "--bus",
+        "rs485-2",
+        "--protocol",
+        "cjt188",
+        "--address",
+        "20241111000301",
+        "read",
+        "901F",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let m3 = v[0]["volume_m3"].as_f64().unwrap();
+    assert!((412.37..412.5).contains(&m3), "{v}");
+    assert_eq!(v[0]["valve"], "open");
 }

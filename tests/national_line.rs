@@ -376,3 +376,150 @@ async fn read_water(
     .await
     .unwrap()
 }
+
+/// The config's `[[device]]` of each protocol on the simulated line (2400 8E1).
+fn engine_config(sim: &meterd::sim::RunningSim) -> meterd::config::Config {
+    let Some(addr) = sim.addr("line").cloned() else {
+        panic!("no line")
+    };
+    let text = format!(
+        "[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[poll]\ninterval = \"2s\"\ntimeout = \"1s\"\n{}\n{}",
+        common::bus_toml("line", &addr, "baud = 2400\nparity = \"even\"\n"),
+        r#"
+[[device]]
+name = "room-301"
+bus = "line"
+unit = 3
+profile = "chint_ddsu666"
+
+[[device]]
+name = "room-302-prepaid"
+bus = "line"
+protocol = "dlt645"
+address = "202411110002"
+profile = "dlt645_2007_prepaid"
+
+[[device]]
+name = "water-302"
+bus = "line"
+protocol = "cjt188"
+address = "12345678901234"
+
+[[device]]
+name = "room-303"
+bus = "line"
+protocol = "dlt645"
+address = "202411110003"
+profile = "dlt645_2007_single_phase"
+"#
+    );
+    common::parse(&text)
+}
+
+#[tokio::test]
+async fn the_engine_polls_modbus_dlt645_and_cjt188_meters_of_one_line_into_the_same_readings() {
+    use meterd::reading::Quality;
+    let sim = common::start(BUILDING).await;
+    let config = engine_config(&sim);
+    let mut engine = meterd::daemon::Engine::start(&config);
+    let mut seen: std::collections::BTreeMap<(String, String), (Option<f64>, Quality)> =
+        std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let want = |s: &std::collections::BTreeMap<(String, String), (Option<f64>, Quality)>| {
+        ["room-301", "room-302-prepaid", "water-302", "room-303"]
+            .iter()
+            .all(|d| s.keys().any(|(dev, _)| dev == d))
+    };
+    while !want(&seen) {
+        let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
+            .await
+            .expect("every device reported within 20 s")
+            .unwrap();
+        for r in batch {
+            seen.insert(
+                (r.device.to_string(), r.register.to_string()),
+                (r.value, r.quality),
+            );
+        }
+    }
+    engine.stop();
+    let get = |d: &str, r: &str| seen[&(d.to_string(), r.to_string())];
+    let (kwh, q) = get("room-302-prepaid", "import_kwh");
+    assert_eq!(q, Quality::Good);
+    assert!((4321.56..4322.0).contains(&kwh.unwrap()), "{seen:?}");
+    assert_eq!(get("room-302-prepaid", "power").0, Some(1200.0));
+    assert_eq!(get("room-302-prepaid", "relay").0, Some(1.0), "supply on");
+    assert_eq!(get("room-302-prepaid", "remaining_money").0, Some(100.0));
+    let (m3, q) = get("water-302", "volume");
+    assert_eq!(q, Quality::Good);
+    assert!((1234.56..1235.0).contains(&m3.unwrap()), "{seen:?}");
+    assert_eq!(get("water-302", "valve").0, Some(0.0), "open");
+    assert_eq!(
+        get("room-301", "voltage").0.map(|v| (v * 10.0).round()),
+        Some(2300.0)
+    );
+    // The dead DL/T 645 meter: a failed poll, error readings named by its address.
+    let (v, q) = get("room-303", "import_kwh");
+    assert_eq!((v, q), (None, Quality::Error), "{seen:?}");
+}
+
+#[test]
+fn a_national_meter_on_a_modbus_tcp_bus_or_without_an_address_is_refused_with_the_reason() {
+    let text = r#"
+[gateway]
+id = "t"
+site = "t"
+timezone = "Asia/Shanghai"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+port = 502
+[[bus]]
+name = "line"
+kind = "rtu"
+device = "/dev/ttyUSB0"
+baud = 2400
+parity = "even"
+[[device]]
+name = "a"
+bus = "lan"
+protocol = "dlt645"
+address = "202411110002"
+profile = "dlt645_2007_prepaid"
+[[device]]
+name = "b"
+bus = "line"
+protocol = "dlt645"
+profile = "dlt645_2007_prepaid"
+[[device]]
+name = "c"
+bus = "line"
+protocol = "dlt645"
+address = "2024-1111"
+profile = "dlt645_2007_prepaid"
+[[device]]
+name = "d"
+bus = "line"
+protocol = "dlt645"
+address = "202411110009"
+profile = "eastron_sdm120"
+[[device]]
+name = "e"
+bus = "line"
+profile = "eastron_sdm120"
+"#;
+    let e =
+        meterd::config::Config::from_str_at(text, "t.toml", std::path::Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string();
+    for want in [
+        "Modbus TCP: DL/T 645 meters hang on a serial line",
+        "device[1] (b).address: required for a DL/T 645 meter",
+        "expected the meter's number, 1 to 12 digits",
+        "unknown DL/T 645 profile \"eastron_sdm120\"",
+        "device[4] (e).unit: required for a Modbus device",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+}

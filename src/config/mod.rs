@@ -31,8 +31,8 @@ mod tests;
 mod validate;
 
 use raw::{
-    BusKind, RawBus, RawDevice, RawGateway, RawMqtt, RawPoll, RawProfiles, RawReport, RawStore,
-    RawTopology, SECTIONS,
+    BusKind, RawBus, RawDevice, RawDeviceProtocol, RawGateway, RawMqtt, RawPoll, RawProfiles,
+    RawReport, RawStore, RawTopology, SECTIONS,
 };
 use validate::Validator;
 

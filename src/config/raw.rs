@@ -95,7 +95,18 @@ pub(super) struct RawBus {
 pub(super) struct RawDevice {
     pub(super) name: String,
     pub(super) bus: String,
-    pub(super) unit: u32,
+    /// Modbus unit id (not used by DL/T 645 / CJ/T 188 meters, which have an `address`).
+    pub(super) unit: Option<u32>,
+    #[serde(default)]
+    pub(super) protocol: RawDeviceProtocol,
+    /// DL/T 645 / CJ/T 188: the number on the meter's nameplate.
+    pub(super) address: Option<String>,
+    /// CJ/T 188: the meter type byte (16 = 0x10 cold water, 17 = 0x11 hot water).
+    pub(super) meter_type: Option<u8>,
+    /// CJ/T 188: how the meter writes its data identifiers.
+    pub(super) di_order: Option<crate::cjt188::DiOrder>,
+    /// The profile (Modbus or DL/T 645); CJ/T 188 water meters need none.
+    #[serde(default)]
     pub(super) profile: String,
     #[serde(default, with = "humantime_serde")]
     pub(super) interval: Option<Duration>,
@@ -107,6 +118,16 @@ pub(super) struct RawDevice {
     /// This device's counters go to the cloud at least this often (`[report] publish_every`).
     #[serde(default, with = "humantime_serde")]
     pub(super) publish_every: Option<Duration>,
+}
+
+/// The protocol of a `[[device]]` as written.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawDeviceProtocol {
+    #[default]
+    Modbus,
+    Dlt645,
+    Cjt188,
 }
 
 /// `[report]` as written.

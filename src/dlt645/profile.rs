@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::data::{decode, Di, Format, ValueError};
-use crate::modbus::profile::{ProfileIssue, Quantity};
+use crate::catalog::{ProfileIssue, Quantity};
 
 /// One data item a meter is read for.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +201,7 @@ pub(crate) const BUILTIN_SOURCES: &[(&str, &str)] = &[
 
 /// Parses the built-in DL/T 645 profiles (a failure is a bug in meterd, named by file).
 pub fn builtin() -> Result<BTreeMap<String, Profile>, Vec<(String, ProfileIssue)>> {
-    crate::modbus::profile::parse_builtin(BUILTIN_SOURCES, Profile::from_toml, |p| &p.name)
+    crate::catalog::parse_builtin(BUILTIN_SOURCES, Profile::from_toml, |p| &p.name)
 }
 
 #[cfg(test)]

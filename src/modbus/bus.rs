@@ -20,7 +20,7 @@ use super::decode;
 use super::link::{Data, FailureKind, LineStats, Link, LinkError};
 use super::reading::{Quality, RawWords, Reading};
 use super::schedule::{Scheduler, Verdict};
-use super::spec::{Bus, Device};
+use super::spec::{Bus, Device, Protocol};
 
 /// The last good value of a register: value, raw words, when read.
 type LastGood = Option<(f64, RawWords, DateTime<Utc>)>;
@@ -284,6 +284,19 @@ async fn read_state(
 /// Reads a device's plan over `link` and decodes every register. Stops at the first communication
 /// failure (the device is probably gone); goes on past exceptions (it answered).
 pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
+    match &device.protocol {
+        Protocol::Modbus => {}
+        Protocol::Dlt645 { address, profile } => {
+            return super::national::poll_dlt645(link, device, *address, profile).await;
+        }
+        Protocol::Cjt188 {
+            address,
+            meter_type,
+            order,
+        } => {
+            return super::national::poll_cjt188(link, device, *address, *meter_type, *order).await;
+        }
+    }
     let started = Instant::now();
     let mut responses: Vec<Result<Data, LinkError>> =
         Vec::with_capacity(device.plan.requests.len());

@@ -57,6 +57,13 @@ pub enum LinkError {
     Transport { unit: u8, detail: String },
     #[error("unit {unit}: unexpected response: {detail}")]
     Protocol { unit: u8, detail: String },
+    /// A DL/T 645 or CJ/T 188 meter, named by its address (it has no unit id).
+    #[error("meter {meter}: {detail}")]
+    Meter {
+        meter: String,
+        kind: FailureKind,
+        detail: String,
+    },
 }
 
 /// Coarse class of a failure, for counters.
@@ -76,6 +83,7 @@ impl LinkError {
             LinkError::Timeout { .. } => FailureKind::Timeout,
             LinkError::Garbled { .. } | LinkError::Protocol { .. } => FailureKind::Garbled,
             LinkError::Exception { code, .. } => FailureKind::Exception(*code),
+            LinkError::Meter { kind, .. } => *kind,
             _ => FailureKind::Transport,
         }
     }
@@ -83,7 +91,14 @@ impl LinkError {
     /// True when the device did answer (an exception): it is alive, so retrying is pointless.
     #[must_use]
     pub fn device_answered(&self) -> bool {
-        matches!(self, LinkError::Exception { .. })
+        matches!(
+            self,
+            LinkError::Exception { .. }
+                | LinkError::Meter {
+                    kind: FailureKind::Exception(_),
+                    ..
+                }
+        )
     }
 }
 
@@ -288,6 +303,11 @@ trait LineHandle: Send + Sync {
     fn begin(&self);
     /// Reads and discards what is readable; true if anything was.
     fn discard(&self, cx: &mut TaskContext<'_>) -> io::Result<bool>;
+    /// Reads the line's bytes as they come, past the Modbus framing (another protocol's exchange).
+    fn raw_read(&self, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>>;
+    /// Writes bytes to the line as they are.
+    fn raw_write(&self, cx: &mut TaskContext<'_>, bytes: &[u8]) -> Poll<io::Result<usize>>;
+    fn raw_flush(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>>;
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> LineHandle for Mutex<Line<T>> {
@@ -300,6 +320,54 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> LineHandle for Mutex<Line<T>> {
         self.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .discard_readable(cx)
+    }
+    fn raw_read(&self, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut line = self
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Pin::new(&mut line.inner).poll_read(cx, buf)
+    }
+    fn raw_write(&self, cx: &mut TaskContext<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        let mut line = self
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Pin::new(&mut line.inner).poll_write(cx, bytes)
+    }
+    fn raw_flush(&self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let mut line = self
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Pin::new(&mut line.inner).poll_flush(cx)
+    }
+}
+
+/// A link's serial line as plain bytes, for the exchanges of DL/T 645 and CJ/T 188 meters that
+/// share it with Modbus ones (one transaction at a time, as the bus task runs them).
+pub struct RawLine(Arc<dyn LineHandle>);
+
+impl AsyncRead for RawLine {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.raw_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for RawLine {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bytes: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.raw_write(cx, bytes)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.0.raw_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        self.0.raw_flush(cx)
     }
 }
 
@@ -564,6 +632,41 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Runs one exchange of another protocol (DL/T 645, CJ/T 188) on this link's serial line: the
+    /// line's silence before it (and the device's `pause`), the raw bytes of the line to `f`, and
+    /// the line marked busy until it returns. On a Modbus TCP bus there is no line to share.
+    pub async fn raw<T>(
+        &mut self,
+        pause: Duration,
+        f: impl AsyncFnOnce(&mut RawLine) -> T,
+    ) -> Result<T, LinkError> {
+        let gap = self.bus.gap.max(pause);
+        if let Some(end) = self.last_end {
+            crate::clock::sleep_until_precise(end + gap).await;
+        }
+        if let Err(e) = self.connect().await {
+            self.last_end = Some(Instant::now());
+            return Err(e);
+        }
+        let Some(line) = self.line.clone() else {
+            return Err(LinkError::Transport {
+                unit: 0,
+                detail: format!(
+                    "bus {} is Modbus TCP: DL/T 645 and CJ/T 188 meters need a serial line",
+                    self.bus.name
+                ),
+            });
+        };
+        // What a failed Modbus request left on the line is not this exchange's concern: the other
+        // protocol's receiver finds its own answer by address.
+        self.failed = None;
+        let mut raw = RawLine(line.clone());
+        let out = f(&mut raw).await;
+        line.begin();
+        self.last_end = Some(Instant::now());
+        Ok(out)
     }
 
     fn drop_connection(&mut self) {

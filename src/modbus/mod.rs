@@ -1,4 +1,5 @@
-//! Modbus: device profiles, register decoding, read planning, poll scheduling and the bus tasks.
+//! Modbus: device profiles, register decoding, read planning, poll scheduling and the bus tasks
+//! (which also poll the DL/T 645 and CJ/T 188 meters of a line, [`national`]).
 //!
 //! Everything but [`bus`] and [`link`] is pure: it takes data and returns data, so the protocol logic
 //! is tested without a wire.
@@ -7,6 +8,7 @@ pub mod bus;
 pub(crate) mod decode;
 pub mod frame;
 pub mod link;
+mod national;
 pub mod plan;
 pub mod profile;
 pub mod reading;

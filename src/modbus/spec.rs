@@ -72,6 +72,24 @@ impl Bus {
     }
 }
 
+/// How a device is read: Modbus by unit id, or one of China's national protocols by the address
+/// on its nameplate (on a serial line, next to Modbus meters).
+#[derive(Debug, Clone)]
+pub enum Protocol {
+    Modbus,
+    /// DL/T 645-2007: the items of its DL/T 645 profile, one read each.
+    Dlt645 {
+        address: crate::dlt645::Address,
+        profile: Arc<crate::dlt645::profile::Profile>,
+    },
+    /// CJ/T 188-2004 water meter: its current data (901F).
+    Cjt188 {
+        address: crate::cjt188::Address,
+        meter_type: crate::cjt188::MeterType,
+        order: crate::cjt188::DiOrder,
+    },
+}
+
 /// One polled device with everything resolved: its profile, read plan and poll policy.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -86,4 +104,7 @@ pub struct Device {
     pub timeout: Duration,
     /// Extra silence this device needs before each request (profile quirk or config).
     pub pause: Duration,
+    /// Modbus, or the national protocol it is read with (its `profile` then lists the readings it
+    /// gives, and `plan` is empty).
+    pub protocol: Protocol,
 }

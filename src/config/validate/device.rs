@@ -8,7 +8,11 @@ use crate::modbus::plan::{self, Limits, Need};
 use crate::modbus::profile::Profile;
 use crate::modbus::schedule::PollPolicy;
 
-use super::{Bus, Defaults, Device, RawDevice, RawPoll, Transport, Validator};
+use super::{Bus, Defaults, Device, RawDevice, RawDeviceProtocol, RawPoll, Transport, Validator};
+use crate::catalog::Quantity;
+use crate::modbus::decode::{ByteOrder, DataType, WordOrder};
+use crate::modbus::profile::{Function, RegisterDef};
+use crate::modbus::spec::Protocol;
 
 impl Validator {
     pub(in crate::config) fn poll_defaults(&mut self, p: &RawPoll) -> Defaults {
@@ -47,6 +51,7 @@ impl Validator {
             .collect();
         let mut names = HashSet::new();
         let mut units: HashMap<(usize, u32), String> = HashMap::new();
+        let mut addresses: HashMap<(usize, String), String> = HashMap::new();
         let mut out = Vec::new();
         for (key, d) in raw {
             let Some(d) = d else { continue };
@@ -69,8 +74,13 @@ impl Validator {
                     format!("unknown bus {:?}; defined buses: {known:?}", d.bus),
                 );
             }
-            let profile = profiles.get(&d.profile).cloned();
-            if profile.is_none() {
+            let national = self.national(key, d, bus.map(|b| &buses[b].1));
+            let profile = match &national {
+                Some((_, p)) => Some(p.clone()),
+                None if d.protocol != RawDeviceProtocol::Modbus => None,
+                None => profiles.get(&d.profile).cloned(),
+            };
+            if profile.is_none() && d.protocol == RawDeviceProtocol::Modbus {
                 let hint = if self.environment {
                     "or add a file under profiles/"
                 } else {
@@ -85,20 +95,27 @@ impl Validator {
                     ),
                 );
             }
-            if let Some(b) = bus {
+            if let (Some(b), RawDeviceProtocol::Modbus) = (bus, d.protocol) {
+                let Some(unit) = d.unit else {
+                    self.push(
+                        format!("{key}.unit"),
+                        "required for a Modbus device: its unit id (1..=247 on RS485); a DL/T 645 or CJ/T 188 meter says protocol = \"dlt645\" / \"cjt188\" and its address",
+                    );
+                    continue;
+                };
                 let is_tcp = matches!(buses[b].1.transport, Transport::Tcp { .. });
                 let range = if is_tcp { 0..=255 } else { 1..=247 };
-                if !range.contains(&d.unit) {
+                if !range.contains(&unit) {
                     let why = if is_tcp {
                         "a Modbus TCP unit id is 0..=255"
                     } else {
                         "an RS485 unit id is 1..=247 (0 is broadcast, 248-255 reserved)"
                     };
-                    self.push(format!("{key}.unit"), format!("{}: {why}", d.unit));
-                } else if let Some(other) = units.insert((b, d.unit), d.name.clone()) {
+                    self.push(format!("{key}.unit"), format!("{unit}: {why}"));
+                } else if let Some(other) = units.insert((b, unit), d.name.clone()) {
                     self.push(
                         format!("{key}.unit"),
-                        format!("unit {} is already used by device {other:?} on bus {:?}: two meters cannot share an address", d.unit, d.bus),
+                        format!("unit {unit} is already used by device {other:?} on bus {:?}: two meters cannot share an address", d.bus),
                     );
                 }
             }
@@ -114,6 +131,19 @@ impl Validator {
             if timeout.is_zero() {
                 self.push(format!("{key}.timeout"), "must be greater than zero");
             }
+            if let (Some(b), Some((protocol, _))) = (bus, &national) {
+                let address = match protocol {
+                    Protocol::Dlt645 { address, .. } => address.to_string(),
+                    Protocol::Cjt188 { address, .. } => address.to_string(),
+                    Protocol::Modbus => String::new(),
+                };
+                if let Some(other) = addresses.insert((b, address.clone()), d.name.clone()) {
+                    self.push(
+                        format!("{key}.address"),
+                        format!("meter {address} is already device {other:?} on bus {:?}: two devices cannot read one meter", d.bus),
+                    );
+                }
+            }
             let (Some(bus), Some(profile)) = (bus, profile) else {
                 continue;
             };
@@ -127,10 +157,15 @@ impl Validator {
                 .pause
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(u64::from(profile.min_gap_ms)));
+            let (protocol, needs) = match national {
+                Some((p, _)) => (p, Vec::new()),
+                None => (Protocol::Modbus, needs),
+            };
             out.push(Device {
                 name: Arc::from(d.name.as_str()),
                 bus,
-                unit: d.unit as u8,
+                unit: d.unit.unwrap_or(0) as u8,
+                protocol,
                 plan: plan::plan(&needs, limits),
                 policy: PollPolicy {
                     interval,
@@ -150,5 +185,116 @@ impl Validator {
             });
         }
         out
+    }
+}
+
+impl Validator {
+    /// A DL/T 645 / CJ/T 188 device's protocol and the profile of the readings it gives; `None`
+    /// for a Modbus device or after reporting why it cannot be read.
+    fn national(
+        &mut self,
+        key: &str,
+        d: &RawDevice,
+        bus: Option<&Bus>,
+    ) -> Option<(Protocol, Arc<Profile>)> {
+        let what = match d.protocol {
+            RawDeviceProtocol::Modbus => return None,
+            RawDeviceProtocol::Dlt645 => "DL/T 645",
+            RawDeviceProtocol::Cjt188 => "CJ/T 188",
+        };
+        if bus.is_some_and(|b| matches!(b.transport, Transport::Tcp { .. })) {
+            self.push(format!("{key}.bus"), format!("{:?} is Modbus TCP: {what} meters hang on a serial line (kind = \"rtu\") or a serial server passing raw bytes (kind = \"rtu_over_tcp\")", d.bus));
+            return None;
+        }
+        if d.unit.is_some() {
+            self.push(
+                format!("{key}.unit"),
+                format!("a {what} meter has no unit id: give its address"),
+            );
+        }
+        let Some(address) = d.address.as_deref() else {
+            self.push(
+                format!("{key}.address"),
+                format!("required for a {what} meter: the number on its nameplate"),
+            );
+            return None;
+        };
+        let register = |name: &str, quantity: Quantity, unit: &str, i: usize| RegisterDef {
+            name: Arc::from(name),
+            quantity,
+            function: Function::Holding,
+            address: u16::try_from(i).unwrap_or(u16::MAX),
+            ty: DataType::U16,
+            word_order: WordOrder::Big,
+            byte_order: ByteOrder::Big,
+            scale: 1.0,
+            offset: 0.0,
+            unit: Arc::from(unit),
+        };
+        let readings = |name: &str, description: String, source: String, registers| Profile {
+            name: name.to_string(),
+            description,
+            source,
+            commissioning: None,
+            max_registers_per_read: 1,
+            max_bits_per_read: 1,
+            min_gap_ms: 0,
+            registers,
+            outputs: Vec::new(),
+        };
+        if d.protocol == RawDeviceProtocol::Dlt645 {
+            let address = crate::dlt645::Address::parse(address)
+                .map_err(|e| self.push(format!("{key}.address"), e.to_string()))
+                .ok()?;
+            let library = crate::dlt645::profile::builtin().ok()?;
+            let Some(p) = library.get(&d.profile) else {
+                self.push(
+                    format!("{key}.profile"),
+                    format!(
+                        "unknown DL/T 645 profile {:?}; available: {}",
+                        d.profile,
+                        library.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+                return None;
+            };
+            let registers = p
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| register(&it.name, it.quantity, &it.unit, i))
+                .collect();
+            let profile = readings(&p.name, p.description.clone(), p.source.clone(), registers);
+            Some((
+                Protocol::Dlt645 {
+                    address,
+                    profile: Arc::new(p.clone()),
+                },
+                Arc::new(profile),
+            ))
+        } else {
+            let address = crate::cjt188::Address::parse(address)
+                .map_err(|e| self.push(format!("{key}.address"), e.to_string()))
+                .ok()?;
+            let registers = vec![
+                register("volume", Quantity::WaterM3, "m3", 0),
+                register("valve", Quantity::ValveState, "", 1),
+                register("battery_low", Quantity::Other, "", 2),
+            ];
+            let profile = readings(
+                    "cjt188_water",
+                    "CJ/T 188-2004 water meter: cumulative volume, valve state (1 = closed, 3 = fault), battery".into(),
+                    "CJ/T 188-2004 901F current data (shared/reference/dlt645-cjt188.md §B6-B8)".into(),
+                    registers,
+                );
+            Some((
+                Protocol::Cjt188 {
+                    address,
+                    meter_type: crate::cjt188::MeterType(d.meter_type.unwrap_or(0x10)),
+                    order: d.di_order.unwrap_or_default(),
+                },
+                Arc::new(profile),
+            ))
+        }
     }
 }

@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Bus, BusKind, Config, Device, Gateway, Issue, Mqtt, Parity, RawBus, RawDevice, RawGateway,
-    RawMqtt, RawPoll, RawProfiles, RawReport, RawStore, RawTopology, ReplacementRecord, Serial,
-    StoreConfig, Tls, TopologyConfig, Transport, DEFAULT_SOCKET, DEFAULT_STORE, SECTIONS,
+    Bus, BusKind, Config, Device, Gateway, Issue, Mqtt, Parity, RawBus, RawDevice,
+    RawDeviceProtocol, RawGateway, RawMqtt, RawPoll, RawProfiles, RawReport, RawStore, RawTopology,
+    ReplacementRecord, Serial, StoreConfig, Tls, TopologyConfig, Transport, DEFAULT_SOCKET,
+    DEFAULT_STORE, SECTIONS,
 };
 
 mod bus;
