@@ -148,7 +148,11 @@ pub(super) fn demo_table(
             vec![
                 d.name.to_string(),
                 config.buses[d.bus].name.clone(),
-                d.unit.to_string(),
+                match &d.protocol {
+                    crate::modbus::spec::Protocol::Modbus => d.unit.to_string(),
+                    crate::modbus::spec::Protocol::Dlt645 { address, .. } => address.to_string(),
+                    crate::modbus::spec::Protocol::Cjt188 { address, .. } => address.to_string(),
+                },
                 get(Q::EnergyKwh),
                 get(Q::PowerW),
                 get(Q::WaterM3),
@@ -172,7 +176,7 @@ pub(super) fn demo_table(
             &[
                 "device",
                 "bus",
-                "unit",
+                "unit/address",
                 "energy_kwh",
                 "power_w",
                 "water_m3",
