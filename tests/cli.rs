@@ -345,12 +345,21 @@ fn profiles_lists_the_library_and_shows_commissioning_notes() {
         "chint_dtsu666",
         "relay_waveshare_8ch",
         "water_pulse_wb_mcm8",
+        "dlt645_2007_single_phase",
+        "dlt645_2007_prepaid",
     ] {
         assert!(stdout(&o).contains(p), "{p}");
     }
     let o = meterd(&["profiles", "chint_dtsu666"]);
     assert!(stdout(&o).contains("commissioning:"), "{}", stdout(&o));
     assert!(stdout(&o).contains("0x101e"), "{}", stdout(&o));
+    let o = meterd(&["profiles", "dlt645_2007_prepaid"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("DL/T 645-2007") && text.contains("00900200") && text.contains("CNY"),
+        "{text}"
+    );
+    assert!(text.contains("commissioning:"), "{text}");
 }
 
 #[test]
@@ -597,4 +606,29 @@ fn dlt645_and_cjt188_meters_by_raw_and_scan_against_the_simulator() {
     let m3 = v[0]["volume_m3"].as_f64().unwrap();
     assert!((412.37..412.5).contains(&m3), "{v}");
     assert_eq!(v[0]["valve"], "open");
+}
+
+#[test]
+fn a_relay_on_a_dlt645_meter_without_its_password_is_refused_at_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = std::fs::read_to_string(repo("config/demo.toml")).unwrap();
+    let relay = "\n[[relay]]\nname = \"106-power\"\nroom = \"106\"\nkind = \"supply\"\nutility = \"electricity\"\ndevice = \"room-106-prepaid\"\noutput = \"relay\"\n";
+    let cfg = dir.path().join("meterd.toml");
+    std::fs::write(&cfg, format!("{demo}{relay}")).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let o = meterd(&["check", "--config", cfg, "--no-environment"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("relay[3] (106-power).device: device \"room-106-prepaid\" is a DL/T 645 meter: its relay switches only with the password_level, password and operator"),
+        "{}",
+        stderr(&o)
+    );
+    let with_password = demo.replace(
+        "profile = \"dlt645_2007_prepaid\"\n",
+        "profile = \"dlt645_2007_prepaid\"\npassword = \"123456\"\noperator = \"00000001\"\n",
+    );
+    std::fs::write(cfg, format!("{with_password}{relay}")).unwrap();
+    let o = meterd(&["check", "--config", cfg, "--no-environment"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("123456"), "the password never prints");
 }

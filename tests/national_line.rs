@@ -398,6 +398,8 @@ bus = "line"
 protocol = "dlt645"
 address = "202411110002"
 profile = "dlt645_2007_prepaid"
+password = "123456"
+operator = "00000001"
 
 [[device]]
 name = "water-302"
@@ -522,4 +524,210 @@ profile = "eastron_sdm120"
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
+}
+
+/// One relay request through the engine, as enforcement sends it.
+async fn actuate(
+    engine: &meterd::daemon::Engine,
+    device: &str,
+    set: Option<bool>,
+) -> Result<meterd::modbus::bus::RelayState, meterd::modbus::bus::ActuateError> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    engine.actuators[device]
+        .send(meterd::modbus::bus::Actuation {
+            device: device.into(),
+            output: "relay".into(),
+            set,
+            reply,
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the bus task answers")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dlt645_prepaid_meters_relay_trips_and_closes_through_the_engine_with_read_back() {
+    let sim = common::start(BUILDING).await;
+    let config = engine_config(&sim);
+    let mut engine = meterd::daemon::Engine::start(&config);
+    let s = actuate(&engine, "room-302-prepaid", None).await.unwrap();
+    assert!(s.before && s.after && !s.wrote, "read only: {s:?}");
+    let s = actuate(&engine, "room-302-prepaid", Some(false))
+        .await
+        .unwrap();
+    assert!(
+        s.before && !s.after && s.wrote,
+        "tripped and read back open: {s:?}"
+    );
+    // The poll after the trip sees no power and the relay open.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
+            .await
+            .expect("a poll of the tripped meter")
+            .unwrap();
+        let power = batch
+            .iter()
+            .find(|r| &*r.device == "room-302-prepaid" && &*r.register == "power");
+        if let Some(p) = power {
+            assert_eq!(p.value, Some(0.0));
+            let relay = batch.iter().find(|r| &*r.register == "relay").unwrap();
+            assert_eq!(relay.value, Some(0.0), "supply off");
+            break;
+        }
+    }
+    let s = actuate(&engine, "room-302-prepaid", Some(true))
+        .await
+        .unwrap();
+    assert!(!s.before && s.after && s.wrote, "closed again: {s:?}");
+    // A meter without a relay item has no output to switch.
+    let e = actuate(&engine, "room-303", Some(false)).await.unwrap_err();
+    assert_eq!(e.kind(), "config", "{e}");
+    engine.stop();
+}
+
+#[tokio::test]
+async fn a_wrong_dlt645_password_is_the_meters_refusal_and_the_relay_stays() {
+    let sim = common::start(BUILDING).await;
+    let text = format!(
+        "[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n{}\n[[device]]\nname = \"p\"\nbus = \"line\"\nprotocol = \"dlt645\"\naddress = \"202411110002\"\nprofile = \"dlt645_2007_prepaid\"\npassword = \"654321\"\noperator = \"00000001\"\ntimeout = \"1s\"\n",
+        common::bus_toml("line", sim.addr("line").unwrap(), "baud = 2400\nparity = \"even\"\n"),
+    );
+    let config = common::parse(&text);
+    assert!(
+        !format!("{:?}", config.devices[0].protocol).contains("654321"),
+        "the password never prints"
+    );
+    let engine = meterd::daemon::Engine::start(&config);
+    let e = actuate(&engine, "p", Some(false)).await.unwrap_err();
+    assert!(e.device_answered(), "{e}");
+    assert!(e.to_string().contains("wrong password"), "{e}");
+    let s = actuate(&engine, "p", None).await.unwrap();
+    assert!(s.after, "still on");
+}
+
+#[tokio::test]
+async fn a_dlt645_meter_answering_after_its_timeout_never_gives_its_answer_to_a_neighbour() {
+    use meterd::reading::Quality;
+    // Each meter's counter starts in its own thousand, so an answer attributed to the wrong meter
+    // cannot go unseen; the late one answers 1.5 s after a 1 s timeout.
+    let building = r#"
+[[endpoint]]
+name = "line"
+kind = "rtu"
+baud = 2400
+parity = "even"
+response_delay = "30ms"
+
+[[unit]]
+endpoint = "line"
+unit = 3
+profile = "chint_ddsu666"
+load_w = 800.0
+start_kwh = 3000.0
+
+[[unit]]
+endpoint = "line"
+protocol = "dlt645"
+address = "202411110001"
+profile = "dlt645_2007_single_phase"
+start_kwh = 1000.0
+delay = "1500ms"
+
+[[unit]]
+endpoint = "line"
+protocol = "dlt645"
+address = "202411110002"
+profile = "dlt645_2007_single_phase"
+start_kwh = 2000.0
+"#;
+    let sim = common::start(building).await;
+    let text = format!(
+        "[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[poll]\ninterval = \"3s\"\ntimeout = \"1s\"\n{}\n{}",
+        common::bus_toml("line", sim.addr("line").unwrap(), "baud = 2400\nparity = \"even\"\n"),
+        "[[device]]\nname = \"late\"\nbus = \"line\"\nprotocol = \"dlt645\"\naddress = \"202411110001\"\nprofile = \"dlt645_2007_single_phase\"\n\
+         [[device]]\nname = \"neighbour\"\nbus = \"line\"\nprotocol = \"dlt645\"\naddress = \"202411110002\"\nprofile = \"dlt645_2007_single_phase\"\n\
+         [[device]]\nname = \"modbus\"\nbus = \"line\"\nunit = 3\nprofile = \"chint_ddsu666\"\n"
+    );
+    let config = common::parse(&text);
+    let mut engine = meterd::daemon::Engine::start(&config);
+    let end = tokio::time::Instant::now() + Duration::from_secs(14);
+    let (mut neighbour_good, mut modbus_good) = (0, 0);
+    while let Ok(Some(batch)) = tokio::time::timeout_at(end, engine.readings.recv()).await {
+        for r in batch
+            .iter()
+            .filter(|r| r.quantity == meterd::modbus::profile::Quantity::EnergyKwh)
+        {
+            let Some(v) = r.value.filter(|_| r.quality == Quality::Good) else {
+                assert_ne!(&*r.device, "neighbour", "the neighbour never fails: {r:?}");
+                continue;
+            };
+            let own = match &*r.device {
+                "late" => 1000.0..1001.0,
+                "neighbour" => {
+                    neighbour_good += 1;
+                    2000.0..2001.0
+                }
+                _ => {
+                    modbus_good += 1;
+                    3000.0..3001.0
+                }
+            };
+            assert!(
+                own.contains(&v),
+                "{} read {v}: another meter's answer",
+                r.device
+            );
+        }
+    }
+    engine.stop();
+    assert!(
+        neighbour_good >= 3 && modbus_good >= 3,
+        "{neighbour_good} {modbus_good}"
+    );
+}
+
+#[tokio::test]
+async fn a_cjt188_valve_closes_and_opens_through_the_engine_and_a_stuck_one_says_so() {
+    let sim = common::start(BUILDING).await;
+    let text = format!(
+        "[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n{}\n{}",
+        common::bus_toml("line", sim.addr("line").unwrap(), "baud = 2400\nparity = \"even\"\n"),
+        "[[device]]\nname = \"water\"\nbus = \"line\"\nprotocol = \"cjt188\"\naddress = \"12345678901234\"\n\
+         [[device]]\nname = \"stuck\"\nbus = \"line\"\nprotocol = \"cjt188\"\naddress = \"12345678901299\"\ndi_order = \"reversed\"\n"
+    );
+    let config = common::parse(&text);
+    let engine = meterd::daemon::Engine::start(&config);
+    let valve = |device: &'static str, set| {
+        let engine = &engine;
+        async move {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            engine.actuators[device]
+                .send(meterd::modbus::bus::Actuation {
+                    device: device.into(),
+                    output: "valve".into(),
+                    set,
+                    reply,
+                })
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let s = valve("water", Some(false)).await.unwrap();
+    assert!(
+        s.before && !s.after && s.wrote,
+        "closed, read back closed: {s:?}"
+    );
+    let s = valve("water", Some(true)).await.unwrap();
+    assert!(!s.before && s.after && s.wrote, "open again: {s:?}");
+    // A jammed valve acknowledges and stays open: the read-back says so, for a relay_mismatch.
+    let s = valve("stuck", Some(false)).await.unwrap();
+    assert!(s.before && s.after && s.wrote, "{s:?}");
 }

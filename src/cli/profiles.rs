@@ -31,18 +31,59 @@ impl ProfilesCmd {
                             .collect::<Vec<_>>(),
                     )?);
                 } else {
-                    let rows: Vec<Vec<String>> = lib
+                    let mut rows: Vec<Vec<String>> = lib
                         .values()
                         .map(|p| {
                             vec![
                                 p.name.clone(),
+                                "modbus".into(),
                                 p.registers.len().to_string(),
                                 p.description.clone(),
                             ]
                         })
                         .collect();
-                    out(&table(&["profile", "registers", "description"], &rows));
+                    rows.extend(dlt645_library()?.values().map(|p| {
+                        vec![
+                            p.name.clone(),
+                            "dlt645".into(),
+                            p.items.len().to_string(),
+                            p.description.clone(),
+                        ]
+                    }));
+                    out(&table(
+                        &["profile", "protocol", "values", "description"],
+                        &rows,
+                    ));
                 }
+            }
+            Some(n) if !lib.contains_key(&n) && dlt645_library()?.contains_key(&n) => {
+                let lib = dlt645_library()?;
+                let p = &lib[&n];
+                out(&format!(
+                    "{} (DL/T 645-2007): {}\nsource: {}\n",
+                    p.name, p.description, p.source
+                ));
+                if let Some(c) = &p.commissioning {
+                    out(&format!("commissioning: {c}\n"));
+                }
+                let rows: Vec<Vec<String>> = p
+                    .items
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.to_string(),
+                            i.quantity.to_string(),
+                            i.di.to_string(),
+                            format!("{:?}", i.format),
+                            i.scale.to_string(),
+                            i.unit.to_string(),
+                        ]
+                    })
+                    .collect();
+                out(&table(
+                    &["item", "quantity", "di", "format", "scale", "unit"],
+                    &rows,
+                ));
             }
             Some(n) => {
                 let p = lib
@@ -84,4 +125,10 @@ impl ProfilesCmd {
         }
         Ok(())
     }
+}
+
+/// The built-in DL/T 645 profiles.
+fn dlt645_library() -> Result<BTreeMap<String, crate::dlt645::profile::Profile>> {
+    crate::dlt645::profile::builtin()
+        .map_err(|e| anyhow::anyhow!("built-in DL/T 645 profiles: {e:?}"))
 }

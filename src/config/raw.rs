@@ -101,6 +101,13 @@ pub(super) struct RawDevice {
     pub(super) protocol: RawDeviceProtocol,
     /// DL/T 645 / CJ/T 188: the number on the meter's nameplate.
     pub(super) address: Option<String>,
+    /// DL/T 645 relay control (0x1C): password level (2 or 4 plaintext), password (6 hex digits)
+    /// and operator code (8 hex digits), as the meter's vendor sets them. Never logged.
+    pub(super) password_level: Option<u8>,
+    pub(super) password: Option<String>,
+    pub(super) operator: Option<String>,
+    /// DL/T 645 / CJ/T 188: wake-up `FE` bytes before each request (0–4; default 4).
+    pub(super) preamble: Option<u8>,
     /// CJ/T 188: the meter type byte (16 = 0x10 cold water, 17 = 0x11 hot water).
     pub(super) meter_type: Option<u8>,
     /// CJ/T 188: how the meter writes its data identifiers.

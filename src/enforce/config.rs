@@ -307,6 +307,20 @@ fn build_relays(
                     format!("{key}.output"),
                     "the output has no read-back register: its state could not be verified".into(),
                 )),
+                Some(_)
+                    if matches!(
+                        d.protocol,
+                        crate::modbus::spec::Protocol::Dlt645 {
+                            credentials: None,
+                            ..
+                        }
+                    ) =>
+                {
+                    issues.push((
+                        format!("{key}.device"),
+                        format!("device {:?} is a DL/T 645 meter: its relay switches only with the password_level, password and operator set in its [[device]]", r.device),
+                    ));
+                }
                 Some(_) => {}
             },
         }

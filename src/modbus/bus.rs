@@ -98,6 +98,8 @@ pub enum ActuateError {
     },
     #[error("the bus task of device {0} is not running")]
     BusStopped(String),
+    #[error("device {0}: DL/T 645 relay control needs password_level, password and operator in its [[device]]")]
+    NoCredentials(String),
     #[error("this poller cannot switch outputs")]
     Unsupported,
 }
@@ -123,6 +125,7 @@ impl ActuateError {
             ActuateError::UnknownOutput { .. }
             | ActuateError::NoReadback { .. }
             | ActuateError::NotOnBus(_)
+            | ActuateError::NoCredentials(_)
             | ActuateError::Unsupported => "config",
             ActuateError::BusStopped(_) => "bus",
         }
@@ -191,6 +194,35 @@ pub async fn actuate(
     output: &str,
     set: Option<bool>,
 ) -> Result<RelayState, ActuateError> {
+    if let Protocol::Dlt645 {
+        address,
+        credentials,
+        preamble,
+        ..
+    } = &device.protocol
+    {
+        let meter = super::national::Dlt645Meter {
+            address: *address,
+            credentials: credentials.as_deref(),
+            preamble: *preamble,
+        };
+        return super::national::actuate_dlt645(link, device, output, meter, set).await;
+    }
+    if let Protocol::Cjt188 {
+        address,
+        meter_type,
+        order,
+        preamble,
+    } = &device.protocol
+    {
+        let meter = super::national::WaterMeter {
+            address: *address,
+            meter_type: *meter_type,
+            order: *order,
+            preamble: *preamble,
+        };
+        return super::national::actuate_cjt188(link, device, output, meter, set).await;
+    }
     let o = device
         .profile
         .outputs
@@ -286,15 +318,27 @@ async fn read_state(
 pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
     match &device.protocol {
         Protocol::Modbus => {}
-        Protocol::Dlt645 { address, profile } => {
-            return super::national::poll_dlt645(link, device, *address, profile).await;
+        Protocol::Dlt645 {
+            address,
+            profile,
+            preamble,
+            ..
+        } => {
+            return super::national::poll_dlt645(link, device, *address, profile, *preamble).await;
         }
         Protocol::Cjt188 {
             address,
             meter_type,
             order,
+            preamble,
         } => {
-            return super::national::poll_cjt188(link, device, *address, *meter_type, *order).await;
+            let meter = super::national::WaterMeter {
+                address: *address,
+                meter_type: *meter_type,
+                order: *order,
+                preamble: *preamble,
+            };
+            return super::national::poll_cjt188(link, device, meter).await;
         }
     }
     let started = Instant::now();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::time::Instant;
 
-use super::bus::PollResult;
+use super::bus::{ActuateError, PollResult, RelayState};
 use super::link::{FailureKind, Link, LinkError};
 use super::reading::{Quality, RawWords, Reading};
 use super::spec::Device;
@@ -82,9 +82,10 @@ pub(crate) async fn poll_dlt645(
     device: &Device,
     address: dlt645::Address,
     profile: &dlt645::profile::Profile,
+    preamble: usize,
 ) -> PollResult {
     let started = Instant::now();
-    let mut client = dlt645::client::Client::new(dlt645::frame::DEFAULT_PREAMBLE);
+    let mut client = dlt645::client::Client::new(preamble);
     let mut readings = Vec::with_capacity(profile.items.len());
     let mut exceptions = Vec::new();
     for (item, reg) in profile.items.iter().zip(&device.profile.registers) {
@@ -120,17 +121,26 @@ pub(crate) async fn poll_dlt645(
     }
 }
 
+/// What the engine needs to read a CJ/T 188 water meter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaterMeter {
+    pub address: cjt188::Address,
+    pub meter_type: cjt188::MeterType,
+    pub order: cjt188::DiOrder,
+    pub preamble: usize,
+}
+
 /// Reads a CJ/T 188 water meter's current data: volume, valve (0 open, 1 closed, 3 fault) and
 /// battery (1 low), in the order of the device's readings.
-pub(crate) async fn poll_cjt188(
-    link: &mut Link,
-    device: &Device,
-    address: cjt188::Address,
-    meter_type: cjt188::MeterType,
-    order: cjt188::DiOrder,
-) -> PollResult {
+pub(crate) async fn poll_cjt188(link: &mut Link, device: &Device, meter: WaterMeter) -> PollResult {
+    let WaterMeter {
+        address,
+        meter_type,
+        order,
+        preamble,
+    } = meter;
     let started = Instant::now();
-    let mut client = cjt188::client::Client::new(cjt188::DEFAULT_PREAMBLE);
+    let mut client = cjt188::client::Client::new(preamble);
     let r = link
         .raw(device.pause, async |line| {
             client
@@ -188,4 +198,159 @@ fn reading(
         raw: RawWords::default(),
         error: error.map(|e| Arc::from(e.as_str())),
     }
+}
+
+/// How long a 0x1C command stays valid in the meter's own clock. The meter compares it with its
+/// local time (China: UTC+8) while meterd keeps UTC, so a day covers any offset; the validity is a
+/// guard against stale commands, not the only one (meterd reads the state back).
+const CONTROL_VALIDITY: chrono::Duration = chrono::Duration::hours(24);
+
+/// What the engine needs to switch a DL/T 645 meter's relay.
+pub(crate) struct Dlt645Meter<'a> {
+    pub address: dlt645::Address,
+    pub credentials: Option<&'a dlt645::data::Credentials>,
+    pub preamble: usize,
+}
+
+/// Reads a DL/T 645 meter's relay (status word 3, bit 4) and, when `set` differs, trips or closes
+/// it with control code 0x1C and reads it back: `true` is supply on (contact closed).
+pub(crate) async fn actuate_dlt645(
+    link: &mut Link,
+    device: &Device,
+    output: &str,
+    meter: Dlt645Meter<'_>,
+    set: Option<bool>,
+) -> Result<RelayState, ActuateError> {
+    let Dlt645Meter {
+        address,
+        credentials,
+        preamble,
+    } = meter;
+    if output != "relay" || device.profile.outputs.is_empty() {
+        return Err(ActuateError::UnknownOutput {
+            device: device.name.to_string(),
+            output: output.to_string(),
+        });
+    }
+    let failed = |stage: &'static str, e: &dlt645::client::ClientError| ActuateError::Link {
+        device: device.name.to_string(),
+        output: output.to_string(),
+        stage,
+        source: dlt645_error(address, e),
+    };
+    let link_failed = |stage: &'static str, source: LinkError| ActuateError::Link {
+        device: device.name.to_string(),
+        output: output.to_string(),
+        stage,
+        source,
+    };
+    let mut client = dlt645::client::Client::new(preamble);
+    let word = link
+        .raw(device.pause, async |line| {
+            client
+                .read(line, address, dlt645::Di::STATUS_WORD_3, device.timeout)
+                .await
+        })
+        .await
+        .map_err(|e| link_failed("read", e))?
+        .map_err(|e| failed("read", &e))?;
+    let word = match word.as_slice() {
+        [lo, hi, ..] => u16::from_le_bytes([*lo, *hi]),
+        _ => 0,
+    };
+    let before = !dlt645::data::Status3::from_word(word).relay_open;
+    let Some(want) = set.filter(|w| *w != before) else {
+        return Ok(RelayState {
+            before,
+            after: before,
+            wrote: false,
+        });
+    };
+    let Some(credentials) = credentials else {
+        return Err(ActuateError::NoCredentials(device.name.to_string()));
+    };
+    let action = if want {
+        dlt645::data::RelayAction::Close
+    } else {
+        dlt645::data::RelayAction::Trip
+    };
+    let deadline = (Utc::now() + CONTROL_VALIDITY).naive_utc();
+    let status = link
+        .raw(device.pause, async |line| {
+            client
+                .relay(line, address, action, credentials, deadline, device.timeout)
+                .await
+        })
+        .await
+        .map_err(|e| link_failed("write", e))?
+        .map_err(|e| failed("write", &e))?;
+    Ok(RelayState {
+        before,
+        after: !status.relay_open,
+        wrote: true,
+    })
+}
+
+/// Reads a CJ/T 188 meter's valve (ST, §B7) and, when `set` differs, opens (55) or closes (99) it
+/// and reads the current data back: `true` is water on (valve open). A motor valve may still be
+/// moving when the answer comes; a valve reported faulty reads as not open.
+pub(crate) async fn actuate_cjt188(
+    link: &mut Link,
+    device: &Device,
+    output: &str,
+    meter: WaterMeter,
+    set: Option<bool>,
+) -> Result<RelayState, ActuateError> {
+    if output != "valve" {
+        return Err(ActuateError::UnknownOutput {
+            device: device.name.to_string(),
+            output: output.to_string(),
+        });
+    }
+    let WaterMeter {
+        address,
+        meter_type,
+        order,
+        preamble,
+    } = meter;
+    let failed = |stage: &'static str, source: LinkError| ActuateError::Link {
+        device: device.name.to_string(),
+        output: output.to_string(),
+        stage,
+        source,
+    };
+    let mut client = cjt188::client::Client::new(preamble);
+    let read = async |client: &mut cjt188::client::Client, link: &mut Link, stage| {
+        link.raw(device.pause, async |line| {
+            client
+                .read(line, meter_type, address, order, device.timeout)
+                .await
+        })
+        .await
+        .map_err(|e| failed(stage, e))?
+        .map(|d| d.status.valve == cjt188::Valve::Open)
+        .map_err(|e| failed(stage, cjt188_error(address, &e)))
+    };
+    let before = read(&mut client, link, "read").await?;
+    let Some(want) = set.filter(|w| *w != before) else {
+        return Ok(RelayState {
+            before,
+            after: before,
+            wrote: false,
+        });
+    };
+    link.raw(device.pause, async |line| {
+        client
+            .valve(line, meter_type, address, order, want, device.timeout)
+            .await
+    })
+    .await
+    .map_err(|e| failed("write", e))?
+    .map_err(|e| failed("write", cjt188_error(address, &e)))?;
+    let after = read(&mut client, link, "read back").await?;
+    Ok(RelayState {
+        before,
+        after,
+        wrote: true,
+    })
 }

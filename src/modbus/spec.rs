@@ -81,12 +81,18 @@ pub enum Protocol {
     Dlt645 {
         address: crate::dlt645::Address,
         profile: Arc<crate::dlt645::profile::Profile>,
+        /// Password level, password and operator code for relay control (0x1C); never printed.
+        credentials: Option<Arc<crate::dlt645::data::Credentials>>,
+        /// Wake-up `FE`s before each request.
+        preamble: usize,
     },
     /// CJ/T 188-2004 water meter: its current data (901F).
     Cjt188 {
         address: crate::cjt188::Address,
         meter_type: crate::cjt188::MeterType,
         order: crate::cjt188::DiOrder,
+        /// Wake-up `FE`s before each request (battery meters need them).
+        preamble: usize,
     },
 }
 

@@ -11,7 +11,7 @@ use crate::modbus::schedule::PollPolicy;
 use super::{Bus, Defaults, Device, RawDevice, RawDeviceProtocol, RawPoll, Transport, Validator};
 use crate::catalog::Quantity;
 use crate::modbus::decode::{ByteOrder, DataType, WordOrder};
-use crate::modbus::profile::{Function, RegisterDef};
+use crate::modbus::profile::{Function, OutputDef, RegisterDef};
 use crate::modbus::spec::Protocol;
 
 impl Validator {
@@ -212,6 +212,15 @@ impl Validator {
                 format!("a {what} meter has no unit id: give its address"),
             );
         }
+        let preamble = d
+            .preamble
+            .map_or(crate::dlt645::frame::DEFAULT_PREAMBLE, usize::from);
+        if preamble > 4 {
+            self.push(
+                format!("{key}.preamble"),
+                format!("{preamble}: the standards send 0 to 4 wake-up FE bytes"),
+            );
+        }
         let Some(address) = d.address.as_deref() else {
             self.push(
                 format!("{key}.address"),
@@ -231,17 +240,18 @@ impl Validator {
             offset: 0.0,
             unit: Arc::from(unit),
         };
-        let readings = |name: &str, description: String, source: String, registers| Profile {
-            name: name.to_string(),
-            description,
-            source,
-            commissioning: None,
-            max_registers_per_read: 1,
-            max_bits_per_read: 1,
-            min_gap_ms: 0,
-            registers,
-            outputs: Vec::new(),
-        };
+        let readings =
+            |name: &str, description: String, source: String, registers, outputs| Profile {
+                name: name.to_string(),
+                description,
+                source,
+                commissioning: None,
+                max_registers_per_read: 1,
+                max_bits_per_read: 1,
+                min_gap_ms: 0,
+                registers,
+                outputs,
+            };
         if d.protocol == RawDeviceProtocol::Dlt645 {
             let address = crate::dlt645::Address::parse(address)
                 .map_err(|e| self.push(format!("{key}.address"), e.to_string()))
@@ -264,11 +274,51 @@ impl Validator {
                 .enumerate()
                 .map(|(i, it)| register(&it.name, it.quantity, &it.unit, i))
                 .collect();
-            let profile = readings(&p.name, p.description.clone(), p.source.clone(), registers);
+            // A meter with a relay item has one output, "relay", switched by 0x1C and read back
+            // through that item (status word 3).
+            let outputs = p
+                .items
+                .iter()
+                .find(|i| i.quantity == Quantity::RelayState)
+                .map(|i| OutputDef {
+                    name: "relay".into(),
+                    function: Function::Holding,
+                    address: 0,
+                    on_value: 1,
+                    off_value: 0,
+                    write_multiple: false,
+                    readback: Some(i.name.to_string()),
+                    pulse_address: None,
+                    pulse_unit_ms: 0,
+                })
+                .into_iter()
+                .collect();
+            let credentials = match (d.password_level, &d.password, &d.operator) {
+                (None, None, None) => None,
+                (level, Some(password), Some(operator)) => {
+                    crate::dlt645::data::Credentials::new(level.unwrap_or(2), password, operator)
+                        .map_err(|e| self.push(format!("{key}.password"), e.to_string()))
+                        .ok()
+                        .map(Arc::new)
+                }
+                _ => {
+                    self.push(format!("{key}.password"), "relay control needs both password and operator (and password_level, 2 unless the vendor says otherwise)");
+                    None
+                }
+            };
+            let profile = readings(
+                &p.name,
+                p.description.clone(),
+                p.source.clone(),
+                registers,
+                outputs,
+            );
             Some((
                 Protocol::Dlt645 {
                     address,
                     profile: Arc::new(p.clone()),
+                    credentials,
+                    preamble,
                 },
                 Arc::new(profile),
             ))
@@ -286,12 +336,24 @@ impl Validator {
                     "CJ/T 188-2004 water meter: cumulative volume, valve state (1 = closed, 3 = fault), battery".into(),
                     "CJ/T 188-2004 901F current data (shared/reference/dlt645-cjt188.md §B6-B8)".into(),
                     registers,
+                vec![OutputDef {
+                    name: "valve".into(),
+                    function: Function::Holding,
+                    address: 0,
+                    on_value: 1,
+                    off_value: 0,
+                    write_multiple: false,
+                    readback: Some("valve".into()),
+                    pulse_address: None,
+                    pulse_unit_ms: 0,
+                }],
                 );
             Some((
                 Protocol::Cjt188 {
                     address,
                     meter_type: crate::cjt188::MeterType(d.meter_type.unwrap_or(0x10)),
                     order: d.di_order.unwrap_or_default(),
+                    preamble,
                 },
                 Arc::new(profile),
             ))
