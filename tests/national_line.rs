@@ -526,17 +526,27 @@ profile = "eastron_sdm120"
     }
 }
 
-/// One relay request through the engine, as enforcement sends it.
+/// A DL/T 645 meter's relay request through the engine, as enforcement sends it.
 async fn actuate(
     engine: &meterd::daemon::Engine,
     device: &str,
+    set: Option<bool>,
+) -> Result<meterd::modbus::bus::RelayState, meterd::modbus::bus::ActuateError> {
+    actuate_output(engine, device, "relay", set).await
+}
+
+/// One output request through the engine, as enforcement sends it.
+async fn actuate_output(
+    engine: &meterd::daemon::Engine,
+    device: &str,
+    output: &str,
     set: Option<bool>,
 ) -> Result<meterd::modbus::bus::RelayState, meterd::modbus::bus::ActuateError> {
     let (reply, rx) = tokio::sync::oneshot::channel();
     engine.actuators[device]
         .send(meterd::modbus::bus::Actuation {
             device: device.into(),
-            output: "relay".into(),
+            output: output.into(),
             set,
             reply,
         })
@@ -701,33 +711,20 @@ async fn a_cjt188_valve_closes_and_opens_through_the_engine_and_a_stuck_one_says
     );
     let config = common::parse(&text);
     let engine = meterd::daemon::Engine::start(&config);
-    let valve = |device: &'static str, set| {
-        let engine = &engine;
-        async move {
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            engine.actuators[device]
-                .send(meterd::modbus::bus::Actuation {
-                    device: device.into(),
-                    output: "valve".into(),
-                    set,
-                    reply,
-                })
-                .await
-                .unwrap();
-            tokio::time::timeout(Duration::from_secs(10), rx)
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
-    let s = valve("water", Some(false)).await.unwrap();
+    let s = actuate_output(&engine, "water", "valve", Some(false))
+        .await
+        .unwrap();
     assert!(
         s.before && !s.after && s.wrote,
         "closed, read back closed: {s:?}"
     );
-    let s = valve("water", Some(true)).await.unwrap();
+    let s = actuate_output(&engine, "water", "valve", Some(true))
+        .await
+        .unwrap();
     assert!(!s.before && s.after && s.wrote, "open again: {s:?}");
     // A jammed valve acknowledges and stays open: the read-back says so, for a relay_mismatch.
-    let s = valve("stuck", Some(false)).await.unwrap();
+    let s = actuate_output(&engine, "stuck", "valve", Some(false))
+        .await
+        .unwrap();
     assert!(s.before && s.after && s.wrote, "{s:?}");
 }
