@@ -728,3 +728,58 @@ async fn a_cjt188_valve_closes_and_opens_through_the_engine_and_a_stuck_one_says
         .unwrap();
     assert!(s.before && s.after && s.wrote, "{s:?}");
 }
+
+#[tokio::test]
+async fn dlt645_and_cjt188_meters_behind_a_serial_server_are_polled_over_tcp() {
+    // A Moxa/USR serial server passing raw bytes (kind = "rtu_over_tcp"), as many sites wire their
+    // RS485 lines to the gateway.
+    let building = r#"
+[[endpoint]]
+name = "gw"
+kind = "rtu_over_tcp"
+baud = 2400
+parity = "even"
+response_delay = "30ms"
+
+[[unit]]
+endpoint = "gw"
+protocol = "dlt645"
+address = "202411110002"
+profile = "dlt645_2007_single_phase"
+load_w = 300.0
+start_kwh = 77.77
+
+[[unit]]
+endpoint = "gw"
+protocol = "cjt188"
+address = "12345678901234"
+start_m3 = 5.5
+"#;
+    let sim = common::start(building).await;
+    let text = format!(
+        "[gateway]\nid = \"t\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\n[poll]\ninterval = \"2s\"\ntimeout = \"1s\"\n{}\n{}",
+        common::bus_toml("gw", sim.addr("gw").unwrap(), ""),
+        "[[device]]\nname = \"e\"\nbus = \"gw\"\nprotocol = \"dlt645\"\naddress = \"202411110002\"\nprofile = \"dlt645_2007_single_phase\"\n\
+         [[device]]\nname = \"w\"\nbus = \"gw\"\nprotocol = \"cjt188\"\naddress = \"12345678901234\"\n"
+    );
+    let config = common::parse(&text);
+    let mut engine = meterd::daemon::Engine::start(&config);
+    let (mut kwh, mut m3) = (None, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while kwh.is_none() || m3.is_none() {
+        let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
+            .await
+            .expect("both meters read over TCP within 15 s")
+            .unwrap();
+        for r in batch {
+            match (&*r.device, &*r.register) {
+                ("e", "import_kwh") => kwh = r.value,
+                ("w", "volume") => m3 = r.value,
+                _ => {}
+            }
+        }
+    }
+    engine.stop();
+    assert!((77.77..77.8).contains(&kwh.unwrap()), "{kwh:?}");
+    assert_eq!(m3, Some(5.5));
+}
