@@ -148,11 +148,7 @@ pub(super) fn demo_table(
             vec![
                 d.name.to_string(),
                 config.buses[d.bus].name.clone(),
-                match &d.protocol {
-                    crate::modbus::spec::Protocol::Modbus => d.unit.to_string(),
-                    crate::modbus::spec::Protocol::Dlt645 { address, .. } => address.to_string(),
-                    crate::modbus::spec::Protocol::Cjt188 { address, .. } => address.to_string(),
-                },
+                d.protocol.address().unwrap_or_else(|| d.unit.to_string()),
                 get(Q::EnergyKwh),
                 get(Q::PowerW),
                 get(Q::WaterM3),

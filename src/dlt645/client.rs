@@ -171,6 +171,19 @@ impl Client {
         if let Err(error) = outcome {
             return Err(ClientError::ControlRefused { address, error });
         }
+        self.relay_status(io, address, timeout).await
+    }
+
+    /// Reads status word 3: the relay as the meter senses it, and the last command (§A11).
+    pub async fn relay_status<IO>(
+        &mut self,
+        io: &mut IO,
+        address: Address,
+        timeout: Duration,
+    ) -> Result<Status3, ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let word = self.read(io, address, Di::STATUS_WORD_3, timeout).await?;
         let word = match word.as_slice() {
             [lo, hi, ..] => u16::from_le_bytes([*lo, *hi]),

@@ -310,10 +310,10 @@ fn build_relays(
                 Some(_)
                     if matches!(
                         d.protocol,
-                        crate::modbus::spec::Protocol::Dlt645 {
+                        crate::modbus::spec::Protocol::Dlt645(crate::modbus::spec::Dlt645Meter {
                             credentials: None,
                             ..
-                        }
+                        })
                     ) =>
                 {
                     issues.push((

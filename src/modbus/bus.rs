@@ -105,6 +105,21 @@ pub enum ActuateError {
 }
 
 impl ActuateError {
+    /// A failed transaction at `stage` (`read`, `write`, `read back`) of `device`'s `output`.
+    pub(crate) fn link(
+        device: &Device,
+        output: &str,
+        stage: &'static str,
+        source: LinkError,
+    ) -> ActuateError {
+        ActuateError::Link {
+            device: device.name.to_string(),
+            output: output.to_string(),
+            stage,
+            source,
+        }
+    }
+
     /// The device answered (a Modbus exception): retrying will not help.
     #[must_use]
     pub fn device_answered(&self) -> bool {
@@ -194,34 +209,14 @@ pub async fn actuate(
     output: &str,
     set: Option<bool>,
 ) -> Result<RelayState, ActuateError> {
-    if let Protocol::Dlt645 {
-        address,
-        credentials,
-        preamble,
-        ..
-    } = &device.protocol
-    {
-        let meter = super::national::Dlt645Meter {
-            address: *address,
-            credentials: credentials.as_deref(),
-            preamble: *preamble,
-        };
-        return super::national::actuate_dlt645(link, device, output, meter, set).await;
-    }
-    if let Protocol::Cjt188 {
-        address,
-        meter_type,
-        order,
-        preamble,
-    } = &device.protocol
-    {
-        let meter = super::national::WaterMeter {
-            address: *address,
-            meter_type: *meter_type,
-            order: *order,
-            preamble: *preamble,
-        };
-        return super::national::actuate_cjt188(link, device, output, meter, set).await;
+    match &device.protocol {
+        Protocol::Modbus => {}
+        Protocol::Dlt645(meter) => {
+            return super::national::actuate_dlt645(link, device, output, meter, set).await;
+        }
+        Protocol::Cjt188(meter) => {
+            return super::national::actuate_cjt188(link, device, output, *meter, set).await;
+        }
     }
     let o = device
         .profile
@@ -252,12 +247,7 @@ pub async fn actuate(
         count: reg.width(),
     };
     let failed = |stage: &'static str| {
-        move |source: LinkError| ActuateError::Link {
-            device: device.name.to_string(),
-            output: output.to_string(),
-            stage,
-            source,
-        }
+        move |source: LinkError| ActuateError::link(device, output, stage, source)
     };
     let before = read_state(link, device, req, o.on_value)
         .await
@@ -318,27 +308,11 @@ async fn read_state(
 pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
     match &device.protocol {
         Protocol::Modbus => {}
-        Protocol::Dlt645 {
-            address,
-            profile,
-            preamble,
-            ..
-        } => {
-            return super::national::poll_dlt645(link, device, *address, profile, *preamble).await;
+        Protocol::Dlt645(meter) => {
+            return super::national::poll_dlt645(link, device, meter).await;
         }
-        Protocol::Cjt188 {
-            address,
-            meter_type,
-            order,
-            preamble,
-        } => {
-            let meter = super::national::WaterMeter {
-                address: *address,
-                meter_type: *meter_type,
-                order: *order,
-                preamble: *preamble,
-            };
-            return super::national::poll_cjt188(link, device, meter).await;
+        Protocol::Cjt188(meter) => {
+            return super::national::poll_cjt188(link, device, *meter).await;
         }
     }
     let started = Instant::now();

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::bus::{ActuateError, PollResult, RelayState};
 use super::link::{FailureKind, Link, LinkError};
 use super::reading::{Quality, RawWords, Reading};
-use super::spec::Device;
+use super::spec::{Device, Dlt645Meter, WaterMeter};
 use crate::exchange::ExchangeError;
 use crate::{cjt188, dlt645};
 
@@ -80,12 +80,17 @@ fn failed(failure: LinkError, started: Instant) -> PollResult {
 pub(crate) async fn poll_dlt645(
     link: &mut Link,
     device: &Device,
-    address: dlt645::Address,
-    profile: &dlt645::profile::Profile,
-    preamble: usize,
+    meter: &Dlt645Meter,
 ) -> PollResult {
+    let Dlt645Meter {
+        address,
+        profile,
+        preamble,
+        ..
+    } = meter;
+    let address = *address;
     let started = Instant::now();
-    let mut client = dlt645::client::Client::new(preamble);
+    let mut client = dlt645::client::Client::new(*preamble);
     let mut readings = Vec::with_capacity(profile.items.len());
     let mut exceptions = Vec::new();
     for (item, reg) in profile.items.iter().zip(&device.profile.registers) {
@@ -119,15 +124,6 @@ pub(crate) async fn poll_dlt645(
         failure: None,
         latency: started.elapsed(),
     }
-}
-
-/// What the engine needs to read a CJ/T 188 water meter.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct WaterMeter {
-    pub address: cjt188::Address,
-    pub meter_type: cjt188::MeterType,
-    pub order: cjt188::DiOrder,
-    pub preamble: usize,
 }
 
 /// Reads a CJ/T 188 water meter's current data: volume, valve (0 open, 1 closed, 3 fault) and
@@ -205,60 +201,42 @@ fn reading(
 /// guard against stale commands, not the only one (meterd reads the state back).
 const CONTROL_VALIDITY: chrono::Duration = chrono::Duration::hours(24);
 
-/// What the engine needs to switch a DL/T 645 meter's relay.
-pub(crate) struct Dlt645Meter<'a> {
-    pub address: dlt645::Address,
-    pub credentials: Option<&'a dlt645::data::Credentials>,
-    pub preamble: usize,
-}
-
 /// Reads a DL/T 645 meter's relay (status word 3, bit 4) and, when `set` differs, trips or closes
 /// it with control code 0x1C and reads it back: `true` is supply on (contact closed).
 pub(crate) async fn actuate_dlt645(
     link: &mut Link,
     device: &Device,
     output: &str,
-    meter: Dlt645Meter<'_>,
+    meter: &Dlt645Meter,
     set: Option<bool>,
 ) -> Result<RelayState, ActuateError> {
     let Dlt645Meter {
         address,
         credentials,
         preamble,
+        ..
     } = meter;
+    let address = *address;
     if output != "relay" || device.profile.outputs.is_empty() {
         return Err(ActuateError::UnknownOutput {
             device: device.name.to_string(),
             output: output.to_string(),
         });
     }
-    let failed = |stage: &'static str, e: &dlt645::client::ClientError| ActuateError::Link {
-        device: device.name.to_string(),
-        output: output.to_string(),
-        stage,
-        source: dlt645_error(address, e),
+    let link_failed =
+        |stage: &'static str, source: LinkError| ActuateError::link(device, output, stage, source);
+    let failed = |stage: &'static str, e: &dlt645::client::ClientError| {
+        link_failed(stage, dlt645_error(address, e))
     };
-    let link_failed = |stage: &'static str, source: LinkError| ActuateError::Link {
-        device: device.name.to_string(),
-        output: output.to_string(),
-        stage,
-        source,
-    };
-    let mut client = dlt645::client::Client::new(preamble);
-    let word = link
+    let mut client = dlt645::client::Client::new(*preamble);
+    let status = link
         .raw(device.pause, async |line| {
-            client
-                .read(line, address, dlt645::Di::STATUS_WORD_3, device.timeout)
-                .await
+            client.relay_status(line, address, device.timeout).await
         })
         .await
         .map_err(|e| link_failed("read", e))?
         .map_err(|e| failed("read", &e))?;
-    let word = match word.as_slice() {
-        [lo, hi, ..] => u16::from_le_bytes([*lo, *hi]),
-        _ => 0,
-    };
-    let before = !dlt645::data::Status3::from_word(word).relay_open;
+    let before = !status.relay_open;
     let Some(want) = set.filter(|w| *w != before) else {
         return Ok(RelayState {
             before,
@@ -266,7 +244,7 @@ pub(crate) async fn actuate_dlt645(
             wrote: false,
         });
     };
-    let Some(credentials) = credentials else {
+    let Some(credentials) = credentials.as_deref() else {
         return Err(ActuateError::NoCredentials(device.name.to_string()));
     };
     let action = if want {
@@ -313,12 +291,8 @@ pub(crate) async fn actuate_cjt188(
         order,
         preamble,
     } = meter;
-    let failed = |stage: &'static str, source: LinkError| ActuateError::Link {
-        device: device.name.to_string(),
-        output: output.to_string(),
-        stage,
-        source,
-    };
+    let failed =
+        |stage: &'static str, source: LinkError| ActuateError::link(device, output, stage, source);
     let mut client = cjt188::client::Client::new(preamble);
     let read = async |client: &mut cjt188::client::Client, link: &mut Link, stage| {
         link.raw(device.pause, async |line| {

@@ -78,22 +78,42 @@ impl Bus {
 pub enum Protocol {
     Modbus,
     /// DL/T 645-2007: the items of its DL/T 645 profile, one read each.
-    Dlt645 {
-        address: crate::dlt645::Address,
-        profile: Arc<crate::dlt645::profile::Profile>,
-        /// Password level, password and operator code for relay control (0x1C); never printed.
-        credentials: Option<Arc<crate::dlt645::data::Credentials>>,
-        /// Wake-up `FE`s before each request.
-        preamble: usize,
-    },
+    Dlt645(Dlt645Meter),
     /// CJ/T 188-2004 water meter: its current data (901F).
-    Cjt188 {
-        address: crate::cjt188::Address,
-        meter_type: crate::cjt188::MeterType,
-        order: crate::cjt188::DiOrder,
-        /// Wake-up `FE`s before each request (battery meters need them).
-        preamble: usize,
-    },
+    Cjt188(WaterMeter),
+}
+
+impl Protocol {
+    /// The meter's address (its nameplate number), for a DL/T 645 or CJ/T 188 meter.
+    #[must_use]
+    pub fn address(&self) -> Option<String> {
+        match self {
+            Protocol::Modbus => None,
+            Protocol::Dlt645(m) => Some(m.address.to_string()),
+            Protocol::Cjt188(m) => Some(m.address.to_string()),
+        }
+    }
+}
+
+/// A DL/T 645 meter as the engine reads and switches it.
+#[derive(Debug, Clone)]
+pub struct Dlt645Meter {
+    pub address: crate::dlt645::Address,
+    pub profile: Arc<crate::dlt645::profile::Profile>,
+    /// Password level, password and operator code for relay control (0x1C); never printed.
+    pub credentials: Option<Arc<crate::dlt645::data::Credentials>>,
+    /// Wake-up `FE`s before each request.
+    pub preamble: usize,
+}
+
+/// A CJ/T 188 water meter as the engine reads it and switches its valve.
+#[derive(Debug, Clone, Copy)]
+pub struct WaterMeter {
+    pub address: crate::cjt188::Address,
+    pub meter_type: crate::cjt188::MeterType,
+    pub order: crate::cjt188::DiOrder,
+    /// Wake-up `FE`s before each request (battery meters need them).
+    pub preamble: usize,
 }
 
 /// One polled device with everything resolved: its profile, read plan and poll policy.

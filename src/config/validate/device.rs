@@ -12,7 +12,7 @@ use super::{Bus, Defaults, Device, RawDevice, RawDeviceProtocol, RawPoll, Transp
 use crate::catalog::Quantity;
 use crate::modbus::decode::{ByteOrder, DataType, WordOrder};
 use crate::modbus::profile::{Function, OutputDef, RegisterDef};
-use crate::modbus::spec::Protocol;
+use crate::modbus::spec::{Dlt645Meter, Protocol, WaterMeter};
 
 impl Validator {
     pub(in crate::config) fn poll_defaults(&mut self, p: &RawPoll) -> Defaults {
@@ -132,11 +132,7 @@ impl Validator {
                 self.push(format!("{key}.timeout"), "must be greater than zero");
             }
             if let (Some(b), Some((protocol, _))) = (bus, &national) {
-                let address = match protocol {
-                    Protocol::Dlt645 { address, .. } => address.to_string(),
-                    Protocol::Cjt188 { address, .. } => address.to_string(),
-                    Protocol::Modbus => String::new(),
-                };
+                let address = protocol.address().unwrap_or_default();
                 if let Some(other) = addresses.insert((b, address.clone()), d.name.clone()) {
                     self.push(
                         format!("{key}.address"),
@@ -314,12 +310,12 @@ impl Validator {
                 outputs,
             );
             Some((
-                Protocol::Dlt645 {
+                Protocol::Dlt645(Dlt645Meter {
                     address,
                     profile: Arc::new(p.clone()),
                     credentials,
                     preamble,
-                },
+                }),
                 Arc::new(profile),
             ))
         } else {
@@ -349,12 +345,12 @@ impl Validator {
                 }],
                 );
             Some((
-                Protocol::Cjt188 {
+                Protocol::Cjt188(WaterMeter {
                     address,
                     meter_type: crate::cjt188::MeterType(d.meter_type.unwrap_or(0x10)),
                     order: d.di_order.unwrap_or_default(),
                     preamble,
-                },
+                }),
                 Arc::new(profile),
             ))
         }
