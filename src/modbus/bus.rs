@@ -500,6 +500,10 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
     let start = Instant::now();
     let mut actions_open = true;
     let mut pending: Option<Actuation> = None;
+    // One timer for the whole loop, moved to each next due time: a fresh `sleep_until` per poll
+    // registers a timer entry and, being the earliest, wakes the runtime's driver through its eventfd
+    // (a write and an extra epoll round per poll); moving a timer later touches neither.
+    let mut due = std::pin::pin!(tokio::time::sleep_until(start));
     loop {
         let now = start.elapsed();
         // A job the dispatcher ran itself (single poller), handled below like a worker's.
@@ -541,6 +545,11 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
         } else {
             {
                 let next = sched.next_due();
+                if let Some(next) = next {
+                    if due.deadline() != start + next {
+                        due.as_mut().reset(start + next);
+                    }
+                }
                 tokio::select! {
                     a = actions.recv(), if actions_open && pending.is_none() => {
                         match a {
@@ -553,7 +562,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
                         let Some(done) = done else { return };
                         done
                     }
-                    () = tokio::time::sleep_until(start + next.unwrap_or_default()), if next.is_some() && !idle.is_empty() => continue,
+                    () = &mut due, if next.is_some() && !idle.is_empty() => continue,
                     r = async {
                         match boundaries.as_mut() {
                             Some(b) => b.changed().await,

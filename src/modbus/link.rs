@@ -430,6 +430,9 @@ pub struct Link {
     origin: Instant,
     failed: Option<Failed>,
     last_end: Option<Instant>,
+    /// The answer timeout, one timer for every transaction: moved later for each request it stays in
+    /// the runtime's timer wheel, where a fresh `timeout` would insert and remove an entry per poll.
+    answer_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl fmt::Debug for Link {
@@ -458,6 +461,7 @@ impl Link {
             origin: Instant::now(),
             failed: None,
             last_end: None,
+            answer_by: None,
         }
     }
 
@@ -579,7 +583,20 @@ impl Link {
         let ctx = self.ctx.as_mut().expect("connected above");
         ctx.set_slave(Slave(unit));
         let sent = Instant::now();
-        let result = tokio::time::timeout(timeout, ctx.call(request)).await;
+        let deadline = match &mut self.answer_by {
+            Some(d) => {
+                d.as_mut().reset(sent + timeout);
+                d
+            }
+            None => self
+                .answer_by
+                .insert(Box::pin(tokio::time::sleep_until(sent + timeout))),
+        };
+        let result = tokio::select! {
+            biased;
+            r = ctx.call(request) => Ok(r),
+            () = deadline.as_mut() => Err(()),
+        };
         self.last_end = Some(Instant::now());
         let failed = Failed {
             unit,
@@ -587,7 +604,7 @@ impl Link {
             timeout,
         };
         match result {
-            Err(_) => {
+            Err(()) => {
                 let garbled = self.stats.noise_bytes.load(Ordering::Relaxed) != noise_before;
                 if serial {
                     self.failed = Some(failed);
