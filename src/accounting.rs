@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use rusqlite::Connection;
+use serde::Serialize;
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -100,6 +101,99 @@ pub(crate) fn live_window(config: &Config, length: Duration) -> (DateTime<Utc>, 
 }
 
 /// Every meter's consumption over `[from, to]`, from the history, with replacements applied.
+/// One meter node as an operator sees it: `meterd topology` and the web view.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct NodeView {
+    pub(crate) name: String,
+    pub(crate) utility: crate::topology::Utility,
+    pub(crate) parent: Option<String>,
+    pub(crate) device: Option<String>,
+    pub(crate) room: Option<String>,
+    pub(crate) pool: Option<String>,
+    /// The newest counter sample in the history, and its time.
+    pub(crate) latest: Option<f64>,
+    pub(crate) latest_ts: Option<String>,
+    /// Consumption over the window.
+    pub(crate) consumption: Option<f64>,
+    pub(crate) balance: Option<crate::topology::Balance>,
+}
+
+/// A balance window's start and end, and every node.
+pub(crate) type NodeViews = (DateTime<Utc>, DateTime<Utc>, Vec<NodeView>);
+
+/// Every meter node with its newest counter sample, its consumption over the `window` ending now
+/// (less the history lag) and its balance; without a store (`conn` None), the configured trees only.
+pub(crate) fn node_views(
+    conn: Option<&Connection>,
+    c: &Config,
+    window: Duration,
+) -> Result<NodeViews, AccountingError> {
+    let (from, to) = live_window(c, window);
+    let mut cons = BTreeMap::new();
+    let mut balances = Vec::new();
+    let mut latest = BTreeMap::new();
+    if let Some(conn) = conn {
+        cons = consumption(conn, c, from, to)?;
+        balances = crate::topology::balances(&c.site, &cons);
+        let now = Utc::now().timestamp_millis();
+        for m in c.site.meters.values() {
+            if let Source::Device(d) = &m.source {
+                let w =
+                    crate::store::history_window(conn, d, m.utility.quantity().as_str(), now, now)?;
+                if let Some((ts, v)) = w.last() {
+                    let ts = DateTime::from_timestamp_millis(*ts)
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default();
+                    latest.insert(m.name.clone(), (*v, ts));
+                }
+            }
+        }
+    }
+    let views = c
+        .site
+        .meters
+        .values()
+        .map(|m| NodeView {
+            name: m.name.clone(),
+            utility: m.utility,
+            parent: m.parent.clone(),
+            device: match &m.source {
+                Source::Device(d) => Some(d.clone()),
+                Source::Virtual(_) => None,
+            },
+            room: m.room.clone(),
+            pool: m.pool.clone(),
+            latest: latest.get(&m.name).map(|x| x.0),
+            latest_ts: latest.get(&m.name).map(|x| x.1.clone()),
+            consumption: cons.get(&m.name).map(|x| x.value),
+            balance: balances.iter().find(|b| b.node == m.name).cloned(),
+        })
+        .collect();
+    Ok((from, to, views))
+}
+
+/// How a node's loss compares with the site's threshold: within half of it, within it, beyond it
+/// (or not a number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LossLevel {
+    Ok,
+    Warn,
+    Alarm,
+}
+
+impl LossLevel {
+    pub(crate) fn of(pct: f64, threshold: f64) -> LossLevel {
+        if !pct.is_finite() || pct.abs() > threshold {
+            LossLevel::Alarm
+        } else if pct.abs() > threshold / 2.0 {
+            LossLevel::Warn
+        } else {
+            LossLevel::Ok
+        }
+    }
+}
+
 pub fn consumption(
     conn: &Connection,
     config: &Config,

@@ -325,6 +325,12 @@ impl Daemon {
         let (_, dummy) = mpsc::channel(1);
         let mut readings = std::mem::replace(&mut engine.readings, dummy);
         let recorder_store = store.clone();
+        // The newest reading of every register, for the web view (only kept while it is on).
+        let live = config
+            .web
+            .enabled()
+            .then(|| Arc::new(Mutex::new(crate::web::Live::new())));
+        let recorder_live = live.clone();
         let mut sampler = HistorySampler::new(config.topology.history_every, calendar(config));
         let mut reporter = crate::report::Reporter::new(config.report.clone(), calendar(config));
         let recorder = tokio::spawn(async move {
@@ -347,6 +353,9 @@ impl Daemon {
                 }
                 if let Some(tap) = &tap {
                     let _ = tap.try_send(batch.clone());
+                }
+                if let Some(live) = &recorder_live {
+                    crate::web::note(live, &batch);
                 }
                 if let Some(enf) = &enforcement {
                     // Prepaid deduction and the fire alarm; never blocks storing the readings.
@@ -414,6 +423,18 @@ impl Daemon {
             enforcement: enforcement_tx,
             accounting: (!config.site.is_empty()).then_some(acct_tx),
         };
+        if let Some(live) = live {
+            let web = crate::web::WebState {
+                config: shared.clone(),
+                control: control.clone(),
+                live,
+            };
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::web::serve(web).await {
+                    tracing::error!(error = %e, "web view unavailable");
+                }
+            }));
+        }
         let socket = config.gateway.control_socket.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::control::serve(socket.clone(), control).await {

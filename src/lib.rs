@@ -29,6 +29,7 @@ pub mod store;
 pub mod topology;
 pub(crate) mod tou;
 pub mod uplink;
+pub mod web;
 
 /// Readings are produced by the Modbus layer; the crate root keeps the short path.
 pub use modbus::reading;

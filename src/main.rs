@@ -2,7 +2,8 @@
 
 use clap::Parser;
 use meterd::cli::{Cli, Command, DeviceException, InvalidConfig, EXIT_CONFIG, EXIT_EXCEPTION};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 fn main() {
     let cli = Cli::parse();
@@ -13,16 +14,28 @@ fn main() {
             .and_then(|c| c.gateway.log_level),
         _ => None,
     };
+    // Directives are a level or `target=level` pairs (what `check` accepts for log_level), which
+    // `Targets` parses without a regex engine in the binary.
+    let parse = meterd::config::log_filter;
     let filter = match &cli.log_level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(from_config().unwrap_or_else(|| "info".into()))),
+        Some(l) => parse(l).unwrap_or_else(|| {
+            eprintln!("meterd: --log-level {l:?}: expected a level (off, error, warn, info, debug, trace) or directives like info,meterd::uplink=debug");
+            std::process::exit(2);
+        }),
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|v| parse(&v))
+            .or_else(|| from_config().and_then(|l| parse(&l)))
+            .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
     };
     // Colour only on a terminal: journald and log files get plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .init();
     // The daemon runs its tasks on one thread: it waits on the bus and the broker far more than it
     // computes, and a single-threaded scheduler wakes no second worker per event (measured with

@@ -632,3 +632,24 @@ fn a_relay_on_a_dlt645_meter_without_its_password_is_refused_at_check() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).contains("123456"), "the password never prints");
 }
+
+#[test]
+fn a_log_level_typo_on_the_command_line_is_refused_and_directives_work_without_env_filter() {
+    let o = meterd(&[
+        "--log-level",
+        "loud",
+        "check",
+        "--config",
+        "config/meterd.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected a level"), "{}", stderr(&o));
+    let o = meterd(&[
+        "--log-level",
+        "warn,meterd::uplink=debug",
+        "check",
+        "--config",
+        "config/meterd.toml",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

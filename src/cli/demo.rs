@@ -41,6 +41,17 @@ pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
     config.gateway.control_socket =
         std::env::temp_dir().join(format!("meterd-demo-{}.sock", std::process::id()));
+    // The web view on loopback with a fresh token: port 8080 when free, else any free port.
+    let port = std::net::TcpListener::bind(("127.0.0.1", 8080))
+        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())?;
+    config.web.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    config.web.token = Some(format!(
+        "{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    ));
     Ok((running, config))
 }
 
@@ -67,6 +78,11 @@ impl DemoCmd {
         let (running, config) = start_demo_building().await?;
         for (name, addr) in &running.endpoints {
             out(&format!("simulator endpoint {name}: {addr}\n"));
+        }
+        if let (Some(addr), Some(token)) = (config.web.listen, &config.web.token) {
+            out(&format!(
+                "web view: http://{addr}/topology/electricity?token={token}\n"
+            ));
         }
         out(&format!(
             "polling {} device(s) on {} bus(es) of \"{}\"; Ctrl-C to stop\n",

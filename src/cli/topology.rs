@@ -1,6 +1,7 @@
 //! `meterd topology`: the meter trees with the latest readings and each node's loss.
 
-use super::{bail, json, out, Args, BTreeMap, ConfigArg, Duration, IsTerminal, Result, Serialize};
+use super::{bail, json, out, Args, ConfigArg, Duration, IsTerminal, Result};
+use crate::accounting::NodeView;
 
 /// `meterd topology`
 #[derive(Debug, Args)]
@@ -17,86 +18,18 @@ pub struct TopologyCmd {
     pub json: bool,
 }
 
-/// One node as `topology --json` prints it.
-#[derive(Debug, Serialize)]
-pub(super) struct NodeView {
-    name: String,
-    utility: crate::topology::Utility,
-    parent: Option<String>,
-    device: Option<String>,
-    room: Option<String>,
-    pool: Option<String>,
-    latest: Option<f64>,
-    latest_ts: Option<String>,
-    consumption: Option<f64>,
-    balance: Option<crate::topology::Balance>,
-}
-
 impl TopologyCmd {
     /// Draws the trees from the config and the daemon's counter history.
     pub fn execute(self) -> Result<()> {
-        use crate::topology::Source;
         let c = self.config.load()?;
         if c.site.is_empty() {
             bail!("{}: no [[meter]] nodes configured; see config/meterd.toml for the [[room]], [[meter]] and [[pool]] sections", c.source);
         }
-        let (from, to) = crate::accounting::live_window(&c, self.window);
         let conn = crate::store::open_read_only(&c.store.path);
-        let (cons, balances, latest) = match &conn {
-            Ok(conn) => {
-                let cons = crate::accounting::consumption(conn, &c, from, to)?;
-                let balances = crate::topology::balances(&c.site, &cons);
-                let mut latest = BTreeMap::new();
-                for m in c.site.meters.values() {
-                    if let Source::Device(d) = &m.source {
-                        let now = chrono::Utc::now().timestamp_millis();
-                        let w = crate::store::history_window(
-                            conn,
-                            d,
-                            m.utility.quantity().as_str(),
-                            now,
-                            now,
-                        )?;
-                        if let Some((ts, v)) = w.last() {
-                            latest.insert(
-                                m.name.clone(),
-                                (
-                                    *v,
-                                    chrono::DateTime::from_timestamp_millis(*ts)
-                                        .map(|t| t.to_rfc3339())
-                                        .unwrap_or_default(),
-                                ),
-                            );
-                        }
-                    }
-                }
-                (cons, balances, latest)
-            }
-            Err(e) => {
-                eprintln!("meterd: no readings to show ({e}); showing the configured trees only");
-                (BTreeMap::new(), Vec::new(), BTreeMap::new())
-            }
-        };
-        let views: Vec<NodeView> = c
-            .site
-            .meters
-            .values()
-            .map(|m| NodeView {
-                name: m.name.clone(),
-                utility: m.utility,
-                parent: m.parent.clone(),
-                device: match &m.source {
-                    Source::Device(d) => Some(d.clone()),
-                    Source::Virtual(_) => None,
-                },
-                room: m.room.clone(),
-                pool: m.pool.clone(),
-                latest: latest.get(&m.name).map(|x| x.0),
-                latest_ts: latest.get(&m.name).map(|x| x.1.clone()),
-                consumption: cons.get(&m.name).map(|x| x.value),
-                balance: balances.iter().find(|b| b.node == m.name).cloned(),
-            })
-            .collect();
+        if let Err(e) = &conn {
+            eprintln!("meterd: no readings to show ({e}); showing the configured trees only");
+        }
+        let (from, to, views) = crate::accounting::node_views(conn.ok().as_ref(), &c, self.window)?;
         let threshold = c.site.loss_threshold_pct;
         if self.json {
             out(&json(&views)?);
@@ -162,12 +95,10 @@ impl TopologyCmd {
 }
 
 pub(super) fn loss_color(pct: f64, threshold: f64) -> (&'static str, &'static str) {
-    if !pct.is_finite() || pct.abs() > threshold {
-        ("\x1b[31m", "red")
-    } else if pct.abs() > threshold / 2.0 {
-        ("\x1b[33m", "orange")
-    } else {
-        ("\x1b[32m", "darkgreen")
+    match crate::accounting::LossLevel::of(pct, threshold) {
+        crate::accounting::LossLevel::Alarm => ("\x1b[31m", "red"),
+        crate::accounting::LossLevel::Warn => ("\x1b[33m", "orange"),
+        crate::accounting::LossLevel::Ok => ("\x1b[32m", "darkgreen"),
     }
 }
 

@@ -32,9 +32,20 @@ mod validate;
 
 use raw::{
     BusKind, RawBus, RawDevice, RawDeviceProtocol, RawGateway, RawMqtt, RawPoll, RawProfiles,
-    RawReport, RawStore, RawTopology, SECTIONS,
+    RawReport, RawStore, RawTopology, RawWeb, SECTIONS,
 };
 use validate::Validator;
+
+/// A log level as operators write it (`info`, or `info,meterd::uplink=debug`) as a filter; None when
+/// it is not one (a bare word like `loud` would otherwise pass as a target name).
+#[must_use]
+pub fn log_filter(l: &str) -> Option<tracing_subscriber::filter::Targets> {
+    if validate::log_level_ok(l) {
+        l.parse().ok()
+    } else {
+        None
+    }
+}
 
 /// Where the daemon looks when `--config` is not given.
 pub(crate) const DEFAULT_PATH: &str = "/etc/meterd/meterd.toml";
@@ -116,6 +127,28 @@ pub struct Config {
     pub enforcement: crate::enforce::config::Enforcement,
     /// What of each poll goes to the cloud.
     pub report: crate::report::ReportPolicy,
+    /// The local read-only web view (off unless `[web]` says where to listen).
+    pub web: WebConfig,
+}
+
+/// `[web]`: where the read-only web view listens. Off when neither is set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WebConfig {
+    /// A TCP address on the LAN; every request must carry `token`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The shared secret for `listen` (at least 16 characters).
+    pub token: Option<String>,
+    /// A Unix socket for a local reverse proxy: mode 0660, group `meterd`, no token (the
+    /// socket's group is the access control, as for the control socket).
+    pub socket: Option<PathBuf>,
+}
+
+impl WebConfig {
+    /// True when the view is served anywhere.
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || self.socket.is_some()
+    }
 }
 
 /// When balances and apportionment run.

@@ -181,7 +181,16 @@ pub(super) const SECTIONS: &[&str] = &[
     "enforcement",
     "relay",
     "prepaid",
+    "web",
 ];
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWeb {
+    pub(super) listen: Option<String>,
+    pub(super) token: Option<String>,
+    pub(super) socket: Option<PathBuf>,
+}
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -475,3 +475,38 @@ fn the_site_model_written_without_a_tree_is_the_trees_text_and_hash() {
     );
     assert!(!String::from_utf8(bytes).unwrap().contains('\u{1}'));
 }
+
+#[test]
+fn the_web_view_is_off_by_default_and_on_the_network_only_with_a_real_token() {
+    assert!(!load(GOOD).unwrap().web.enabled());
+    let with = |web: &str| format!("{GOOD}\n[web]\n{web}\n");
+    let c = load(&with(
+        "listen = \"0.0.0.0:8080\"\ntoken = \"9f2c41d0a7b35e6c8d1f\"",
+    ))
+    .unwrap();
+    assert_eq!(c.web.listen, Some("0.0.0.0:8080".parse().unwrap()));
+    assert!(c.web.enabled());
+    let i = issues(&with("listen = \"0.0.0.0:8080\""));
+    assert!(
+        i.iter()
+            .any(|i| i.contains("web.token") && i.contains("missing")),
+        "{i:?}"
+    );
+    let i = issues(&with("listen = \"0.0.0.0:8080\"\ntoken = \"secret\""));
+    assert!(
+        i.iter()
+            .any(|i| i.contains("web.token") && i.contains("at least 16")),
+        "{i:?}"
+    );
+    let i = issues(&with(
+        "listen = \"gateway:80\"\ntoken = \"9f2c41d0a7b35e6c8d1f\"",
+    ));
+    assert!(
+        i.iter()
+            .any(|i| i.contains("web.listen") && i.contains("0.0.0.0:8080")),
+        "{i:?}"
+    );
+    // A reverse proxy's socket needs no token: its group is the access control.
+    let c = load(&with("socket = \"/run/meterd/web.sock\"")).unwrap();
+    assert!(c.web.enabled() && c.web.token.is_none());
+}

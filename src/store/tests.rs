@@ -124,6 +124,7 @@ fn a_cap_pass_failing_on_a_full_disk_after_the_insert_does_not_store_the_batch_t
         last_error_log: None,
         committed: watch::channel(0).0,
         health: Arc::new(Mutex::new(None)),
+        recent: Arc::default(),
     };
     w.commit((0..40).map(|i| rec(Kind::Telemetry, i)).collect(), &[]);
     // The next batch crosses the cap; its cap pass fails after the batch was committed.

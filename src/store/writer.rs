@@ -79,7 +79,13 @@ pub struct StoreHandle {
     pub health: Arc<Mutex<Option<String>>>,
     /// The newest committed rows: live fetches are answered here, without the store thread.
     tail: Arc<Mutex<super::tail::Tail>>,
+    /// The events, audit records, results and replies committed since the start, newest last (at
+    /// most [`RECENT`]): the web view's "recent events", whether or not the cloud has them yet.
+    pub(crate) recent: Arc<Mutex<VecDeque<NewRecord>>>,
 }
+
+/// How many recent non-telemetry records the store keeps in memory for display.
+pub(crate) const RECENT: usize = 200;
 
 impl StoreHandle {
     /// Queues records for the next group commit. Waits only if the store is far behind.
@@ -252,15 +258,18 @@ pub fn spawn(store: Store) -> Result<StoreHandle, StoreError> {
     let health = Arc::new(Mutex::new(None));
     let h = health.clone();
     let tail = store.tail();
+    let recent = Arc::new(Mutex::new(VecDeque::new()));
+    let r = recent.clone();
     std::thread::Builder::new()
         .name("meterd-store".into())
-        .spawn(move || store_loop(store, rx, committed_tx, h))
+        .spawn(move || store_loop(store, rx, committed_tx, h, r))
         .map_err(|_| StoreError::Stopped)?;
     Ok(StoreHandle {
         tx,
         committed,
         health,
         tail,
+        recent,
     })
 }
 
@@ -272,9 +281,23 @@ pub(super) struct Writer {
     pub(super) last_error_log: Option<std::time::Instant>,
     pub(super) committed: watch::Sender<i64>,
     pub(super) health: Arc<Mutex<Option<String>>>,
+    pub(super) recent: Arc<Mutex<VecDeque<NewRecord>>>,
 }
 
 impl Writer {
+    /// Keeps the non-telemetry records of a commit for display.
+    fn remember_recent(&self, records: &[NewRecord]) {
+        let Ok(mut recent) = self.recent.lock() else {
+            return;
+        };
+        for r in records.iter().filter(|r| r.kind != Kind::Telemetry) {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(r.clone());
+        }
+    }
+
     /// Commits `batch` and deletes acknowledged records in one transaction.
     fn commit_acking(&mut self, batch: Vec<NewRecord>, acks: &[(i64, i64)]) {
         if batch.is_empty() && self.spill.is_empty() {
@@ -308,6 +331,7 @@ impl Writer {
         match result {
             Ok(last) => {
                 self.committed.send_replace(last);
+                self.remember_recent(&all);
                 if self.health.lock().is_ok_and(|mut h| h.take().is_some()) {
                     tracing::info!("outbox writable again; stored the records held in memory");
                     let _ = self.store.set_meta("store_error", "");
@@ -384,6 +408,7 @@ impl Writer {
                 match r {
                     Ok(last) => {
                         self.committed.send_replace(last);
+                        self.remember_recent(&records);
                         let _ = done.send(Ok(()));
                     }
                     Err(e) => {
@@ -454,6 +479,7 @@ pub(super) fn store_loop(
     mut rx: mpsc::Receiver<StoreRequest>,
     committed: watch::Sender<i64>,
     health: Arc<Mutex<Option<String>>>,
+    recent: Arc<Mutex<VecDeque<NewRecord>>>,
 ) {
     let mut w = Writer {
         store,
@@ -462,6 +488,7 @@ pub(super) fn store_loop(
         last_error_log: None,
         committed,
         health,
+        recent,
     };
     // A timer for waiting on the queue with a deadline (tokio's channel has no blocking timeout).
     let Ok(acks_wait) = tokio::runtime::Builder::new_current_thread()

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::{log_level_ok, Gateway, RawGateway, Validator, DEFAULT_SOCKET};
+use super::{Gateway, RawGateway, Validator, DEFAULT_SOCKET};
 
 impl Validator {
     pub(in crate::config) fn gateway(&mut self, g: RawGateway) -> Option<Gateway> {
@@ -26,7 +26,7 @@ impl Validator {
             None
         };
         if let Some(l) = &g.log_level {
-            if !log_level_ok(l) || tracing_subscriber::EnvFilter::try_new(l).is_err() {
+            if crate::config::log_filter(l).is_none() {
                 self.push(
                     "gateway.log_level",
                     format!(

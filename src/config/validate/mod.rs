@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use super::{
     Bus, BusKind, Config, Device, Gateway, Issue, Mqtt, Parity, RawBus, RawDevice,
     RawDeviceProtocol, RawGateway, RawMqtt, RawPoll, RawProfiles, RawReport, RawStore, RawTopology,
-    ReplacementRecord, Serial, StoreConfig, Tls, TopologyConfig, Transport, DEFAULT_SOCKET,
+    RawWeb, ReplacementRecord, Serial, StoreConfig, Tls, TopologyConfig, Transport, DEFAULT_SOCKET,
     DEFAULT_STORE, SECTIONS,
 };
 
@@ -20,6 +20,7 @@ mod gateway;
 mod profiles;
 mod report;
 mod uplink;
+mod web;
 
 /// A log level as an operator writes it: `info`, or directives like `info,meterd::uplink=debug`.
 /// (tracing's own parser takes any word as a target name, so `"loud"` would pass it.)
@@ -174,6 +175,10 @@ impl Validator {
             .remove("report")
             .and_then(|v| self.typed("report", v))
             .unwrap_or_default();
+        let raw_web: RawWeb = table
+            .remove("web")
+            .and_then(|v| self.typed("web", v))
+            .unwrap_or_default();
         let raw_topology: RawTopology = table
             .remove("topology")
             .and_then(|v| self.typed("topology", v))
@@ -294,6 +299,7 @@ impl Validator {
             self.push(k, m);
         }
         let store = self.store(raw_store, base);
+        let web = self.web(raw_web, base);
         let gateway_id = gateway.as_ref().map(|g| g.id.clone()).unwrap_or_default();
         let mqtt = raw_mqtt.map(|m| self.mqtt(m, &gateway_id, base));
         let gateway = gateway?;
@@ -305,6 +311,7 @@ impl Validator {
             site,
             topology,
             report,
+            web,
             replacements,
             enforcement,
             gateway,
