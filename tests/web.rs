@@ -11,6 +11,8 @@ struct Demo {
     child: Child,
     base: String,
     token: String,
+    /// The embedded broker's port (the demo-broker feature, on in `cargo test`).
+    mqtt_port: Option<u16>,
 }
 
 impl Drop for Demo {
@@ -41,9 +43,13 @@ fn start_demo() -> Demo {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut mqtt_port = None;
     let url = loop {
         assert!(Instant::now() < deadline, "the demo printed no web address");
         let line = lines.next().expect("demo output").unwrap();
+        if let Some(rest) = line.strip_prefix("MQTT: embedded broker on 127.0.0.1:") {
+            mqtt_port = rest.split(';').next().and_then(|p| p.parse().ok());
+        }
         if let Some(u) = line.strip_prefix("web view: ") {
             break u.trim().to_string();
         }
@@ -61,6 +67,7 @@ fn start_demo() -> Demo {
         child,
         base: base.to_string(),
         token: token.to_string(),
+        mqtt_port,
     }
 }
 
@@ -207,6 +214,43 @@ fn the_view_needs_its_token_is_read_only_and_serves_the_topology_and_history_as_
         .send("")
         .unwrap();
     assert_eq!(res.status().as_u16(), 405);
+}
+
+#[test]
+fn the_demo_publishes_the_building_to_its_embedded_broker() {
+    let _one = ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let d = start_demo();
+    let port = d
+        .mqtt_port
+        .expect("the demo names its embedded broker's port");
+    let mut opts = rumqttc::MqttOptions::new("web-test-sub", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(opts, 100);
+    client
+        .subscribe("meterd/demo-gw/#", rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut topics = std::collections::BTreeSet::new();
+    while Instant::now() < end && !(topics.contains("telemetry") && topics.contains("config")) {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_secs(1))
+        {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(&p.payload).is_ok(),
+                "{}: not JSON",
+                p.topic
+            );
+            if let Some(t) = p.topic.strip_prefix("meterd/demo-gw/") {
+                topics.insert(t.to_string());
+            }
+        }
+    }
+    assert!(
+        topics.contains("telemetry") && topics.contains("config"),
+        "the building's readings and site model at the broker: {topics:?}"
+    );
 }
 
 /// Debian's Chromium, which `.ci/run` installs; on a developer's machine without it the browser

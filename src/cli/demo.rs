@@ -30,8 +30,13 @@ pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
         .map(|(k, v)| (k, std::sync::Arc::new(v)))
         .collect();
     let running = sim::start(&building, &profiles).await?;
+    // With the embedded broker, the daemon publishes to it as it would to the cloud's.
+    let text = match broker_port() {
+        Some(port) => format!("{DEMO_CONFIG}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n"),
+        None => DEMO_CONFIG.to_string(),
+    };
     let mut config = Config::from_str_at(
-        DEMO_CONFIG,
+        &text,
         "<builtin>/config/demo.toml",
         Path::new("/nonexistent"),
     )
@@ -53,6 +58,66 @@ pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
         fastrand::u64(..)
     ));
     Ok((running, config))
+}
+
+/// Starts the embedded MQTT broker on loopback (port 1883 when free, else any free port) and
+/// returns its port once it accepts connections; None in builds without it or when it fails.
+#[cfg(feature = "demo-broker")]
+fn broker_port() -> Option<u16> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 1883))
+        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .and_then(|l| l.local_addr())
+        .ok()?
+        .port();
+    let server = rumqttd::ServerSettings {
+        name: "demo".into(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            // Above the gateway's largest record (1 MiB).
+            max_payload_size: 4 * 1024 * 1024,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 20,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 4,
+            ..Default::default()
+        },
+        v4: Some(std::iter::once(("demo".to_string(), server)).collect()),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("demo-broker".into())
+        .spawn(move || {
+            if let Err(e) = rumqttd::Broker::new(config).start() {
+                eprintln!("meterd demo: the embedded MQTT broker stopped: {e}");
+            }
+        })
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            eprintln!("meterd demo: the embedded MQTT broker did not start; running without the MQTT side");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(port)
+}
+
+/// A build without the embedded broker (the gateway packages): the demo has no MQTT side.
+#[cfg(not(feature = "demo-broker"))]
+fn broker_port() -> Option<u16> {
+    None
 }
 
 /// Rewrites each bus whose name matches a simulator endpoint to that endpoint's address.
@@ -78,6 +143,13 @@ impl DemoCmd {
         let (running, config) = start_demo_building().await?;
         for (name, addr) in &running.endpoints {
             out(&format!("simulator endpoint {name}: {addr}\n"));
+        }
+        match &config.mqtt {
+            Some(m) => out(&format!(
+                "MQTT: embedded broker on {}:{}; watch the traffic with: mosquitto_sub -p {} -t '{}/#' -v\n",
+                m.host, m.port, m.port, m.topic_prefix
+            )),
+            None => out("MQTT: this build has no embedded broker (built without the demo-broker feature); records stay in the outbox\n"),
         }
         if let (Some(addr), Some(token)) = (config.web.listen, &config.web.token) {
             out(&format!(
@@ -111,7 +183,12 @@ impl DemoCmd {
                 _ = tick.tick() => {
                     let depth = daemon.store.depth().await;
                     out(&demo_table(&config, &latest, &daemon.bus_status));
-                    out(&format!("outbox {}: {depth} record(s) buffered for the cloud (no uplink in the demo)\n", config.store.path.display()));
+                    let uplink = match (&config.mqtt, daemon.uplink.lock().map(|u| u.clone())) {
+                        (Some(m), Ok(u)) if u.connected => format!("uplink connected to {}:{}, {} record(s) acknowledged", m.host, m.port, u.records_acked),
+                        (Some(m), _) => format!("uplink to {}:{} not connected", m.host, m.port),
+                        (None, _) => "no uplink in this build".to_string(),
+                    };
+                    out(&format!("outbox {}: {depth} record(s) waiting; {uplink}\n", config.store.path.display()));
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
