@@ -28,6 +28,11 @@ fn main() {
             .or_else(|| from_config().and_then(|l| parse(&l)))
             .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)),
     };
+    // The demo's embedded broker logs every connection; its table and the web view say what matters.
+    let filter = match cli.command {
+        Command::Demo(_) => filter.with_target("rumqttd", tracing::level_filters::LevelFilter::OFF),
+        _ => filter,
+    };
     // Colour only on a terminal: journald and log files get plain text.
     tracing_subscriber::registry()
         .with(

@@ -217,7 +217,7 @@ fn the_view_needs_its_token_is_read_only_and_serves_the_topology_and_history_as_
 }
 
 #[test]
-fn the_demo_publishes_the_building_to_its_embedded_broker() {
+fn the_demo_publishes_to_its_broker_and_plays_the_cloud_freezing_a_door_and_asking_for_bills() {
     let _one = ONE_DEMO
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -231,26 +231,50 @@ fn the_demo_publishes_the_building_to_its_embedded_broker() {
     client
         .subscribe("meterd/demo-gw/#", rumqttc::QoS::AtLeastOnce)
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(30);
+    // The scenario freezes room 101's door about 12 s in and asks for the bills 12 s later.
+    let end = Instant::now() + Duration::from_secs(60);
     let mut topics = std::collections::BTreeSet::new();
-    while Instant::now() < end && !(topics.contains("telemetry") && topics.contains("config")) {
-        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+    let (mut switched, mut applied) = (None, false);
+    let done = |t: &std::collections::BTreeSet<String>, s: &Option<serde_json::Value>, a: bool| {
+        ["telemetry", "config", "results/bill"]
+            .iter()
+            .all(|x| t.contains(*x))
+            && s.is_some()
+            && a
+    };
+    while Instant::now() < end && !done(&topics, &switched, applied) {
+        let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
             connection.recv_timeout(Duration::from_secs(1))
-        {
-            assert!(
-                serde_json::from_slice::<serde_json::Value>(&p.payload).is_ok(),
-                "{}: not JSON",
-                p.topic
-            );
-            if let Some(t) = p.topic.strip_prefix("meterd/demo-gw/") {
-                topics.insert(t.to_string());
+        else {
+            continue;
+        };
+        let body: serde_json::Value = serde_json::from_slice(&p.payload)
+            .unwrap_or_else(|e| panic!("{}: not JSON: {e}", p.topic));
+        let Some(t) = p.topic.strip_prefix("meterd/demo-gw/") else {
+            continue;
+        };
+        topics.insert(t.to_string());
+        if t == "audit" {
+            for r in body["records"].as_array().into_iter().flatten() {
+                if r["event"] == "relay_switched" && r["relay"] == "101-door" {
+                    switched = Some(r.clone());
+                }
             }
+        }
+        if t == "reply" && body["command"] == "freeze" {
+            assert_eq!(body["ok"], true, "{body}");
+            applied = true;
         }
     }
     assert!(
-        topics.contains("telemetry") && topics.contains("config"),
-        "the building's readings and site model at the broker: {topics:?}"
+        done(&topics, &switched, applied),
+        "at the broker: {topics:?}, switched {switched:?}, applied {applied}"
     );
+    let s = switched.unwrap();
+    assert_eq!(s["to"], "off", "{s}");
+    assert_eq!(s["readback"], "off", "the switch was read back: {s}");
+    assert_eq!(s["confirmed"], true, "{s}");
+    assert_eq!(s["rule"], "freeze", "{s}");
 }
 
 /// Debian's Chromium, which `.ci/run` installs; on a developer's machine without it the browser
@@ -364,6 +388,12 @@ fn in_a_real_browser_the_graph_shows_every_meter_with_a_value_and_a_node_curve_h
         );
         assert!(console_errors(&log).is_empty(), "{page}: {log}");
         assert!(dom.contains("<h1>"), "{page}: {dom}");
+        if page == "relays" {
+            assert!(
+                dom.contains("101-door") && dom.contains("door-relays / relay1"),
+                "relays by name: {dom}"
+            );
+        }
     }
     // The screenshots in docs/screenshots/, taken of this run.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");

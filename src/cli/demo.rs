@@ -162,12 +162,24 @@ impl DemoCmd {
             config.buses.len(),
             config.gateway.site
         ));
+        // The demo plays the cloud: its own key signs relay commands, which the daemon checks.
+        let mut config = config;
+        let key = ed25519_dalek::SigningKey::from_bytes(&std::array::from_fn(|_| fastrand::u8(..)));
+        config.enforcement.public_key = Some(key.verifying_key());
         let (tap, mut readings) = tokio::sync::mpsc::channel(daemon::READINGS_CAPACITY);
         let daemon = daemon::Daemon::start(
             &config,
             std::sync::Arc::new(crate::uplink::NoCommands),
             Some(tap),
         )?;
+        let scenario = config.mqtt.clone().map(|m| {
+            tokio::spawn(scenario(
+                m,
+                config.gateway.id.clone(),
+                config.gateway.timezone,
+                key,
+            ))
+        });
         let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
         let deadline = self.duration.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(self.every);
@@ -196,6 +208,9 @@ impl DemoCmd {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
+        if let Some(s) = scenario {
+            s.abort();
+        }
         daemon.stop().await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
@@ -203,6 +218,64 @@ impl DemoCmd {
         let _ = std::fs::remove_file(&config.gateway.control_socket);
         Ok(())
     }
+}
+
+/// The cloud's side of the demo, on the embedded broker: a tenant's door access frozen by a signed
+/// command (the daemon switches the door relay and reads it back), then the month's bills computed.
+/// Each step is printed; its effects show in the table, the web view and on MQTT.
+async fn scenario(
+    mqtt: crate::uplink::Mqtt,
+    gateway: String,
+    tz: chrono_tz::Tz,
+    key: ed25519_dalek::SigningKey,
+) {
+    use ed25519_dalek::Signer as _;
+    let prefix = format!("{}/{gateway}", mqtt.topic_prefix);
+    let mut opts = rumqttc::MqttOptions::new("meterd-demo-cloud", mqtt.host.clone(), mqtt.port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
+    tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    let send = |command: &'static str, mut args: serde_json::Value, sign: bool| {
+        let id = format!("demo-{command}-{:08x}", fastrand::u32(..));
+        args["id"] = id.clone().into();
+        args["expires_at"] = (chrono::Utc::now() + chrono::Duration::minutes(10))
+            .to_rfc3339()
+            .into();
+        if sign {
+            let content = crate::enforce::auth::signed_content(command, &id, &args);
+            let sig = key.sign(&content).to_bytes();
+            args["sig"] =
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sig).into();
+        }
+        let client = client.clone();
+        let topic = format!("{prefix}/cmd/{command}");
+        async move {
+            let _ = client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, args.to_string())
+                .await;
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    send(
+        "freeze",
+        serde_json::json!({"room": "101", "scope": "access", "reason": "demo: lease terminated"}),
+        true,
+    )
+    .await;
+    out(&format!("\nscenario: the cloud froze room 101's door access with a signed command on {prefix}/cmd/freeze; the daemon switches 101-door off and reads it back (relays column, /relays, {prefix}/audit and {prefix}/reply)\n"));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let period = chrono::Utc::now()
+        .with_timezone(&tz)
+        .format("%Y-%m")
+        .to_string();
+    send("apportion", serde_json::json!({"period": period}), false).await;
+    out(&format!("\nscenario: the cloud asked for {period}'s bills ({prefix}/cmd/apportion): each room's bill, its readings and lines, on {prefix}/results/bill, and in /events\n"));
 }
 
 pub(super) fn demo_table(

@@ -62,6 +62,15 @@ pub(super) async fn index(State(s): State<WebState>) -> Html<String> {
     page(&s, "Overview", &body)
 }
 
+/// A JSON value as a table cell: strings without quotes, nothing for null.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn device_count(status: &Value) -> usize {
     status["buses"].as_array().map_or(0, |b| {
         b.iter()
@@ -199,16 +208,16 @@ pub(super) async fn devices(State(s): State<WebState>) -> Html<String> {
             @for b in status["buses"].as_array().into_iter().flatten() {
                 @for d in b["devices"].as_array().into_iter().flatten() {
                     tr class=(if d["offline_since"].is_null() { "" } else { "alarm" }) {
-                        td { (b["name"].as_str().unwrap_or("")) }
-                        td { (d["name"].as_str().unwrap_or("")) }
+                        td { (text(&b["name"])) }
+                        td { (text(&d["name"])) }
                         td { (d["unit"]) }
                         td { (d["polls_ok"]) }
                         td { (d["polls_failed"]) }
                         td { (d["timeouts"]) }
                         td { (d["last_latency_ms"].as_f64().map_or_else(String::new, |v| format!("{v:.1}"))) }
-                        td { (d["last_success"].as_str().unwrap_or("")) }
+                        td { (text(&d["last_success"])) }
                         td { @if d["offline_since"].is_null() { "online" } @else { "OFFLINE" } }
-                        td { (d["last_error"].as_str().unwrap_or("")) }
+                        td { (text(&d["last_error"])) }
                     }
                 }
             }
@@ -220,18 +229,20 @@ pub(super) async fn devices(State(s): State<WebState>) -> Html<String> {
 pub(super) async fn relays(State(s): State<WebState>) -> Html<String> {
     let status = s.control.status().await;
     let body = html! {
-        p { "Fire alarm: " (status["fire_alarm"].as_str().map_or_else(|| status["fire_alarm"].to_string(), str::to_string)) }
+        p { "Fire alarm: " @if status["fire_alarm"] == true { strong.alarm { "ACTIVE: every door is released" } } @else { (text(&status["fire_alarm"])) } }
         @if let Some(relays) = status["relays"].as_array() {
             table {
-                tr { th { "relay" } th { "room" } th { "desired" } th { "actual (read back)" } th { "rule" } th { "detail" } }
+                tr { th { "relay" } th { "room" } th { "kind" } th { "device / output" } th { "desired" } th { "actual (read back)" } th { "rule" } th { "reason" } }
                 @for r in relays {
                     tr class=(if r["desired"] == r["actual"] { "" } else { "warn" }) {
-                        td { (r["name"].as_str().unwrap_or("")) }
-                        td { (r["room"].as_str().unwrap_or("")) }
-                        td { (r["desired"]) }
-                        td { (r["actual"]) }
-                        td { (r["rule"].as_str().map_or_else(|| r["rule"].to_string(), str::to_string)) }
-                        td { (r["detail"].as_str().unwrap_or("")) }
+                        td { (text(&r["relay"])) }
+                        td { (text(&r["room"])) }
+                        td { (text(&r["kind"])) }
+                        td { (text(&r["device"])) " / " (text(&r["output"])) }
+                        td { (text(&r["desired"])) }
+                        td { (text(&r["actual"])) }
+                        td { (text(&r["rule"])) }
+                        td { (text(&r["reason"])) }
                     }
                 }
             }
@@ -266,9 +277,9 @@ pub(super) async fn events(State(s): State<WebState>) -> Html<String> {
             tr { th { "time" } th { "kind" } th { "topic" } th { "record" } }
             @for e in &events {
                 tr {
-                    td { (e["ts"].as_str().unwrap_or("")) }
-                    td { (e["kind"].as_str().unwrap_or("")) }
-                    td { (e["topic"].as_str().unwrap_or("")) }
+                    td { (text(&e["ts"])) }
+                    td { (text(&e["kind"])) }
+                    td { (text(&e["topic"])) }
                     td { code { (e["body"].to_string()) } }
                 }
             }
