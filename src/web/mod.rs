@@ -32,6 +32,9 @@ use crate::topology::Utility;
 /// The newest reading of every register, kept by the recorder while the view is on.
 pub(crate) type Live = HashMap<(Arc<str>, Arc<str>), Reading>;
 
+/// A value and when it was read.
+type Timed = (Option<f64>, DateTime<Utc>);
+
 /// Notes each reading of a poll as its register's newest.
 pub(crate) fn note(live: &Mutex<Live>, batch: &[Reading]) {
     if let Ok(mut l) = live.lock() {
@@ -280,7 +283,19 @@ pub(crate) async fn topology(s: &WebState, utility: Utility) -> Topology {
         views
     };
     let threshold = s.config.site.loss_threshold_pct;
-    let live = s.live.lock().map(|l| l.clone()).unwrap_or_default();
+    // The newest good value of each device's quantity, found in one pass under the lock (a page of a
+    // 1,000-meter site would otherwise scan every register for every node).
+    let mut newest: HashMap<(Arc<str>, Quantity), Timed> = HashMap::new();
+    if let Ok(live) = s.live.lock() {
+        for r in live.values().filter(|r| r.quality == Quality::Good) {
+            let slot = newest
+                .entry((r.device.clone(), r.quantity))
+                .or_insert((r.value, r.ts));
+            if r.ts > slot.1 {
+                *slot = (r.value, r.ts);
+            }
+        }
+    }
     let offline: std::collections::HashSet<String> = s
         .control
         .buses
@@ -294,17 +309,12 @@ pub(crate) async fn topology(s: &WebState, utility: Utility) -> Topology {
         .filter(|v| v.utility == utility)
         .map(|v| {
             let newest = |q: Quantity| {
-                v.device.as_deref().and_then(|d| {
-                    live.values()
-                        .filter(|r| {
-                            &*r.device == d && r.quantity == q && r.quality == Quality::Good
-                        })
-                        .max_by_key(|r| r.ts)
-                })
+                v.device
+                    .as_deref()
+                    .and_then(|d| newest.get(&(Arc::from(d), q)).copied())
             };
-            let counter = newest(utility.quantity());
-            let (value, value_ts) = match counter {
-                Some(r) => (r.value, Some(r.ts)),
+            let (value, value_ts) = match newest(utility.quantity()) {
+                Some((value, ts)) => (value, Some(ts)),
                 None => (
                     v.latest,
                     v.latest_ts
@@ -313,7 +323,7 @@ pub(crate) async fn topology(s: &WebState, utility: Utility) -> Topology {
                         .map(|t| t.with_timezone(&Utc)),
                 ),
             };
-            let power_w = newest(Quantity::PowerW).and_then(|r| r.value);
+            let power_w = newest(Quantity::PowerW).and_then(|(value, _)| value);
             Node {
                 level: v
                     .balance
