@@ -91,13 +91,48 @@ pub(crate) fn next_run(now: DateTime<Utc>, tz: chrono_tz::Tz, day: u32) -> DateT
 /// A window of `length` ending as late as the history allows: every counter needs a sample after
 /// the window's end to interpolate it, so the window ends one sampling period (and a second) ago.
 pub(crate) fn live_window(config: &Config, length: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
-    let lag = chrono::Duration::from_std(config.topology.history_every + Duration::from_secs(1))
+    live_window_at(config, length, Utc::now())
+}
+
+/// [`live_window`] at `now`. The window ends early enough that every answering counter has a kept
+/// sample after its end: the sampler keeps the first reading at least `history_every` after the
+/// last kept one, so kept samples are up to `history_every` plus the poll interval apart.
+pub(crate) fn live_window_at(
+    config: &Config,
+    length: Duration,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let lag = chrono::Duration::from_std(sample_spacing(config) + Duration::from_secs(1))
         .unwrap_or_default();
-    let to = Utc::now() - lag;
+    let to = now - lag;
     (
         to - chrono::Duration::from_std(length).unwrap_or_default(),
         to,
     )
+}
+
+/// The longest two kept history samples of a counter are apart while every poll answers:
+/// `history_every` plus the longest poll interval.
+fn sample_spacing(config: &Config) -> Duration {
+    let longest = config
+        .devices
+        .iter()
+        .map(|d| d.policy.interval)
+        .max()
+        .unwrap_or_default();
+    config.topology.history_every + longest
+}
+
+/// Samples further apart than this have a reading missing between them: a value interpolated
+/// across them is marked estimated.
+fn max_gap_ms(config: &Config) -> i64 {
+    let every = config.topology.history_every;
+    i64::try_from(
+        (2 * every)
+            .max(sample_spacing(config) + Duration::from_secs(1))
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX)
 }
 
 /// Every meter's consumption over `[from, to]`, from the history, with replacements applied.
@@ -200,7 +235,7 @@ pub fn consumption(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<BTreeMap<String, Consumption>, AccountingError> {
-    let max_gap = 2 * config.topology.history_every.as_millis() as i64;
+    let max_gap = max_gap_ms(config);
     let (f, t) = (from.timestamp_millis(), to.timestamp_millis());
     let mut boundaries: BTreeMap<String, (Boundary, Boundary)> = BTreeMap::new();
     for m in config.site.meters.values() {
@@ -351,7 +386,7 @@ fn series(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<BTreeMap<String, Series>, AccountingError> {
-    let max_gap = 2 * config.topology.history_every.as_millis() as i64;
+    let max_gap = max_gap_ms(config);
     let calendar = bill::Calendar::new(
         config.gateway.timezone,
         site.tariffs.values().map(Tariff::tou),
@@ -1056,8 +1091,11 @@ pub async fn run(
     let every = config.topology.balance_every;
     // Without an uplink nobody can ask for a run: the channel closes, the schedule goes on.
     let mut requests_open = true;
-    let mut ticker = tokio::time::interval(every);
-    ticker.tick().await;
+    // The first check once the history has samples past the window's end (live_window lags by
+    // history_every + 1 s), not a whole window after start: a gateway rebooted at 00:05 balances the
+    // hour before at once.
+    let first = (config.topology.history_every * 2 + Duration::from_secs(1)).min(every);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {
         let step = billing_step(&config, &since).await;
         let until = match &step {
@@ -1172,6 +1210,79 @@ async fn billing_step(config: &Arc<Config>, since: &str) -> Option<Next> {
 
 #[cfg(test)]
 mod tests {
+    /// A meter polled every 10 s whose polls drift by a few hundred ms, history kept every 60 s: the
+    /// sampler's kept samples end up to 70 s apart, and a window that ended only `history_every` + 1 s
+    /// ago found no sample after its end, so the balance of that node was skipped at random.
+    #[test]
+    fn a_live_window_ends_before_the_newest_kept_sample_when_polls_drift_past_history_every() {
+        let text = r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[poll]
+interval = "10s"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "room-101"
+bus = "lan"
+unit = 1
+profile = "eastron_sdm120"
+[topology]
+history_every = "60s"
+balance_every = "1h"
+[[room]]
+id = "101"
+[[meter]]
+name = "room-101"
+utility = "electricity"
+room = "101"
+"#;
+        let config =
+            crate::config::Config::from_str_at(text, "t.toml", std::path::Path::new("/")).unwrap();
+        let t0 = chrono::DateTime::from_timestamp(1_764_500_000, 0).unwrap();
+        let mut sampler = crate::daemon::HistorySampler::new(
+            Duration::from_secs(60),
+            crate::daemon::calendar(&config),
+        );
+        // Two hours of polls of a 1.2 kW load, each answered 100–400 ms after its slot.
+        let mut kept: Vec<(i64, f64)> = Vec::new();
+        let mut now = t0;
+        for k in 0..720_i64 {
+            let ts = t0 + chrono::Duration::milliseconds(k * 10_000 + 100 + (k * 7919) % 300);
+            let mut r = crate::enforce::test_support::reading(ts, 5123.25 + k as f64 / 300.0);
+            r.device = "room-101".into();
+            kept.extend(sampler.take(&[r]).iter().map(|s| (s.ts_ms, s.value)));
+            // Just after this poll and just before the next: the window's end has a kept sample
+            // at or after it.
+            for after_ms in [50, 9_600] {
+                now = ts + chrono::Duration::milliseconds(after_ms);
+                let (from, to) = live_window_at(&config, Duration::from_secs(3600), now);
+                if from > t0 {
+                    let max_gap = max_gap_ms(&config);
+                    let end =
+                        crate::topology::value_at(&kept, to.timestamp_millis(), max_gap, None);
+                    let start =
+                        crate::topology::value_at(&kept, from.timestamp_millis(), max_gap, None);
+                    assert!(
+                        end.is_some_and(|b| !b.estimated) && start.is_some_and(|b| !b.estimated),
+                        "poll {k}: newest kept sample {} ms old, window end {} ms ago",
+                        now.timestamp_millis() - kept.last().unwrap().0,
+                        (now - to).num_milliseconds()
+                    );
+                }
+            }
+        }
+        assert!(
+            kept.windows(2).any(|w| w[1].0 - w[0].0 > 61_000),
+            "the polls drifted past history_every"
+        );
+        assert!(now > t0 + chrono::Duration::hours(1));
+    }
+
     #[test]
     fn a_pool_of_5000_rooms_is_published_in_parts_that_each_fit_one_publish() {
         let rooms: Vec<Value> = (0..5000)

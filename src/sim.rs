@@ -37,6 +37,7 @@ use crate::modbus::timing;
 
 mod cjt188;
 mod dlt645;
+pub mod past;
 
 /// Why a building could not be loaded or served.
 #[derive(Debug, Error)]
@@ -406,6 +407,18 @@ impl RunningSim {
         if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
             if let Ok(mut s) = u.state.lock() {
                 s.delay = delay;
+            }
+        }
+    }
+
+    /// Changes a unit's own load at run time (a tenant switching on a heater); energy up to now is
+    /// counted at the old load.
+    pub fn set_load(&self, endpoint: &str, unit: u8, load_w: f64) {
+        if let Some(u) = self.units.get(&(endpoint.to_string(), unit)) {
+            let downstream = u.downstream();
+            if let Ok(mut s) = u.state.lock() {
+                s.advance(&u.profile, downstream);
+                s.load_w = load_w;
             }
         }
     }

@@ -237,7 +237,8 @@ fn read_scan_and_raw_against_the_simulator() {
     assert_eq!(voltage["quality"], "good");
     assert_eq!(voltage["unit"], "V");
 
-    // scan over TCP: units 1 and 10 exist; the gateway's "no such unit" is not a hit.
+    // scan over TCP: units 1, 2 (the floor-2 board) and 10 exist; the gateway's "no such unit" is
+    // not a hit.
     let o = meterd(&[
         "scan", "--config", cfg, "--bus", "lan", "--units", "1-12", "--json",
     ]);
@@ -249,8 +250,9 @@ fn read_scan_and_raw_against_the_simulator() {
         .iter()
         .map(|h| h["unit"].as_u64().unwrap())
         .collect();
-    assert_eq!(units, vec![1, 10]);
-    // scan over RTU: units 1-5 answer (4 with exception 02 at register 0 is still an answer), 6 is dead.
+    assert_eq!(units, vec![1, 2, 10]);
+    // scan over RTU: units 1-5 and 7 answer (4 with exception 02 at register 0 is still an answer),
+    // 6 is dead.
     let o = meterd(&[
         "scan",
         "--config",
@@ -258,13 +260,13 @@ fn read_scan_and_raw_against_the_simulator() {
         "--bus",
         "rs485-1",
         "--units",
-        "1-7",
+        "1-8",
         "--timeout",
         "150ms",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("5 of 7 unit id(s) answered"), "{text}");
+    assert!(text.contains("6 of 8 unit id(s) answered"), "{text}");
 
     // raw: decode a float, write a coil with --yes, read it back.
     let o = meterd(&[

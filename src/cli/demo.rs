@@ -21,14 +21,30 @@ pub struct DemoCmd {
     pub every: Duration,
 }
 
+mod scenario;
+
+/// How long before the demo starts room 103's circuit was moved to the floor-2 board (the building's
+/// wiring now; its history before that has room 103 straight under the main incomer).
+const REWIRED_AGO: chrono::Duration = chrono::Duration::minutes(20);
+
+/// The demo's building, running, with the config that polls it.
+pub(crate) struct DemoBuilding {
+    pub sim: sim::RunningSim,
+    pub config: Config,
+    pub building: sim::Building,
+    /// When the simulated counters read their start values.
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
 /// Starts the embedded sample building and returns a config whose buses point at it.
-pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
+pub(crate) async fn start_demo_building() -> Result<DemoBuilding> {
     let building = sim::Building::from_str_named(DEMO_BUILDING, "<builtin>/config/building.toml")?;
     let profiles: BTreeMap<_, _> = crate::modbus::profile::builtin()
         .map_err(|e| anyhow::anyhow!("built-in profiles: {e:?}"))?
         .into_iter()
         .map(|(k, v)| (k, std::sync::Arc::new(v)))
         .collect();
+    let started = chrono::Utc::now();
     let running = sim::start(&building, &profiles).await?;
     // With the embedded broker, the daemon publishes to it as it would to the cloud's.
     let text = match broker_port() {
@@ -46,18 +62,100 @@ pub(crate) async fn start_demo_building() -> Result<(sim::RunningSim, Config)> {
     config.store.path = std::env::temp_dir().join(format!("meterd-demo-{}.db", std::process::id()));
     config.gateway.control_socket =
         std::env::temp_dir().join(format!("meterd-demo-{}.sock", std::process::id()));
-    // The web view on loopback with a fresh token: port 8080 when free, else any free port.
-    let port = std::net::TcpListener::bind(("127.0.0.1", 8080))
-        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())?;
-    config.web.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    // The web view on loopback with a fresh token: port 8080 when free, else any free port; the
+    // listener bound here is the one served.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 8080))
+        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))?;
+    config.web.listen = Some(listener.local_addr()?);
+    config.web.bound = Some(crate::config::BoundListener::new(listener));
     config.web.token = Some(format!(
         "{:016x}{:016x}",
         fastrand::u64(..),
         fastrand::u64(..)
     ));
-    Ok((running, config))
+    Ok(DemoBuilding {
+        sim: running,
+        config,
+        building,
+        started,
+    })
+}
+
+/// Fills the demo's history with the building's past counters, as the gateway would have recorded
+/// them since a day before last month began (every 15 minutes, and every `history_every` over the
+/// last 20 minutes), so last month's bill, the balance window and the curves have data at once.
+/// Returns the samples written and the first one's time.
+fn seed_history(d: &DemoBuilding) -> Result<(usize, chrono::DateTime<chrono::Utc>)> {
+    use chrono::{DateTime, Utc};
+    let config = &d.config;
+    let tz = config.gateway.timezone;
+    let now = d.started;
+    let this_month =
+        crate::accounting::period_bounds(&crate::accounting::period_of(now, tz), tz)?.0;
+    let last_month = crate::accounting::period_bounds(
+        &crate::accounting::period_of(this_month - chrono::Duration::days(1), tz),
+        tz,
+    )?
+    .0;
+    let from = last_month - chrono::Duration::days(1);
+    let quarter = 15 * 60 * 1000;
+    let fine_from = now - REWIRED_AGO;
+    let step = i64::try_from(config.topology.history_every.as_millis())
+        .unwrap_or(60_000)
+        .max(1000);
+    let mut ms: std::collections::BTreeSet<i64> = [last_month, this_month, now]
+        .iter()
+        .map(DateTime::timestamp_millis)
+        .collect();
+    ms.extend(
+        (from.timestamp_millis() / quarter..=fine_from.timestamp_millis() / quarter)
+            .map(|q| q * quarter),
+    );
+    ms.extend((fine_from.timestamp_millis()..now.timestamp_millis()).step_by(step as usize));
+    let times: Vec<DateTime<Utc>> = ms
+        .into_iter()
+        .filter_map(DateTime::from_timestamp_millis)
+        .filter(|t| *t >= from && *t <= now)
+        .collect();
+    let rewired = sim::past::Rewiring {
+        unit: "rs485-1:3".into(),
+        was_under: "lan:1".into(),
+        at: fine_from,
+    };
+    // Building unit key → the device and the counter its meter bills.
+    let metered: BTreeMap<String, (String, &'static str)> = config
+        .site
+        .meters
+        .values()
+        .filter_map(|m| match &m.source {
+            crate::topology::Source::Device(dev) => {
+                let d = config.devices.iter().find(|x| *x.name == **dev)?;
+                let key = format!(
+                    "{}:{}",
+                    config.buses[d.bus].name,
+                    d.protocol.address().unwrap_or_else(|| d.unit.to_string())
+                );
+                Some((key, (dev.clone(), m.utility.quantity().as_str())))
+            }
+            crate::topology::Source::Virtual(_) => None,
+        })
+        .collect();
+    let samples: Vec<crate::store::Sample> =
+        sim::past::counters(&d.building, now, &times, Some(&rewired))
+            .into_iter()
+            .filter_map(|p| {
+                let (device, quantity) = metered.get(&p.unit)?;
+                (p.quantity.as_str() == *quantity).then(|| crate::store::Sample {
+                    device: device.clone(),
+                    quantity: (*quantity).to_string(),
+                    ts_ms: p.at.timestamp_millis(),
+                    value: p.value,
+                })
+            })
+            .collect();
+    let mut store = crate::store::Store::open(&config.store.path, config.store.caps)?;
+    store.record_history(&samples)?;
+    Ok((samples.len(), from))
 }
 
 /// Starts the embedded MQTT broker on loopback (port 1883 when free, else any free port) and
@@ -140,10 +238,21 @@ pub(crate) fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
 impl DemoCmd {
     /// Runs the sample building and the engine, printing a live table.
     pub async fn execute(self) -> Result<()> {
-        let (running, config) = start_demo_building().await?;
-        for (name, addr) in &running.endpoints {
+        let demo = start_demo_building().await?;
+        for (name, addr) in &demo.sim.endpoints {
             out(&format!("simulator endpoint {name}: {addr}\n"));
         }
+        let (seeded, since) = seed_history(&demo)?;
+        let tz = demo.config.gateway.timezone;
+        out(&format!(
+            "history: {seeded} counter samples since {}, as the gateway would have recorded them (room 103's circuit moved to the floor-2 board {} minutes ago; the topology still puts it under the main incomer)\n",
+            since.with_timezone(&tz).format("%Y-%m-%d %H:%M"),
+            REWIRED_AGO.num_minutes()
+        ));
+        let DemoBuilding {
+            sim, mut config, ..
+        } = demo;
+        let sim = std::sync::Arc::new(sim);
         match &config.mqtt {
             Some(m) => out(&format!(
                 "MQTT: embedded broker on {}:{}; watch the traffic with: mosquitto_sub -p {} -t '{}/#' -v\n",
@@ -163,7 +272,6 @@ impl DemoCmd {
             config.gateway.site
         ));
         // The demo plays the cloud: its own key signs relay commands, which the daemon checks.
-        let mut config = config;
         let key = ed25519_dalek::SigningKey::from_bytes(&std::array::from_fn(|_| fastrand::u8(..)));
         config.enforcement.public_key = Some(key.verifying_key());
         let (tap, mut readings) = tokio::sync::mpsc::channel(daemon::READINGS_CAPACITY);
@@ -172,14 +280,13 @@ impl DemoCmd {
             std::sync::Arc::new(crate::uplink::NoCommands),
             Some(tap),
         )?;
-        let scenario = config.mqtt.clone().map(|m| {
-            tokio::spawn(scenario(
-                m,
-                config.gateway.id.clone(),
-                config.gateway.timezone,
-                key,
-            ))
-        });
+        let this_month = crate::accounting::period_bounds(
+            &crate::accounting::period_of(chrono::Utc::now(), tz),
+            tz,
+        )?
+        .0;
+        let last_month = crate::accounting::period_of(this_month - chrono::Duration::days(1), tz);
+        let scenario = tokio::spawn(scenario::run(config.clone(), key, sim.clone(), last_month));
         let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
         let deadline = self.duration.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(self.every);
@@ -208,74 +315,15 @@ impl DemoCmd {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        if let Some(s) = scenario {
-            s.abort();
-        }
+        scenario.abort();
         daemon.stop().await;
+        drop(sim);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", config.store.path.display()));
         }
         let _ = std::fs::remove_file(&config.gateway.control_socket);
         Ok(())
     }
-}
-
-/// The cloud's side of the demo, on the embedded broker: a tenant's door access frozen by a signed
-/// command (the daemon switches the door relay and reads it back), then the month's bills computed.
-/// Each step is printed; its effects show in the table, the web view and on MQTT.
-async fn scenario(
-    mqtt: crate::uplink::Mqtt,
-    gateway: String,
-    tz: chrono_tz::Tz,
-    key: ed25519_dalek::SigningKey,
-) {
-    use ed25519_dalek::Signer as _;
-    let prefix = format!("{}/{gateway}", mqtt.topic_prefix);
-    let mut opts = rumqttc::MqttOptions::new("meterd-demo-cloud", mqtt.host.clone(), mqtt.port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
-    tokio::spawn(async move {
-        loop {
-            if events.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
-    let send = |command: &'static str, mut args: serde_json::Value, sign: bool| {
-        let id = format!("demo-{command}-{:08x}", fastrand::u32(..));
-        args["id"] = id.clone().into();
-        args["expires_at"] = (chrono::Utc::now() + chrono::Duration::minutes(10))
-            .to_rfc3339()
-            .into();
-        if sign {
-            let content = crate::enforce::auth::signed_content(command, &id, &args);
-            let sig = key.sign(&content).to_bytes();
-            args["sig"] =
-                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sig).into();
-        }
-        let client = client.clone();
-        let topic = format!("{prefix}/cmd/{command}");
-        async move {
-            let _ = client
-                .publish(topic, rumqttc::QoS::AtLeastOnce, false, args.to_string())
-                .await;
-        }
-    };
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    send(
-        "freeze",
-        serde_json::json!({"room": "101", "scope": "access", "reason": "demo: lease terminated"}),
-        true,
-    )
-    .await;
-    out(&format!("\nscenario: the cloud froze room 101's door access with a signed command on {prefix}/cmd/freeze; the daemon switches 101-door off and reads it back (relays column, /relays, {prefix}/audit and {prefix}/reply)\n"));
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let period = chrono::Utc::now()
-        .with_timezone(&tz)
-        .format("%Y-%m")
-        .to_string();
-    send("apportion", serde_json::json!({"period": period}), false).await;
-    out(&format!("\nscenario: the cloud asked for {period}'s bills ({prefix}/cmd/apportion): each room's bill, its readings and lines, on {prefix}/results/bill, and in /events\n"));
 }
 
 pub(super) fn demo_table(

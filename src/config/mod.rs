@@ -141,6 +141,33 @@ pub struct WebConfig {
     /// A Unix socket for a local reverse proxy: mode 0660, group `meterd`, no token (the
     /// socket's group is the access control, as for the control socket).
     pub socket: Option<PathBuf>,
+    /// A listener already bound to `listen`, served instead of binding it again: `meterd demo`
+    /// binds its port before printing the address, so another process cannot take it in between.
+    /// Never from the config file.
+    pub bound: Option<BoundListener>,
+}
+
+/// A bound TCP listener handed to the web view once; equal to any other (it is not configuration).
+#[derive(Debug, Clone, Default)]
+pub struct BoundListener(Arc<std::sync::Mutex<Option<std::net::TcpListener>>>);
+
+impl BoundListener {
+    /// Wraps a listener bound by the caller.
+    #[must_use]
+    pub fn new(l: std::net::TcpListener) -> BoundListener {
+        BoundListener(Arc::new(std::sync::Mutex::new(Some(l))))
+    }
+
+    /// The listener, the first time only.
+    pub(crate) fn take(&self) -> Option<std::net::TcpListener> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+impl PartialEq for BoundListener {
+    fn eq(&self, _: &BoundListener) -> bool {
+        true
+    }
 }
 
 impl WebConfig {

@@ -169,7 +169,7 @@ pub(crate) fn quiet_period(room: &RoomRules, policy: &Policy) -> Option<Quiet> {
 pub(crate) struct Desired {
     pub relay: String,
     pub on: bool,
-    /// `fire_alarm`, `override`, `life_critical`, `freeze`, `lease`, `prepaid`, `default`, `deferred`.
+    /// `fire_alarm`, `override`, `life_critical`, `freeze`, `lease`, `prepaid`, `grace` (prepaid empty, cut-off not due yet), `default`, `deferred`.
     pub rule: String,
     pub reason: String,
 }
@@ -256,22 +256,39 @@ pub(crate) fn decide(
                     if let Some(f) = room.utility_freeze.as_ref().filter(|f| now >= f.effective) {
                         Some(("freeze", format!("utilities frozen: {}", f.reason)))
                     } else {
-                        r.utility
+                        let empty = r
+                            .utility
                             .and_then(|u| room.prepaid.get(&u).map(|p| (u, p)))
-                            .and_then(|(u, p)| {
-                                let since = p.empty_since?;
-                                (p.balance <= 0 && now - since >= policy.grace).then(|| {
-                                    (
-                                        "prepaid",
-                                        format!(
-                                            "{u:?} balance {} since {} (grace over)",
-                                            p.balance,
-                                            since.to_rfc3339()
-                                        )
-                                        .to_lowercase(),
-                                    )
-                                })
-                            })
+                            .and_then(|(u, p)| Some((u, p.balance, p.empty_since?)))
+                            .filter(|(_, balance, _)| *balance <= 0);
+                        match empty {
+                            Some((u, balance, since)) if now - since < policy.grace => {
+                                // Still on, and the operator sees why and until when.
+                                let local = |t: DateTime<Utc>| {
+                                    t.with_timezone(&policy.calendar.timezone)
+                                        .format("%Y-%m-%d %H:%M")
+                                };
+                                return d(
+                                    true,
+                                    "grace",
+                                    format!(
+                                        "{} balance {balance} since {}: cut off after the grace, from {} in the allowed hours",
+                                        format!("{u:?}").to_lowercase(),
+                                        local(since),
+                                        local(since + policy.grace)
+                                    ),
+                                );
+                            }
+                            Some((u, balance, since)) => Some((
+                                "prepaid",
+                                format!(
+                                    "{u:?} balance {balance} since {} (grace over)",
+                                    since.to_rfc3339()
+                                )
+                                .to_lowercase(),
+                            )),
+                            None => None,
+                        }
                     }
                 }
             };
@@ -443,7 +460,7 @@ mod tests {
                 now: at(10),
                 current_power: true,
                 door: (true, "default"),
-                power: (true, "default"),
+                power: (true, "grace"),
             },
             Case {
                 name: "grace over in the allowed window: cut",

@@ -126,17 +126,31 @@ pub(crate) struct Curve {
 }
 
 /// Scales `(t_ms, value)` samples between `from_ms` and `to_ms` into the chart, time left to right
-/// and value bottom to top; a flat series is drawn mid-height.
-pub(crate) fn curve(samples: &[(i64, f64)], from_ms: i64, to_ms: i64, w: f64, h: f64) -> Curve {
+/// and value bottom to top; `from_zero` starts the value axis at zero (power), else at the
+/// smallest value (a counter). A flat series (to the last few digits of a float) is drawn
+/// mid-height, not as its rounding noise blown up to the chart's height.
+pub(crate) fn curve(
+    samples: &[(i64, f64)],
+    (from_ms, to_ms): (i64, i64),
+    (w, h): (f64, f64),
+    from_zero: bool,
+) -> Curve {
     let finite: Vec<(i64, f64)> = samples
         .iter()
         .copied()
         .filter(|(t, v)| v.is_finite() && (from_ms..=to_ms).contains(t))
         .collect();
-    let min = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let mut min = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    if from_zero && !finite.is_empty() {
+        min = min.min(0.0);
+    }
     let max = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let span_t = (to_ms - from_ms).max(1) as f64;
-    let span_v = max - min;
+    let span_v = if max - min > max.abs().max(min.abs()) * 1e-9 {
+        max - min
+    } else {
+        0.0
+    };
     let points = finite
         .iter()
         .map(|(t, v)| {
@@ -158,17 +172,28 @@ pub(crate) fn curve(samples: &[(i64, f64)], from_ms: i64, to_ms: i64, w: f64, h:
     }
 }
 
-/// Average rate between consecutive counter samples, per hour, at the later sample: kWh → kW,
-/// m³ → m³/h. A counter that went down (meter exchange, rollover) gives no point there.
-pub(crate) fn rate_per_hour(samples: &[(i64, f64)]) -> Vec<(i64, f64)> {
-    samples
-        .windows(2)
-        .filter_map(|w| {
-            let (t0, v0) = w[0];
-            let (t1, v1) = w[1];
-            (t1 > t0 && v1 >= v0).then(|| (t1, (v1 - v0) / ((t1 - t0) as f64 / 3_600_000.0)))
-        })
-        .collect()
+/// Average rate of a counter, per hour (kWh → kW, m³ → m³/h), over spans of at least `min_span_ms`
+/// (samples closer than that are merged), at each span's end. A counter moves in steps of its
+/// resolution (0.01 kWh, or a float32's last bit), so between samples 2 s apart a 1.2 kW load reads
+/// 0 or twice its power; over a chart pixel's time it reads its power. A counter that went down
+/// (meter exchange, rollover) gives no point there and starts a new span.
+pub(crate) fn rate_per_hour(samples: &[(i64, f64)], min_span_ms: i64) -> Vec<(i64, f64)> {
+    let mut out = Vec::new();
+    let Some(&first) = samples.first() else {
+        return out;
+    };
+    let (mut t0, mut v0) = first;
+    for &(t, v) in &samples[1..] {
+        if v < v0 || t <= t0 {
+            (t0, v0) = (t, v);
+            continue;
+        }
+        if t - t0 >= min_span_ms.max(1) {
+            out.push((t, (v - v0) / ((t - t0) as f64 / 3_600_000.0)));
+            (t0, v0) = (t, v);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -206,9 +231,53 @@ mod tests {
             (1_800_000, 100.60),
             (2_700_000, 100.50),
         ];
-        let r = rate_per_hour(&s);
+        let r = rate_per_hour(&s, 86_400_000 / 300);
         assert_eq!(r.len(), 2, "the counter going down gives no point");
         assert!((r[0].1 - 1.2).abs() < 1e-9 && (r[1].1 - 1.2).abs() < 1e-9);
+    }
+
+    /// The demo's node page drew room 101's 1.2 kW as a band from 0 to 1.35 kW: its float32
+    /// counter at 5123 kWh moves in 0.00049 kWh steps, 1 or 2 of them between samples 2 s apart.
+    #[test]
+    fn power_from_2_s_samples_of_a_float32_counter_is_the_load_not_its_resolution() {
+        let s: Vec<(i64, f64)> = (0..1800_i64)
+            .map(|k| {
+                let t = k * 2000;
+                (
+                    t,
+                    f64::from((5123.25 + 1.2 * t as f64 / 3_600_000.0) as f32),
+                )
+            })
+            .collect();
+        // A day's chart: one point per 288 s.
+        let r = rate_per_hour(&s, 86_400_000 / 300);
+        assert!(r.len() > 8, "{r:?}");
+        for (t, kw) in &r {
+            assert!((kw - 1.2).abs() < 0.01, "at {t} ms: {kw} kW");
+        }
+    }
+
+    /// A steady 1.2 kW whose rates differ in the 13th digit was drawn as a zigzag over the whole
+    /// chart (the demo's node page).
+    #[test]
+    fn a_steady_load_with_rounding_noise_is_drawn_flat() {
+        let samples: Vec<(i64, f64)> = (0..100_i64)
+            .map(|k| (k * 10, 1.2 + if k % 2 == 0 { 2e-13 } else { -2e-13 }))
+            .collect();
+        let c = curve(&samples, (0, 999), (600.0, 200.0), false);
+        assert!(
+            c.points.split_whitespace().all(|p| p.ends_with(",100.0")),
+            "{}",
+            c.points
+        );
+        // On an axis from zero it sits at 1.2 of 1.2: the top.
+        let c = curve(&samples, (0, 999), (600.0, 200.0), true);
+        assert!(
+            c.points.split_whitespace().all(|p| p.ends_with(",0.0")),
+            "{}",
+            c.points
+        );
+        assert_eq!(c.min, 0.0);
     }
 
     proptest! {
@@ -227,8 +296,8 @@ mod tests {
         }
 
         #[test]
-        fn a_curve_stays_inside_its_chart(samples in prop::collection::vec((0i64..1000, -1e6f64..1e6), 0..50)) {
-            let c = curve(&samples, 0, 999, 600.0, 200.0);
+        fn a_curve_stays_inside_its_chart(samples in prop::collection::vec((0i64..1000, -1e6f64..1e6), 0..50), from_zero: bool) {
+            let c = curve(&samples, (0, 999), (600.0, 200.0), from_zero);
             for p in c.points.split_whitespace() {
                 let (x, y) = p.split_once(',').unwrap();
                 let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());

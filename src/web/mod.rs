@@ -23,7 +23,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::accounting::{LossLevel, NodeView};
-use crate::config::Config;
+use crate::config::{BoundListener, Config};
 use crate::control::ControlState;
 use crate::modbus::profile::Quantity;
 use crate::modbus::reading::{Quality, Reading};
@@ -95,12 +95,19 @@ pub(crate) async fn serve(state: WebState) -> Result<(), WebError> {
     let web = state.config.web.clone();
     let mut servers = Vec::new();
     if let (Some(addr), Some(token)) = (web.listen, web.token.clone()) {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| WebError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
+        let listen_err = |source| WebError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = match web.bound.as_ref().and_then(BoundListener::take) {
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+                .map_err(listen_err)?,
+            None => tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(listen_err)?,
+        };
         tracing::info!(%addr, "web view listening");
         let app = router(state.clone(), Some(token.into()));
         servers.push(tokio::spawn(
@@ -402,6 +409,9 @@ pub(crate) struct RangeQuery {
     pub(crate) range: Range,
 }
 
+/// Power points a node's chart has room for: rates are taken over a range's 1/300th at least.
+const CHART_POINTS: i64 = 300;
+
 /// The node's counter history from the local store.
 pub(crate) async fn history(s: &WebState, name: &str, range: Range) -> Result<History, NotFound> {
     let Some(meter) = s.config.site.meters.get(name) else {
@@ -448,7 +458,7 @@ pub(crate) async fn history(s: &WebState, name: &str, range: Range) -> Result<Hi
         range,
         from,
         to,
-        rate: layout::rate_per_hour(&counter),
+        rate: layout::rate_per_hour(&counter, range.length().num_milliseconds() / CHART_POINTS),
         counter,
     })
 }

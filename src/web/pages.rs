@@ -105,7 +105,7 @@ pub(super) async fn topology(
             "Balance over " (t.window_from.with_timezone(&tz).format("%H:%M")) "–" (t.window_to.with_timezone(&tz).format("%H:%M %Z"))
             ", threshold " (t.threshold_pct) " %. "
             span.ok { "■ within half" } " " span.warn { "■ within" } " " span.alarm { "■ beyond" }
-            " · dashed: suspect (wired to the wrong place?) · click a meter for its history"
+            " · dashed: a meter that does not fit where the topology puts it · click a meter for its history"
         }
         @if t.nodes.is_empty() {
             p { "No " (format!("{utility:?}").to_lowercase()) " meters in the topology ([[meter]] in the config)." }
@@ -134,10 +134,9 @@ pub(super) async fn topology(
                             text.loss x=(b.x + 8.0) y=(b.y + 50.0) {
                                 @if let Some(bal) = &n.view.balance {
                                     "loss " (format!("{:.1}", bal.loss_pct)) " %"
-                                    @if let Some(sus) = &bal.suspect { " · suspect " (sus.meter) }
+                                    @if bal.suspect.is_some() { " · see dashed" }
                                 } @else if n.suspect {
-                                    "suspect"
-                                    @if let Some(u) = &n.belongs_under { ": belongs under " (u) }
+                                    @if let Some(u) = &n.belongs_under { "wired under " (u) "?" } @else { "suspect: not from here" }
                                 } @else if let Some(p) = &n.view.pool {
                                     "pool " (p)
                                 }
@@ -164,8 +163,8 @@ pub(super) async fn node(
     });
     let shown_from = chrono::DateTime::from_timestamp_millis(from).unwrap_or(h.from);
     let (w, ht) = (720.0, 200.0);
-    let counter = layout::curve(&h.counter, from, to, w, ht);
-    let rate = layout::curve(&h.rate, from, to, w, ht);
+    let counter = layout::curve(&h.counter, (from, to), (w, ht), false);
+    let rate = layout::curve(&h.rate, (from, to), (w, ht), true);
     let rate_unit = if h.unit == "kWh" { "kW" } else { "m³/h" };
     let tz = s.config.gateway.timezone;
     let chart = |id: &str, c: &layout::Curve, unit: &str| {

@@ -41,6 +41,7 @@ impl Validator {
             listen,
             token,
             socket: w.socket.map(|s| base.join(s)),
+            bound: None,
         }
     }
 }
