@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::sim::RunningSim;
 
 /// Room 104's prepaid balance the cloud sets (fen): about a minute of its heater's use.
-pub(super) const DEMO_BALANCE_FEN: i64 = 2;
+const DEMO_BALANCE_FEN: i64 = 2;
 /// Room 104's load once the tenant switches on a 3 kW heater (W).
 const HEATER_LOAD_W: f64 = 3600.0;
 /// The room whose bill the demo explains.
