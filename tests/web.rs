@@ -303,7 +303,7 @@ fn the_demo_plays_the_cloud_a_wrong_room_meter_a_frozen_door_a_prepaid_balance_r
         .subscribe("meterd/demo-gw/#", rumqttc::QoS::AtLeastOnce)
         .unwrap();
     // The scenario: the balance check a few seconds in, the freeze at 8 s, room 104's balance of
-    // 0.02 CNY at 14 s (gone within about a minute at 3.6 kW, at night's price too), the bills at 20 s.
+    // 0.01 CNY at 14 s (gone within 35 s at 3.6 kW, at the night price too), the bills at 20 s.
     let mut seen = Seen::default();
     let end = Instant::now() + Duration::from_secs(150);
     while Instant::now() < end && !seen.done() {
