@@ -1091,9 +1091,9 @@ pub async fn run(
     let every = config.topology.balance_every;
     // Without an uplink nobody can ask for a run: the channel closes, the schedule goes on.
     let mut requests_open = true;
-    // The first check once the history has samples past the window's end (live_window lags by
-    // history_every + 1 s), not a whole window after start: a gateway rebooted at 00:05 balances the
-    // hour before at once.
+    // The first check 2 × history_every after start, when kept samples lie past the window's end
+    // (see live_window), not a whole window later: a gateway rebooted at 00:05 balances the hour
+    // before within minutes.
     let first = (config.topology.history_every * 2 + Duration::from_secs(1)).min(every);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {

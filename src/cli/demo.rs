@@ -84,19 +84,17 @@ pub(crate) async fn start_demo_building() -> Result<DemoBuilding> {
 /// Fills the demo's history with the building's past counters, as the gateway would have recorded
 /// them since a day before last month began (every 15 minutes, and every `history_every` over the
 /// last 20 minutes), so last month's bill, the balance window and the curves have data at once.
-/// Returns the samples written and the first one's time.
-fn seed_history(d: &DemoBuilding) -> Result<(usize, chrono::DateTime<chrono::Utc>)> {
+/// `last_month` is the period before the one the demo starts in. Returns the samples written and
+/// the first one's time.
+fn seed_history(
+    d: &DemoBuilding,
+    last_month: &str,
+) -> Result<(usize, chrono::DateTime<chrono::Utc>)> {
     use chrono::{DateTime, Utc};
     let config = &d.config;
-    let tz = config.gateway.timezone;
     let now = d.started;
-    let this_month =
-        crate::accounting::period_bounds(&crate::accounting::period_of(now, tz), tz)?.0;
-    let last_month = crate::accounting::period_bounds(
-        &crate::accounting::period_of(this_month - chrono::Duration::days(1), tz),
-        tz,
-    )?
-    .0;
+    let (last_month, this_month) =
+        crate::accounting::period_bounds(last_month, config.gateway.timezone)?;
     let from = last_month - chrono::Duration::days(1);
     let quarter = 15 * 60 * 1000;
     let fine_from = now - REWIRED_AGO;
@@ -242,8 +240,9 @@ impl DemoCmd {
         for (name, addr) in &demo.sim.endpoints {
             out(&format!("simulator endpoint {name}: {addr}\n"));
         }
-        let (seeded, since) = seed_history(&demo)?;
         let tz = demo.config.gateway.timezone;
+        let last_month = crate::accounting::previous_period(demo.started, tz);
+        let (seeded, since) = seed_history(&demo, &last_month)?;
         out(&format!(
             "history: {seeded} counter samples since {}, as the gateway would have recorded them (room 103's circuit moved to the floor-2 board {} minutes ago; the topology still puts it under the main incomer)\n",
             since.with_timezone(&tz).format("%Y-%m-%d %H:%M"),
@@ -280,12 +279,6 @@ impl DemoCmd {
             std::sync::Arc::new(crate::uplink::NoCommands),
             Some(tap),
         )?;
-        let this_month = crate::accounting::period_bounds(
-            &crate::accounting::period_of(chrono::Utc::now(), tz),
-            tz,
-        )?
-        .0;
-        let last_month = crate::accounting::period_of(this_month - chrono::Duration::days(1), tz);
         let scenario = tokio::spawn(scenario::run(config.clone(), key, sim.clone(), last_month));
         let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
         let deadline = self.duration.map(|d| Instant::now() + d);

@@ -115,23 +115,29 @@ pub fn counters(
                 Some(r) if t < r.at => (hours(r.at.min(now), now), hours(t, r.at.min(now))),
                 _ => (hours(t, now), 0.0),
             };
-            let energy = u.start_kwh - (p_now * h_now + p_then * h_then) / 1000.0;
-            let water = u.start_m3 - (f_now * h_now + f_then * h_then);
-            if (u.start_kwh > 0.0 || p_now > 0.0) && energy >= 0.0 {
-                out.push(PastSample {
-                    unit: key.clone(),
-                    quantity: Quantity::EnergyKwh,
-                    at: t,
-                    value: energy,
-                });
-            }
-            if (u.start_m3 > 0.0 || f_now > 0.0) && water >= 0.0 {
-                out.push(PastSample {
-                    unit: key.clone(),
-                    quantity: Quantity::WaterM3,
-                    at: t,
-                    value: water,
-                });
+            // (quantity, counter at `now`, rate now, counter at t): kWh from W, m³ from m³/h.
+            for (quantity, start, rate_now, value) in [
+                (
+                    Quantity::EnergyKwh,
+                    u.start_kwh,
+                    p_now,
+                    u.start_kwh - (p_now * h_now + p_then * h_then) / 1000.0,
+                ),
+                (
+                    Quantity::WaterM3,
+                    u.start_m3,
+                    f_now,
+                    u.start_m3 - (f_now * h_now + f_then * h_then),
+                ),
+            ] {
+                if (start > 0.0 || rate_now > 0.0) && value >= 0.0 {
+                    out.push(PastSample {
+                        unit: key.clone(),
+                        quantity,
+                        at: t,
+                        value,
+                    });
+                }
             }
         }
     }
