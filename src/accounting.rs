@@ -88,13 +88,8 @@ pub(crate) fn next_run(now: DateTime<Utc>, tz: chrono_tz::Tz, day: u32) -> DateT
     }
 }
 
-/// A window of `length` ending as late as the history allows: every counter needs a sample after
-/// the window's end to interpolate it, so the window ends one sampling period (and a second) ago.
-pub(crate) fn live_window(config: &Config, length: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
-    live_window_at(config, length, Utc::now())
-}
-
-/// [`live_window`] at `now`. The window ends early enough that every answering counter has a kept
+/// A window of `length` ending as late as the history allows at `now`: every counter needs a sample
+/// after the window's end to interpolate it. The window ends early enough that every answering counter has a kept
 /// sample after its end: the sampler keeps the first reading at least `history_every` after the
 /// last kept one, so kept samples are up to `history_every` plus the poll interval apart.
 pub(crate) fn live_window_at(
@@ -162,15 +157,16 @@ pub(crate) fn node_views(
     conn: Option<&Connection>,
     c: &Config,
     window: Duration,
+    now: DateTime<Utc>,
 ) -> Result<NodeViews, AccountingError> {
-    let (from, to) = live_window(c, window);
+    let (from, to) = live_window_at(c, window, now);
     let mut cons = BTreeMap::new();
     let mut balances = Vec::new();
     let mut latest = BTreeMap::new();
     if let Some(conn) = conn {
         cons = consumption(conn, c, from, to)?;
         balances = crate::topology::balances(&c.site, &cons);
-        let now = Utc::now().timestamp_millis();
+        let now = now.timestamp_millis();
         for m in c.site.meters.values() {
             if let Source::Device(d) = &m.source {
                 let w =
@@ -578,7 +574,12 @@ pub fn balances(
 }
 
 /// The event of a node whose balance is off.
-pub(crate) fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>) -> NewRecord {
+pub(crate) fn balance_event(
+    b: &Balance,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> NewRecord {
     let v = json!({
         "event": "balance_alarm",
         "node": b.node,
@@ -595,7 +596,7 @@ pub(crate) fn balance_event(b: &Balance, from: DateTime<Utc>, to: DateTime<Utc>)
     NewRecord {
         kind: Kind::Event,
         topic: "events".into(),
-        ts: Utc::now(),
+        ts: now,
         payload: v.to_string().into_bytes(),
     }
 }
@@ -689,6 +690,8 @@ pub(crate) struct AccountingCommands {
     pub seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// The outbox database, for `get_bill`.
     pub path: std::path::PathBuf,
+    /// Checks a signed command's expiry.
+    pub clock: crate::clock::Clock,
 }
 
 fn period_arg(args: &Value, tz: chrono_tz::Tz, name: &str) -> Result<String, String> {
@@ -730,7 +733,8 @@ impl AccountingCommands {
                     return Some(Err("recompute is disabled: set [enforcement] public_key on the gateway (it changes bills, so it must be signed)".into()));
                 };
                 let seen = |i: &str| self.seen.lock().map_or(true, |s| s.contains(i));
-                if let Err(e) = crate::enforce::auth::verify(key, name, id, args, Utc::now(), seen)
+                if let Err(e) =
+                    crate::enforce::auth::verify(key, name, id, args, self.clock.now(), seen)
                 {
                     return Some(Err(e));
                 }
@@ -974,6 +978,7 @@ pub(crate) async fn run_period(
     config: &Arc<Config>,
     store: &StoreHandle,
     req: RunRequest,
+    clock: &crate::clock::Clock,
 ) -> Result<RunSummary, AccountingError> {
     let c = config.clone();
     let r = req.clone();
@@ -1005,7 +1010,7 @@ pub(crate) async fn run_period(
         .unwrap_or_default();
     let meta = RunMeta {
         period: req.period.clone(),
-        at: Utc::now(),
+        at: clock.now(),
         config_hash: config.hash.clone(),
         supersedes: previous.as_ref().map(|(v, _)| *v),
         reason: req.reason.clone(),
@@ -1047,6 +1052,7 @@ pub async fn run(
     mut requests: mpsc::Receiver<Request>,
     mut shutdown: watch::Receiver<bool>,
     model: watch::Sender<Arc<Vec<u8>>>,
+    clock: crate::clock::Clock,
 ) {
     if config.site.is_empty() {
         return;
@@ -1084,7 +1090,7 @@ pub async fn run(
     let since = if let Some(s) = since {
         s
     } else {
-        let s = period_of(Utc::now(), tz);
+        let s = period_of(clock.now(), tz);
         store.set_meta(BILLING_SINCE, s.clone()).await;
         s
     };
@@ -1095,11 +1101,11 @@ pub async fn run(
     // (see live_window), not a whole window later: a gateway rebooted at 00:05 balances the hour
     // before within minutes.
     let first = (config.topology.history_every * 2 + Duration::from_secs(1)).min(every);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
+    let mut ticker = tokio::time::interval_at(clock.instant() + first, every);
     loop {
-        let step = billing_step(&config, &since).await;
+        let step = billing_step(&config, &since, clock.now()).await;
         let until = match &step {
-            Some(Next::Wait(t)) => (*t - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            Some(Next::Wait(t)) => (*t - clock.now()).to_std().unwrap_or(Duration::ZERO),
             Some(Next::Run { .. }) => Duration::ZERO,
             None => Duration::from_secs(3600),
         }
@@ -1107,7 +1113,8 @@ pub async fn run(
         .min(Duration::from_secs(300));
         tokio::select! {
             _ = ticker.tick() => {
-                let (from, to) = live_window(&config, every);
+                let now = clock.now();
+                let (from, to) = live_window_at(&config, every, now);
                 let c = config.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
@@ -1116,7 +1123,7 @@ pub async fn run(
                 .await;
                 match r {
                     Ok(Ok(b)) => {
-                        let alarms: Vec<NewRecord> = b.iter().filter(|b| b.alarm).map(|b| balance_event(b, from, to)).collect();
+                        let alarms: Vec<NewRecord> = b.iter().filter(|b| b.alarm).map(|b| balance_event(b, from, to, now)).collect();
                         for b in b.iter().filter(|b| b.alarm) {
                             tracing::warn!(node = %b.node, loss_pct = b.loss_pct, suspect = ?b.suspect.as_ref().map(|s| &s.meter), "energy balance off");
                         }
@@ -1132,7 +1139,7 @@ pub async fn run(
                 if let Some(Next::Run { period, waited_out }) = step {
                     let reason = if waited_out { "scheduled (some meters unread at the bound)" } else { "scheduled" };
                     let req = RunRequest { period: period.clone(), reason: reason.into(), command_id: None };
-                    match run_period(&config, &store, req).await {
+                    match run_period(&config, &store, req, &clock).await {
                         Ok(s) => tracing::info!(period, version = s.version, bills = s.bills, provisional = s.provisional, "monthly bills published"),
                         Err(e) => {
                             tracing::error!(period, error = %e, "monthly bills failed; retrying in 5 minutes");
@@ -1145,7 +1152,7 @@ pub async fn run(
                 None => requests_open = false,
                 Some(Request::Run(req, reply)) => {
                     let period = req.period.clone();
-                    let r = run_period(&config, &store, req).await;
+                    let r = run_period(&config, &store, req, &clock).await;
                     match &r {
                         Ok(s) => tracing::info!(period, version = s.version, supersedes = ?s.supersedes, adjustments = s.adjustments.len(), "bills published on request"),
                         Err(e) => tracing::error!(period, error = %e, "billing run on request failed"),
@@ -1171,14 +1178,13 @@ pub async fn run(
 }
 
 /// The next billing action: the oldest period without a run, and whether it can run now.
-async fn billing_step(config: &Arc<Config>, since: &str) -> Option<Next> {
+async fn billing_step(config: &Arc<Config>, since: &str, now: DateTime<Utc>) -> Option<Next> {
     let c = config.clone();
     let since = since.to_string();
     let r = tokio::task::spawn_blocking(move || -> Result<Option<Next>, String> {
         let conn = store::open_read_only(&c.store.path).map_err(|e| e.to_string())?;
         let done = store::run_periods(&conn).map_err(|e| e.to_string())?;
         let tz = c.gateway.timezone;
-        let now = Utc::now();
         let Some(p) = pending_periods(&since, now, tz, &done).into_iter().next() else {
             return Ok(None);
         };
@@ -1369,9 +1375,12 @@ room = "101"
             key: Some(key.verifying_key()),
             seen: Arc::default(),
             path: "/nonexistent/outbox.db".into(),
+            clock: crate::clock::Clock::system(),
         };
         let sign = |id: &str, mut args: Value| {
-            args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
+            args["expires_at"] = json!((crate::clock::Clock::system().now()
+                + chrono::Duration::minutes(5))
+            .to_rfc3339());
             let sig = key.sign(&crate::enforce::auth::signed_content(
                 "recompute",
                 id,

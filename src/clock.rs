@@ -1,5 +1,11 @@
-//! Time on a gateway: whether the wall clock can be believed, and sleeping to sub-millisecond
-//! precision.
+//! Time on a gateway: the one clock every task reads, whether the wall clock can be believed, and
+//! sleeping to sub-millisecond precision.
+//!
+//! **The clock is an input.** Nothing outside this module reads the system's time: every task and
+//! function that needs the time takes a [`Clock`] (or a `now` argument), so a test can start at
+//! 23:59:50 on the last day of a month, or go through a 48 h grace period, in simulated time
+//! ([`SimClock`]). CI enforces it: `clippy.toml` disallows `Utc::now`, `Local::now`,
+//! `SystemTime::now` and `Instant::now` (std and tokio) everywhere but here.
 //!
 //! A gateway without a battery-backed RTC boots in 1970 (or the RTC's default year) and jumps to
 //! the real time when NTP syncs. [`ClockWatch`] tells readings taken before that apart (they are
@@ -9,12 +15,185 @@
 //! to ~25 % to a 4 ms t3.5 gap. The bus task (and the simulator's line emulation) sleep on the timer
 //! for the bulk and finish the last stretch on a blocking thread, whose `nanosleep` is accurate to tens
 //! of microseconds.
+#![allow(clippy::disallowed_methods)] // the one module that reads the system's clocks
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use tokio::time::Instant;
+
+/// Wall time and monotonic time together: the system's in production, a [`SimClock`]'s in tests.
+///
+/// Cheap to clone; every task holds one. The monotonic side is tokio's clock, so timers, timeouts
+/// and [`Clock::instant`] agree, and a test on a paused runtime (`start_paused`, `advance`) moves
+/// both the wall time and every timer of the daemon at once.
+#[derive(Clone, Default)]
+pub struct Clock {
+    sim: Option<Arc<Sim>>,
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sim {
+            None => f.write_str("Clock::system"),
+            Some(_) => write!(f, "Clock::simulated({})", self.now()),
+        }
+    }
+}
+
+impl Clock {
+    /// The system's clocks: what `meterd run` uses.
+    #[must_use]
+    pub fn system() -> Clock {
+        Clock { sim: None }
+    }
+
+    /// The wall time, UTC.
+    #[must_use]
+    pub fn now(&self) -> DateTime<Utc> {
+        match &self.sim {
+            None => Utc::now(),
+            Some(s) => s.now(),
+        }
+    }
+
+    /// The wall time as Unix milliseconds.
+    #[must_use]
+    pub fn now_ms(&self) -> i64 {
+        self.now().timestamp_millis()
+    }
+
+    /// The monotonic time (tokio's clock): for deadlines, intervals and elapsed times. Never a wall
+    /// time: it does not move when the wall clock is stepped.
+    #[must_use]
+    pub fn instant(&self) -> Instant {
+        match &self.sim {
+            None => Instant::now(),
+            Some(s) => s.instant(),
+        }
+    }
+
+    /// How long since `earlier` on the monotonic clock (zero if `earlier` is later).
+    #[must_use]
+    pub fn since(&self, earlier: Instant) -> Duration {
+        self.instant().saturating_duration_since(earlier)
+    }
+
+    /// Sleeps until the wall clock reads `t` or at most `cap`, whichever is sooner (callers that wait
+    /// for a wall time re-read the clock after each nap, so a clock stepped meanwhile moves their
+    /// target with it).
+    pub async fn nap_until(&self, t: DateTime<Utc>, cap: Duration) {
+        let wait = (t - self.now()).to_std().unwrap_or(Duration::ZERO).min(cap);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A controlled clock for tests: starts at a chosen wall time and runs with tokio's clock of the
+/// runtime it was made on (real time, or paused time under `start_paused` / `advance`), and can be
+/// stepped as NTP or an operator steps a real one.
+#[derive(Clone)]
+pub struct SimClock(Arc<Sim>);
+
+struct Sim {
+    start_ms: i64,
+    origin: Instant,
+    /// The runtime whose (possibly paused) clock this follows, so threads outside it (the store
+    /// thread) read the same time.
+    runtime: Option<tokio::runtime::Handle>,
+    /// Sum of the steps of the wall clock, ms.
+    stepped_ms: AtomicI64,
+}
+
+impl Sim {
+    fn instant(&self) -> Instant {
+        let _in = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
+        Instant::now()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        let run = self
+            .instant()
+            .saturating_duration_since(self.origin)
+            .as_millis() as i64;
+        let ms = self.start_ms + run + self.stepped_ms.load(Ordering::Relaxed);
+        DateTime::from_timestamp_millis(ms).unwrap_or_default()
+    }
+}
+
+impl SimClock {
+    /// A clock that reads `wall` now and runs on from there with the current runtime's clock.
+    #[must_use]
+    pub fn starting_at(wall: DateTime<Utc>) -> SimClock {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let origin = {
+            let _in = runtime.as_ref().map(tokio::runtime::Handle::enter);
+            Instant::now()
+        };
+        SimClock(Arc::new(Sim {
+            start_ms: wall.timestamp_millis(),
+            origin,
+            runtime,
+            stepped_ms: AtomicI64::new(0),
+        }))
+    }
+
+    /// The clock to hand to the daemon and its tasks.
+    #[must_use]
+    pub fn clock(&self) -> Clock {
+        Clock {
+            sim: Some(self.0.clone()),
+        }
+    }
+
+    /// The wall time now.
+    #[must_use]
+    pub fn now(&self) -> DateTime<Utc> {
+        self.0.now()
+    }
+
+    /// Steps the wall clock by `by` (negative: back); the monotonic clock does not move.
+    pub fn step(&self, by: TimeDelta) {
+        self.0
+            .stepped_ms
+            .fetch_add(by.num_milliseconds(), Ordering::Relaxed);
+    }
+
+    /// Sets the wall clock to `wall` (a step of whatever it takes).
+    pub fn set(&self, wall: DateTime<Utc>) {
+        self.step(wall - self.now());
+    }
+}
+
+/// Real elapsed time for pacing that follows hardware, not the site's clock: the store thread's
+/// group-commit linger and a benchmark's measurement window. Never used for a time-driven rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Pace(std::time::Instant);
+
+impl Pace {
+    /// Now, on the real monotonic clock.
+    pub(crate) fn now() -> Pace {
+        Pace(std::time::Instant::now())
+    }
+
+    /// `d` later.
+    #[must_use]
+    pub(crate) fn after(self, d: Duration) -> Pace {
+        Pace(self.0 + d)
+    }
+
+    /// Time since this instant.
+    pub(crate) fn elapsed(self) -> Duration {
+        self.0.elapsed()
+    }
+
+    /// Time left until this instant (None once past).
+    pub(crate) fn remaining(self) -> Option<Duration> {
+        self.0.checked_duration_since(std::time::Instant::now())
+    }
+}
 
 /// Earliest wall-clock time meterd believes: 2026-01-01T00:00:00Z, before this release was built.
 /// A clock earlier than this has not been set since boot.

@@ -7,11 +7,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::modbus::bus::{self, Batch, BusStatus};
 use crate::modbus::profile::Quantity;
@@ -38,15 +38,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts one task per bus that has devices, and the clock that has every bus read its billing
-    /// meters at each billing boundary.
+    /// Starts one task per bus that has devices, and the task that has every bus read its billing
+    /// meters at each billing boundary of `clock`.
     #[must_use]
-    pub fn start(config: &Config) -> Engine {
+    pub fn start(config: &Config, clock: &Clock) -> Engine {
         let (tx, rx) = mpsc::channel(READINGS_CAPACITY);
         let mut status = Vec::new();
         let mut tasks = Vec::new();
         let (boundary_tx, boundary_rx) = watch::channel(0u64);
-        tasks.push(tokio::spawn(boundary_clock(calendar(config), boundary_tx)));
+        tasks.push(tokio::spawn(boundary_clock(
+            calendar(config),
+            boundary_tx,
+            clock.clone(),
+        )));
         let mut actuators = std::collections::HashMap::new();
         let mut buses = Vec::new();
         for (i, b) in config.buses.iter().enumerate() {
@@ -72,6 +76,7 @@ impl Engine {
                 s,
                 act_rx,
                 Some(boundary_rx.clone()),
+                clock.clone(),
             )));
         }
         Engine {
@@ -99,15 +104,11 @@ impl Drop for Engine {
 
 /// Signals every billing boundary of `calendar` (wall clock). Re-reads the clock at least once a
 /// minute, so a clock set by NTP after boot moves the next boundary with it.
-async fn boundary_clock(calendar: crate::bill::Calendar, tx: watch::Sender<u64>) {
-    let mut next = calendar.next_after(Utc::now());
+async fn boundary_clock(calendar: crate::bill::Calendar, tx: watch::Sender<u64>, clock: Clock) {
+    let mut next = calendar.next_after(clock.now());
     loop {
-        let wait = (next - Utc::now())
-            .to_std()
-            .unwrap_or(Duration::ZERO)
-            .min(Duration::from_secs(60));
-        tokio::time::sleep(wait).await;
-        let now = Utc::now();
+        clock.nap_until(next, Duration::from_secs(60)).await;
+        let now = clock.now();
         if now >= next {
             tracing::debug!(boundary = %next, "billing boundary: reading the billing meters");
             tx.send_modify(|n| *n += 1);
@@ -270,6 +271,7 @@ impl Daemon {
     /// outbox never does); `meterd demo` draws its live table from it.
     pub fn start(
         config: &Config,
+        clock: &Clock,
         commands: Arc<dyn CommandHandler>,
         tap: Option<mpsc::Sender<Batch>>,
     ) -> Result<Daemon, DaemonError> {
@@ -284,8 +286,12 @@ impl Daemon {
                 })?;
             }
         }
-        let store = store::spawn(Store::open(&config.store.path, config.store.caps)?)?;
-        let mut engine = Engine::start(config);
+        let store = store::spawn(Store::open(
+            &config.store.path,
+            config.store.caps,
+            clock.clone(),
+        )?)?;
+        let mut engine = Engine::start(config, clock);
         let bus_status = engine.status.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(config.clone());
@@ -306,6 +312,7 @@ impl Daemon {
                 setup.clone(),
                 engine.actuators.clone(),
                 store.clone(),
+                clock.clone(),
             )?;
             tasks.push(tokio::spawn(enforcer.run(enf_rx, shutdown_rx.clone())));
             handlers.push(Arc::new(crate::enforce::task::EnforcementCommands {
@@ -313,6 +320,7 @@ impl Daemon {
                 config: setup,
                 seen: seen.clone(),
                 tx: enf_tx.clone(),
+                clock: clock.clone(),
             }));
             handlers.push(Arc::new(crate::enforce::ledger::LedgerQuery {
                 path: config.store.path.clone(),
@@ -333,19 +341,21 @@ impl Daemon {
         let recorder_live = live.clone();
         let mut sampler = HistorySampler::new(config.topology.history_every, calendar(config));
         let mut reporter = crate::report::Reporter::new(config.report.clone(), calendar(config));
+        let recorder_clock = clock.clone();
         let recorder = tokio::spawn(async move {
+            let clock = recorder_clock;
             let mut n = 0u64;
-            let mut clock = crate::clock::ClockWatch::default();
-            let mono = std::time::Instant::now();
+            let mut watch = crate::clock::ClockWatch::default();
+            let mono = clock.instant();
             // The first look: a gateway that boots with a wrong clock says so at once.
-            let first = clock.observe(Utc::now(), 0);
+            let first = watch.observe(clock.now(), 0);
             if !first.plausible {
-                tracing::warn!(now = %Utc::now(), "the wall clock is not plausible (no RTC, NTP not synced?): readings are marked clock_unsynced until it is set");
+                tracing::warn!(now = %clock.now(), "the wall clock is not plausible (no RTC, NTP not synced?): readings are marked clock_unsynced until it is set");
             }
             while let Some(batch) = readings.recv().await {
                 n += batch.len() as u64;
-                if let Some(j) = clock
-                    .observe(Utc::now(), mono.elapsed().as_millis() as i64)
+                if let Some(j) = watch
+                    .observe(clock.now(), clock.since(mono).as_millis() as i64)
                     .jump
                 {
                     tracing::warn!(from = %j.from, to = %j.to, by_s = j.by_s, "the wall clock was stepped");
@@ -384,6 +394,7 @@ impl Daemon {
             acct_rx,
             shutdown_rx.clone(),
             model_tx,
+            clock.clone(),
         ));
         handlers.push(Arc::new(crate::accounting::AccountingCommands {
             requests: acct_tx.clone(),
@@ -391,6 +402,7 @@ impl Daemon {
             key: config.enforcement.public_key,
             seen,
             path: config.store.path.clone(),
+            clock: clock.clone(),
         }));
         handlers.push(commands);
         let commands: Arc<dyn CommandHandler> = Arc::new(Chain(handlers));
@@ -403,12 +415,13 @@ impl Daemon {
                     site: config.gateway.site.clone(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     config_hash: config.hash.clone(),
-                    started_at: Utc::now(),
+                    started_at: clock.now(),
                 },
                 store: store.clone(),
                 status: uplink.clone(),
                 commands,
                 model: model_rx,
+                clock: clock.clone(),
             };
             tokio::spawn(u.run(shutdown_rx))
         });
@@ -416,7 +429,8 @@ impl Daemon {
             gateway: config.gateway.id.clone(),
             config_source: config.source.clone(),
             config_hash: config.hash.clone(),
-            started_at: Utc::now(),
+            started_at: clock.now(),
+            clock: clock.clone(),
             buses: bus_status.clone(),
             store: store.clone(),
             uplink: uplink_task.as_ref().map(|_| uplink.clone()),
@@ -499,6 +513,7 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
 
     #[test]
     fn a_reading_taken_before_the_clock_was_set_is_marked_and_the_step_is_an_event() {

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
 /// Why an exchange brought no answer.
 #[derive(Debug, Error)]
@@ -82,11 +81,18 @@ where
     let noise_before = listener.noise();
     io.write_all(request).await?;
     io.flush().await?;
-    let deadline = Instant::now() + timeout;
+    // One timer for the whole exchange (on tokio's clock, so a paused test clock holds it too).
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
     let mut buf = [0u8; 256];
     loop {
-        let n = match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Err(_) => {
+        let read = tokio::select! {
+            biased;
+            r = io.read(&mut buf) => Ok(r),
+            () = &mut deadline => Err(()),
+        };
+        let n = match read {
+            Err(()) => {
                 return Err(ExchangeError::Timeout {
                     timeout,
                     garbled: listener.noise() != noise_before,

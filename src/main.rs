@@ -58,24 +58,27 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The one clock of the process: every command that needs the time is handed it.
+    let clock = meterd::clock::Clock::system();
     let result = runtime.block_on(async move {
+        let clock = &clock;
         match cli.command {
-            Command::Run(c) => c.execute().await,
+            Command::Run(c) => c.execute(clock).await,
             Command::Check(c) => c.execute(),
-            Command::Read(c) => c.execute().await,
-            Command::Scan(c) => c.execute().await,
-            Command::Raw(c) => c.execute().await,
+            Command::Read(c) => c.execute(clock).await,
+            Command::Scan(c) => c.execute(clock).await,
+            Command::Raw(c) => c.execute(clock).await,
             Command::Profiles(c) => c.execute(),
-            Command::Buffer(c) => c.execute(),
-            Command::Topology(c) => c.execute(),
+            Command::Buffer(c) => c.execute(clock),
+            Command::Topology(c) => c.execute(clock),
             Command::Apportion(c) => c.execute(),
             Command::Bill(c) => c.execute(),
-            Command::Recompute(c) => c.execute().await,
+            Command::Recompute(c) => c.execute(clock).await,
             Command::Relay(c) => c.execute().await,
             Command::Status(c) => c.execute().await,
-            Command::Acceptance(c) => c.execute().await,
+            Command::Acceptance(c) => c.execute(clock).await,
             Command::Simulate(c) => c.execute().await,
-            Command::Demo(c) => c.execute().await,
+            Command::Demo(c) => c.execute(clock).await,
             Command::Bench(c) => c.execute().await,
         }
     });

@@ -259,7 +259,8 @@ fn slot(t: DateTime<Utc>, every: Duration) -> i64 {
 /// Keys are written in sorted order (registers too), straight from the readings without building a
 /// JSON tree: this runs for every poll.
 fn encode(device: &str, readings: &[&Reading], boundary: bool) -> NewRecord {
-    let ts = readings.iter().map(|r| r.ts).max().unwrap_or_else(Utc::now);
+    // Both callers pass at least one reading: the record's time is always a reading's.
+    let ts = readings.iter().map(|r| r.ts).max().unwrap_or_default();
     let mut sorted: Vec<&Reading> = readings.to_vec();
     sorted.sort_by(|a, b| a.register.cmp(&b.register));
     let record = Record {

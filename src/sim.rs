@@ -35,6 +35,13 @@ use crate::modbus::decode;
 use crate::modbus::profile::{Function, Profile, Quantity, RegisterDef};
 use crate::modbus::timing;
 
+/// The simulated meters' own time. They stand for devices outside the gateway, so they run on the
+/// system's (tokio's) clock, never on the daemon's `Clock`: a test that steps the daemon's wall
+/// clock does not change how the bus behaves.
+pub(crate) fn line_now() -> Instant {
+    crate::clock::Clock::system().instant()
+}
+
 mod cjt188;
 mod dlt645;
 pub mod past;
@@ -434,7 +441,7 @@ impl RunningSim {
     pub fn inject_noise(&self, endpoint: &str, bytes: &[u8]) {
         if let Some(l) = self.lines.get(endpoint) {
             if let Ok(mut txs) = l.noise.lock() {
-                txs.retain(|tx| tx.send((Instant::now(), bytes.to_vec())).is_ok());
+                txs.retain(|tx| tx.send((line_now(), bytes.to_vec())).is_ok());
             }
         }
     }
@@ -475,7 +482,7 @@ impl UnitState {
     /// Integrates load and flow up to now; consumption stops while the unit's cut-off output is off.
     /// `downstream_w` is what the units this meter feeds draw.
     fn advance(&mut self, profile: &Profile, (downstream_w, downstream_flow): (f64, f64)) {
-        let now = Instant::now();
+        let now = line_now();
         let hours = (now - self.last).as_secs_f64() / 3600.0;
         self.last = now;
         self.downstream_w = downstream_w;
@@ -582,7 +589,7 @@ impl SimUnit {
             water_m3: spec.start_m3,
             load_w: spec.load_w,
             flow_m3h: spec.flow_m3h,
-            last: Instant::now(),
+            last: line_now(),
             coils: BTreeMap::new(),
             inputs: BTreeMap::new(),
             holding,
@@ -850,7 +857,7 @@ impl Service for EndpointService {
             // line behind a slow unit (a real bus does not wait for it either).
             let delay = if tcp { delay + own } else { Duration::ZERO };
             if !delay.is_zero() && answer.is_some() {
-                crate::clock::sleep_until_precise(Instant::now() + delay).await;
+                crate::clock::sleep_until_precise(line_now() + delay).await;
             }
             match answer {
                 None => Ok(None),
@@ -1130,7 +1137,7 @@ where
     let (mut cli_rx, mut cli_tx) = tokio::io::split(client);
     let (mut srv_rx, mut srv_tx) = tokio::io::split(server);
     // End of the last frame on the wire, either direction.
-    let line_free = Arc::new(Mutex::new(Instant::now()));
+    let line_free = Arc::new(Mutex::new(line_now()));
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     if let Ok(mut n) = shared.noise.lock() {
         n.push(out_tx.clone());
@@ -1141,7 +1148,7 @@ where
     let requests = async move {
         let mut buf = vec![0u8; 512];
         let mut pending: Vec<u8> = Vec::new();
-        let mut frame_start = Instant::now();
+        let mut frame_start = line_now();
         loop {
             let n = match cli_rx.read(&mut buf).await {
                 Ok(n) if n > 0 => n,
@@ -1153,7 +1160,7 @@ where
                 }
                 _ => return,
             };
-            let arrived = Instant::now();
+            let arrived = line_now();
             if pending.is_empty() {
                 frame_start = arrived;
             }
@@ -1243,7 +1250,7 @@ where
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let arrived = Instant::now();
+            let arrived = line_now();
             pending.extend_from_slice(&buf[..n]);
             while let Some(len) = crate::modbus::frame::frame_at_start(&pending) {
                 let mut frame: Vec<u8> = pending.drain(..len).collect();
@@ -1281,7 +1288,7 @@ where
                     }
                     None => return,
                 },
-                () = crate::clock::sleep_until_precise(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                () = crate::clock::sleep_until_precise(next.unwrap_or_else(line_now)), if next.is_some() => {
                     let Some(std::cmp::Reverse((at, _, bytes))) = queue.pop() else { continue };
                     let start = line_free.lock().map_or(at, |f| (*f).max(at));
                     let end = start + timing.frame(bytes.len());

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::Clock;
 use crate::store::{Kind, NewRecord, Remembered, StoreHandle, Stored};
 
 /// Why a connection ended.
@@ -264,10 +265,10 @@ pub(crate) fn parse_command(
     })
 }
 
-/// The reply to a command.
+/// The reply to a command, answered at `ts`.
 #[must_use]
-pub fn reply(id: Option<&str>, name: &str, result: Reply) -> Vec<u8> {
-    let mut v = json!({"id": id, "command": name, "ts": Utc::now().to_rfc3339()});
+pub fn reply(id: Option<&str>, name: &str, result: Reply, ts: DateTime<Utc>) -> Vec<u8> {
+    let mut v = json!({"id": id, "command": name, "ts": ts.to_rfc3339()});
     match result {
         Ok(r) => {
             v["ok"] = json!(true);
@@ -472,6 +473,7 @@ pub(crate) struct Uplink {
     pub commands: Arc<dyn CommandHandler>,
     /// The site model (JSON), published retained on `config` at every connect and every change.
     pub model: watch::Receiver<Arc<Vec<u8>>>,
+    pub clock: Clock,
 }
 
 fn options(cfg: &Mqtt, topics: &Topics, identity: &Identity) -> Result<MqttOptions, UplinkError> {
@@ -536,6 +538,7 @@ impl Uplink {
             store: self.store.clone(),
             status: self.status.clone(),
             commands: self.commands.clone(),
+            clock: self.clock.clone(),
         };
         // The worker outlives sessions: a command taken off one connection is answered even if the
         // connection drops meanwhile (the reply waits in the outbox).
@@ -564,7 +567,7 @@ impl Uplink {
                     self.store
                         .set_meta(
                             "last_publish_error",
-                            format!("{} {msg}", Utc::now().to_rfc3339()),
+                            format!("{} {msg}", self.clock.now().to_rfc3339()),
                         )
                         .await;
                 }
@@ -627,7 +630,7 @@ impl Uplink {
         tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), client_id = %cfg.client_id, "mqtt connected");
         if let Ok(mut s) = self.status.lock() {
             s.connected = true;
-            s.connected_since = Some(Utc::now());
+            s.connected_since = Some(self.clock.now());
             s.last_error = None;
         }
 
@@ -647,9 +650,9 @@ impl Uplink {
             "version": self.identity.version,
             "config_hash": self.identity.config_hash,
             "started_at": self.identity.started_at.to_rfc3339(),
-            "uptime_s": (Utc::now() - self.identity.started_at).num_seconds(),
+            "uptime_s": (self.clock.now() - self.identity.started_at).num_seconds(),
             "outbox_depth": depth,
-            "ts": Utc::now().to_rfc3339(),
+            "ts": self.clock.now().to_rfc3339(),
         });
         let mut committed = self.store.committed.clone();
         let mut sync = OutboxSync::new(
@@ -664,9 +667,7 @@ impl Uplink {
             try_publish(topics.config(), true, m)?;
             sync.handed_untracked();
         }
-        let mut last_ok_meta = std::time::Instant::now()
-            .checked_sub(Duration::from_secs(10))
-            .unwrap();
+        let mut last_ok_meta: Option<tokio::time::Instant> = None;
         loop {
             // Fill the in-flight window from the outbox.
             loop {
@@ -711,9 +712,9 @@ impl Uplink {
                                 s.messages_acked += 1;
                                 s.records_acked += sent.records;
                             }
-                            if last_ok_meta.elapsed() >= Duration::from_secs(5) {
-                                self.store.set_meta("last_publish_ok", Utc::now().to_rfc3339()).await;
-                                last_ok_meta = std::time::Instant::now();
+                            if last_ok_meta.is_none_or(|t| self.clock.since(t) >= Duration::from_secs(5)) {
+                                self.store.set_meta("last_publish_ok", self.clock.now().to_rfc3339()).await;
+                                last_ok_meta = Some(self.clock.instant());
                             }
                         }
                     }
@@ -742,7 +743,7 @@ impl Uplink {
                     }
                 }
                 _ = shutdown.changed() => {
-                    let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": Utc::now().to_rfc3339()});
+                    let bye = json!({"state": "offline", "gateway": self.identity.gateway, "reason": "shutdown", "ts": self.clock.now().to_rfc3339()});
                     if client.try_publish(topics.status(), QoS::AtLeastOnce, true, bye.to_string().into_bytes()).is_ok() {
                         sync.handed_untracked();
                     }
@@ -797,6 +798,7 @@ struct CommandWorker {
     store: StoreHandle,
     status: Arc<Mutex<UplinkStatus>>,
     commands: Arc<dyn CommandHandler>,
+    clock: Clock,
 }
 
 impl CommandWorker {
@@ -832,7 +834,7 @@ impl CommandWorker {
         let mut records = Vec::with_capacity(parsed.len());
         let mut remember = Vec::new();
         for (name, parsed) in parsed {
-            let now = Utc::now();
+            let now = self.clock.now();
             let id = match &parsed {
                 Ok(c) => Some(c.id.clone()),
                 Err(r) => r.id.clone(),
@@ -845,14 +847,14 @@ impl CommandWorker {
             let payload = match parsed {
                 Err(r) => {
                     tracing::warn!(command = %name, reason = %r.reason, "refused malformed command");
-                    reply(r.id.as_deref(), &name, Err(r.reason))
+                    reply(r.id.as_deref(), &name, Err(r.reason), now)
                 }
                 Ok(cmd) => {
                     let result = self.execute(&cmd).await;
                     if let Err(e) = &result {
                         tracing::warn!(command = %cmd.name, id = %cmd.id, error = %e, "command failed");
                     }
-                    bounded_reply(&cmd.id, &cmd.name, result)
+                    bounded_reply(&cmd.id, &cmd.name, result, self.clock.now())
                 }
             };
             if let Some(id) = id {
@@ -871,7 +873,7 @@ impl CommandWorker {
 
     async fn execute(&self, cmd: &ParsedCommand) -> Reply {
         match cmd.name.as_str() {
-            "ping" => Ok(json!({"pong": Utc::now().to_rfc3339()})),
+            "ping" => Ok(json!({"pong": self.clock.now().to_rfc3339()})),
             "status" => {
                 let stats = self.store.stats().await;
                 let uplink = self.status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -905,8 +907,8 @@ fn reply_record(ts: DateTime<Utc>, payload: Vec<u8>) -> NewRecord {
 
 /// The reply, or an error reply saying how to ask for less when the result would not fit in one
 /// publish (a `get_bill` of every room of a large site).
-fn bounded_reply(id: &str, name: &str, result: Reply) -> Vec<u8> {
-    let payload = reply(Some(id), name, result);
+fn bounded_reply(id: &str, name: &str, result: Reply, ts: DateTime<Utc>) -> Vec<u8> {
+    let payload = reply(Some(id), name, result, ts);
     if payload.len() <= crate::store::MAX_RECORD_BYTES {
         return payload;
     }
@@ -918,6 +920,7 @@ fn bounded_reply(id: &str, name: &str, result: Reply) -> Vec<u8> {
             payload.len(),
             crate::store::MAX_RECORD_BYTES
         )),
+        ts,
     )
 }
 
@@ -1022,8 +1025,13 @@ mod tests {
         let ok = parse_command("relay_set", br#"{"id": "c-1", "room": "101"}"#, max).unwrap();
         assert_eq!(ok.id, "c-1");
         assert_eq!(ok.args, json!({"room": "101"}));
-        let v: Value =
-            serde_json::from_slice(&reply(Some("c-1"), "x", Err("nope".into()))).unwrap();
+        let v: Value = serde_json::from_slice(&reply(
+            Some("c-1"),
+            "x",
+            Err("nope".into()),
+            crate::clock::Clock::system().now(),
+        ))
+        .unwrap();
         assert_eq!(
             (v["ok"].clone(), v["error"].clone(), v["id"].clone()),
             (json!(false), json!("nope"), json!("c-1"))

@@ -173,7 +173,7 @@ price = "0.8523"
             });
         }
     }
-    let mut store = Store::open(&db, Caps::default()).unwrap();
+    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
     store.record_history(&samples).unwrap();
     drop(store);
     let conn = meterd::store::open_read_only(&db).unwrap();
@@ -430,7 +430,7 @@ fn october(
     let db = dir.path().join("outbox.db");
     let cfg = boundary_config(&db);
     let cal = meterd::daemon::calendar(&cfg);
-    let mut store = Store::open(&db, Caps::default()).unwrap();
+    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
     let mut cloud = Cloud {
         reporter: meterd::report::Reporter::new(cfg.report.clone(), cal.clone()),
         telemetry: Vec::new(),
@@ -701,7 +701,7 @@ fn a_swapped_pair_of_sibling_meters_corrected_from_a_date_adjusts_by_the_hand_co
             });
         }
     }
-    let mut store = Store::open(&db, Caps::default()).unwrap();
+    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
     store.record_history(&samples).unwrap();
     drop(store);
     let write = |extra: &str| {

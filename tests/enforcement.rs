@@ -18,7 +18,6 @@ use meterd::config::Config;
 use meterd::daemon::Daemon;
 use meterd::uplink::NoCommands;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 const BUILDING: &str = r#"
 [[endpoint]]
@@ -145,7 +144,7 @@ fire_alarm = {{ device = "doors", register = "input8", active = 1 }}"#
 }
 
 fn signed(cmd: &str, id: &str, mut args: Value, expires_in: chrono::Duration) -> Value {
-    args["expires_at"] = json!((chrono::Utc::now() + expires_in).to_rfc3339());
+    args["expires_at"] = json!((meterd::clock::Clock::system().now() + expires_in).to_rfc3339());
     let sig = key().sign(&meterd::enforce::auth::signed_content(cmd, id, &args));
     args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
     args["id"] = json!(id);
@@ -184,7 +183,7 @@ fn reply(msgs: &[Msg], id: &str) -> Option<Value> {
 }
 
 async fn coil(sim: &meterd::sim::RunningSim, cfg: &Config, unit: u8, address: u16) -> bool {
-    let mut link = meterd::modbus::link::Link::new(&cfg.buses[0]);
+    let mut link = meterd::modbus::link::Link::new(&cfg.buses[0], meterd::clock::Clock::system());
     let req = meterd::modbus::plan::ReadRequest {
         function: meterd::modbus::profile::Function::Coil,
         address,
@@ -217,7 +216,13 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&sim, dir.path(), broker.port);
     let cfg = common::parse(&text);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
 
     // Start-up: the door relay (off on a fresh board) is switched on and confirmed by read-back; the
     // stuck board raises a mismatch alarm; the meter's relay is already on and is not touched.
@@ -432,7 +437,7 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
     send(
         &sub,
         "get_ledger",
-        &json!({"id": "g-1", "room": "104", "utility": "electricity", "from": (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339(), "to": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()}),
+        &json!({"id": "g-1", "room": "104", "utility": "electricity", "from": (meterd::clock::Clock::system().now() - chrono::Duration::hours(1)).to_rfc3339(), "to": (meterd::clock::Clock::system().now() + chrono::Duration::hours(1)).to_rfc3339()}),
     )
     .await;
     let msgs = until(&sub, "ledger reply", |m| reply(m, "g-1").is_some()).await;
@@ -498,7 +503,7 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         "deducted {deducted}, exact {exact} (fen × 10^7)"
     );
     // In the lease quiet period top-ups are suspended, and say why.
-    let soon = (chrono::Utc::now() + chrono::Duration::days(2))
+    let soon = (meterd::clock::Clock::system().now() + chrono::Duration::days(2))
         .date_naive()
         .to_string();
     send(
@@ -665,7 +670,13 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
     // Restart: rules reload from SQLite, states are read first: nothing is written.
     let writes_door = sim.writes_seen("lan", 10);
     let writes_meter = sim.writes_seen("lan", 4);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         sim.writes_seen("lan", 10),
@@ -714,11 +725,18 @@ async fn a_restart_or_reload_during_a_fire_alarm_never_locks_a_frozen_rooms_fail
     let cfg = common::parse(&text);
     // Room 101's lease ended: its access is frozen (as a signed `freeze` would have left it).
     // The gateway ran before: the outbox and its tables exist.
-    drop(meterd::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap());
+    drop(
+        meterd::store::Store::open(
+            &cfg.store.path,
+            cfg.store.caps,
+            meterd::clock::Clock::system(),
+        )
+        .unwrap(),
+    );
     let frozen = meterd::enforce::rules::RoomRules {
         access_freeze: Some(meterd::enforce::rules::Freeze {
             reason: "lease ended".into(),
-            effective: chrono::Utc::now() - chrono::Duration::days(1),
+            effective: meterd::clock::Clock::system().now() - chrono::Duration::days(1),
             by: "f-1".into(),
         }),
         ..Default::default()
@@ -732,7 +750,13 @@ async fn a_restart_or_reload_during_a_fire_alarm_never_locks_a_frozen_rooms_fail
         .unwrap();
     // The fire alarm goes off; the running gateway releases the fail-open door.
     sim.set_input("lan", 10, 7, true);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     wait_until(
         "the door released for the fire alarm",
         Duration::from_secs(15),
@@ -750,9 +774,15 @@ async fn a_restart_or_reload_during_a_fire_alarm_never_locks_a_frozen_rooms_fail
     // alarm is still on: not one write to the door board, the door stays open throughout.
     for what in ["restart", "reload"] {
         let writes = sim.writes_seen("lan", 10);
-        let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
-        let end = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < end {
+        let daemon = Daemon::start(
+            &cfg,
+            &meterd::clock::Clock::system(),
+            Arc::new(NoCommands),
+            None,
+        )
+        .unwrap();
+        let end = meterd::clock::Clock::system().instant() + Duration::from_secs(3);
+        while meterd::clock::Clock::system().instant() < end {
             assert!(
                 coil(&sim, &cfg, 10, 0).await,
                 "{what}: the door was locked during the fire alarm"
@@ -787,7 +817,13 @@ async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&sim, dir.path(), broker.port);
     let cfg = common::parse(&text);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     let union = || -> Vec<Msg> { ingest.iter().flat_map(Subscriber::take).collect() };
     wait_until("the start-up audit", Duration::from_secs(20), async || {
         let a = payloads(&union(), "test/gw/audit");
@@ -803,7 +839,7 @@ async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its
 
     // A freeze that takes effect 3 s from now, sent while the link is up; the link then fails, so
     // the door is switched (and audited) while the gateway cannot publish.
-    let effective = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let effective = meterd::clock::Clock::system().now() + chrono::Duration::seconds(3);
     let freeze = signed(
         "freeze",
         "f-late",
@@ -821,7 +857,7 @@ async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its
     })
     .await;
     broker.stop();
-    let down_at = chrono::Utc::now();
+    let down_at = meterd::clock::Clock::system().now();
     wait_until(
         "the door frozen at the relay",
         Duration::from_secs(15),
@@ -836,7 +872,7 @@ async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     broker.restart();
-    let up_at = chrono::Utc::now();
+    let up_at = meterd::clock::Clock::system().now();
 
     // The replay arrives; the backend's view of every relay is its last action by time.
     let msgs = ingest[0]

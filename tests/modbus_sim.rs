@@ -155,7 +155,7 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 
 async fn poll(config: &meterd::config::Config, device: &str) -> bus::PollResult {
     let dev = config.device(device).unwrap();
-    let mut link = Link::new(&config.buses[dev.bus]);
+    let mut link = Link::new(&config.buses[dev.bus], meterd::clock::Clock::system());
     bus::poll_device(&mut link, dev).await
 }
 
@@ -225,10 +225,10 @@ async fn energy_counters_rise_consistently_with_power() {
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "", DEVICES);
     let first = poll(&config, "ddsu666").await;
-    let t0 = Instant::now();
+    let t0 = meterd::clock::Clock::system().instant();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let second = poll(&config, "ddsu666").await;
-    let hours = t0.elapsed().as_secs_f64() / 3600.0;
+    let hours = meterd::clock::Clock::system().since(t0).as_secs_f64() / 3600.0;
     let rise = value(&second.readings, "import_kwh") - value(&first.readings, "import_kwh");
     let expected = 2500.0 * hours / 1000.0; // ≈ 1.04 Wh
                                             // f32 at ~10,000 kWh resolves ~1 Wh: check the rise is of the right size and not negative.
@@ -266,8 +266,8 @@ async fn an_exception_response_is_reported_as_such() {
         .contains("illegal data address"));
 
     // The engine counts it per device, by code.
-    let mut engine = Engine::start(&config);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut engine = Engine::start(&config, &meterd::clock::Clock::system());
+    let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(5);
     loop {
         let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
             .await
@@ -307,7 +307,7 @@ async fn a_corrupted_rtu_frame_is_counted_as_garbled_not_as_silence() {
     let sim = common::start(building).await;
     let config = common::config_for(&sim, "", "[[device]]\nname = \"noisy\"\nbus = \"line\"\nunit = 3\nprofile = \"water_pulse_wb_mcm8\"\ntimeout = \"300ms\"\n");
     let dev = config.device("noisy").unwrap();
-    let mut link = Link::new(&config.buses[0]);
+    let mut link = Link::new(&config.buses[0], meterd::clock::Clock::system());
     let mut garbled = 0;
     let mut good = 0;
     for _ in 0..6 {
@@ -376,16 +376,16 @@ async fn a_dead_meter_does_not_delay_its_neighbours_beyond_one_timeout_per_probe
         profile = "chint_ddsu666"
     "#;
     let config = common::config_for(&sim, "", devices);
-    let mut engine = Engine::start(&config);
+    let mut engine = Engine::start(&config, &meterd::clock::Clock::system());
     let run = Duration::from_secs(5);
-    let end = Instant::now() + run;
+    let end = meterd::clock::Clock::system().instant() + run;
     let mut seen: std::collections::HashMap<String, Vec<Instant>> =
         std::collections::HashMap::default();
     while let Ok(Some(batch)) = tokio::time::timeout_at(end, engine.readings.recv()).await {
         if batch[0].quality == Quality::Good {
             seen.entry(batch[0].device.to_string())
                 .or_default()
-                .push(Instant::now());
+                .push(meterd::clock::Clock::system().instant());
         }
     }
     let status = engine.status[0].snapshot();
@@ -432,7 +432,7 @@ async fn relay_board_coils_can_be_written_and_read_back() {
     let sim = common::start(building).await;
     let config = common::config_for(&sim, "", "[[device]]\nname = \"doors\"\nbus = \"lan\"\nunit = 10\nprofile = \"relay_waveshare_8ch\"\n");
     let dev = config.device("doors").unwrap();
-    let mut link = Link::new(&config.buses[0]);
+    let mut link = Link::new(&config.buses[0], meterd::clock::Clock::system());
     let t = Duration::from_secs(1);
     link.write_coil(10, 2, true, t).await.unwrap();
     link.write_coil(10, 7, true, t).await.unwrap();
@@ -455,7 +455,7 @@ async fn a_meter_that_only_takes_fc16_switches_its_relay_and_stops_counting() {
     let _serial = SERIAL.lock().await;
     let sim = common::start(BUILDING).await;
     let config = common::config_for(&sim, "timeout = \"300ms\"\n", DEVICES);
-    let mut link = Link::new(&config.buses[0]);
+    let mut link = Link::new(&config.buses[0], meterd::clock::Clock::system());
     let t = Duration::from_millis(300);
     // FC06 is ignored by the DDS238 (no answer); FC16 works.
     let e = link
@@ -496,7 +496,7 @@ async fn a_relay_board_that_refuses_is_told_from_one_that_is_silent() {
         "timeout = \"300ms\"\n",
         "[[device]]\nname = \"refuses\"\nbus = \"lan\"\nunit = 10\nprofile = \"relay_waveshare_8ch\"\n[[device]]\nname = \"silent\"\nbus = \"lan\"\nunit = 11\nprofile = \"relay_waveshare_8ch\"\n",
     );
-    let mut link = Link::new(&config.buses[0]);
+    let mut link = Link::new(&config.buses[0], meterd::clock::Clock::system());
     let e = bus::actuate(
         &mut link,
         config.device("refuses").unwrap(),

@@ -75,7 +75,7 @@ fn port(path: &std::path::Path) -> tokio_serial::SerialStream {
 }
 
 fn deadline() -> chrono::NaiveDateTime {
-    (chrono::Utc::now() + chrono::Duration::minutes(5)).naive_utc()
+    (meterd::clock::Clock::system().now() + chrono::Duration::minutes(5)).naive_utc()
 }
 
 #[tokio::test]
@@ -423,10 +423,10 @@ async fn the_engine_polls_modbus_dlt645_and_cjt188_meters_of_one_line_into_the_s
     use meterd::reading::Quality;
     let sim = common::start(BUILDING).await;
     let config = engine_config(&sim);
-    let mut engine = meterd::daemon::Engine::start(&config);
+    let mut engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
     let mut seen: std::collections::BTreeMap<(String, String), (Option<f64>, Quality)> =
         std::collections::BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(20);
     let want = |s: &std::collections::BTreeMap<(String, String), (Option<f64>, Quality)>| {
         ["room-301", "room-302-prepaid", "water-302", "room-303"]
             .iter()
@@ -562,7 +562,7 @@ async fn actuate_output(
 async fn a_dlt645_prepaid_meters_relay_trips_and_closes_through_the_engine_with_read_back() {
     let sim = common::start(BUILDING).await;
     let config = engine_config(&sim);
-    let mut engine = meterd::daemon::Engine::start(&config);
+    let mut engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
     let s = actuate(&engine, "room-302-prepaid", None).await.unwrap();
     assert!(s.before && s.after && !s.wrote, "read only: {s:?}");
     let s = actuate(&engine, "room-302-prepaid", Some(false))
@@ -573,7 +573,7 @@ async fn a_dlt645_prepaid_meters_relay_trips_and_closes_through_the_engine_with_
         "tripped and read back open: {s:?}"
     );
     // The poll after the trip sees no power and the relay open.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(15);
     loop {
         let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
             .await
@@ -611,7 +611,7 @@ async fn a_wrong_dlt645_password_is_the_meters_refusal_and_the_relay_stays() {
         !format!("{:?}", config.devices[0].protocol).contains("654321"),
         "the password never prints"
     );
-    let engine = meterd::daemon::Engine::start(&config);
+    let engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
     let e = actuate(&engine, "p", Some(false)).await.unwrap_err();
     assert!(e.device_answered(), "{e}");
     assert!(e.to_string().contains("wrong password"), "{e}");
@@ -663,8 +663,8 @@ start_kwh = 2000.0
          [[device]]\nname = \"modbus\"\nbus = \"line\"\nunit = 3\nprofile = \"chint_ddsu666\"\n"
     );
     let config = common::parse(&text);
-    let mut engine = meterd::daemon::Engine::start(&config);
-    let end = tokio::time::Instant::now() + Duration::from_secs(14);
+    let mut engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
+    let end = meterd::clock::Clock::system().instant() + Duration::from_secs(14);
     let (mut neighbour_good, mut modbus_good) = (0, 0);
     while let Ok(Some(batch)) = tokio::time::timeout_at(end, engine.readings.recv()).await {
         for r in batch
@@ -710,7 +710,7 @@ async fn a_cjt188_valve_closes_and_opens_through_the_engine_and_a_stuck_one_says
          [[device]]\nname = \"stuck\"\nbus = \"line\"\nprotocol = \"cjt188\"\naddress = \"12345678901299\"\ndi_order = \"reversed\"\n"
     );
     let config = common::parse(&text);
-    let engine = meterd::daemon::Engine::start(&config);
+    let engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
     let s = actuate_output(&engine, "water", "valve", Some(false))
         .await
         .unwrap();
@@ -763,9 +763,9 @@ start_m3 = 5.5
          [[device]]\nname = \"w\"\nbus = \"gw\"\nprotocol = \"cjt188\"\naddress = \"12345678901234\"\n"
     );
     let config = common::parse(&text);
-    let mut engine = meterd::daemon::Engine::start(&config);
+    let mut engine = meterd::daemon::Engine::start(&config, &meterd::clock::Clock::system());
     let (mut kwh, mut m3) = (None, None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(15);
     while kwh.is_none() || m3.is_none() {
         let batch = tokio::time::timeout_at(deadline, engine.readings.recv())
             .await

@@ -130,7 +130,7 @@ async fn poll_line(
     clear_at: Option<Duration>,
     noise_every: Option<Duration>,
 ) -> Run {
-    let link = Link::new(&config.buses[0]);
+    let link = Link::new(&config.buses[0], meterd::clock::Clock::system());
     let stats = link.line_stats();
     let status = bus::new_status(&config.buses[0], &config.devices);
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
@@ -141,8 +141,9 @@ async fn poll_line(
         tx,
         status,
         act_rx,
+        meterd::clock::Clock::system(),
     ));
-    let start = Instant::now();
+    let start = meterd::clock::Clock::system().instant();
     let end = start + run;
     let mut polls = Vec::new();
     let mut kwh: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -162,13 +163,13 @@ async fn poll_line(
                     }
                 }
                 polls.push(Poll {
-                    at: Instant::now(),
+                    at: meterd::clock::Clock::system().instant(),
                     device: batch[0].device.to_string(),
                     good,
                 });
             }
             Ok(None) => panic!("bus task ended"),
-            Err(_) if Instant::now() >= end => break,
+            Err(_) if meterd::clock::Clock::system().instant() >= end => break,
             Err(_) => {
                 // A burst of 24 bytes of noise, as a contactor next to the cable makes.
                 let burst: Vec<u8> = (0..24)
@@ -183,7 +184,7 @@ async fn poll_line(
                 next_noise = next_noise.map(|t| t + noise_every.unwrap());
             }
         }
-        if !cleared && start.elapsed() >= clear_at.unwrap() {
+        if !cleared && meterd::clock::Clock::system().since(start) >= clear_at.unwrap() {
             sim.set_delay("line", 5, Duration::ZERO);
             cleared = true;
         }

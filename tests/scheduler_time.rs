@@ -29,10 +29,10 @@ impl Poller for ClockPoller {
         device: &'a Device,
     ) -> Pin<Box<dyn Future<Output = PollResult> + Send + 'a>> {
         Box::pin(async move {
-            self.log
-                .lock()
-                .unwrap()
-                .push((device.name.to_string(), Instant::now()));
+            self.log.lock().unwrap().push((
+                device.name.to_string(),
+                meterd::clock::Clock::system().instant(),
+            ));
             let cost = (self.cost)(&device.name, self.count);
             self.count += 1;
             tokio::time::sleep(cost).await;
@@ -68,7 +68,7 @@ async fn run(
     };
     let (tx, mut rx) = mpsc::channel(16);
     let status = bus::new_status(&config.buses[0], &config.devices);
-    let start = Instant::now();
+    let start = meterd::clock::Clock::system().instant();
     // No relay actions in these tests; the sender stays alive so the channel stays open.
     let (_actions, act_rx) = mpsc::channel(1);
     let task = tokio::spawn(bus::run_with(
@@ -77,6 +77,7 @@ async fn run(
         tx,
         status.clone(),
         act_rx,
+        meterd::clock::Clock::system(),
     ));
     let end = start + for_how_long;
     while let Ok(Some(_)) = tokio::time::timeout_at(end, rx.recv()).await {}

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::broker::{Broker, Subscriber};
 use common::ConfigText;
@@ -221,13 +221,13 @@ async fn run_under_systemd_notify_status_reload_and_stop() {
 
     // SIGTERM: clean stop, offline status published.
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let end = Instant::now() + Duration::from_secs(15);
+    let end = meterd::clock::Clock::system().instant() + Duration::from_secs(15);
     let code = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
         assert!(
-            Instant::now() < end,
+            meterd::clock::Clock::system().instant() < end,
             "meterd did not stop on SIGTERM: {}",
             std::fs::read_to_string(dir.path().join("meterd.log")).unwrap_or_default()
         );

@@ -169,8 +169,14 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
     let sim = common::start(BUILDING).await;
     let dir = tempfile::tempdir().unwrap();
     let (cfg, text) = config(&sim, dir.path());
-    let started = chrono::Utc::now();
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let started = meterd::clock::Clock::system().now();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(9)).await;
 
     // The daemon's own balance check raised an event naming the suspect.
@@ -203,7 +209,7 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
     // The same from the history, over the whole run: main balances within 1 %, floor1/floor2 do not.
     let conn = meterd::store::open_read_only(&cfg.store.path).unwrap();
     let from = started + chrono::Duration::seconds(2);
-    let to = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let to = meterd::clock::Clock::system().now() - chrono::Duration::seconds(1);
     let b = meterd::accounting::balances(&conn, &cfg, from, to).unwrap();
     let main = b.iter().find(|x| x.node == "main").unwrap();
     assert!(
@@ -277,7 +283,12 @@ fn apportion_command_prints_the_table_and_explains_a_room() {
     // A month of history written as the daemon would: main and three room meters.
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outbox.db");
-    let mut store = meterd::store::Store::open(&db, meterd::store::Caps::default()).unwrap();
+    let mut store = meterd::store::Store::open(
+        &db,
+        meterd::store::Caps::default(),
+        meterd::clock::Clock::system(),
+    )
+    .unwrap();
     let (from, to) =
         meterd::accounting::period_bounds("2026-10", chrono_tz::Asia::Shanghai).unwrap();
     let sample = |d: &str, t: chrono::DateTime<chrono::Utc>, v: f64| meterd::store::Sample {

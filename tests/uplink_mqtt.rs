@@ -17,7 +17,6 @@ use meterd::daemon::Daemon;
 use meterd::store::{self, Kind, NewRecord};
 use meterd::uplink::NoCommands;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 fn building(units: u8, profile: &str) -> String {
     let mut b = String::from("[[endpoint]]\nname = \"lan\"\nkind = \"tcp\"\n");
@@ -137,7 +136,13 @@ async fn readings_reach_a_subscriber_with_the_right_values_and_schemas() {
             .mqtt(broker.port, "")
             .text(),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
 
     let msgs = sub
         .wait_for("m2's import_kwh", Duration::from_secs(15), |m| {
@@ -218,7 +223,13 @@ async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
         &devices(4, "chint_ddsu666", "100ms"),
         &uplink_sections(dir.path(), broker.port, "batch_max_records = 50\n", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("first telemetry", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/telemetry")
     })
@@ -302,14 +313,20 @@ async fn a_link_that_goes_silent_is_noticed_by_keepalive_and_loses_nothing() {
         &devices(2, "chint_ddsu666", "200ms"),
         &uplink_sections(dir.path(), broker.port, "keep_alive = \"5s\"\n", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("first telemetry", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/telemetry")
     })
     .await;
 
     broker.blackhole();
-    let silent_at = Instant::now();
+    let silent_at = meterd::clock::Clock::system().instant();
     // Keepalive (5 s) notices the missing PINGRESP: the session is declared down, not trusted.
     wait_until(
         "keepalive to declare the silent link down",
@@ -323,7 +340,7 @@ async fn a_link_that_goes_silent_is_noticed_by_keepalive_and_loses_nothing() {
         },
     )
     .await;
-    let noticed_after = silent_at.elapsed();
+    let noticed_after = meterd::clock::Clock::system().since(silent_at);
     assert!(
         noticed_after >= Duration::from_secs(4),
         "declared down before keepalive could notice ({noticed_after:?}): not a silent link"
@@ -391,7 +408,8 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
         "a backlog of 4000 polls",
         Duration::from_secs(30),
         async || {
-            let rows = store::read_stats(&db).map_or(0, |s| s.rows);
+            let rows = store::read_stats(&db, meterd::clock::Clock::system().now_ms())
+                .map_or(0, |s| s.rows);
             if rows >= 4000 {
                 Ok(())
             } else {
@@ -417,7 +435,7 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
     .await;
     daemon.kill().unwrap(); // SIGKILL
     daemon.wait().unwrap();
-    let at_kill = store::read_stats(&db).unwrap();
+    let at_kill = store::read_stats(&db, meterd::clock::Clock::system().now_ms()).unwrap();
     // Killed mid-replay: the subscriber has seen part of the backlog, and records are still waiting
     // (some may have been published but not yet deleted: those come again, with the same seq).
     assert!(
@@ -432,7 +450,7 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
         "the backlog to drain after the restart",
         Duration::from_secs(60),
         async || {
-            let s = store::read_stats(&db).unwrap();
+            let s = store::read_stats(&db, meterd::clock::Clock::system().now_ms()).unwrap();
             if s.oldest_seq.is_none_or(|o| o > seq_at_kill) {
                 Ok(())
             } else {
@@ -441,7 +459,7 @@ async fn sigkill_while_replaying_a_backlog_loses_nothing() {
         },
     )
     .await;
-    let after = store::read_stats(&db).unwrap();
+    let after = store::read_stats(&db, meterd::clock::Clock::system().now_ms()).unwrap();
     assert!(
         after.last_seq > seq_at_kill,
         "seq continues after the restart"
@@ -475,11 +493,17 @@ async fn the_cap_drops_oldest_telemetry_keeps_audit_and_says_so() {
         &devices(10, "chint_ddsu666", "50ms"),
         &uplink_sections(dir.path(), port, "", "max_rows = 1000\n"),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     let audit = NewRecord {
         kind: Kind::Audit,
         topic: "audit".into(),
-        ts: Utc::now(),
+        ts: meterd::clock::Clock::system().now(),
         payload: json!({"event": "relay_switched", "relay": "room-101/door", "from": "closed", "to": "open"}).to_string().into_bytes(),
     };
     daemon.store.append(vec![audit]).await.unwrap();
@@ -540,7 +564,13 @@ async fn malformed_commands_get_error_replies_and_change_nothing() {
         &devices(1, "eastron_sdm120", "200ms"),
         &uplink_sections(dir.path(), broker.port, "", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("birth", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/status")
     })
@@ -655,7 +685,13 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
         .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
         + &tls;
     let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &uplink);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     let s = wait_until(
         "a record acknowledged over TLS",
         Duration::from_secs(20),
@@ -677,7 +713,13 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
         .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
         + &format!("[mqtt.tls]\nca_file = \"{}/ca.pem\"\n", certs.display());
     let cfg = config(&sim, &devices(1, "chint_ddsu666", "200ms"), &without_cert);
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     let (e, s) = wait_until(
         "the refusal recorded",
         Duration::from_secs(20),
@@ -706,7 +748,13 @@ async fn the_cloud_reads_a_meters_counter_history_from_the_gateway() {
         &devices(1, "chint_ddsu666", "500ms"),
         &uplink_sections(dir.path(), broker.port, "", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     let publish = |name: &str, body: Value| {
         let c = sub.client.clone();
         let topic = format!("test/gw/cmd/{name}");
@@ -722,8 +770,8 @@ async fn the_cloud_reads_a_meters_counter_history_from_the_gateway() {
     })
     .await;
     let window = json!({
-        "from": (Utc::now() - chrono::Duration::hours(1)).to_rfc3339(),
-        "to": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+        "from": (meterd::clock::Clock::system().now() - chrono::Duration::hours(1)).to_rfc3339(),
+        "to": (meterd::clock::Clock::system().now() + chrono::Duration::hours(1)).to_rfc3339(),
     });
     let mut h = window.clone();
     h["id"] = json!("h-1");
@@ -806,7 +854,13 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         &format!("{}\n{topo}", devices(3, "chint_ddsu666", "500ms")),
         &uplink_sections(dir.path(), broker.port, "", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("birth", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/status")
     })
@@ -974,7 +1028,13 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
         &devices(25, "chint_dtsu666", "250ms"),
         &uplink_sections(dir.path(), broker.port, "", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("birth", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/status")
     })
@@ -1006,9 +1066,9 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
             seqs.iter().map(|(_, n)| n).sum()
         };
     // The rate before the burst, over 3 s.
-    let before_from = Utc::now();
+    let before_from = meterd::clock::Clock::system().now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let before_to = Utc::now();
+    let before_to = meterd::clock::Clock::system().now();
 
     let mut o = rumqttc::MqttOptions::new("cloud", "127.0.0.1", broker.cloud_port);
     o.set_max_packet_size(1 << 20, 1 << 20);
@@ -1016,8 +1076,8 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
     let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
     let mut with_id = Vec::new();
     let mut without_id = 0;
-    let burst_start = Instant::now();
-    let burst_from = Utc::now();
+    let burst_start = meterd::clock::Clock::system().instant();
+    let burst_from = meterd::clock::Clock::system().now();
     for i in 0..500 {
         let (name, payload): (&str, Vec<u8>) = match i % 6 {
             0 => ("ping", b"{not json".to_vec()),
@@ -1046,8 +1106,8 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
         m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 500
     })
     .await;
-    let answered_in = burst_start.elapsed();
-    let burst_to = Utc::now();
+    let answered_in = meterd::clock::Clock::system().since(burst_start);
+    let burst_to = meterd::clock::Clock::system().now();
     // A moment for any duplicate reply, and for telemetry queued behind the replies, to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let msgs_after = sub.take();
@@ -1128,7 +1188,13 @@ async fn an_oversized_record_never_wedges_the_uplink() {
         &devices(1, "chint_dtsu666", "500ms"),
         &uplink_sections(dir.path(), broker.port, "batch_max_bytes = 65536\n", ""),
     );
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(
+        &cfg,
+        &meterd::clock::Clock::system(),
+        Arc::new(NoCommands),
+        None,
+    )
+    .unwrap();
     sub.wait_for("birth", Duration::from_secs(15), |m| {
         m.iter().any(|m| m.topic == "test/gw/status")
     })
@@ -1136,7 +1202,7 @@ async fn an_oversized_record_never_wedges_the_uplink() {
     let record = |kb: usize, tag: &str| NewRecord {
         kind: Kind::Result,
         topic: "results/apportionment".into(),
-        ts: Utc::now(),
+        ts: meterd::clock::Clock::system().now(),
         payload: json!({"pool": tag, "pad": "r".repeat(kb * 1024)})
             .to_string()
             .into_bytes(),
@@ -1258,45 +1324,49 @@ async fn a_month_billed_during_an_outage_is_rebuilt_by_the_backend_from_the_topi
         &format!("{}\n{topo}", devices(2, "chint_ddsu666", "500ms")),
         &uplink_sections(dir.path(), broker.port, "", ""),
     );
-    // The gateway ran through October: its history holds the readings around both month ends
-    // (1.2 kW and 0.45 kW rooms, counters at 0.01 kWh), and October is the month to bill.
+    // The gateway ran through last month (of the test's clock): its history holds the readings
+    // around both month ends (1.2 kW and 0.45 kW rooms, counters at 0.01 kWh), and that month is
+    // the one to bill. Before the fix the dates were October's, right only while it was November.
+    let clock = common::mid_month_clock();
+    let (start, end, month) = common::month_before(clock.now());
     let at = |s: &str| {
         chrono::DateTime::parse_from_rfc3339(s)
             .unwrap()
             .with_timezone(&Utc)
     };
+    let s = chrono::Duration::seconds;
     let samples: Vec<store::Sample> = [
-        ("m1", "2026-09-30T23:59:55Z", 1520.37),
-        ("m1", "2026-10-01T00:00:04Z", 1520.37),
-        ("m1", "2026-10-31T23:59:58Z", 2413.16),
-        ("m1", "2026-11-01T00:00:03Z", 2413.17),
-        ("m2", "2026-09-30T23:59:51Z", 88.12),
-        ("m2", "2026-10-01T00:00:08Z", 88.13),
-        ("m2", "2026-10-31T23:59:54Z", 422.91),
-        ("m2", "2026-11-01T00:00:06Z", 422.92),
+        ("m1", start - s(5), 1520.37),
+        ("m1", start + s(4), 1520.37),
+        ("m1", end - s(2), 2413.16),
+        ("m1", end + s(3), 2413.17),
+        ("m2", start - s(9), 88.12),
+        ("m2", start + s(8), 88.13),
+        ("m2", end - s(6), 422.91),
+        ("m2", end + s(6), 422.92),
     ]
     .iter()
     .map(|(d, t, v)| store::Sample {
         device: (*d).into(),
         quantity: "energy_kwh".into(),
-        ts_ms: at(t).timestamp_millis(),
+        ts_ms: t.timestamp_millis(),
         value: *v,
     })
     .collect();
-    {
-        let mut s = store::Store::open(&cfg.store.path, cfg.store.caps).unwrap();
-        s.record_history(&samples).unwrap();
-    }
+    store::Store::open(&cfg.store.path, cfg.store.caps, clock.clock())
+        .unwrap()
+        .record_history(&samples)
+        .unwrap();
     rusqlite::Connection::open(&cfg.store.path)
         .unwrap()
         .execute(
-            "INSERT INTO meta (key, value) VALUES ('billing_since', '2026-10')",
-            [],
+            "INSERT INTO meta (key, value) VALUES ('billing_since', ?1)",
+            [&month],
         )
         .unwrap();
-    let daemon = Daemon::start(&cfg, Arc::new(NoCommands), None).unwrap();
+    let daemon = Daemon::start(&cfg, &clock.clock(), Arc::new(NoCommands), None).unwrap();
     wait_until(
-        "October billed into the outbox",
+        "last month billed into the outbox",
         Duration::from_secs(20),
         async || {
             let s = daemon.store.stats().await;
@@ -1311,7 +1381,7 @@ async fn a_month_billed_during_an_outage_is_rebuilt_by_the_backend_from_the_topi
         },
     )
     .await;
-    let up_at = Utc::now();
+    let up_at = clock.now();
     broker.restart();
     let msgs = wait_until("the replayed bills", Duration::from_secs(20), async || {
         let m = union();
@@ -1343,7 +1413,8 @@ async fn a_month_billed_during_an_outage_is_rebuilt_by_the_backend_from_the_topi
     for (i, device) in ["m1", "m2"].iter().enumerate() {
         let c = sub.client.clone();
         let body = json!({"id": format!("h-{i}"), "device": device,
-            "from": "2026-09-30T23:00:00Z", "to": "2026-11-01T01:00:00Z"});
+            "from": (start - chrono::Duration::hours(1)).to_rfc3339(),
+            "to": (end + chrono::Duration::hours(1)).to_rfc3339()});
         c.publish(
             "test/gw/cmd/get_history",
             rumqttc::QoS::AtLeastOnce,
@@ -1371,7 +1442,6 @@ async fn a_month_billed_during_an_outage_is_rebuilt_by_the_backend_from_the_topi
         }
     })
     .await;
-    let (start, end) = (at("2026-10-01T00:00:00Z"), at("2026-11-01T00:00:00Z"));
     for (room, meter) in model["meters"]
         .as_object()
         .unwrap()

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `meterd demo` running, with the web view's address and token read from what it prints.
 struct Demo {
@@ -44,10 +44,13 @@ fn start_demo() -> Demo {
         .expect("meterd demo starts");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(30);
     let mut mqtt_port = None;
     let url = loop {
-        assert!(Instant::now() < deadline, "the demo printed no web address");
+        assert!(
+            meterd::clock::Clock::system().instant() < deadline,
+            "the demo printed no web address"
+        );
         let line = lines.next().expect("demo output").unwrap();
         if let Some(rest) = line.strip_prefix("MQTT: embedded broker on 127.0.0.1:") {
             mqtt_port = rest.split(';').next().and_then(|p| p.parse().ok());
@@ -100,12 +103,12 @@ fn get(url: &str, bearer: Option<&str>) -> (u16, String) {
 
 /// Polls `f` every 500 ms for at most `limit`.
 fn within<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + limit;
+    let end = meterd::clock::Clock::system().instant() + limit;
     loop {
         if let Some(t) = f() {
             return Some(t);
         }
-        if Instant::now() > end {
+        if meterd::clock::Clock::system().instant() > end {
             return None;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -308,8 +311,8 @@ fn the_demo_plays_the_cloud_a_wrong_room_meter_a_frozen_door_a_prepaid_balance_r
     // The scenario: the balance check a few seconds in, the freeze at 8 s, room 104's balance of
     // 0.01 CNY at 14 s (gone within 35 s at 3.6 kW, at the night price too), the bills at 20 s.
     let mut seen = Seen::default();
-    let end = Instant::now() + Duration::from_secs(150);
-    while Instant::now() < end && !seen.done() {
+    let end = meterd::clock::Clock::system().instant() + Duration::from_secs(150);
+    while meterd::clock::Clock::system().instant() < end && !seen.done() {
         let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
             connection.recv_timeout(Duration::from_secs(1))
         else {

@@ -84,7 +84,7 @@ pub struct AcceptanceCmd {
 
 impl AcceptanceCmd {
     /// Runs every step and fails if any fails.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &crate::clock::Clock) -> Result<()> {
         let text = std::fs::read_to_string(&self.bench)
             .with_context(|| format!("reading {}", self.bench.display()))?;
         let bench: BenchFile = toml::from_str(&text)
@@ -101,7 +101,7 @@ impl AcceptanceCmd {
             }
             None => None,
         };
-        let steps = run(&config, &bench, self.sim.is_some()).await;
+        let steps = run(&config, &bench, self.sim.is_some(), clock).await;
         let failed = steps.iter().filter(|s| !s.pass).count();
         if self.json {
             out(&(serde_json::to_string_pretty(&steps)? + "\n"));
@@ -142,9 +142,18 @@ impl AcceptanceCmd {
 }
 
 /// Runs the pass against `config` (real buses, or buses pointed at a simulator).
-pub(crate) async fn run(config: &Config, bench: &BenchFile, simulated: bool) -> Vec<ReportStep> {
+pub(crate) async fn run(
+    config: &Config,
+    bench: &BenchFile,
+    simulated: bool,
+    clock: &crate::clock::Clock,
+) -> Vec<ReportStep> {
     let mut steps = Vec::new();
-    let mut links: Vec<Link> = config.buses.iter().map(Link::new).collect();
+    let mut links: Vec<Link> = config
+        .buses
+        .iter()
+        .map(|b| Link::new(b, clock.clone()))
+        .collect();
     let mut readings = Vec::new();
     for d in &config.devices {
         let r = bus::poll_device(&mut links[d.bus], d).await;

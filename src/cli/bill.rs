@@ -163,7 +163,7 @@ pub struct RecomputeCmd {
 
 impl RecomputeCmd {
     /// Through the running daemon (its one writer) when it runs; otherwise on the outbox directly.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &crate::clock::Clock) -> Result<()> {
         let c = self.config.load()?;
         crate::accounting::period_bounds(&self.period, c.gateway.timezone)?;
         if self.reason.trim().is_empty() {
@@ -183,8 +183,11 @@ impl RecomputeCmd {
             }
             serde_json::from_value(v["run"].clone()).context("unreadable answer from the daemon")?
         } else {
-            let store =
-                crate::store::spawn(crate::store::Store::open(&c.store.path, c.store.caps)?)?;
+            let store = crate::store::spawn(crate::store::Store::open(
+                &c.store.path,
+                c.store.caps,
+                clock.clone(),
+            )?)?;
             let req = crate::accounting::RunRequest {
                 period: self.period.clone(),
                 reason: format!("{} (by cli:{by}, daemon not running)", self.reason),
@@ -194,7 +197,7 @@ impl RecomputeCmd {
             if let Ok(conn) = crate::store::open_read_only(&c.store.path) {
                 crate::accounting::apply_tariff_overrides(&conn, &mut cfg.site)?;
             }
-            let s = crate::accounting::run_period(&std::sync::Arc::new(cfg), &store, req)
+            let s = crate::accounting::run_period(&std::sync::Arc::new(cfg), &store, req, clock)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
             store.flush().await;

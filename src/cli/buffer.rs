@@ -13,9 +13,9 @@ pub struct BufferCmd {
 
 impl BufferCmd {
     /// Reads the outbox the daemon writes (read-only; safe while it runs).
-    pub fn execute(self) -> Result<()> {
+    pub fn execute(self, clock: &crate::clock::Clock) -> Result<()> {
         let c = self.config.load()?;
-        let s = crate::store::read_stats(&c.store.path)?;
+        let s = crate::store::read_stats(&c.store.path, clock.now_ms())?;
         if self.json {
             out(&json(&s)?);
             return Ok(());
@@ -23,7 +23,7 @@ impl BufferCmd {
         let age = s.oldest_ts.map_or_else(
             || "-".into(),
             |t| {
-                let secs = (chrono::Utc::now() - t).num_seconds().max(0);
+                let secs = (clock.now() - t).num_seconds().max(0);
                 format!(
                     "{} ({}h{:02}m{:02}s ago)",
                     t.to_rfc3339(),

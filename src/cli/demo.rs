@@ -1,8 +1,8 @@
 //! `meterd demo`: the simulator and the daemon together on the built-in building.
 
 use super::{
-    config_failure, daemon, fmt_value, out, sim, table, Args, BTreeMap, Config, DeviceStatus,
-    Duration, Instant, Path, Quality, Reading, Result, Transport,
+    config_failure, daemon, fmt_value, out, sim, table, Args, BTreeMap, Clock, Config,
+    DeviceStatus, Duration, Path, Quality, Reading, Result, Transport,
 };
 
 /// The sample building and the config that polls it, compiled in so the demo needs no files.
@@ -34,17 +34,19 @@ pub(crate) struct DemoBuilding {
     pub building: sim::Building,
     /// When the simulated counters read their start values.
     pub started: chrono::DateTime<chrono::Utc>,
+    /// The clock the demo's daemon runs on.
+    pub clock: Clock,
 }
 
 /// Starts the embedded sample building and returns a config whose buses point at it.
-pub(crate) async fn start_demo_building() -> Result<DemoBuilding> {
+pub(crate) async fn start_demo_building(clock: &Clock) -> Result<DemoBuilding> {
     let building = sim::Building::from_str_named(DEMO_BUILDING, "<builtin>/config/building.toml")?;
     let profiles: BTreeMap<_, _> = crate::modbus::profile::builtin()
         .map_err(|e| anyhow::anyhow!("built-in profiles: {e:?}"))?
         .into_iter()
         .map(|(k, v)| (k, std::sync::Arc::new(v)))
         .collect();
-    let started = chrono::Utc::now();
+    let started = clock.now();
     let running = sim::start(&building, &profiles).await?;
     // With the embedded broker, the daemon publishes to it as it would to the cloud's.
     let text = match broker_port() {
@@ -78,6 +80,7 @@ pub(crate) async fn start_demo_building() -> Result<DemoBuilding> {
         config,
         building,
         started,
+        clock: clock.clone(),
     })
 }
 
@@ -151,7 +154,8 @@ fn seed_history(
                 })
             })
             .collect();
-    let mut store = crate::store::Store::open(&config.store.path, config.store.caps)?;
+    let mut store =
+        crate::store::Store::open(&config.store.path, config.store.caps, d.clock.clone())?;
     store.record_history(&samples)?;
     Ok((samples.len(), from))
 }
@@ -199,9 +203,9 @@ fn broker_port() -> Option<u16> {
             }
         })
         .ok()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = crate::clock::Pace::now().after(Duration::from_secs(5));
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if std::time::Instant::now() > deadline {
+        if deadline.remaining().is_none() {
             eprintln!("meterd demo: the embedded MQTT broker did not start; running without the MQTT side");
             return None;
         }
@@ -235,8 +239,8 @@ pub(crate) fn point_buses_at(config: &mut Config, sim: &sim::RunningSim) {
 
 impl DemoCmd {
     /// Runs the sample building and the engine, printing a live table.
-    pub async fn execute(self) -> Result<()> {
-        let demo = start_demo_building().await?;
+    pub async fn execute(self, clock: &Clock) -> Result<()> {
+        let demo = start_demo_building(clock).await?;
         for (name, addr) in &demo.sim.endpoints {
             out(&format!("simulator endpoint {name}: {addr}\n"));
         }
@@ -276,12 +280,19 @@ impl DemoCmd {
         let (tap, mut readings) = tokio::sync::mpsc::channel(daemon::READINGS_CAPACITY);
         let daemon = daemon::Daemon::start(
             &config,
+            clock,
             std::sync::Arc::new(crate::uplink::NoCommands),
             Some(tap),
         )?;
-        let scenario = tokio::spawn(scenario::run(config.clone(), key, sim.clone(), last_month));
+        let scenario = tokio::spawn(scenario::run(
+            config.clone(),
+            key,
+            sim.clone(),
+            last_month,
+            clock.clone(),
+        ));
         let mut latest: BTreeMap<(String, String), Reading> = BTreeMap::new();
-        let deadline = self.duration.map(|d| Instant::now() + d);
+        let deadline = self.duration.map(|d| clock.instant() + d);
         let mut tick = tokio::time::interval(self.every);
         tick.tick().await;
         loop {
@@ -294,14 +305,14 @@ impl DemoCmd {
                 }
                 _ = tick.tick() => {
                     let depth = daemon.store.depth().await;
-                    out(&demo_table(&config, &latest, &daemon.bus_status));
+                    out(&demo_table(&config, &latest, &daemon.bus_status, clock.now()));
                     let uplink = match (&config.mqtt, daemon.uplink.lock().map(|u| u.clone())) {
                         (Some(m), Ok(u)) if u.connected => format!("uplink connected to {}:{}, {} record(s) acknowledged", m.host, m.port, u.records_acked),
                         (Some(m), _) => format!("uplink to {}:{} not connected", m.host, m.port),
                         (None, _) => "no uplink in this build".to_string(),
                     };
                     out(&format!("outbox {}: {depth} record(s) waiting; {uplink}\n", config.store.path.display()));
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.is_some_and(|d| clock.instant() >= d) {
                         break;
                     }
                 }
@@ -323,6 +334,7 @@ pub(super) fn demo_table(
     config: &Config,
     latest: &BTreeMap<(String, String), Reading>,
     buses: &[std::sync::Arc<crate::modbus::bus::BusStatus>],
+    now: chrono::DateTime<chrono::Utc>,
 ) -> String {
     use crate::modbus::profile::Quantity as Q;
     let status: BTreeMap<String, DeviceStatus> = buses
@@ -372,8 +384,7 @@ pub(super) fn demo_table(
         .collect();
     format!(
         "\n{}\n{}",
-        chrono::Utc::now()
-            .with_timezone(&config.gateway.timezone)
+        now.with_timezone(&config.gateway.timezone)
             .format("%Y-%m-%d %H:%M:%S %Z"),
         table(
             &[

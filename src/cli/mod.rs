@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::{self, Config, ConfigError, Transport};
 use crate::modbus::bus::{self, DeviceStatus};
 use crate::modbus::decode::{self, ByteOrder, DataType, WordOrder};

@@ -140,7 +140,7 @@ pub(super) struct RawRow {
 
 impl RawCmd {
     /// Reads or writes by address.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &Clock) -> Result<()> {
         let c = self.config.load()?;
         let bi = c
             .bus_index(&self.bus)
@@ -153,7 +153,7 @@ impl RawCmd {
         let Some(unit) = self.unit else {
             bail!("give --unit for a Modbus device (or --protocol dlt645 --address NUMBER)");
         };
-        let mut link = Link::new(&c.buses[bi]);
+        let mut link = Link::new(&c.buses[bi], clock.clone());
         match self.op {
             RawOp::Read {
                 table: what,

@@ -22,7 +22,7 @@ pub struct ReadCmd {
 
 impl ReadCmd {
     /// Polls the device with its profile's plan and prints every register.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &Clock) -> Result<()> {
         let c = self.config.load()?;
         let dev = c
             .device(&self.device)
@@ -33,7 +33,7 @@ impl ReadCmd {
                 )
             })?
             .clone();
-        let mut link = Link::new(&c.buses[dev.bus]);
+        let mut link = Link::new(&c.buses[dev.bus], clock.clone());
         loop {
             let r = bus::poll_device(&mut link, &dev).await;
             if let Some(e) = r.failure {

@@ -1,6 +1,6 @@
 //! `meterd run`: the daemon in the foreground (systemd's `ExecStart`).
 
-use super::{daemon, totals, Args, Config, ConfigArg, Duration, Result};
+use super::{daemon, totals, Args, Clock, Config, ConfigArg, Duration, Result};
 
 /// `meterd run`
 #[derive(Debug, Args)]
@@ -11,11 +11,11 @@ pub struct RunCmd {
 
 impl RunCmd {
     /// Loads the config (refusing an invalid one) and runs until SIGINT/SIGTERM; SIGHUP reloads.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &Clock) -> Result<()> {
         use sd_notify::NotifyState;
         use tokio::signal::unix::{signal, SignalKind};
         let mut config = self.config.load()?;
-        let mut daemon = start_daemon(&config)?;
+        let mut daemon = start_daemon(&config, clock)?;
         let _ = sd_notify::notify(
             false,
             &[
@@ -59,7 +59,7 @@ impl RunCmd {
                             // The outbox and the enforcement state live in SQLite; the new daemon
                             // reads every relay before switching anything, so nothing flickers.
                             daemon.stop().await;
-                            daemon = start_daemon(&new)?;
+                            daemon = start_daemon(&new, clock)?;
                             config = new;
                         }
                     }
@@ -76,10 +76,11 @@ impl RunCmd {
     }
 }
 
-pub(super) fn start_daemon(config: &Config) -> Result<daemon::Daemon> {
+pub(super) fn start_daemon(config: &Config, clock: &Clock) -> Result<daemon::Daemon> {
     tracing::info!(config = %config.source, hash = %config.hash, buses = config.buses.len(), devices = config.devices.len(), gateway = %config.gateway.id, outbox = %config.store.path.display(), mqtt = config.mqtt.is_some(), relays = config.enforcement.relays.len(), "meterd starting");
     Ok(daemon::Daemon::start(
         config,
+        clock,
         std::sync::Arc::new(crate::uplink::NoCommands),
         None,
     )?)

@@ -67,22 +67,28 @@ struct Progress {
     tty: bool,
     started: Instant,
     total: usize,
+    clock: Clock,
 }
 
 impl Progress {
-    fn new(total: usize) -> Progress {
+    fn new(total: usize, clock: &Clock) -> Progress {
         Progress {
             tty: std::io::stderr().is_terminal(),
-            started: Instant::now(),
+            started: clock.instant(),
             total,
+            clock: clock.clone(),
         }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.clock.since(self.started)
     }
 
     fn show(&self, done: usize, what: &str, found: usize) {
         if !self.tty {
             return;
         }
-        let elapsed = self.started.elapsed().as_secs_f64();
+        let elapsed = self.elapsed().as_secs_f64();
         let eta = elapsed / done.max(1) as f64 * (self.total - done) as f64;
         let width = 30;
         let filled = width * done / self.total.max(1);
@@ -157,7 +163,7 @@ pub(crate) struct ScanHit {
 
 impl ScanCmd {
     /// Probes every unit id once; shows progress and an ETA on a terminal.
-    pub async fn execute(self) -> Result<()> {
+    pub async fn execute(self, clock: &Clock) -> Result<()> {
         let c = self.config.load()?;
         let bi = c.bus_index(&self.bus).with_context(|| {
             format!(
@@ -169,22 +175,22 @@ impl ScanCmd {
         })?;
         let bus = &c.buses[bi];
         if self.protocol != RawProtocol::Modbus {
-            return self.scan_meters(bus).await;
+            return self.scan_meters(bus, clock).await;
         }
-        let mut link = Link::new(bus);
+        let mut link = Link::new(bus, clock.clone());
         let mut hits = Vec::new();
         let total = self.units.0.len();
-        let started = Instant::now();
-        let progress = Progress::new(total);
+        let started = clock.instant();
+        let progress = Progress::new(total, clock);
         for (i, unit) in self.units.0.iter().copied().enumerate() {
-            let t0 = Instant::now();
+            let t0 = clock.instant();
             let req = ReadRequest {
                 function: Function::Holding,
                 address: self.register,
                 count: 1,
             };
             let r = link.read(unit, req, self.timeout, Duration::ZERO).await;
-            let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let latency_ms = clock.since(t0).as_secs_f64() * 1000.0;
             match r {
                 Ok(_) => hits.push(ScanHit {
                     unit,
@@ -224,7 +230,7 @@ impl ScanCmd {
                 bus.name,
                 hits.len(),
                 total,
-                started.elapsed().as_secs_f64()
+                clock.since(started).as_secs_f64()
             ));
             out(&table(&["unit", "answer", "latency_ms"], &rows));
         }
@@ -235,7 +241,7 @@ impl ScanCmd {
 impl ScanCmd {
     /// DL/T 645 / CJ/T 188: probes each listed meter number (energy 00010000, or a cold-water
     /// meter's current data 901F), or asks the single meter on the line for its address.
-    async fn scan_meters(&self, bus: &crate::modbus::spec::Bus) -> Result<()> {
+    async fn scan_meters(&self, bus: &crate::modbus::spec::Bus, clock: &Clock) -> Result<()> {
         use crate::{cjt188, dlt645};
         let mut line = super::raw::open_serial_line(bus).await?;
         let Some(addresses) = &self.addresses else {
@@ -256,12 +262,12 @@ impl ScanCmd {
             out(&format!("address: {found}\n"));
             return Ok(());
         };
-        let progress = Progress::new(addresses.0.len());
+        let progress = Progress::new(addresses.0.len(), clock);
         let mut hits = Vec::new();
         let mut d645 = dlt645::client::Client::new(dlt645::frame::DEFAULT_PREAMBLE);
         let mut c188 = cjt188::client::Client::new(cjt188::DEFAULT_PREAMBLE);
         for (i, number) in addresses.0.iter().enumerate() {
-            let t0 = Instant::now();
+            let t0 = clock.instant();
             let answer = if self.protocol == RawProtocol::Dlt645 {
                 let a = dlt645::Address::parse(number)?;
                 match d645
@@ -303,7 +309,7 @@ impl ScanCmd {
                 hits.push(MeterHit {
                     address: number.clone(),
                     answer,
-                    latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    latency_ms: clock.since(t0).as_secs_f64() * 1000.0,
                 });
             }
             progress.show(i + 1, number, hits.len());
@@ -317,7 +323,7 @@ impl ScanCmd {
                 bus.name,
                 hits.len(),
                 addresses.0.len(),
-                progress.started.elapsed().as_secs_f64()
+                progress.elapsed().as_secs_f64()
             ));
             let rows: Vec<Vec<String>> = hits
                 .iter()

@@ -20,7 +20,7 @@ pub struct TopologyCmd {
 
 impl TopologyCmd {
     /// Draws the trees from the config and the daemon's counter history.
-    pub fn execute(self) -> Result<()> {
+    pub fn execute(self, clock: &crate::clock::Clock) -> Result<()> {
         let c = self.config.load()?;
         if c.site.is_empty() {
             bail!("{}: no [[meter]] nodes configured; see config/meterd.toml for the [[room]], [[meter]] and [[pool]] sections", c.source);
@@ -29,7 +29,8 @@ impl TopologyCmd {
         if let Err(e) = &conn {
             eprintln!("meterd: no readings to show ({e}); showing the configured trees only");
         }
-        let (from, to, views) = crate::accounting::node_views(conn.ok().as_ref(), &c, self.window)?;
+        let (from, to, views) =
+            crate::accounting::node_views(conn.ok().as_ref(), &c, self.window, clock.now())?;
         let threshold = c.site.loss_threshold_pct;
         if self.json {
             out(&json(&views)?);

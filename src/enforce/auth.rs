@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn forged_replayed_expired_and_unsigned_commands_are_refused() {
         let pk = key().verifying_key();
-        let now = Utc::now();
+        let now = crate::clock::Clock::system().now();
         let exp = (now + chrono::Duration::minutes(5)).to_rfc3339();
         let args =
             json!({"room": "101", "scope": "access", "reason": "arrears", "expires_at": exp});

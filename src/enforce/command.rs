@@ -251,7 +251,7 @@ mod tests {
     fn a_command_the_config_cannot_carry_out_is_refused_with_the_reason() {
         let c =
             crate::enforce::test_support::config(std::path::Path::new("/nonexistent/outbox.db"));
-        let now = Utc::now();
+        let now = crate::clock::Clock::system().now();
         let p = |name: &str, args: Value| parse(name, "c-1", &args, &c.enforcement, &c.site, now);
         let refused = [
             ("freeze", json!({"room": "999"}), "unknown room \"999\""),

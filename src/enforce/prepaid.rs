@@ -596,7 +596,7 @@ mod tests {
 
     #[test]
     fn deduction_warns_then_empties_then_top_up_restores() {
-        let now = Utc::now();
+        let now = crate::clock::Clock::system().now();
         let mut p = Prepaid {
             balance: 1500,
             empty_since: None,

@@ -22,6 +22,7 @@ use super::config::Setup;
 use super::prepaid::CounterState;
 use super::rules::RoomRules;
 use super::state::{Action, EnforcerState, Event, History, Snapshot};
+use crate::clock::Clock;
 use crate::modbus::bus::{ActuateError, Actuation, Batch, RelayState};
 use crate::store::{StoreError, StoreHandle};
 use crate::uplink::{Answer, CommandHandler};
@@ -89,6 +90,8 @@ pub(crate) struct EnforcementCommands {
     pub config: Arc<Setup>,
     pub seen: Arc<Mutex<HashSet<String>>>,
     pub tx: mpsc::Sender<Input>,
+    /// Checks a command's expiry and gives it its deadline.
+    pub clock: Clock,
 }
 
 /// How long a relay command may wait for the enforcer before it is answered as not applied.
@@ -110,7 +113,8 @@ impl CommandHandler for EnforcementCommands {
                 name: name.to_string(),
                 id: id.to_string(),
                 args: args.clone(),
-                deadline: Utc::now() + chrono::Duration::from_std(APPLY_WITHIN).unwrap_or_default(),
+                deadline: self.clock.now()
+                    + chrono::Duration::from_std(APPLY_WITHIN).unwrap_or_default(),
                 reply: Some(reply),
             };
             match self.tx.try_send(input) {
@@ -173,7 +177,8 @@ impl EnforcementCommands {
             );
         };
         let seen = |i: &str| self.seen.lock().map_or(true, |s| s.contains(i));
-        super::auth::verify(key, name, id, args, Utc::now(), seen)?;
+        let now = self.clock.now();
+        super::auth::verify(key, name, id, args, now, seen)?;
         // Everything the config can tell is checked before the command goes to the enforcer.
         command::parse(
             name,
@@ -181,7 +186,7 @@ impl EnforcementCommands {
             args,
             &self.config.enforcement,
             &self.config.site,
-            Utc::now(),
+            now,
         )?;
         if let Ok(mut s) = self.seen.lock() {
             s.insert(id.to_string());
@@ -227,6 +232,8 @@ pub(crate) struct Enforcer {
     pub(crate) state: EnforcerState,
     actuators: HashMap<String, mpsc::Sender<Actuation>>,
     store: StoreHandle,
+    /// Every decision's `now` and the re-check timer.
+    clock: Clock,
 }
 
 impl Enforcer {
@@ -235,6 +242,7 @@ impl Enforcer {
         config: Arc<Setup>,
         actuators: HashMap<String, mpsc::Sender<Actuation>>,
         store: StoreHandle,
+        clock: Clock,
     ) -> Result<Enforcer, StoreError> {
         let path = config.store_path.clone();
         let conn = open(&path)?;
@@ -312,7 +320,7 @@ impl Enforcer {
                     .entry(format!("{d}/{q}"))
                     .or_insert_with(|| CounterState {
                         billed_milli: crate::money::to_milli(v),
-                        billed_at: Utc::now(),
+                        billed_at: clock.now(),
                         carry: 0,
                         suspect: None,
                     });
@@ -323,6 +331,7 @@ impl Enforcer {
             state: EnforcerState::new(config, rooms, counters, fire),
             actuators,
             store,
+            clock,
         })
     }
 
@@ -352,7 +361,7 @@ impl Enforcer {
                             queue = self
                                 .state
                                 .step(
-                                    Utc::now(),
+                                    self.clock.now(),
                                     Event::Reconcile {
                                         retry_failed: false,
                                     },
@@ -370,7 +379,9 @@ impl Enforcer {
                 }
                 Action::Read { relay } => {
                     let result = self.actuate(&relay, None).await;
-                    let more = self.state.step(Utc::now(), Event::Read { relay, result });
+                    let more = self
+                        .state
+                        .step(self.clock.now(), Event::Read { relay, result });
                     for a in more.into_iter().rev() {
                         queue.push_front(a);
                     }
@@ -387,7 +398,7 @@ impl Enforcer {
                     }
                     let result = self.actuate(&relay, Some(want)).await;
                     let more = self.state.step(
-                        Utc::now(),
+                        self.clock.now(),
                         Event::Switched {
                             relay,
                             want,
@@ -514,17 +525,17 @@ impl Enforcer {
         }
         let first = self
             .state
-            .step(Utc::now(), Event::Reconcile { retry_failed: true });
+            .step(self.clock.now(), Event::Reconcile { retry_failed: true });
         self.execute(first, None).await;
         let every = self.state.config.enforcement.recheck_every;
-        let mut next_check = tokio::time::Instant::now() + every;
+        let mut next_check = self.clock.instant() + every;
         loop {
             tokio::select! {
                 // Inputs first: a command or a reading must not wait behind a slow re-check.
                 biased;
                 input = inputs.recv() => {
                     let Some(input) = input else { return };
-                    let now = Utc::now();
+                    let now = self.clock.now();
                     match input {
                         Input::Cloud { name, id, args, deadline, reply } => {
                             let answer = if now >= deadline {
@@ -552,9 +563,9 @@ impl Enforcer {
                 () = tokio::time::sleep_until(next_check) => {
                     // Notice hand-switched relays, retry stuck ones, apply time-based rules.
                     self.read_round(self.state.all_relays()).await;
-                    let actions = self.state.step(Utc::now(), Event::Reconcile { retry_failed: true });
+                    let actions = self.state.step(self.clock.now(), Event::Reconcile { retry_failed: true });
                     self.execute(actions, None).await;
-                    next_check = tokio::time::Instant::now() + every;
+                    next_check = self.clock.instant() + every;
                 }
                 _ = shutdown.changed() => return,
             }
@@ -583,7 +594,13 @@ async fn with_balance(
     use super::test_support::{config, setup, store};
     let cfg = config(&dir.join("outbox.db"));
     let store = store(&cfg);
-    let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
+    let mut enf = Enforcer::open(
+        setup(&cfg),
+        HashMap::new(),
+        store.clone(),
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     enf.cloud(
         "set_balance",
         "b-1",
@@ -606,7 +623,7 @@ mod tests {
         // Before the fix the enforcer's transaction read first and then could not upgrade to a
         // write while the store thread committed: "database is locked", and the ledger lost rows.
         let dir = tempfile::tempdir().unwrap();
-        let t0 = Utc::now();
+        let t0 = crate::clock::Clock::system().now();
         let (cfg, store, mut enf) = with_balance(dir.path(), 100_000, t0).await;
         // Telemetry committed continuously by the store thread, as in the daemon.
         let writer = store.clone();
@@ -663,7 +680,7 @@ mod counter_events {
     #[tokio::test]
     async fn a_zero_reading_after_a_meter_reboot_is_reported_once_and_not_billed() {
         let dir = tempfile::tempdir().unwrap();
-        let t0 = Utc::now();
+        let t0 = crate::clock::Clock::system().now();
         let (_, _, mut enf) = with_balance(dir.path(), 10_000, t0).await;
         let mut events = Vec::new();
         for (k, kwh) in [(0, 5123.30), (1, 5123.31), (2, 0.0), (3, 0.0), (4, 5123.32)] {
@@ -713,7 +730,9 @@ mod command_replies {
     }
 
     fn signed(name: &str, id: &str, mut args: Value) -> Value {
-        args["expires_at"] = json!((Utc::now() + chrono::Duration::minutes(5)).to_rfc3339());
+        args["expires_at"] = json!((crate::clock::Clock::system().now()
+            + chrono::Duration::minutes(5))
+        .to_rfc3339());
         let sig = key().sign(&super::super::auth::signed_content(name, id, &args));
         args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
         args
@@ -735,6 +754,7 @@ mod command_replies {
             config: setup(&config(&dir.path().join("outbox.db"))),
             seen: Arc::default(),
             tx,
+            clock: Clock::system(),
         };
         let r = now(handler.handle(
             "f-1",
@@ -777,8 +797,14 @@ mod command_replies {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let mut enf = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
-        let now = Utc::now();
+        let mut enf = Enforcer::open(
+            setup(&cfg),
+            HashMap::new(),
+            store.clone(),
+            crate::clock::Clock::system(),
+        )
+        .unwrap();
+        let now = crate::clock::Clock::system().now();
         let freeze = signed(
             "freeze",
             "f-1",
@@ -793,7 +819,13 @@ mod command_replies {
         );
         enf.cloud("unfreeze", "u-1", unfreeze, now).await.unwrap();
         // No shutdown, no flush: what was answered must already be there.
-        let reopened = Enforcer::open(setup(&cfg), HashMap::new(), store.clone()).unwrap();
+        let reopened = Enforcer::open(
+            setup(&cfg),
+            HashMap::new(),
+            store.clone(),
+            crate::clock::Clock::system(),
+        )
+        .unwrap();
         assert!(reopened.state.rooms["104"].utility_freeze.is_none());
         let seen = load_seen(&cfg.store.path).unwrap();
         assert!(seen.contains("f-1") && seen.contains("u-1"));
@@ -806,7 +838,13 @@ mod command_replies {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(&dir.path().join("outbox.db"));
         let store = store(&cfg);
-        let enf = Enforcer::open(setup(&cfg), HashMap::new(), store).unwrap();
+        let enf = Enforcer::open(
+            setup(&cfg),
+            HashMap::new(),
+            store,
+            crate::clock::Clock::system(),
+        )
+        .unwrap();
         let (tx, rx) = mpsc::channel(8);
         let (_stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(enf.run(rx, shutdown));
@@ -815,6 +853,7 @@ mod command_replies {
             config: setup(&cfg),
             seen: Arc::default(),
             tx,
+            clock: Clock::system(),
         };
         let later = |a: Option<Answer>| async move {
             match a {
@@ -826,7 +865,8 @@ mod command_replies {
             }
         };
         // The lease ends in 3 days, not renewed: inside the 7-day notice.
-        let end = (Utc::now()
+        let end = (crate::clock::Clock::system()
+            .now()
             .with_timezone(&chrono_tz::Asia::Shanghai)
             .date_naive()
             + chrono::Duration::days(3))

@@ -62,8 +62,15 @@ output = "relay"
 
 /// The store thread on the config's outbox, as the daemon starts it.
 pub(crate) fn store(cfg: &Config) -> crate::store::StoreHandle {
-    crate::store::spawn(crate::store::Store::open(&cfg.store.path, cfg.store.caps).unwrap())
-        .unwrap()
+    crate::store::spawn(
+        crate::store::Store::open(
+            &cfg.store.path,
+            cfg.store.caps,
+            crate::clock::Clock::system(),
+        )
+        .unwrap(),
+    )
+    .unwrap()
 }
 
 /// A Good energy reading of the prepaid meter.

@@ -14,13 +14,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::decode;
 use super::link::{Data, FailureKind, LineStats, Link, LinkError};
 use super::reading::{Quality, RawWords, Reading};
 use super::schedule::{Scheduler, Verdict};
 use super::spec::{Bus, Device, Protocol};
+use crate::clock::Clock;
 
 /// The last good value of a register: value, raw words, when read.
 type LastGood = Option<(f64, RawWords, DateTime<Utc>)>;
@@ -315,22 +315,22 @@ pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
             return super::national::poll_cjt188(link, device, *meter).await;
         }
     }
-    let started = Instant::now();
+    let started = link.clock().instant();
     let mut responses: Vec<Result<Data, LinkError>> =
         Vec::with_capacity(device.plan.requests.len());
-    let mut ts = Utc::now();
+    let mut ts = link.clock().now();
     for req in &device.plan.requests {
         let r = link
             .read(device.unit, *req, device.timeout, device.pause)
             .await;
-        ts = Utc::now();
+        ts = link.clock().now();
         match r {
             Err(e) if !e.device_answered() => {
                 return PollResult {
                     readings: Vec::new(),
                     exceptions: Vec::new(),
                     failure: Some(e),
-                    latency: started.elapsed(),
+                    latency: link.clock().since(started),
                 };
             }
             r => responses.push(r),
@@ -342,7 +342,7 @@ pub async fn poll_device(link: &mut Link, device: &Device) -> PollResult {
         readings,
         exceptions,
         failure: None,
-        latency: started.elapsed(),
+        latency: link.clock().since(started),
     }
 }
 
@@ -417,11 +417,12 @@ pub async fn run(
     status: Arc<BusStatus>,
     actions: mpsc::Receiver<Actuation>,
     boundaries: Option<tokio::sync::watch::Receiver<u64>>,
+    clock: Clock,
 ) {
     let pollers: Vec<Link> = (0..bus.concurrency().max(1))
-        .map(|_| Link::with_stats(&bus, status.line.clone()))
+        .map(|_| Link::with_stats(&bus, status.line.clone(), clock.clone()))
         .collect();
-    run_with_boundaries(devices, pollers, out, status, actions, boundaries).await;
+    run_with_boundaries(devices, pollers, out, status, actions, boundaries, clock).await;
 }
 
 /// The dispatcher, with the pollers given. Returns when `out` is closed.
@@ -431,8 +432,9 @@ pub async fn run_with<P: Poller>(
     out: mpsc::Sender<Batch>,
     status: Arc<BusStatus>,
     actions: mpsc::Receiver<Actuation>,
+    clock: Clock,
 ) {
-    run_with_boundaries(devices, pollers, out, status, actions, None).await;
+    run_with_boundaries(devices, pollers, out, status, actions, None, clock).await;
 }
 
 /// [`run_with`], plus a billing-boundary signal: each change of `boundaries` reads every device
@@ -444,6 +446,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
     status: Arc<BusStatus>,
     mut actions: mpsc::Receiver<Actuation>,
     mut boundaries: Option<tokio::sync::watch::Receiver<u64>>,
+    clock: Clock,
 ) {
     if devices.is_empty() {
         return;
@@ -497,7 +500,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
     drop(done_tx);
     let workers = single.as_ref().map_or(jobs.len(), |_| 1);
     let mut idle: Vec<usize> = (0..workers).rev().collect();
-    let start = Instant::now();
+    let start = clock.instant();
     let mut actions_open = true;
     let mut pending: Option<Actuation> = None;
     // One timer for the whole loop, moved to each next due time: a fresh `sleep_until` per poll
@@ -505,7 +508,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
     // (a write and an extra epoll round per poll); moving a timer later touches neither.
     let mut due = std::pin::pin!(tokio::time::sleep_until(start));
     loop {
-        let now = start.elapsed();
+        let now = clock.since(start);
         // A job the dispatcher ran itself (single poller), handled below like a worker's.
         let mut ran: Option<Done> = None;
         // Relay actions first: a door should not wait behind a meter poll.
@@ -571,7 +574,7 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
                     }, if boundaries.is_some() => {
                         match r {
                             Ok(()) => {
-                                let now = start.elapsed();
+                                let now = clock.since(start);
                                 for &i in &billing {
                                     sched.poll_now(i, now);
                                 }
@@ -590,16 +593,16 @@ pub(crate) async fn run_with_boundaries<P: Poller>(
             continue;
         };
         let ok = result.failure.is_none();
-        let verdict = sched.complete(device, ok, start.elapsed());
+        let verdict = sched.complete(device, ok, clock.since(start));
         let dev = &devices[device];
         let batch = account(
             &status,
             device,
             dev,
             &result,
-            verdict,
-            sched.missed(device),
+            (verdict, sched.missed(device)),
             &mut last_good[device],
+            clock.now(),
         );
         let batch = if ok { result.readings } else { batch };
         if !batch.is_empty() && out.send(batch).await.is_err() {
@@ -643,11 +646,10 @@ fn account(
     index: usize,
     dev: &Device,
     result: &PollResult,
-    verdict: Verdict,
-    missed: u64,
+    (verdict, missed): (Verdict, u64),
     last_good: &mut [LastGood],
+    now: DateTime<Utc>,
 ) -> Vec<Reading> {
-    let now = Utc::now();
     if let Ok(mut all) = status.devices.lock() {
         let s = &mut all[index];
         s.missed_deadlines = missed;

@@ -20,6 +20,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::clock::Clock;
 use tokio_modbus::client::{rtu, tcp, Client, Context};
 use tokio_modbus::prelude::{Request, Response, SlaveContext};
 use tokio_modbus::Slave;
@@ -392,11 +394,16 @@ fn guard<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 
 /// Keeps the line quiet until `plan` is done: whatever arrives meanwhile is discarded and pushes the
 /// end out (up to the plan's limit).
-async fn wait_quiet(line: &dyn LineHandle, mut plan: Resync, origin: Instant) -> io::Result<()> {
+async fn wait_quiet(
+    line: &dyn LineHandle,
+    mut plan: Resync,
+    origin: Instant,
+    clock: &Clock,
+) -> io::Result<()> {
     let sleep = tokio::time::sleep_until(origin + plan.until);
     tokio::pin!(sleep);
     std::future::poll_fn(|cx| loop {
-        let now = Instant::now().duration_since(origin);
+        let now = clock.instant().duration_since(origin);
         if line.discard(cx)? {
             plan.bytes_arrived(now);
         }
@@ -427,6 +434,7 @@ pub struct Link {
     /// The guard under `ctx` on an RTU line.
     line: Option<Arc<dyn LineHandle>>,
     stats: Arc<LineStats>,
+    clock: Clock,
     origin: Instant,
     failed: Option<Failed>,
     last_end: Option<Instant>,
@@ -445,24 +453,31 @@ impl fmt::Debug for Link {
 }
 
 impl Link {
-    /// A link that connects on first use.
+    /// A link that connects on first use; `clock` times its gaps and stamps its readings.
     #[must_use]
-    pub fn new(bus: &Bus) -> Link {
-        Link::with_stats(bus, Arc::default())
+    pub fn new(bus: &Bus, clock: Clock) -> Link {
+        Link::with_stats(bus, Arc::default(), clock)
     }
 
     /// A link that counts what its line guard drops into `stats` (shared with the bus status).
-    pub(crate) fn with_stats(bus: &Bus, stats: Arc<LineStats>) -> Link {
+    pub(crate) fn with_stats(bus: &Bus, stats: Arc<LineStats>, clock: Clock) -> Link {
         Link {
             bus: bus.clone(),
             ctx: None,
             line: None,
             stats,
-            origin: Instant::now(),
+            origin: clock.instant(),
+            clock,
             failed: None,
             last_end: None,
             answer_by: None,
         }
+    }
+
+    /// The clock this link times its transactions with.
+    #[must_use]
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// What the line guard saw (RTU lines; all zero on Modbus TCP).
@@ -554,11 +569,11 @@ impl Link {
         }
         let serial = self.is_serial_line();
         if let Err(e) = self.connect().await {
-            self.last_end = Some(Instant::now());
+            self.last_end = Some(self.clock.instant());
             return Err(e);
         }
         if let (Some(line), Some(f)) = (self.line.clone(), self.failed.take()) {
-            let now = Instant::now();
+            let now = self.clock.instant();
             let plan = Resync::after_failure(
                 now.duration_since(self.origin),
                 f.sent.duration_since(self.origin),
@@ -567,9 +582,9 @@ impl Link {
                 unit,
                 self.silence(),
             );
-            if let Err(e) = wait_quiet(&*line, plan, self.origin).await {
+            if let Err(e) = wait_quiet(&*line, plan, self.origin, &self.clock).await {
                 self.drop_connection();
-                self.last_end = Some(Instant::now());
+                self.last_end = Some(self.clock.instant());
                 return Err(LinkError::Transport {
                     unit,
                     detail: e.to_string(),
@@ -582,7 +597,7 @@ impl Link {
         let noise_before = self.stats.noise_bytes.load(Ordering::Relaxed);
         let ctx = self.ctx.as_mut().expect("connected above");
         ctx.set_slave(Slave(unit));
-        let sent = Instant::now();
+        let sent = self.clock.instant();
         let deadline = match &mut self.answer_by {
             Some(d) => {
                 d.as_mut().reset(sent + timeout);
@@ -597,7 +612,7 @@ impl Link {
             r = ctx.call(request) => Ok(r),
             () = deadline.as_mut() => Err(()),
         };
-        self.last_end = Some(Instant::now());
+        self.last_end = Some(self.clock.instant());
         let failed = Failed {
             unit,
             sent,
@@ -664,7 +679,7 @@ impl Link {
             crate::clock::sleep_until_precise(end + gap).await;
         }
         if let Err(e) = self.connect().await {
-            self.last_end = Some(Instant::now());
+            self.last_end = Some(self.clock.instant());
             return Err(e);
         }
         let Some(line) = self.line.clone() else {
@@ -682,7 +697,7 @@ impl Link {
         let mut raw = RawLine(line.clone());
         let out = f(&mut raw).await;
         line.begin();
-        self.last_end = Some(Instant::now());
+        self.last_end = Some(self.clock.instant());
         Ok(out)
     }
 

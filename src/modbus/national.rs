@@ -4,9 +4,9 @@
 //! protocol a meter speaks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::Utc;
-use tokio::time::Instant;
+use chrono::{DateTime, Utc};
 
 use super::bus::{ActuateError, PollResult, RelayState};
 use super::link::{FailureKind, Link, LinkError};
@@ -66,12 +66,12 @@ fn detail(message: &str) -> String {
         .to_string()
 }
 
-fn failed(failure: LinkError, started: Instant) -> PollResult {
+fn failed(failure: LinkError, latency: Duration) -> PollResult {
     PollResult {
         readings: Vec::new(),
         exceptions: Vec::new(),
         failure: Some(failure),
-        latency: started.elapsed(),
+        latency,
     }
 }
 
@@ -89,7 +89,7 @@ pub(crate) async fn poll_dlt645(
         ..
     } = meter;
     let address = *address;
-    let started = Instant::now();
+    let started = link.clock().instant();
     let mut client = dlt645::client::Client::new(*preamble);
     let mut readings = Vec::with_capacity(profile.items.len());
     let mut exceptions = Vec::new();
@@ -100,7 +100,7 @@ pub(crate) async fn poll_dlt645(
             })
             .await;
         let (value, error) = match r {
-            Err(e) => return failed(e, started),
+            Err(e) => return failed(e, link.clock().since(started)),
             Ok(Ok(bytes)) => match item.value(&bytes) {
                 Ok(v) => (Some(v), None),
                 Err(e) => (
@@ -114,15 +114,15 @@ pub(crate) async fn poll_dlt645(
                 exceptions.push(failure);
                 (None, Some(text))
             }
-            Ok(Err(e)) => return failed(dlt645_error(address, &e), started),
+            Ok(Err(e)) => return failed(dlt645_error(address, &e), link.clock().since(started)),
         };
-        readings.push(reading(device, reg, value, error));
+        readings.push(reading(device, reg, value, error, link.clock().now()));
     }
     PollResult {
         readings,
         exceptions,
         failure: None,
-        latency: started.elapsed(),
+        latency: link.clock().since(started),
     }
 }
 
@@ -135,7 +135,7 @@ pub(crate) async fn poll_cjt188(link: &mut Link, device: &Device, meter: WaterMe
         order,
         preamble,
     } = meter;
-    let started = Instant::now();
+    let started = link.clock().instant();
     let mut client = cjt188::client::Client::new(preamble);
     let r = link
         .raw(device.pause, async |line| {
@@ -144,9 +144,10 @@ pub(crate) async fn poll_cjt188(link: &mut Link, device: &Device, meter: WaterMe
                 .await
         })
         .await;
+    let ts = link.clock().now();
     let data = match r {
-        Err(e) => return failed(e, started),
-        Ok(Err(e)) => return failed(cjt188_error(address, &e), started),
+        Err(e) => return failed(e, link.clock().since(started)),
+        Ok(Err(e)) => return failed(cjt188_error(address, &e), link.clock().since(started)),
         Ok(Ok(d)) => d,
     };
     let valve = match data.status.valve {
@@ -165,11 +166,11 @@ pub(crate) async fn poll_cjt188(link: &mut Link, device: &Device, meter: WaterMe
             .registers
             .iter()
             .zip(values)
-            .map(|(reg, v)| reading(device, reg, Some(v), None))
+            .map(|(reg, v)| reading(device, reg, Some(v), None, ts))
             .collect(),
         exceptions: Vec::new(),
         failure: None,
-        latency: started.elapsed(),
+        latency: link.clock().since(started),
     }
 }
 
@@ -178,6 +179,7 @@ fn reading(
     reg: &crate::modbus::profile::RegisterDef,
     value: Option<f64>,
     error: Option<String>,
+    ts: DateTime<Utc>,
 ) -> Reading {
     Reading {
         device: device.name.clone(),
@@ -185,7 +187,7 @@ fn reading(
         quantity: reg.quantity,
         value,
         unit: reg.unit.clone(),
-        ts: Utc::now(),
+        ts,
         quality: if value.is_some() {
             Quality::Good
         } else {
@@ -252,7 +254,7 @@ pub(crate) async fn actuate_dlt645(
     } else {
         dlt645::data::RelayAction::Trip
     };
-    let deadline = (Utc::now() + CONTROL_VALIDITY).naive_utc();
+    let deadline = (link.clock().now() + CONTROL_VALIDITY).naive_utc();
     let status = link
         .raw(device.pause, async |line| {
             client

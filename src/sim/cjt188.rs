@@ -75,7 +75,7 @@ impl Meter {
         let state = State {
             volume_m3: spec.start_m3,
             flow_m3h: spec.flow_m3h,
-            last: Instant::now(),
+            last: super::line_now(),
             valve_open: true,
             answers: 0,
         };
@@ -112,7 +112,7 @@ impl Meter {
             return None;
         }
         let mut s = self.state.lock().ok()?;
-        let now = Instant::now();
+        let now = super::line_now();
         if s.valve_open {
             s.volume_m3 += s.flow_m3h * (now - s.last).as_secs_f64() / 3600.0;
         }

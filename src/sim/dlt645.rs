@@ -147,7 +147,7 @@ impl Meter {
         let state = State {
             energy_kwh: spec.start_kwh,
             load_w: spec.load_w,
-            last: Instant::now(),
+            last: super::line_now(),
             relay_open: false,
             answers: 0,
         };
@@ -177,7 +177,7 @@ impl Meter {
             return None;
         }
         let mut s = self.state.lock().ok()?;
-        let now = Instant::now();
+        let now = super::line_now();
         if !s.relay_open {
             s.energy_kwh += s.load_w * (now - s.last).as_secs_f64() / 3_600_000.0;
         }

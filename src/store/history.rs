@@ -116,14 +116,14 @@ impl Store {
             // Pruning scans the table: once an hour is plenty for a 13-month horizon.
             let due = self
                 .last_prune
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+                .is_none_or(|t| self.clock.since(t) >= Duration::from_secs(3600));
             if let (true, Some(newest)) = (due, samples.iter().map(|s| s.ts_ms).max()) {
                 tx.execute(
                     "DELETE FROM history WHERE ts_ms < ?1",
                     [newest - HISTORY_KEEP_MS],
                 )
                 .map_err(err)?;
-                self.last_prune = Some(std::time::Instant::now());
+                self.last_prune = Some(self.clock.instant());
             }
         }
         tx.commit().map_err(err)

@@ -215,7 +215,8 @@ impl AppendRate {
 #[derive(Debug, Default)]
 pub(crate) struct RateKeeper {
     pub(crate) rate: AppendRate,
-    saved: Option<std::time::Instant>,
+    /// When it was last saved (wall ms).
+    saved: Option<i64>,
 }
 
 impl RateKeeper {
@@ -232,13 +233,14 @@ impl RateKeeper {
     /// `bytes` more written at `now_ms`; returns the value to save when it is time to.
     pub(crate) fn add(&mut self, now_ms: i64, bytes: u64) -> Option<String> {
         self.rate = self.rate.add(now_ms, bytes);
+        // A clock stepped back saves at once rather than an hour late.
         if self
             .saved
-            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+            .is_some_and(|t| (0..60_000).contains(&(now_ms - t)))
         {
             return None;
         }
-        self.saved = Some(std::time::Instant::now());
+        self.saved = Some(now_ms);
         serde_json::to_string(&self.rate).ok()
     }
 }
@@ -289,7 +291,7 @@ pub(super) fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<
         .optional()
 }
 
-pub(super) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
+pub(super) fn stats(conn: &Connection, now_ms: i64) -> rusqlite::Result<Stats> {
     let mut s = Stats::default();
     // One pass, constant memory: a GROUP BY here would sort the whole outbox in a temp table.
     let (k, bytes, oldest): ([i64; 5], i64, Option<i64>) = conn.query_row(
@@ -325,14 +327,15 @@ pub(super) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     s.store_error = meta_get(conn, "store_error")?;
     s.bytes_per_hour = meta_get(conn, AppendRate::META_KEY)?
         .and_then(|v| serde_json::from_str::<AppendRate>(&v).ok())
-        .and_then(|r| r.per_hour(chrono::Utc::now().timestamp_millis()));
+        .and_then(|r| r.per_hour(now_ms));
     Ok(s)
 }
 
-/// Reads the stats of an outbox another process owns, without writing to it (`meterd buffer`).
-pub fn read_stats(path: &Path) -> Result<Stats, StoreError> {
+/// Reads the stats of an outbox another process owns, without writing to it (`meterd buffer`);
+/// `now_ms` is the wall time the write rate is taken at.
+pub fn read_stats(path: &Path, now_ms: i64) -> Result<Stats, StoreError> {
     let conn = open_read_only(path)?;
-    stats(&conn).map_err(|source| StoreError::Sqlite {
+    stats(&conn, now_ms).map_err(|source| StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
     })

@@ -15,6 +15,7 @@ use super::{
     meta_get, stats, Caps, Kind, NewRecord, RateKeeper, Remembered, Stats, StoreError, Stored,
     Write, MAX_RECORD_BYTES, REPLY_KEEP_MS,
 };
+use crate::clock::Clock;
 
 /// The `SQLite` outbox.
 pub struct Store {
@@ -25,8 +26,10 @@ pub struct Store {
     pub(super) bytes: u64,
     pub(super) dropped_total: u64,
     /// The age cap is checked at most once a minute: it needs a scan, the others are counters.
-    pub(super) last_age_check: Option<std::time::Instant>,
-    pub(super) last_prune: Option<std::time::Instant>,
+    pub(super) last_age_check: Option<tokio::time::Instant>,
+    pub(super) last_prune: Option<tokio::time::Instant>,
+    /// Stamps what the store writes itself (events, run times) and paces the caps.
+    pub(super) clock: Clock,
     /// The newest committed rows, shared with the uplink's handle (see `tail`).
     pub(super) tail: Arc<Mutex<Tail>>,
     pub(super) rate: RateKeeper,
@@ -36,8 +39,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the outbox at `path`.
-    pub fn open(path: &Path, caps: Caps) -> Result<Store, StoreError> {
+    /// Opens (creating if needed) the outbox at `path`; `clock` is the time its caps and its own
+    /// records go by.
+    pub fn open(path: &Path, caps: Caps, clock: Clock) -> Result<Store, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
@@ -78,6 +82,7 @@ impl Store {
             dropped_total,
             last_age_check: None,
             last_prune: None,
+            clock,
             #[cfg(test)]
             fail_next_cap_pass: false,
         };
@@ -157,7 +162,7 @@ impl Store {
             .sum::<u64>();
         // The records are committed: a failing cap pass (a full disk) must not make the caller hold
         // them and insert them again under new seqs. The caps are enforced again on the next write.
-        if let Err(e) = self.enforce_caps(Utc::now()) {
+        if let Err(e) = self.enforce_caps(self.clock.now()) {
             tracing::error!(error = %e, "outbox: the cap pass failed; the records are stored, the cap is retried on the next write");
         }
         Ok(last)
@@ -177,7 +182,7 @@ impl Store {
         let known = self.tail_counted(acks);
         let tx = self.conn.transaction().map_err(err)?;
         let (acked_rows, acked_bytes) = delete_ranges(&tx, acks, known).map_err(err)?;
-        insert_records(&tx, records, &mut self.rate).map_err(err)?;
+        insert_records(&tx, records, &mut self.rate, self.clock.now_ms()).map_err(err)?;
         let last = tx.last_insert_rowid();
         if !remember.is_empty() {
             let mut stmt = tx
@@ -190,7 +195,7 @@ impl Store {
                     .map_err(err)?;
             }
             drop(stmt);
-            let keep_from = Utc::now().timestamp_millis() - REPLY_KEEP_MS;
+            let keep_from = self.clock.now_ms() - REPLY_KEEP_MS;
             tx.execute("DELETE FROM command_replies WHERE ts_ms < ?1", [keep_from])
                 .map_err(err)?;
         }
@@ -268,7 +273,7 @@ impl Store {
             for w in writes {
                 w(&tx).map_err(err)?;
             }
-            insert_records(&tx, records, &mut self.rate).map_err(err)?;
+            insert_records(&tx, records, &mut self.rate, self.clock.now_ms()).map_err(err)?;
             let last = if records.is_empty() {
                 None
             } else {
@@ -333,9 +338,9 @@ impl Store {
         let check_age = crate::clock::plausible(now)
             && self
                 .last_age_check
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                .is_none_or(|t| self.clock.since(t) >= Duration::from_secs(60));
         if check_age {
-            self.last_age_check = Some(std::time::Instant::now());
+            self.last_age_check = Some(self.clock.instant());
             let age_limit = now
                 - chrono::Duration::from_std(self.caps.max_age).unwrap_or(chrono::Duration::MAX);
             // Among the oldest 100,000 rows (appended in about time order), those stamped at a
@@ -531,11 +536,13 @@ impl Store {
 
     /// Depth, age and the last errors.
     pub fn stats(&self) -> Result<Stats, StoreError> {
-        stats(&self.conn).map_err(|e| self.err(e)).map(|mut s| {
-            s.dropped_total = self.dropped_total;
-            s.bytes_per_hour = self.rate.rate.per_hour(Utc::now().timestamp_millis());
-            s
-        })
+        stats(&self.conn, self.clock.now_ms())
+            .map_err(|e| self.err(e))
+            .map(|mut s| {
+                s.dropped_total = self.dropped_total;
+                s.bytes_per_hour = self.rate.rate.per_hour(self.clock.now_ms());
+                s
+            })
     }
 }
 
@@ -604,12 +611,13 @@ pub(super) fn insert_records(
     tx: &Connection,
     records: &[NewRecord],
     rate: &mut RateKeeper,
+    now_ms: i64,
 ) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES (?1, ?2, ?3, ?4)",
     )?;
     let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
-    if let Some(saved) = rate.add(Utc::now().timestamp_millis(), bytes) {
+    if let Some(saved) = rate.add(now_ms, bytes) {
         tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         )?

@@ -1,6 +1,5 @@
 //! Versioned billing runs: a recomputation is a new version naming the one it supersedes.
 
-use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{NewRecord, Store, StoreError};
@@ -128,12 +127,13 @@ impl Store {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO billing_runs (period, computed_at, supersedes, reason, config_hash, provisional, command_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![run.period, Utc::now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, i64::from(run.provisional), run.command_id, run.body],
+            params![run.period, self.clock.now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, i64::from(run.provisional), run.command_id, run.body],
         )
         .map_err(err)?;
         let version = tx.last_insert_rowid();
         let records = records(version);
-        super::outbox::insert_records(&tx, &records, &mut self.rate).map_err(err)?;
+        super::outbox::insert_records(&tx, &records, &mut self.rate, self.clock.now_ms())
+            .map_err(err)?;
         let last = (!records.is_empty()).then(|| tx.last_insert_rowid());
         tx.commit().map_err(err)?;
         if let Some(last) = last {

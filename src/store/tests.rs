@@ -17,7 +17,7 @@ fn rec(kind: Kind, n: usize) -> NewRecord {
         } else {
             "audit".into()
         },
-        ts: Utc::now(),
+        ts: crate::clock::Clock::system().now(),
         payload: format!("{{\"n\":{n}}}").into_bytes(),
     }
 }
@@ -32,9 +32,14 @@ fn the_age_cap_drops_by_timestamp_and_never_on_a_wrong_clock() {
         max_age: Duration::from_secs(30 * 86_400),
         ..Caps::default()
     };
-    let mut s = Store::open(&dir.path().join("outbox.db"), caps).unwrap();
+    let mut s = Store::open(
+        &dir.path().join("outbox.db"),
+        caps,
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     // The append's own cap pass must not look at the age: this test sets "now" itself.
-    s.last_age_check = Some(std::time::Instant::now());
+    s.last_age_check = Some(s.clock.instant());
     let at = |t: &str, n: usize| NewRecord {
         kind: Kind::Telemetry,
         topic: "telemetry".into(),
@@ -85,22 +90,22 @@ fn a_reply_is_remembered_with_its_record_and_survives_a_restart() {
     let path = dir.path().join("outbox.db");
     let reply = br#"{"id":"c-1","command":"top_up","ok":false,"error":"top-up suspended"}"#;
     {
-        let mut s = Store::open(&path, Caps::default()).unwrap();
+        let mut s = Store::open(&path, Caps::default(), crate::clock::Clock::system()).unwrap();
         let rec = NewRecord {
             kind: Kind::Reply,
             topic: "reply".into(),
-            ts: Utc::now(),
+            ts: crate::clock::Clock::system().now(),
             payload: reply.to_vec(),
         };
         let remember = Remembered {
             id: "c-1".into(),
             command: "top_up".into(),
-            ts_ms: Utc::now().timestamp_millis(),
+            ts_ms: crate::clock::Clock::system().now().timestamp_millis(),
             reply: reply.to_vec(),
         };
         s.append_remembering(&[rec], &[remember]).unwrap();
     }
-    let s = Store::open(&path, Caps::default()).unwrap();
+    let s = Store::open(&path, Caps::default(), crate::clock::Clock::system()).unwrap();
     let known = s.replies_of(&["c-1".into(), "c-2".into()]).unwrap();
     assert_eq!(known.len(), 1);
     assert_eq!(known["c-1"], reply.to_vec());
@@ -116,7 +121,12 @@ fn a_cap_pass_failing_on_a_full_disk_after_the_insert_does_not_store_the_batch_t
         max_rows: 50,
         ..Caps::default()
     };
-    let store = Store::open(&dir.path().join("o.db"), caps).unwrap();
+    let store = Store::open(
+        &dir.path().join("o.db"),
+        caps,
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     let mut w = Writer {
         store,
         spill: VecDeque::new(),
@@ -161,7 +171,7 @@ fn a_cap_pass_failing_on_a_full_disk_after_the_insert_does_not_store_the_batch_t
 fn seq_is_monotonic_across_restarts_even_when_everything_was_acked() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("o.db");
-    let mut s = Store::open(&p, Caps::default()).unwrap();
+    let mut s = Store::open(&p, Caps::default(), crate::clock::Clock::system()).unwrap();
     let last = s
         .append(&(0..10).map(|i| rec(Kind::Telemetry, i)).collect::<Vec<_>>())
         .unwrap();
@@ -169,7 +179,7 @@ fn seq_is_monotonic_across_restarts_even_when_everything_was_acked() {
     s.ack(&[(1, 10)]).unwrap();
     assert_eq!(s.stats().unwrap().rows, 0);
     drop(s);
-    let mut s = Store::open(&p, Caps::default()).unwrap();
+    let mut s = Store::open(&p, Caps::default(), crate::clock::Clock::system()).unwrap();
     assert_eq!(s.append(&[rec(Kind::Telemetry, 0)]).unwrap(), 11);
 }
 
@@ -180,7 +190,12 @@ fn the_row_cap_drops_oldest_telemetry_never_audit_and_says_so() {
         max_rows: 100,
         ..Caps::default()
     };
-    let mut s = Store::open(&dir.path().join("o.db"), caps).unwrap();
+    let mut s = Store::open(
+        &dir.path().join("o.db"),
+        caps,
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     let mut batch: Vec<NewRecord> = (0..80).map(|i| rec(Kind::Telemetry, i)).collect();
     batch.push(rec(Kind::Audit, 999));
     s.append(&batch).unwrap();
@@ -206,7 +221,12 @@ fn the_row_cap_drops_oldest_telemetry_never_audit_and_says_so() {
 #[test]
 fn a_full_disk_is_an_error_and_nothing_committed_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("o.db"), Caps::default()).unwrap();
+    let mut s = Store::open(
+        &dir.path().join("o.db"),
+        Caps::default(),
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     s.append(&[rec(Kind::Audit, 1)]).unwrap();
     let pages: i64 = s
         .conn
@@ -254,7 +274,7 @@ proptest::proptest! {
     fn outbox_behaves_like_an_ordered_queue(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.db");
-        let mut store = Some(Store::open(&path, Caps::default()).unwrap());
+        let mut store = Some(Store::open(&path, Caps::default(), crate::clock::Clock::system()).unwrap());
         let mut model: std::collections::BTreeMap<i64, (Kind, Vec<u8>)> = std::collections::BTreeMap::default();
         let mut next_seq = 1i64;
         for (i, op) in ops.into_iter().enumerate() {
@@ -280,7 +300,7 @@ proptest::proptest! {
                 Op::Restart => {
                     // Close before reopening, as a restarted process would.
                     drop(store.take());
-                    store = Some(Store::open(&path, Caps::default()).unwrap());
+                    store = Some(Store::open(&path, Caps::default(), crate::clock::Clock::system()).unwrap());
                 }
                 Op::Fetch(k, n) => {
                     let after = model.keys().copied().nth(k).map_or(0, |q| q - 1);
@@ -301,7 +321,12 @@ proptest::proptest! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_holds_records_in_memory_and_stores_them_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("o.db"), Caps::default()).unwrap();
+    let store = Store::open(
+        &dir.path().join("o.db"),
+        Caps::default(),
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     let pages: i64 = store
         .conn
         .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -323,10 +348,10 @@ async fn a_full_disk_holds_records_in_memory_and_stores_them_when_space_returns(
     h.set_max_page_count(1 << 30).await;
     h.append(vec![rec(Kind::Telemetry, 9)]).await.unwrap();
     h.flush().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = crate::clock::Clock::system().instant() + Duration::from_secs(10);
     while h.health.lock().unwrap().is_some() {
         assert!(
-            std::time::Instant::now() < deadline,
+            crate::clock::Clock::system().instant() < deadline,
             "store never recovered"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -342,7 +367,7 @@ fn a_month_of_counter_history_pages_out_in_order_without_gaps_or_repeats() {
     // 30 days of 15-minute samples of a 1.2 kW room: 2,880 samples, three pages of 1,000.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
-    let mut s = Store::open(&path, Caps::default()).unwrap();
+    let mut s = Store::open(&path, Caps::default(), crate::clock::Clock::system()).unwrap();
     let t0 = 1_790_000_000_000i64;
     let samples: Vec<Sample> = (0..2880)
         .map(|k| Sample {
@@ -409,7 +434,12 @@ fn a_commit_of_many_records_keeps_their_order_across_insert_chunks_and_an_oversi
     // at position 20 breaking the second chunk: every record in its place, seqs consecutive, the
     // oversized one replaced in line by its event.
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("outbox.db"), Caps::default()).unwrap();
+    let mut s = Store::open(
+        &dir.path().join("outbox.db"),
+        Caps::default(),
+        crate::clock::Clock::system(),
+    )
+    .unwrap();
     let mut records: Vec<NewRecord> = (0..41).map(|n| rec(Kind::Telemetry, n)).collect();
     records[20].payload = vec![b'x'; MAX_RECORD_BYTES + 1];
     let last = s.append(&records).unwrap();

@@ -4,7 +4,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
@@ -278,7 +277,7 @@ pub(super) struct Writer {
     pub(super) store: Store,
     pub(super) spill: VecDeque<NewRecord>,
     pub(super) spill_dropped: u64,
-    pub(super) last_error_log: Option<std::time::Instant>,
+    pub(super) last_error_log: Option<crate::clock::Pace>,
     pub(super) committed: watch::Sender<i64>,
     pub(super) health: Arc<Mutex<Option<String>>>,
     pub(super) recent: Arc<Mutex<VecDeque<NewRecord>>>,
@@ -341,7 +340,7 @@ impl Writer {
                     let rec = NewRecord {
                         kind: Kind::Event,
                         topic: "events".into(),
-                        ts: Utc::now(),
+                        ts: self.store.clock.now(),
                         payload: event.to_string().into_bytes(),
                     };
                     if let Ok(last) = self.store.append(&[rec]) {
@@ -357,7 +356,7 @@ impl Writer {
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
                 {
                     tracing::error!(error = %msg, held = all.len(), "outbox write failed; polling continues, records held in memory");
-                    self.last_error_log = Some(std::time::Instant::now());
+                    self.last_error_log = Some(crate::clock::Pace::now());
                 }
                 if let Ok(mut h) = self.health.lock() {
                     *h = Some(msg);
@@ -519,20 +518,20 @@ pub(super) fn store_loop(
         // came before it, so every command sees the effect of earlier ones.
         let mut batch: Vec<NewRecord> = Vec::with_capacity(64);
         let mut acks: Vec<(i64, i64)> = Vec::new();
-        let mut linger_until: Option<std::time::Instant> = None;
+        let mut linger_until: Option<crate::clock::Pace> = None;
         let mut next = first;
         loop {
             while let Some(cmd) = next {
-                let now = std::time::Instant::now();
+                let now = crate::clock::Pace::now();
                 match cmd {
                     StoreRequest::Append(mut r) => {
                         batch.append(&mut r);
-                        let t = now + COMMIT_LINGER;
+                        let t = now.after(COMMIT_LINGER);
                         linger_until = Some(linger_until.map_or(t, |u| u.min(t)));
                     }
                     StoreRequest::Ack(mut r) => {
                         acks.append(&mut r);
-                        linger_until.get_or_insert(now + ACK_LINGER);
+                        linger_until.get_or_insert(now.after(ACK_LINGER));
                     }
                     other => {
                         w.commit_acking(std::mem::take(&mut batch), &std::mem::take(&mut acks));
@@ -546,7 +545,7 @@ pub(super) fn store_loop(
                 next = rx.try_recv().ok();
             }
             let Some(rest) = linger_until
-                .and_then(|t| t.checked_duration_since(std::time::Instant::now()))
+                .and_then(crate::clock::Pace::remaining)
                 .filter(|r| !r.is_zero() && batch.len() < 50_000)
             else {
                 break;

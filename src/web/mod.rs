@@ -265,25 +265,26 @@ fn parse_utility(s: &str) -> Result<Utility, NotFound> {
 pub(crate) async fn topology(s: &WebState, utility: Utility) -> Topology {
     let window = s.config.topology.balance_every;
     let config = s.config.clone();
+    let now = s.control.clock.now();
     let views = tokio::task::spawn_blocking(move || {
         let conn = crate::store::open_read_only(&config.store.path).ok();
-        crate::accounting::node_views(conn.as_ref(), &config, window)
+        crate::accounting::node_views(conn.as_ref(), &config, window, now)
     })
     .await;
     let (from, to, views) = match views {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "web view: history unreadable; showing live values only");
-            let (from, to) = crate::accounting::live_window(&s.config, window);
+            let (from, to) = crate::accounting::live_window_at(&s.config, window, now);
             (from, to, Vec::new())
         }
         Err(_) => {
-            let (from, to) = crate::accounting::live_window(&s.config, window);
+            let (from, to) = crate::accounting::live_window_at(&s.config, window, now);
             (from, to, Vec::new())
         }
     };
     let views = if views.is_empty() {
-        crate::accounting::node_views(None, &s.config, window)
+        crate::accounting::node_views(None, &s.config, window, now)
             .map(|v| v.2)
             .unwrap_or_default()
     } else {
@@ -423,7 +424,7 @@ pub(crate) async fn history(s: &WebState, name: &str, range: Range) -> Result<Hi
         crate::topology::Source::Device(d) => Some(d.clone()),
         crate::topology::Source::Virtual(_) => None,
     };
-    let to = Utc::now();
+    let to = s.control.clock.now();
     let from = to - range.length();
     let counter = match device.clone() {
         Some(d) => {

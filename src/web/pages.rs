@@ -36,7 +36,7 @@ fn page(s: &WebState, title: &str, body: &Markup) -> Html<String> {
                         a href="/outbox" { "Outbox & uplink" }
                         a href="/events" { "Events" }
                     }
-                    span.time { (chrono::Utc::now().with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z")) }
+                    span.time { (s.control.clock.now().with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z")) }
                 }
                 main { h1 { (title) } (body) }
             }

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -109,10 +109,10 @@ impl Broker {
             start_embedded(dir.path(), cloud_port, tls);
             None
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", cloud_port)).is_err() {
             assert!(
-                Instant::now() < deadline,
+                meterd::clock::Clock::system().instant() < deadline,
                 "the broker did not start on port {cloud_port}"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -228,8 +228,10 @@ impl Drop for Broker {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none()
+                && meterd::clock::Clock::system().instant() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();

@@ -53,14 +53,14 @@ impl LinkProxy {
     pub fn set(&self, mode: Mode) {
         self.mode.send_replace(mode);
         // Wait (bounded) until the listener reflects the mode: refused connections are refused.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = meterd::clock::Clock::system().instant() + Duration::from_secs(5);
         loop {
             let accepting = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             if accepting == (mode != Mode::Refuse) {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                meterd::clock::Clock::system().instant() < deadline,
                 "link proxy did not switch to {mode:?}"
             );
             std::thread::sleep(Duration::from_millis(10));

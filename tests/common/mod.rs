@@ -10,9 +10,34 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use meterd::clock::SimClock;
 use meterd::config::Config;
 use meterd::modbus::profile::{self, Profile};
 use meterd::sim::{self, Building, EndpointAddr, RunningSim};
+
+/// A billing test's clock: noon UTC on the 10th of the month the system clock is in, running on in
+/// real time. "Last month" is then the same for the test's whole run on any date (a run started a
+/// second before a month ends does not see the month turn under it), and it is last month of the
+/// day the suite runs, never a month written into the test.
+pub fn mid_month_clock() -> SimClock {
+    let now = meterd::clock::Clock::system().now();
+    let noon = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 10, 12, 0, 0)
+        .unwrap();
+    SimClock::starting_at(noon)
+}
+
+/// The month before the one `t` is in, as UTC bounds `[start, end)` and its `YYYY-MM` name.
+pub fn month_before(t: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>, String) {
+    let first = |t: DateTime<Utc>| {
+        Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+            .unwrap()
+    };
+    let end = first(t);
+    let start = first(end - chrono::Duration::days(1));
+    (start, end, start.format("%Y-%m").to_string())
+}
 
 pub fn builtin() -> BTreeMap<String, Arc<Profile>> {
     profile::builtin()
@@ -155,12 +180,12 @@ pub async fn wait_until_every<T>(
     every: Duration,
     mut probe: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = meterd::clock::Clock::system().instant() + timeout;
     loop {
         match probe().await {
             Ok(v) => return v,
             Err(state) => assert!(
-                tokio::time::Instant::now() < deadline,
+                meterd::clock::Clock::system().instant() < deadline,
                 "timed out after {timeout:?} waiting for {what}: {state}"
             ),
         }

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{
-    building, cpu_seconds, float_profile, memory_kib, spawn_mosquitto, spawn_simulator, verdict,
-    ChildGuard, Scratch,
+    building, clock, cpu_seconds, float_profile, memory_kib, spawn_mosquitto, spawn_simulator,
+    verdict, ChildGuard, Scratch,
 };
 
 /// A simulated site: `endpoints` Modbus TCP endpoints with `units` meters each, every meter with
@@ -158,7 +158,7 @@ impl Prepared {
     /// Subscribes, then starts `meterd run` on the scratch config.
     pub(super) async fn start(self) -> Result<Running> {
         let counts = Arc::new(Mutex::new(Counts::default()));
-        let started = Utc::now();
+        let started = clock().now();
         let subscriber = subscribe(self.port, counts.clone(), started).await?;
         // `METERD_BENCH_DAEMON` measures another build's `meterd run` with this bench (before/after).
         let exe = match std::env::var_os("METERD_BENCH_DAEMON") {
@@ -202,7 +202,7 @@ async fn subscribe(
     client
         .subscribe("bench/bench/telemetry", QoS::AtLeastOnce)
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = clock().instant() + Duration::from_secs(10);
     loop {
         let ev = tokio::time::timeout_at(deadline, events.poll())
             .await
@@ -216,7 +216,7 @@ async fn subscribe(
         let _client = client;
         while let Ok(ev) = events.poll().await {
             if let Event::Incoming(Packet::Publish(p)) = ev {
-                let now = Utc::now().timestamp_millis();
+                let now = clock().now().timestamp_millis();
                 count(&p.payload, now, started_ms, &counts);
             }
         }
@@ -282,14 +282,14 @@ impl Running {
 
     /// Waits until the broker has seen `readings` (the daemon is up and delivering), or fails.
     pub(super) async fn delivering(&mut self, readings: u64, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
+        let deadline = clock().instant() + within;
         loop {
             self.alive()?;
             let n = self.counts.lock().map_or(0, |c| c.readings);
             if n >= readings {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if clock().instant() > deadline {
                 bail!("the broker saw {n} readings within {within:?} (expected at least {readings}): the daemon is not delivering; nothing was measured");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -317,7 +317,7 @@ impl Running {
             .lock()
             .map_err(|_| anyhow::anyhow!("counts poisoned"))?;
         Ok(Snapshot {
-            at: Some(Instant::now()),
+            at: Some(clock().instant()),
             cpu_s,
             broker_cpu_s,
             readings: c.readings,
@@ -400,9 +400,9 @@ pub(super) async fn steady(
     tokio::time::sleep(warmup).await;
     let a = run.snapshot().await?;
     run.time_latency(true);
-    let end = Instant::now() + window;
+    let end = clock().instant() + window;
     let mut rss_max_kib = 0;
-    while Instant::now() < end {
+    while clock().instant() < end {
         run.alive()?;
         rss_max_kib = rss_max_kib.max(memory_kib(run.pid())?.0);
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -580,7 +580,7 @@ fn write_backlog(prepared: &Prepared, end: DateTime<Utc>) -> Result<(u64, u64)> 
             }
         }
     }
-    let mut store = Store::open(&prepared.outbox(), Caps::default())?;
+    let mut store = Store::open(&prepared.outbox(), Caps::default(), clock())?;
     let mut next = vec![0usize; config.devices.len()];
     let (mut records, mut readings) = (0u64, 0u64);
     let mut batch = Vec::with_capacity(10_000);
@@ -630,14 +630,14 @@ pub(super) async fn backlog() -> Result<bool> {
         report: "every_poll = true",
     };
     let prepared = prepare("backlog", &site)?;
-    let t = std::time::Instant::now();
-    let (records, readings) = write_backlog(&prepared, Utc::now())?;
+    let t = clock().instant();
+    let (records, readings) = write_backlog(&prepared, clock().now())?;
     println!(
         "\n[backlog] whole daemon, outbox to broker: 24 h of outage of the 1,000-meter site (10 float32 each at 1 s, default report policy: {records} records, {readings} readings, written in {:.1} s) drains to a local Mosquitto at QoS 1 while the site is polled live with every reading reported",
-        t.elapsed().as_secs_f64()
+        clock().since(t).as_secs_f64()
     );
     let mut run = prepared.start().await?;
-    let t0 = Instant::now();
+    let t0 = clock().instant();
     let deadline = t0 + Duration::from_secs(600);
     let mut rss = Vec::new();
     let mut first_live = None;
@@ -647,13 +647,13 @@ pub(super) async fn backlog() -> Result<bool> {
             (c.backlog_readings, c.readings - c.backlog_readings)
         });
         if first_live.is_none() && live_seen > 0 {
-            first_live = Some(t0.elapsed());
+            first_live = Some(clock().since(t0));
         }
         rss.push((backlog_seen, memory_kib(run.pid())?.0));
         if backlog_seen >= readings {
-            break t0.elapsed();
+            break clock().since(t0);
         }
-        if Instant::now() > deadline {
+        if clock().instant() > deadline {
             bail!("the backlog did not drain in 600 s ({backlog_seen} of {readings} readings at the broker)");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 
+use super::clock;
 use super::verdict;
 use crate::dlt645::client::Client;
 use crate::dlt645::{Address, Di};
@@ -59,9 +59,9 @@ pub(super) async fn line(window: Duration) -> Result<bool> {
             )
             .await?;
     }
-    let start = Instant::now();
+    let start = clock().instant();
     let mut done = 0u64;
-    while start.elapsed() < window {
+    while clock().since(start) < window {
         let a = addresses[(done % METERS) as usize];
         let v = client
             .read(&mut port, a, Di::FORWARD_ACTIVE_KWH, Duration::from_secs(1))
@@ -71,7 +71,7 @@ pub(super) async fn line(window: Duration) -> Result<bool> {
         }
         done += 1;
     }
-    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let rate = done as f64 / clock().since(start).as_secs_f64();
     if done == 0 {
         bail!("no transaction completed");
     }
@@ -79,7 +79,7 @@ pub(super) async fn line(window: Duration) -> Result<bool> {
     let ok = ratio >= 0.9;
     println!(
         "    theoretical {theoretical:.2} transactions/s; achieved {rate:.2} transactions/s ({done} in {:.1} s) = {:.1}% (target >= 90%: {})",
-        start.elapsed().as_secs_f64(),
+        clock().since(start).as_secs_f64(),
         ratio * 100.0,
         verdict(ok)
     );

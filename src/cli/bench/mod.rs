@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, ValueEnum};
-use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::daemon::Engine;
 use crate::modbus::bus::BusStatus;
@@ -127,6 +127,12 @@ impl BenchCmd {
         }
         Ok(())
     }
+}
+
+/// The benchmarks' clock: they time real work on the system's clock (what they measure, the
+/// daemon, gets the same clock through `Daemon::start`).
+fn clock() -> Clock {
+    Clock::system()
 }
 
 /// CPU seconds used so far by a process.
@@ -296,8 +302,8 @@ async fn measure_engine(
     sim_pid: Option<u32>,
 ) -> Result<Measured> {
     let me = std::process::id();
-    let mut engine = Engine::start(config);
-    let t_start = Instant::now();
+    let mut engine = Engine::start(config, &clock());
+    let t_start = clock().instant();
     let mut counting = false;
     let (mut readings, mut cpu0, mut sim0, mut t0) = (0u64, 0.0, 0.0, t_start);
     let mut polls0 = 0;
@@ -312,7 +318,7 @@ async fn measure_engine(
                 }
             }
             _ = sample.tick() => {
-                let now = Instant::now();
+                let now = clock().instant();
                 if counting {
                     rss_max = rss_max.max(memory_kib(me)?.0);
                     if now - t0 >= window {
@@ -515,7 +521,7 @@ fn sample_reading(i: usize) -> crate::reading::Reading {
         quantity: crate::modbus::profile::Quantity::EnergyKwh,
         value: Some(5123.25 + i as f64 * 0.001),
         unit: Arc::from("kWh"),
-        ts: chrono::Utc::now(),
+        ts: clock().now(),
         quality: Quality::Good,
         raw: crate::reading::RawWords::new(&[0x45A0, 0x1A20]),
         error: None,
@@ -528,7 +534,11 @@ async fn outbox_write() -> Result<bool> {
     let total = 1_000_000usize;
     let per_poll = 100;
     println!("\n[outbox-write] scope: store only. Outbox write: {total} readings serialized to JSON and written through the store task (group commit, WAL, synchronous=NORMAL), {per_poll} per poll batch");
-    let handle = store::spawn(Store::open(&scratch.0.join("outbox.db"), Caps::default())?)?;
+    let handle = store::spawn(Store::open(
+        &scratch.0.join("outbox.db"),
+        Caps::default(),
+        clock(),
+    )?)?;
     let polls: Vec<Vec<crate::reading::Reading>> = (0..total / per_poll)
         .map(|b| {
             (0..per_poll)
@@ -536,7 +546,7 @@ async fn outbox_write() -> Result<bool> {
                 .collect()
         })
         .collect();
-    let t0 = Instant::now();
+    let t0 = clock().instant();
     for poll in polls {
         // What the daemon's recorder does with a batch: one record per device poll (here every
         // reading is another device's, so one record each, as with `every_poll`).
@@ -549,7 +559,7 @@ async fn outbox_write() -> Result<bool> {
             .await?;
     }
     handle.flush().await;
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = clock().since(t0).as_secs_f64();
     let stats = handle.stats().await;
     let rate = total as f64 / secs;
     let ok = rate >= 200_000.0 && stats.rows == total as u64;
@@ -578,9 +588,9 @@ fn spawn_mosquitto(dir: &Path) -> Result<(ChildGuard, u16)> {
         .spawn()
         .context("starting mosquitto (install it: apt-get install -y mosquitto)")?;
     let guard = ChildGuard(child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = clock().instant() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if std::time::Instant::now() > deadline {
+        if clock().instant() > deadline {
             bail!("mosquitto did not start on port {port}");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -597,7 +607,7 @@ async fn replay() -> Result<bool> {
     let total = 1_000_000usize;
     let db = scratch.0.join("outbox.db");
     {
-        let mut s = Store::open(&db, Caps::default())?;
+        let mut s = Store::open(&db, Caps::default(), clock())?;
         for b in 0..total / 10_000 {
             let recs: Vec<_> = (0..10_000)
                 .filter_map(|i| crate::report::poll_record(&[sample_reading(b * 10_000 + i)]))
@@ -614,7 +624,7 @@ async fn replay() -> Result<bool> {
         mqtt.batch_max_records, mqtt.inflight
     );
     let rss_before = memory_kib(std::process::id())?.0;
-    let handle = store::spawn(Store::open(&db, Caps::default())?)?;
+    let handle = store::spawn(Store::open(&db, Caps::default(), clock())?)?;
     let status = Arc::new(Mutex::new(UplinkStatus::default()));
     let uplink = Uplink {
         config: mqtt,
@@ -623,34 +633,35 @@ async fn replay() -> Result<bool> {
             site: "bench".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             config_hash: config.hash.clone(),
-            started_at: chrono::Utc::now(),
+            started_at: clock().now(),
         },
         store: handle.clone(),
         status: status.clone(),
         commands: Arc::new(NoCommands),
         model: tokio::sync::watch::channel(Arc::new(config.site_model_bytes())).1,
+        clock: clock(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let t0 = Instant::now();
+    let t0 = clock().instant();
     let task = tokio::spawn(uplink.run(stop_rx));
     let acked = || status.lock().map_or(0, |s| s.records_acked);
     let (mut rss_100k, mut t_100k) = (0u64, 0.0);
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = clock().instant() + Duration::from_secs(300);
     loop {
         let n = acked();
         if rss_100k == 0 && n >= 100_000 {
             rss_100k = memory_kib(std::process::id())?.0;
-            t_100k = t0.elapsed().as_secs_f64();
+            t_100k = clock().since(t0).as_secs_f64();
         }
         if n >= total as u64 {
             break;
         }
-        if Instant::now() > deadline {
+        if clock().instant() > deadline {
             bail!("replay did not finish in 300 s ({n} acked)");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = clock().since(t0).as_secs_f64();
     let rss_1m = memory_kib(std::process::id())?.0;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -770,9 +781,9 @@ fn apportion_bench() -> Result<bool> {
         .iter()
         .map(|(_, m)| (m.name.clone(), [Quantity::EnergyKwh].into()))
         .collect();
-    let t_build = Instant::now();
+    let t_build = clock().instant();
     let (site, issues) = topology::build(rooms, meters, pools, tariffs, 5.0, &devices);
-    let build_s = t_build.elapsed().as_secs_f64();
+    let build_s = clock().since(t_build).as_secs_f64();
     if !issues.is_empty() {
         bail!(
             "synthetic site invalid: {:?}",
@@ -832,13 +843,13 @@ fn apportion_bench() -> Result<bool> {
             ),
         );
     }
-    let t0 = Instant::now();
+    let t0 = clock().instant();
     let devices_c = crate::apportion::device_consumption(&site, &boundaries, &BTreeMap::new());
     let cons = topology::meter_consumption(&site, &devices_c);
     let balances = topology::balances(&site, &cons);
     let results = crate::apportion::apportion(&site, &cons, "2026-10");
     let json = serde_json::to_vec(&results)?;
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = clock().since(t0).as_secs_f64();
     let exact = results.iter().all(|r| {
         r.rooms.iter().map(|x| x.share_milli).sum::<i64>() == r.common_milli
             && r.rooms
@@ -925,7 +936,7 @@ fn bill_bench() -> Result<bool> {
         {
             instants.push(t);
         }
-        let mut store = crate::store::Store::open(&db, crate::store::Caps::default())?;
+        let mut store = crate::store::Store::open(&db, crate::store::Caps::default(), clock())?;
         let mut samples = Vec::new();
         for (i, d) in devices.iter().enumerate() {
             let kw = if d.starts_with("floor") {
@@ -961,12 +972,12 @@ fn bill_bench() -> Result<bool> {
         store.record_history(&samples)?;
         drop(store);
         let exe = std::env::current_exe()?;
-        let t0 = Instant::now();
+        let t0 = clock().instant();
         let o = std::process::Command::new(&exe)
             .args(["bill", "--period", "2026-10", "--config"])
             .arg(&path)
             .output()?;
-        let secs = t0.elapsed().as_secs_f64();
+        let secs = clock().since(t0).as_secs_f64();
         let text = String::from_utf8_lossy(&o.stdout);
         let rooms_listed = text
             .lines()
@@ -990,7 +1001,7 @@ fn bill_bench() -> Result<bool> {
         }
         ok &= good;
         // The usual case once the month ran: the kept version is read, not recomputed.
-        let t0 = Instant::now();
+        let t0 = clock().instant();
         let r = std::process::Command::new(&exe)
             .args([
                 "recompute",
@@ -1002,13 +1013,13 @@ fn bill_bench() -> Result<bool> {
             ])
             .arg(&path)
             .output()?;
-        let run_s = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
+        let run_s = clock().since(t0).as_secs_f64();
+        let t0 = clock().instant();
         let o = std::process::Command::new(&exe)
             .args(["bill", "--period", "2026-10", "--config"])
             .arg(&path)
             .output()?;
-        let read_s = t0.elapsed().as_secs_f64();
+        let read_s = clock().since(t0).as_secs_f64();
         let text = String::from_utf8_lossy(&o.stdout);
         let kept = text.starts_with("2026-10 — version 1 of 1");
         let listed = text

@@ -27,6 +27,7 @@ pub(super) async fn run(
     key: ed25519_dalek::SigningKey,
     sim: Arc<RunningSim>,
     last_month: String,
+    clock: crate::clock::Clock,
 ) {
     let Some(mqtt) = config.mqtt.clone() else {
         return;
@@ -65,7 +66,7 @@ pub(super) async fn run(
     let send = |command: &'static str, mut args: Value| {
         let id = format!("demo-{command}-{:08x}", fastrand::u32(..));
         args["id"] = id.clone().into();
-        args["expires_at"] = (chrono::Utc::now() + chrono::Duration::minutes(10))
+        args["expires_at"] = (clock.now() + chrono::Duration::minutes(10))
             .to_rfc3339()
             .into();
         let content = crate::enforce::auth::signed_content(command, &id, &args);
