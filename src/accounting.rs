@@ -1018,6 +1018,7 @@ pub(crate) async fn run_period(
     let provisional = st.bills.iter().any(|b| b.provisional);
     let run = NewRun {
         period: req.period.clone(),
+        computed_at: meta.at,
         supersedes: meta.supersedes,
         reason: req.reason.clone(),
         config_hash: config.hash.clone(),
@@ -1451,5 +1452,283 @@ room = "101"
         assert!(site
             .room_tariff("101", topology::Utility::Electricity)
             .is_some());
+    }
+}
+
+/// The bill scheduler through the real accounting task on a paused clock, across the edges where
+/// site time and UTC disagree about the date: every date comes from the test's clock (the system's),
+/// so the tests pass on any day they run.
+#[cfg(test)]
+mod simulated_time {
+    use super::*;
+    use crate::clock::SimClock;
+    use crate::store::Sample;
+
+    const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
+
+    fn config(db: &std::path::Path) -> Arc<Config> {
+        let text = format!(
+            r#"
+[gateway]
+id = "gw"
+site = "t"
+timezone = "Asia/Shanghai"
+[store]
+path = "{}"
+[[bus]]
+name = "lan"
+kind = "tcp"
+host = "127.0.0.1"
+[[device]]
+name = "m1"
+bus = "lan"
+unit = 1
+profile = "chint_ddsu666"
+[[device]]
+name = "m2"
+bus = "lan"
+unit = 2
+profile = "chint_ddsu666"
+[[room]]
+id = "A"
+[[room]]
+id = "B"
+[[meter]]
+name = "m1"
+utility = "electricity"
+room = "A"
+[[meter]]
+name = "m2"
+utility = "electricity"
+room = "B"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+"#,
+            db.display()
+        );
+        Arc::new(Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap())
+    }
+
+    fn local(day: NaiveDate, h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        TZ.from_local_datetime(&day.and_hms_opt(h, m, s).unwrap())
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn sample(device: &str, ts: DateTime<Utc>, kwh: f64) -> Sample {
+        Sample {
+            device: device.into(),
+            quantity: "energy_kwh".into(),
+            ts_ms: ts.timestamp_millis(),
+            value: kwh,
+        }
+    }
+
+    /// A kept billing run, as the task stored it.
+    #[derive(Debug)]
+    struct Run {
+        period: String,
+        computed_at: DateTime<Utc>,
+        provisional: bool,
+        bills: Vec<RoomBill>,
+    }
+
+    /// Runs the accounting task of a gateway billing since the month `since` from `start`, on a
+    /// paused clock for `minutes`, in steps of a minute.
+    /// `history` is in the store from the start; each of `later` is recorded once the clock has
+    /// passed its time, as the recorder would. Returns the runs the task kept.
+    async fn scheduled(
+        since: &str,
+        start: DateTime<Utc>,
+        history: Vec<Sample>,
+        mut later: Vec<Sample>,
+        minutes: u32,
+    ) -> Vec<Run> {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let sim = SimClock::starting_at(start);
+        let mut s = store::Store::open(&cfg.store.path, cfg.store.caps, sim.clock()).unwrap();
+        s.record_history(&history).unwrap();
+        // The gateway has been billing since `since` (it ran through that month).
+        s.set_meta(BILLING_SINCE, since).unwrap();
+        let store = store::spawn(s).unwrap();
+        let (_requests, rx) = mpsc::channel(4);
+        let (_stop, shutdown) = watch::channel(false);
+        let (model, _) = watch::channel(Arc::new(Vec::new()));
+        let task = tokio::spawn(run(
+            cfg.clone(),
+            store.clone(),
+            rx,
+            shutdown,
+            model,
+            sim.clock(),
+        ));
+        for _ in 0..minutes {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let now = sim.now().timestamp_millis();
+            let (due, rest): (Vec<_>, Vec<_>) = later.into_iter().partition(|s| s.ts_ms <= now);
+            later = rest;
+            if !due.is_empty() {
+                store.record_history(due).await;
+            }
+        }
+        task.abort();
+        store.flush().await;
+        let conn = store::open_read_only(&cfg.store.path).unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT period, computed_at, provisional, body FROM billing_runs ORDER BY version",
+            )
+            .unwrap();
+        stmt.query_map([], |r| {
+            let at: String = r.get(1)?;
+            let body: String = r.get(3)?;
+            Ok(Run {
+                period: r.get(0)?,
+                computed_at: DateTime::parse_from_rfc3339(&at)
+                    .unwrap()
+                    .with_timezone(&Utc),
+                provisional: r.get::<_, i64>(2)? != 0,
+                bills: serde_json::from_str::<Statement>(&body).unwrap().bills,
+            })
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    /// The month that ends at the midnight after `last_day` (site time), billed by a gateway that
+    /// runs through that midnight: readings on both sides of each bound, 1.2 kW and 0.45 kW rooms
+    /// with counters at 0.01 kWh. The clock starts at 23:59:50 on `last_day`.
+    async fn month_ending(last_day: NaiveDate) -> (Vec<Run>, DateTime<Utc>, DateTime<Utc>) {
+        let end = local(last_day + chrono::Duration::days(1), 0, 0, 0);
+        let first = last_day.with_day(1).unwrap();
+        let start = local(first, 0, 0, 0);
+        let s = chrono::Duration::seconds;
+        let history = vec![
+            sample("m1", start - s(6), 1520.37),
+            sample("m1", start + s(4), 1520.37),
+            sample("m2", start - s(2), 88.12),
+            sample("m2", start + s(8), 88.13),
+            sample("m1", end - s(16), 2413.16),
+            sample("m2", end - s(12), 422.91),
+        ];
+        // The first polls after midnight.
+        let later = vec![
+            sample("m1", end + s(3), 2413.17),
+            sample("m2", end + s(7), 422.92),
+        ];
+        let runs = scheduled(&period_of(start, TZ), end - s(10), history, later, 8).await;
+        (runs, start, end)
+    }
+
+    /// One run of the month, at 00:05 site time (within the minute of the test's steps), with each
+    /// room billed from the first readings at or after both bounds, by hand:
+    /// A: 2413.17 − 1520.37 = 892.800 kWh × 0.8523 = 760.93344 → 760.93 CNY;
+    /// B: 422.92 − 88.13 = 334.790 kWh × 0.8523 = 285.341517 → 285.34 CNY.
+    fn billed_at_five_past_midnight(runs: &[Run], start: DateTime<Utc>, end: DateTime<Utc>) {
+        let period = start.with_timezone(&TZ).format("%Y-%m").to_string();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        let r = &runs[0];
+        assert_eq!(r.period, period);
+        let due = end + chrono::Duration::minutes(5);
+        assert!(
+            r.computed_at >= due && r.computed_at <= due + chrono::Duration::minutes(1),
+            "billed at {} site time",
+            r.computed_at.with_timezone(&TZ)
+        );
+        assert!(!r.provisional, "{r:?}");
+        let bill = |room: &str| r.bills.iter().find(|b| b.room == room).unwrap();
+        assert_eq!((bill("A").from, bill("A").to), (start, end));
+        assert_eq!(
+            (bill("A").own_milli, bill("A").total),
+            (892_800, Some(76_093))
+        );
+        assert_eq!(
+            (bill("B").own_milli, bill("B").total),
+            (334_790, Some(28_534))
+        );
+    }
+
+    fn today() -> NaiveDate {
+        crate::clock::Clock::system()
+            .now()
+            .with_timezone(&TZ)
+            .date_naive()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scheduler_bills_a_month_at_00_05_site_time_which_is_16_05_utc_the_day_before() {
+        // This month's last day (of the test's clock), Shanghai: midnight there is 16:00 UTC.
+        let t = today();
+        let next_first = NaiveDate::from_ymd_opt(t.year(), t.month(), 1)
+            .unwrap()
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap();
+        let (runs, start, end) = month_ending(next_first.pred_opt().unwrap()).await;
+        assert_eq!(end.with_timezone(&Utc).format("%H:%M").to_string(), "16:00");
+        billed_at_five_past_midnight(&runs, start, end);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scheduler_bills_december_at_00_05_on_new_years_day() {
+        let (runs, start, end) =
+            month_ending(NaiveDate::from_ymd_opt(today().year(), 12, 31).unwrap()).await;
+        assert_eq!(runs[0].period, format!("{}-12", today().year()));
+        assert_eq!(end.with_timezone(&TZ).year(), today().year() + 1);
+        billed_at_five_past_midnight(&runs, start, end);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scheduler_bills_a_leap_february_of_29_days_on_the_first_of_march() {
+        // The next 29 February from the test's clock.
+        let feb29 = (today().year()..today().year() + 8)
+            .filter_map(|y| NaiveDate::from_ymd_opt(y, 2, 29))
+            .find(|d| *d >= today())
+            .unwrap();
+        let (runs, start, end) = month_ending(feb29).await;
+        assert_eq!(end - start, chrono::Duration::days(29));
+        billed_at_five_past_midnight(&runs, start, end);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_down_over_the_month_end_bills_the_month_when_it_boots() {
+        // Power lost at 23:35 on the month's last day, back at 00:05: the first polls come at
+        // 00:05:10, more than 5 minutes after the bound, so the end reading is interpolated
+        // (estimated, the bill provisional) and the month is billed right after boot.
+        let t = today();
+        let first = NaiveDate::from_ymd_opt(t.year(), t.month(), 1).unwrap();
+        let next_first = first.checked_add_months(chrono::Months::new(1)).unwrap();
+        let (start, end) = (local(first, 0, 0, 0), local(next_first, 0, 0, 0));
+        let s = chrono::Duration::seconds;
+        let history = vec![
+            sample("m1", start + s(4), 1520.37),
+            sample("m2", start + s(8), 88.13),
+            sample("m1", end - s(25 * 60), 2412.67),
+            sample("m2", end - s(25 * 60), 422.72),
+            sample("m1", end + s(310), 2413.27),
+            sample("m2", end + s(310), 422.96),
+        ];
+        let boot = end + s(320);
+        let runs = scheduled(&period_of(start, TZ), boot, history, Vec::new(), 3).await;
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        let r = &runs[0];
+        assert_eq!(r.period, first.format("%Y-%m").to_string());
+        assert!(
+            r.computed_at >= boot && r.computed_at <= boot + chrono::Duration::minutes(1),
+            "billed at {} site time, booted at {}",
+            r.computed_at.with_timezone(&TZ),
+            boot.with_timezone(&TZ)
+        );
+        assert!(r.provisional, "the end reading is estimated: {r:?}");
+        let a = r.bills.iter().find(|b| b.room == "A").unwrap();
+        let end_read = a.meters[0].end.unwrap();
+        assert!(end_read.estimated, "{a:?}");
+        // Linear between 2412.67 (25 min before) and 2413.27 (5 min 10 s after).
+        let expected = 2412.67 + 0.60 * 1500.0 / 1810.0;
+        assert!((end_read.value - expected).abs() < 0.005, "{end_read:?}");
     }
 }

@@ -893,3 +893,131 @@ mod command_replies {
         task.abort();
     }
 }
+
+/// Time-driven rules through the real task on a paused clock: days of re-checks pass in
+/// milliseconds, and every date is computed from the test's clock, so they pass on any date.
+#[cfg(test)]
+mod simulated_time {
+    use super::super::test_support::{config_with, relay_board, setup};
+    use super::*;
+    use crate::clock::SimClock;
+    use chrono::{Datelike, NaiveDate, TimeZone, Weekday};
+
+    const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
+    const MINUTE: chrono::Duration = chrono::Duration::minutes(1);
+
+    /// The first `weekday` after today (site time, by the system's clock) at `h:m` site time.
+    fn next(weekday: Weekday, h: u32, m: u32) -> DateTime<Utc> {
+        let today = crate::clock::Clock::system()
+            .now()
+            .with_timezone(&TZ)
+            .date_naive();
+        let day = (1..=7)
+            .map(|n| today + chrono::Duration::days(n))
+            .find(|d| d.weekday() == weekday)
+            .unwrap();
+        local(day, h, m)
+    }
+
+    fn local(day: NaiveDate, h: u32, m: u32) -> DateTime<Utc> {
+        TZ.from_local_datetime(&day.and_hms_opt(h, m, 0).unwrap())
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    /// Room 104's prepaid balance is set to zero at `start`; the enforcer task then runs on a paused
+    /// clock for `days`, re-checking every minute as in the field. Returns every switch of its
+    /// supply relay, with the time it happened.
+    async fn switches_after_running_out(
+        start: DateTime<Utc>,
+        enforcement: &str,
+        days: i64,
+    ) -> Vec<(DateTime<Utc>, bool)> {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_with(&dir.path().join("outbox.db"), enforcement);
+        let sim = SimClock::starting_at(start);
+        let store = crate::store::spawn(
+            crate::store::Store::open(&cfg.store.path, cfg.store.caps, sim.clock()).unwrap(),
+        )
+        .unwrap();
+        let (actuators, log) = relay_board(&sim.clock(), &["meter104"]);
+        let enf = Enforcer::open(setup(&cfg), actuators, store, sim.clock()).unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let (_stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(enf.run(rx, shutdown));
+        let (reply, answer) = oneshot::channel();
+        tx.send(Input::Cloud {
+            name: "set_balance".into(),
+            id: "b-0".into(),
+            args: json!({"room": "104", "utility": "electricity", "balance": 0}),
+            deadline: start + MINUTE,
+            reply: Some(reply),
+        })
+        .await
+        .unwrap();
+        assert!(answer.await.unwrap().is_ok(), "the balance was set");
+        // The test's steps are the re-check interval, so the paused clock never jumps past one.
+        for _ in 0..days * 24 * 60 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        task.abort();
+        let switches = log.lock().unwrap().clone();
+        switches.into_iter().map(|(t, _, on)| (t, on)).collect()
+    }
+
+    /// One cut, within the minute after `at`.
+    fn cut_once_at(switches: &[(DateTime<Utc>, bool)], at: DateTime<Utc>) {
+        assert_eq!(switches.len(), 1, "{switches:?}");
+        let (t, on) = switches[0];
+        assert!(!on, "cut, not restored: {switches:?}");
+        assert!(
+            t >= at && t <= at + MINUTE,
+            "cut at {} site time, expected {}",
+            t.with_timezone(&TZ),
+            at.with_timezone(&TZ)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepaid_grace_ending_inside_the_allowed_hours_cuts_the_supply_when_it_ends() {
+        // Empty on a Monday at 10:15: the 48 h grace ends on Wednesday at 10:15, inside 09:00–18:00.
+        let empty = next(Weekday::Mon, 10, 15);
+        let switches = switches_after_running_out(empty, "", 3).await;
+        cut_once_at(&switches, empty + chrono::Duration::hours(48));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepaid_grace_ending_after_hours_cuts_the_supply_at_nine_the_next_morning() {
+        // Empty on a Monday at 19:40: the grace ends on Wednesday evening, outside the window.
+        let empty = next(Weekday::Mon, 19, 40);
+        let switches = switches_after_running_out(empty, "", 3).await;
+        let thursday = (empty + chrono::Duration::days(3)).with_timezone(&TZ);
+        cut_once_at(&switches, local(thursday.date_naive(), 9, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepaid_grace_ending_on_a_saturday_cuts_the_supply_at_nine_on_monday() {
+        // Empty on a Thursday at 11:00: the grace ends on Saturday at 11:00, inside the hours but on
+        // a weekend, which the default calendar keeps free of cut-offs.
+        let empty = next(Weekday::Thu, 11, 0);
+        let switches = switches_after_running_out(empty, "", 5).await;
+        let monday = (empty + chrono::Duration::days(4)).with_timezone(&TZ);
+        assert_eq!(monday.weekday(), Weekday::Mon);
+        cut_once_at(&switches, local(monday.date_naive(), 9, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepaid_grace_ending_before_a_holiday_waits_for_the_next_working_morning() {
+        // Empty on a Monday at 20:00: the grace ends on Wednesday at 20:00, after hours; Thursday
+        // is a configured holiday, so the supply is cut on Friday at 09:00.
+        let empty = next(Weekday::Mon, 20, 0);
+        let day = |n| {
+            (empty + chrono::Duration::days(n))
+                .with_timezone(&TZ)
+                .date_naive()
+        };
+        let enforcement = format!("[enforcement]\nholidays = [{}]\n", day(3));
+        let switches = switches_after_running_out(empty, &enforcement, 5).await;
+        cut_once_at(&switches, local(day(4), 9, 0));
+    }
+}

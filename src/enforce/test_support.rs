@@ -15,6 +15,11 @@ pub(crate) fn setup(cfg: &Config) -> Arc<super::config::Setup> {
 
 /// A gateway with one prepaid DDS238 (room 104) at 0.8523 CNY/kWh.
 pub(crate) fn config(db: &std::path::Path) -> Arc<Config> {
+    config_with(db, "")
+}
+
+/// [`config`] with more TOML after it (an `[enforcement]` section).
+pub(crate) fn config_with(db: &std::path::Path, more: &str) -> Arc<Config> {
     let text = format!(
         r#"
 [gateway]
@@ -54,6 +59,7 @@ kind = "supply"
 utility = "electricity"
 device = "meter104"
 output = "relay"
+{more}
 "#,
         db.display()
     );
@@ -106,4 +112,50 @@ pub(crate) fn validate_record(schema: &str, mut record: serde_json::Value) {
     if let Err(e) = schemas.validate(&batch, idx) {
         panic!("{schema}: {e:#}\n{batch}");
     }
+}
+
+/// Every switch a [`relay_board`] made: when (by the board's clock), which device, on or off.
+pub(crate) type Switches = Arc<std::sync::Mutex<Vec<(DateTime<Utc>, String, bool)>>>;
+
+/// A relay board that answers the enforcer at once, as a healthy meter's relay does: every output
+/// starts on, a read tells its state, a switch changes it and is logged with `clock`'s time.
+pub(crate) fn relay_board(
+    clock: &crate::clock::Clock,
+    devices: &[&str],
+) -> (
+    std::collections::HashMap<String, tokio::sync::mpsc::Sender<crate::modbus::bus::Actuation>>,
+    Switches,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::modbus::bus::Actuation>(16);
+    let log = Switches::default();
+    let (clock, switches) = (clock.clone(), log.clone());
+    tokio::spawn(async move {
+        let mut on: std::collections::HashMap<(String, String), bool> =
+            std::collections::HashMap::default();
+        while let Some(a) = rx.recv().await {
+            let state = on
+                .entry((a.device.clone(), a.output.clone()))
+                .or_insert(true);
+            let before = *state;
+            if let Some(want) = a.set {
+                *state = want;
+                if want != before {
+                    switches
+                        .lock()
+                        .unwrap()
+                        .push((clock.now(), a.device.clone(), want));
+                }
+            }
+            let _ = a.reply.send(Ok(crate::modbus::bus::RelayState {
+                before,
+                after: *state,
+                wrote: a.set.is_some_and(|w| w != before),
+            }));
+        }
+    });
+    let actuators = devices
+        .iter()
+        .map(|d| ((*d).to_string(), tx.clone()))
+        .collect();
+    (actuators, log)
 }

@@ -8,6 +8,8 @@ use super::{NewRecord, Store, StoreError};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NewRun {
     pub period: String,
+    /// When it was computed: the time its records carry too (not when the store wrote it).
+    pub computed_at: chrono::DateTime<chrono::Utc>,
     pub supersedes: Option<i64>,
     pub reason: String,
     pub config_hash: String,
@@ -127,7 +129,7 @@ impl Store {
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO billing_runs (period, computed_at, supersedes, reason, config_hash, provisional, command_id, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![run.period, self.clock.now().to_rfc3339(), run.supersedes, run.reason, run.config_hash, i64::from(run.provisional), run.command_id, run.body],
+            params![run.period, run.computed_at.to_rfc3339(), run.supersedes, run.reason, run.config_hash, i64::from(run.provisional), run.command_id, run.body],
         )
         .map_err(err)?;
         let version = tx.last_insert_rowid();
