@@ -213,8 +213,11 @@ impl HistorySampler {
                 .last
                 .entry((r.device.clone(), r.quantity))
                 .or_insert((i64::MIN, None));
+            // Samples are kept in time order only: after the clock was set back, a reading stamped
+            // at or before the last kept sample would be billed a second time.
             if crossed {
-                if let Some((p_ts, p_value)) = prev.take().filter(|p| p.0 != *kept) {
+                if let Some((p_ts, p_value)) = prev.take().filter(|p| p.0 > *kept) {
+                    *kept = p_ts;
                     out.push(Sample {
                         ts_ms: p_ts,
                         value: p_value,
@@ -222,7 +225,7 @@ impl HistorySampler {
                     });
                 }
             }
-            if crossed || *kept == i64::MIN || ts - *kept >= self.every_ms {
+            if ts > *kept && (crossed || *kept == i64::MIN || ts - *kept >= self.every_ms) {
                 *kept = ts;
                 out.push(sample());
             }
@@ -514,6 +517,49 @@ impl Daemon {
 mod tests {
     use super::*;
     use chrono::Utc;
+
+    /// Before the fix: the clock set back an hour, then stepped forward a day over a band change.
+    /// At the crossing the sampler kept the last reading before it, stamped in the repeated hour
+    /// and so before samples already kept: the counter went down in time order and the hour's
+    /// consumption would be billed twice.
+    #[test]
+    fn a_clock_set_back_then_stepped_over_a_band_change_keeps_no_sample_from_the_repeated_hour() {
+        let tz = chrono_tz::Asia::Shanghai;
+        // Peak 08:00–22:00, valley 22:00–08:00: a day's step crosses both band changes.
+        let calendar = crate::bill::Calendar::new(tz, [crate::tou::tests::peak_valley()]);
+        let mut sampler = HistorySampler::new(Duration::from_secs(60), calendar);
+        // 1.2 kW polled every 10 s from 12:00 Shanghai, the counter at 0.01 kWh.
+        let t0 = chrono::TimeZone::with_ymd_and_hms(&tz, 2026, 12, 10, 12, 0, 0)
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut kept = Vec::new();
+        let mut wh = 5_123_400.0_f64;
+        let mut poll = |at: chrono::DateTime<Utc>, sampler: &mut HistorySampler| {
+            wh += 1200.0 * 10.0 / 3600.0;
+            let r = crate::enforce::test_support::reading(at, (wh / 10.0).floor() / 100.0);
+            kept.extend(sampler.take(&[r]));
+        };
+        let s = chrono::Duration::seconds;
+        for k in 0..30 {
+            poll(t0 + s(10 * k), &mut sampler);
+        }
+        // Set back an hour (the clock now reads 11:05), 20 minutes of polls, then a day ahead.
+        let back = t0 + s(300) - chrono::Duration::hours(1);
+        for k in 0..120 {
+            poll(back + s(10 * k), &mut sampler);
+        }
+        let ahead = back + s(1200) + chrono::Duration::days(1);
+        for k in 0..30 {
+            poll(ahead + s(10 * k), &mut sampler);
+        }
+        assert!(
+            kept.windows(2)
+                .all(|w| w[0].ts_ms < w[1].ts_ms && w[0].value <= w[1].value),
+            "samples in time order, the counter never going down: {:?}",
+            kept.iter().map(|s| (s.ts_ms, s.value)).collect::<Vec<_>>()
+        );
+        assert!(kept.iter().any(|s| s.ts_ms >= ahead.timestamp_millis()));
+    }
 
     #[test]
     fn a_reading_taken_before_the_clock_was_set_is_marked_and_the_step_is_an_event() {

@@ -517,7 +517,8 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         ),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The lease is applied (answered) before the top-up is sent.
+    until(&sub, "the lease set", |m| reply(m, "l-1").is_some()).await;
     send(
         &sub,
         "top_up",
@@ -677,7 +678,30 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         None,
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // `relay list` is answered by the enforcer's main loop, after its start-up reads and first
+    // decisions: once it answers with every relay's actual state, whatever the restart would have
+    // written is written.
+    wait_until(
+        "the restarted enforcer answering",
+        Duration::from_secs(15),
+        async || {
+            let o = std::process::Command::new(bin)
+                .args(["relay", "list", "--json", "--config"])
+                .arg(&cfg_path)
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+            let relays = v["relays"]
+                .as_array()
+                .ok_or_else(|| format!("no relays: {v}"))?;
+            if relays.iter().all(|r| r["actual"].is_string()) {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(
         sim.writes_seen("lan", 10),
         writes_door,
@@ -870,7 +894,24 @@ async fn a_backend_on_a_shared_subscription_rebuilds_every_relay_action_with_its
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The switch's audit record is in the outbox (to be replayed) before the link comes back.
+    wait_until(
+        "the freeze audited in the outbox",
+        Duration::from_secs(10),
+        async || {
+            let rows = daemon.store.fetch(0, i64::MAX, 100_000).await.unwrap();
+            let audited = rows.iter().filter(|r| r.topic == "audit").any(|r| {
+                let v: Value = serde_json::from_slice(&r.payload).unwrap();
+                v["relay"] == "101-door" && v["rule"] == "freeze" && v["event"] == "relay_switched"
+            });
+            if audited {
+                Ok(())
+            } else {
+                Err(format!("{} records in the outbox", rows.len()))
+            }
+        },
+    )
+    .await;
     broker.restart();
     let up_at = meterd::clock::Clock::system().now();
 

@@ -177,16 +177,41 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
         None,
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(9)).await;
-
-    // The daemon's own balance check raised an event naming the suspect.
-    let records = daemon.store.fetch(0, i64::MAX, 100_000).await.unwrap();
-    let alarms: Vec<serde_json::Value> = records
-        .iter()
-        .filter(|r| r.topic == "events")
-        .map(|r| serde_json::from_slice(&r.payload).unwrap())
-        .filter(|v: &serde_json::Value| v["event"] == "balance_alarm")
-        .collect();
+    // The daemon's own balance check raises an event naming the suspect.
+    let alarms = common::wait_until(
+        "a balance alarm for floor1 and 9 s of history",
+        Duration::from_secs(20),
+        async || {
+            let records = daemon.store.fetch(0, i64::MAX, 100_000).await.unwrap();
+            let alarms: Vec<serde_json::Value> = records
+                .iter()
+                .filter(|r| r.topic == "events")
+                .map(|r| serde_json::from_slice(&r.payload).unwrap())
+                .filter(|v: &serde_json::Value| v["event"] == "balance_alarm")
+                .collect();
+            // And 9 s of history behind the whole-run balance below, enough to say where the
+            // miswired meter belongs.
+            let newest: Option<i64> = meterd::store::open_read_only(&cfg.store.path)
+                .ok()
+                .and_then(|c| {
+                    // Every counter's newest sample (the balance needs one after its window).
+                    c.query_row(
+                        "SELECT min(newest) FROM (SELECT max(ts_ms) AS newest FROM history GROUP BY device)",
+                        [],
+                        |r| r.get(0),
+                    )
+                        .ok()
+                });
+            let enough = newest
+                .is_some_and(|t| t >= (started + chrono::Duration::seconds(9)).timestamp_millis());
+            if enough && alarms.iter().any(|a| a["node"] == "floor1") {
+                Ok(alarms)
+            } else {
+                Err(format!("alarms so far: {alarms:?}"))
+            }
+        },
+    )
+    .await;
     let floor1 = alarms
         .iter()
         .find(|a| a["node"] == "floor1")

@@ -244,19 +244,24 @@ async fn a_broker_outage_loses_nothing_and_polling_never_stops() {
             .sum::<u64>()
     };
     let (polls_before, rows_before) = (polls(&daemon), daemon.store.stats().await.rows);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = daemon.store.stats().await;
-    assert!(
-        polls(&daemon) >= polls_before + 4 * 20,
-        "polling continued while the broker was down"
-    );
-    // One record per poll: at least the polls of 2 of the 3 seconds.
-    assert!(
-        during.rows > rows_before + 4 * 20,
-        "the outbox buffered the polls ({} -> {})",
-        rows_before,
-        during.rows
-    );
+    // Polling goes on while the broker is down, and the outbox keeps one record per poll.
+    let during = wait_until(
+        "polls buffered during the outage",
+        Duration::from_secs(10),
+        async || {
+            let s = daemon.store.stats().await;
+            let polled = polls(&daemon) - polls_before;
+            if polled >= 4 * 20 && s.rows > rows_before + 4 * 20 {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "{polled} polls, outbox {rows_before} -> {} rows",
+                    s.rows
+                ))
+            }
+        },
+    )
+    .await;
     let outage_last_seq = during.last_seq;
 
     broker.restart();
@@ -865,6 +870,8 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         m.iter().any(|m| m.topic == "test/gw/status")
     })
     .await;
+    // Last month of the test's clock (the gateway's timezone here is UTC).
+    let month = common::month_before(meterd::clock::Clock::system().now()).2;
     let publish = |name: &str, body: Value| {
         let c = sub.client.clone();
         let topic = format!("test/gw/cmd/{name}");
@@ -885,8 +892,12 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     )
     .await;
     publish("apportion", json!({"id": "a-bad", "period": "2026-13"})).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    publish("apportion", json!({"id": "a-1", "period": "2026-10"})).await;
+    // The tariff is set (answered) before the month is apportioned with it.
+    sub.wait_for("the first three replies", Duration::from_secs(20), |m| {
+        m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 3
+    })
+    .await;
+    publish("apportion", json!({"id": "a-1", "period": month})).await;
     let msgs = sub
         .wait_for("replies and the result", Duration::from_secs(20), |m| {
             m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 4
@@ -948,7 +959,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     );
     validate("results.schema.json", &res);
     let pool = &res["records"][0];
-    assert_eq!(pool["period"], "2026-10");
+    assert_eq!(pool["period"], month.as_str());
     assert_eq!(pool["version"], 1);
     assert_eq!(
         pool["price"]["micros"], 1_200_000,
@@ -974,7 +985,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         assert_eq!(b["provisional"], true);
         assert_eq!(
             (b["version"].as_i64(), b["period"].as_str()),
-            (Some(1), Some("2026-10"))
+            (Some(1), Some(month.as_str()))
         );
         assert!(b["ts"].as_str().is_some() && b["config_hash"].as_str().is_some());
         let notes = b["notes"].to_string();
@@ -986,7 +997,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     // The kept version answers get_bill.
     publish(
         "get_bill",
-        json!({"id": "gb-1", "period": "2026-10", "room": "B"}),
+        json!({"id": "gb-1", "period": month, "room": "B"}),
     )
     .await;
     let msgs = sub
@@ -1108,9 +1119,17 @@ async fn a_burst_of_500_commands_during_1000_readings_a_second_is_answered_once_
     .await;
     let answered_in = meterd::clock::Clock::system().since(burst_start);
     let burst_to = meterd::clock::Clock::system().now();
-    // A moment for any duplicate reply, and for telemetry queued behind the replies, to arrive.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let msgs_after = sub.take();
+    // The outbox goes out in seq order: once a reading taken a second after the burst has arrived,
+    // everything queued behind the replies (telemetry, any duplicate reply) has too.
+    let settled = burst_to + chrono::Duration::seconds(1);
+    let end = settled + chrono::Duration::seconds(1);
+    let msgs_after = sub
+        .wait_for(
+            "a reading taken after the burst",
+            Duration::from_secs(20),
+            |m| readings(m, settled, end) > 0,
+        )
+        .await;
     let rate_before = readings(&msgs_after, before_from, before_to) as f64
         / (before_to - before_from).as_seconds_f64();
     let rate_during = readings(&msgs_after, burst_from, burst_to) as f64

@@ -925,44 +925,88 @@ mod simulated_time {
             .with_timezone(&Utc)
     }
 
-    /// Room 104's prepaid balance is set to zero at `start`; the enforcer task then runs on a paused
-    /// clock for `days`, re-checking every minute as in the field. Returns every switch of its
-    /// supply relay, with the time it happened.
-    async fn switches_after_running_out(
+    /// What a simulated run of the enforcer did.
+    struct Simulated {
+        /// Every relay switch: when, which device, on or off.
+        switches: Vec<(DateTime<Utc>, String, bool)>,
+        /// Every event it published, as stored.
+        events: Vec<Value>,
+    }
+
+    /// Runs the enforcer task from `start` on a paused clock: `commands` (checked cloud commands)
+    /// applied at `start`, then `minutes` of time in steps of a minute, re-checking every minute as
+    /// in the field. The test's steps are the re-check interval, so the paused clock never jumps
+    /// past one.
+    async fn simulate(
         start: DateTime<Utc>,
-        enforcement: &str,
-        days: i64,
-    ) -> Vec<(DateTime<Utc>, bool)> {
+        more_config: &str,
+        commands: &[(&str, Value)],
+        minutes: i64,
+    ) -> Simulated {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config_with(&dir.path().join("outbox.db"), enforcement);
+        let cfg = config_with(&dir.path().join("outbox.db"), more_config);
         let sim = SimClock::starting_at(start);
         let store = crate::store::spawn(
             crate::store::Store::open(&cfg.store.path, cfg.store.caps, sim.clock()).unwrap(),
         )
         .unwrap();
-        let (actuators, log) = relay_board(&sim.clock(), &["meter104"]);
-        let enf = Enforcer::open(setup(&cfg), actuators, store, sim.clock()).unwrap();
+        let (actuators, log) = relay_board(&sim.clock(), &["meter104", "doors"]);
+        let enf = Enforcer::open(setup(&cfg), actuators, store.clone(), sim.clock()).unwrap();
         let (tx, rx) = mpsc::channel(8);
         let (_stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(enf.run(rx, shutdown));
-        let (reply, answer) = oneshot::channel();
-        tx.send(Input::Cloud {
-            name: "set_balance".into(),
-            id: "b-0".into(),
-            args: json!({"room": "104", "utility": "electricity", "balance": 0}),
-            deadline: start + MINUTE,
-            reply: Some(reply),
-        })
-        .await
-        .unwrap();
-        assert!(answer.await.unwrap().is_ok(), "the balance was set");
-        // The test's steps are the re-check interval, so the paused clock never jumps past one.
-        for _ in 0..days * 24 * 60 {
+        for (i, (name, args)) in commands.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            tx.send(Input::Cloud {
+                name: (*name).into(),
+                id: format!("c-{i}"),
+                args: args.clone(),
+                deadline: start + MINUTE,
+                reply: Some(reply),
+            })
+            .await
+            .unwrap();
+            let answer = answer.await.unwrap();
+            assert!(answer.is_ok(), "{name}: {answer:?}");
+        }
+        for _ in 0..minutes {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         task.abort();
+        store.flush().await;
+        let conn = crate::store::open_read_only(&cfg.store.path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT payload FROM outbox WHERE topic = 'events' ORDER BY seq")
+            .unwrap();
+        let events = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|p| serde_json::from_slice(&p.unwrap()).unwrap())
+            .collect();
         let switches = log.lock().unwrap().clone();
-        switches.into_iter().map(|(t, _, on)| (t, on)).collect()
+        Simulated { switches, events }
+    }
+
+    /// Room 104's prepaid balance is set to zero at `start`; returns every switch of its supply
+    /// relay over the `days` after.
+    async fn switches_after_running_out(
+        start: DateTime<Utc>,
+        enforcement: &str,
+        days: i64,
+    ) -> Vec<(DateTime<Utc>, bool)> {
+        let empty = json!({"room": "104", "utility": "electricity", "balance": 0});
+        let run = simulate(
+            start,
+            enforcement,
+            &[("set_balance", empty)],
+            days * 24 * 60,
+        )
+        .await;
+        run.switches
+            .into_iter()
+            .filter(|(_, device, _)| device == "meter104")
+            .map(|(t, _, on)| (t, on))
+            .collect()
     }
 
     /// One cut, within the minute after `at`.
@@ -1019,5 +1063,47 @@ mod simulated_time {
         let enforcement = format!("[enforcement]\nholidays = [{}]\n", day(3));
         let switches = switches_after_running_out(empty, &enforcement, 5).await;
         cut_once_at(&switches, local(day(4), 9, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_notice_running_over_a_month_end_alerts_then_freezes_the_door_on_time() {
+        // The lease's last day is the 2nd of next month (of the test's clock), not renewed. Its 7
+        // notice days start at 00:00 site time 7 days before that, in this month: the red alert
+        // then, and the door frozen the grace (7 days) later, at 00:00 on the 2nd.
+        let today = crate::clock::Clock::system()
+            .now()
+            .with_timezone(&TZ)
+            .date_naive();
+        let next_first = today
+            .with_day(1)
+            .unwrap()
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap();
+        let last_day = next_first + chrono::Duration::days(1);
+        let quiet = local(last_day - chrono::Duration::days(7), 0, 0);
+        let freeze = quiet + chrono::Duration::days(7);
+        assert!(quiet < local(next_first, 0, 0) && freeze > local(next_first, 0, 0));
+        let door = "[[device]]\nname = \"doors\"\nbus = \"lan\"\nunit = 10\nprofile = \"relay_waveshare_8ch\"\n[[relay]]\nname = \"104-door\"\nroom = \"104\"\nkind = \"door\"\ndevice = \"doors\"\noutput = \"relay1\"\n[enforcement]\ngrace = \"7d\"\nlease_notice_days = 7\n";
+        let lease = json!({"room": "104", "lease_end": last_day.to_string()});
+        let start = quiet - chrono::Duration::hours(2);
+        let run = simulate(start, door, &[("set_lease", lease)], 7 * 24 * 60 + 4 * 60).await;
+        let alerts: Vec<&Value> = run
+            .events
+            .iter()
+            .filter(|e| e["event"] == "lease_quiet_period")
+            .collect();
+        assert_eq!(alerts.len(), 1, "one red alert: {:?}", run.events);
+        let since =
+            DateTime::parse_from_rfc3339(alerts[0]["quiet_since"].as_str().unwrap()).unwrap();
+        assert_eq!(since, quiet);
+        assert_eq!(run.switches.len(), 1, "{:?}", run.switches);
+        let (t, device, on) = &run.switches[0];
+        assert_eq!((device.as_str(), *on), ("doors", false));
+        assert!(
+            *t >= freeze && *t <= freeze + MINUTE,
+            "door frozen at {} site time, expected {}",
+            t.with_timezone(&TZ),
+            freeze.with_timezone(&TZ)
+        );
     }
 }

@@ -461,3 +461,88 @@ fn a_commit_of_many_records_keeps_their_order_across_insert_chunks_and_an_oversi
     }
     assert_eq!(s.stats().unwrap().oversized, 1);
 }
+
+/// The age cap through the store thread, on a paused clock that boots in 1970 (a gateway without
+/// RTC) and is set by NTP two minutes later: a week on, exactly the readings stamped at real times
+/// more than `max_age` ago are dropped, never the ones stamped before the clock was set, and the
+/// event says how many.
+#[tokio::test(start_paused = true)]
+async fn the_age_cap_on_a_clock_wrong_at_boot_drops_only_real_stamps_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let boot = DateTime::parse_from_rfc3339("1970-01-01T00:00:05Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let sim = crate::clock::SimClock::starting_at(boot);
+    let caps = Caps {
+        max_age: Duration::from_secs(7 * 86_400),
+        ..Caps::default()
+    };
+    let store =
+        spawn(Store::open(&dir.path().join("outbox.db"), caps, sim.clock()).unwrap()).unwrap();
+    let poll = |n: usize| NewRecord {
+        kind: Kind::Telemetry,
+        topic: "telemetry".into(),
+        ts: sim.now(),
+        payload: format!("{{\"n\":{n}}}").into_bytes(),
+    };
+    // A poll every 10 s: 12 before NTP (1970), 12 after it, then one an hour for 8 days.
+    let mut n = 0;
+    for _ in 0..12 {
+        store.append(vec![poll(n)]).await.unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let synced = crate::clock::Clock::system().now();
+    sim.set(synced);
+    for _ in 0..12 {
+        store.append(vec![poll(n)]).await.unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    for _ in 0..8 * 24 {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        store.append(vec![poll(n)]).await.unwrap();
+        n += 1;
+    }
+    store.flush().await;
+    let rows = store.fetch(0, i64::MAX, 10_000).await.unwrap();
+    let kept: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.kind == Kind::Telemetry)
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).unwrap()["n"]
+                .as_u64()
+                .unwrap() as usize
+        })
+        .collect();
+    let limit = sim.now() - chrono::Duration::days(7);
+    // 0..12 are stamped 1970, 12..24 at NTP + 0..110 s, then one an hour.
+    let stamp = |i: usize| match i {
+        0..12 => None,
+        12..24 => Some(synced + chrono::Duration::seconds(10 * (i as i64 - 12))),
+        _ => Some(synced + chrono::Duration::seconds(120 + 3600 * (i as i64 - 23))),
+    };
+    // Every append runs the cap (they are more than a minute apart), the last one at the time
+    // read here: what is left is exactly what is stamped before the clock was set or within 7 days.
+    let expected: Vec<usize> = (0..n)
+        .filter(|&i| stamp(i).is_none_or(|t| t >= limit))
+        .collect();
+    assert_eq!(kept, expected);
+    assert!(
+        kept.starts_with(&(0..12).collect::<Vec<_>>()),
+        "1970 stamps kept"
+    );
+    assert!(!kept.contains(&12), "real stamps past the limit dropped");
+    let dropped: u64 = rows
+        .iter()
+        .filter(|r| r.kind == Kind::Event)
+        .map(|r| serde_json::from_slice::<Value>(&r.payload).unwrap())
+        .filter(|e| e["reason"] == "max_age")
+        .map(|e| e["dropped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        dropped as usize,
+        n - kept.len(),
+        "every drop is in an event"
+    );
+}
