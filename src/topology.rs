@@ -918,15 +918,22 @@ pub(crate) fn counter_consumption(
     replacement: Option<Replacement>,
 ) -> Option<Consumption> {
     let estimated = start.estimated || end.estimated;
-    let value = match replacement {
-        Some(r) => (r.final_reading - start.value) + (end.value - r.initial_reading),
-        None if end.value >= start.value => end.value - start.value,
+    // Differences of the readings as a bill prints them (thousandths): a tenant subtracting the
+    // printed readings gets the same figure, and the band lines (split at readings rounded the
+    // same way) add up to it exactly, whatever a float32 register's last digits were.
+    let m = crate::money::to_milli;
+    let milli = match replacement {
+        Some(r) => (m(r.final_reading) - m(start.value)) + (m(end.value) - m(r.initial_reading)),
+        None if m(end.value) >= m(start.value) => m(end.value) - m(start.value),
         None => match rollover {
-            Some(max) => end.value + max - start.value,
+            Some(max) => m(end.value) + m(max) - m(start.value),
             None => return None,
         },
     };
-    (value >= 0.0).then_some(Consumption { value, estimated })
+    (milli >= 0).then_some(Consumption {
+        value: milli as f64 / 1000.0,
+        estimated,
+    })
 }
 
 /// The counter at time `t` from the samples around it: linear interpolation between the last sample

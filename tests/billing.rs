@@ -940,3 +940,142 @@ fn a_backend_rebuilds_every_rooms_bill_from_the_telemetry_and_the_site_model_alo
         "{per_meter} records per meter"
     );
 }
+
+// ---- counters as real meters report them -----------------------------------------------------------
+
+/// One room on Shanghai's residential split (peak 08:00–22:00 at 0.5583, valley 22:00–08:00 at
+/// 0.3583, across midnight), its meter kept every 15 minutes as the history keeps it.
+const ONE_ROOM: &str = r#"
+[topology]
+history_every = "15m"
+[[room]]
+id = "101"
+[[meter]]
+name = "m101"
+utility = "electricity"
+room = "101"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+bands = [
+  { name = "peak", from = "08:00", to = "22:00", price = "0.5583" },
+  { name = "valley", from = "22:00", to = "08:00", price = "0.3583" },
+]
+"#;
+
+/// October 2026 of room 101: 1.2 kW in the peak band, 0.45 kW in the valley, its counter starting
+/// at `start_kwh` and reported through `shown` (the register's resolution), one sample every
+/// 15 minutes `phase` past the quarter hour (polls do not land on band edges: the values there are
+/// interpolated) from before the month to after it. Returns the bill and the true consumption per
+/// band, in thousandths of a kWh.
+fn october_of_one_room(
+    start_kwh: f64,
+    shown: impl Fn(f64) -> f64,
+    phase: chrono::Duration,
+) -> (RoomBill, i64, i64) {
+    use chrono::Timelike as _;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let cfg = config(&db, &(devices(&["m101"]) + ONE_ROOM));
+    let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
+    let step = chrono::Duration::minutes(15);
+    let (mut t, mut kwh) = (from - step + phase, start_kwh);
+    let (mut peak_wh, mut valley_wh) = (0.0, 0.0);
+    let mut samples = Vec::new();
+    while t <= to + step {
+        samples.push(Sample {
+            device: "m101".into(),
+            quantity: "energy_kwh".into(),
+            ts_ms: t.timestamp_millis(),
+            value: shown(kwh),
+        });
+        // Minute by minute (the loads change only at band edges, which are whole minutes).
+        for m in 0..15 {
+            let at = t + chrono::Duration::minutes(m);
+            let peak = (8..22).contains(&at.with_timezone(&TZ).hour());
+            let wh = if peak { 1200.0 } else { 450.0 } / 60.0;
+            if at >= from && at < to {
+                if peak {
+                    peak_wh += wh;
+                } else {
+                    valley_wh += wh;
+                }
+            }
+            kwh += wh / 1000.0;
+        }
+        t += step;
+    }
+    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
+    store.record_history(&samples).unwrap();
+    drop(store);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let st = meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap();
+    let b = bill(&st.bills, "101").clone();
+    (b, peak_wh as i64, valley_wh as i64)
+}
+
+/// Before the fix: a float32 register (SDM120, DDSU666) above 8,192 kWh steps by 0.001 kWh or
+/// more, the consumption was rounded to the thousandth once as a whole and once reading by
+/// reading, and where the two disagreed the month fell back to the base price for everything
+/// (0.8523 instead of the bands' 0.5583 / 0.3583) with a note blaming a missing reading.
+#[test]
+fn a_float32_counter_at_8192_16384_and_100000_kwh_is_still_priced_band_by_band() {
+    let mut cases = Vec::new();
+    for start in [
+        8_192.37, 8_500.02, 9_731.55, 16_384.5, 17_002.93, 23_456.78, 100_000.2, 100_123.45,
+    ] {
+        for phase_s in [0, 97, 433, 611] {
+            cases.push((start, chrono::Duration::seconds(phase_s)));
+        }
+    }
+    for (start, phase) in cases {
+        let float32 = |kwh: f64| f64::from(kwh as f32);
+        let (b, peak, valley) = october_of_one_room(start, float32, phase);
+        let lines: Vec<(&str, i64)> = b.own.iter().map(|l| (l.band.as_str(), l.milli)).collect();
+        assert_eq!(
+            lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+            ["peak", "valley"],
+            "at {start} kWh: {b:#?}"
+        );
+        // What the tenant can check: the lines add up to the readings printed on the bill.
+        let (first, last) = (b.meters[0].start.unwrap(), b.meters[0].end.unwrap());
+        let printed = meterd::money::to_milli(last.value) - meterd::money::to_milli(first.value);
+        assert_eq!(b.own_milli, printed, "at {start} kWh");
+        assert_eq!(lines[0].1 + lines[1].1, b.own_milli, "at {start} kWh");
+        // Each band near the truth: an edge is read at the first reading after it (within 5 min,
+        // `phase` late here), which moves up to `phase` × 1.2 kW across it, plus a float32 step (at
+        // 100,000 kWh 0.0078 kWh) at each of the month's 62 edges.
+        let step_milli = (f64::from(f32::EPSILON) * start * 1000.0 * 2.0).ceil() as i64;
+        let late_milli = (phase.num_seconds() as f64 / 3600.0 * 1200.0).ceil() as i64;
+        for (got, truth) in [(lines[0].1, peak), (lines[1].1, valley)] {
+            assert!(
+                (got - truth).abs() <= 62 * (step_milli + late_milli),
+                "at {start} kWh: {got} vs {truth}: {b:#?}"
+            );
+        }
+        // 1.2 kW × 14 h × 31 days and 0.45 kW × 10 h × 31 days, by hand.
+        assert_eq!((peak, valley), (520_800, 139_500));
+        let start = format!(
+            "{start} kWh, samples {}s past the quarter",
+            phase.num_seconds()
+        );
+        // Each line: thousandths × micro-CNY / 10^7 fen, half to even (docs/apportionment.md).
+        for l in &b.own {
+            let n = i128::from(l.milli) * i128::from(l.price.micros);
+            let (q, r) = (n / 10_000_000, n % 10_000_000);
+            let fen = if 2 * r > 10_000_000 || (2 * r == 10_000_000 && q % 2 == 1) {
+                q + 1
+            } else {
+                q
+            };
+            assert_eq!(i128::from(l.amount), fen, "{l:?}");
+        }
+        assert!(
+            !b.notes.iter().any(|n| n.contains("base price")),
+            "at {start} kWh: {:?}",
+            b.notes
+        );
+    }
+}
