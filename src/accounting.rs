@@ -249,7 +249,8 @@ pub fn consumption(
         }
     }
     let replacements = replacements_in(config, from, to);
-    let devices = apportion::device_consumption(&config.site, &boundaries, &replacements);
+    let hours = (to - from).num_seconds() as f64 / 3600.0;
+    let devices = apportion::device_consumption(&config.site, &boundaries, &replacements, hours);
     Ok(topology::meter_consumption(&config.site, &devices))
 }
 
@@ -931,6 +932,18 @@ pub(crate) fn run_records(
         v["reason"] = json!(meta.reason);
         rec("results/adjustment", v)
     }));
+    // A counter that went down unexplained: the operator must say what happened (a reset, an
+    // exchange to record as [[replacement]]) before the month can be billed exactly.
+    out.extend(st.counter_decreases.iter().map(|d| {
+        let mut v = serde_json::to_value(d).unwrap_or_default();
+        v["event"] = json!("counter_decrease");
+        NewRecord {
+            kind: Kind::Event,
+            topic: "events".into(),
+            ts: meta.at,
+            payload: stamp(v).to_string().into_bytes(),
+        }
+    }));
     out
 }
 
@@ -1212,6 +1225,55 @@ async fn billing_step(config: &Arc<Config>, since: &str, now: DateTime<Utc>) -> 
             None
         }
         Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod counter_events {
+    use super::*;
+
+    /// A counter that went down unexplained is published as a `counter_decrease` event of the run,
+    /// with the readings either side and the run it made provisional, valid against its schema.
+    #[test]
+    fn a_counter_decrease_goes_out_as_an_event_of_its_run() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let read = |t: &str, value: f64| bill::Read {
+            at: at(t),
+            value,
+            estimated: false,
+        };
+        let st = Statement {
+            pools: Vec::new(),
+            bills: Vec::new(),
+            counter_decreases: vec![bill::CounterDecrease {
+                meter: "m101".into(),
+                device: "m101".into(),
+                from: read("2026-09-30T16:00:00Z", 5_150.11),
+                to: read("2026-10-31T16:00:00Z", 329.4),
+                rollover: Some(999_999.99),
+            }],
+        };
+        let meta = RunMeta {
+            period: "2026-10".into(),
+            at: at("2026-10-31T16:05:00Z"),
+            config_hash: "abc".into(),
+            supersedes: None,
+            reason: "scheduled".into(),
+        };
+        let records = run_records(&st, &[], &meta, 3);
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (records[0].kind, records[0].topic.as_ref()),
+            (Kind::Event, "events")
+        );
+        let v: Value = serde_json::from_slice(&records[0].payload).unwrap();
+        assert_eq!(v["event"], "counter_decrease");
+        assert_eq!(
+            (v["version"].clone(), v["period"].clone()),
+            (json!(3), json!("2026-10"))
+        );
+        assert_eq!(v["from"]["value"], 5_150.11);
+        crate::enforce::test_support::validate_record("events.schema.json", v);
     }
 }
 

@@ -360,6 +360,7 @@ pub(crate) fn device_consumption(
     site: &Site,
     boundaries: &BTreeMap<String, (crate::topology::Boundary, crate::topology::Boundary)>,
     replacements: &BTreeMap<String, crate::topology::Replacement>,
+    hours: f64,
 ) -> BTreeMap<String, Consumption> {
     let mut out = BTreeMap::new();
     for m in site.meters.values() {
@@ -369,6 +370,7 @@ pub(crate) fn device_consumption(
                     *a,
                     *b,
                     m.rollover,
+                    m.max_rate.map(|r| r * hours),
                     replacements.get(&m.name).copied(),
                 ) {
                     out.insert(d.clone(), c);

@@ -242,6 +242,56 @@ pub struct Segment<'a> {
 pub struct Statement {
     pub pools: Vec<serde_json::Value>,
     pub bills: Vec<RoomBill>,
+    /// Counters that went down over a segment without a wrap or a recorded exchange: their
+    /// consumption is not billed (the bills relying on them are provisional and say so), and each is
+    /// published as a `counter_decrease` event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counter_decreases: Vec<CounterDecrease>,
+}
+
+/// A counter lower at the end of a segment than at its start, not explained by a plausible wrap or
+/// a recorded exchange: a reset, an exchange nobody recorded, or a glitch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CounterDecrease {
+    pub meter: String,
+    pub device: String,
+    pub from: Read,
+    pub to: Read,
+    /// The register's wrap value, when configured (the decrease was too large to be a wrap).
+    pub rollover: Option<f64>,
+}
+
+/// The counters of a segment that went down unexplained (see [`CounterDecrease`]).
+fn decreases(seg: &Segment, consumption: &BTreeMap<String, Consumption>) -> Vec<CounterDecrease> {
+    let mut out = Vec::new();
+    for m in seg.site.meters.values() {
+        let Source::Device(d) = &m.source else {
+            continue;
+        };
+        let Some(s) = seg.series.get(d) else { continue };
+        let (Some((ta, Some(a))), Some((tb, Some(b)))) = (s.first(), s.last()) else {
+            continue;
+        };
+        let went_down = crate::money::to_milli(b.value) < crate::money::to_milli(a.value);
+        if went_down && !consumption.contains_key(&m.name) {
+            out.push(CounterDecrease {
+                meter: m.name.clone(),
+                device: d.clone(),
+                from: Read {
+                    at: *ta,
+                    value: a.value,
+                    estimated: a.estimated,
+                },
+                to: Read {
+                    at: *tb,
+                    value: b.value,
+                    estimated: b.estimated,
+                },
+                rollover: m.rollover,
+            });
+        }
+    }
+    out
 }
 
 fn read(at: DateTime<Utc>, b: Option<Boundary>) -> Option<Read> {
@@ -260,7 +310,8 @@ pub(crate) fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption
             bounds.insert(dev.clone(), (*a, *b));
         }
     }
-    let devices = apportion::device_consumption(seg.site, &bounds, seg.replacements);
+    let hours = (seg.to - seg.from).num_seconds() as f64 / 3600.0;
+    let devices = apportion::device_consumption(seg.site, &bounds, seg.replacements, hours);
     topology::meter_consumption(seg.site, &devices)
 }
 
@@ -347,12 +398,15 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
         return Statement {
             pools,
             bills: Vec::new(),
+            counter_decreases: Vec::new(),
         };
     };
     let (p_from, p_to) = (first.from, last.to);
+    let mut counter_decreases = Vec::new();
     for seg in segments {
         let site = seg.site;
         let consumption = segment_consumption(seg);
+        counter_decreases.extend(decreases(seg, &consumption));
         // Pools first: their missing inputs make every member's bill provisional.
         let results: Vec<PoolResult> = apportion::apportion(site, &consumption, period);
         let mut pool_missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -467,7 +521,11 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 + b.shares.iter().filter_map(|s| s.amount).sum::<i64>()
         });
     }
-    Statement { pools, bills }
+    Statement {
+        pools,
+        bills,
+        counter_decreases,
+    }
 }
 
 /// One meter's line on a room's bill for one segment, and its own consumption priced by the
@@ -490,11 +548,28 @@ fn own_meter(
     let end = s.and_then(|s| s.last()).and_then(|(t, b)| read(*t, *b));
     let c = consumption.get(&m.name);
     let milli = c.map(|c| crate::money::to_milli(c.value));
+    let went_down = matches!((&start, &end), (Some(a), Some(b))
+        if crate::money::to_milli(b.value) < crate::money::to_milli(a.value));
     let status = match c {
+        None if went_down => "counter_decrease",
         None => "missing",
         Some(c) if c.estimated => "estimated",
         Some(_) => "ok",
     };
+    if let ("counter_decrease", Some(a), Some(b)) = (status, start, end) {
+        bill.provisional = true;
+        bill.notes.push(format!(
+            "meter {}: the counter went down from {} at {} to {} at {}{}: a reset, an exchange not recorded as [[replacement]], or a glitch; consumption unknown, not billed until it is explained",
+            m.name,
+            units(crate::money::to_milli(a.value)),
+            local(a.at, tz),
+            units(crate::money::to_milli(b.value)),
+            local(b.at, tz),
+            m.rollover.map_or(String::new(), |r| format!(
+                " (too far to be a wrap of its register at {r})"
+            ))
+        ));
+    }
     match status {
         "missing" => {
             bill.provisional = true;

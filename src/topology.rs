@@ -75,6 +75,9 @@ pub struct Meter {
     pub pool: Option<String>,
     /// The counter wraps to 0 after this value (e.g. 99999.99 kWh display or a u32 pulse register).
     pub rollover: Option<f64>,
+    /// The most the counter can advance in an hour: the meter's rated kW (or m³/h for water). A
+    /// counter that went down is taken as a wrap only when the consumption that implies fits it.
+    pub max_rate: Option<f64>,
 }
 
 /// One part of an apportionment method.
@@ -262,6 +265,7 @@ pub struct RawMeter {
     pub room: Option<String>,
     pub pool: Option<String>,
     pub rollover: Option<f64>,
+    pub max_rate: Option<f64>,
 }
 
 /// `[[assignment]]` as written: `meter`, `from = "2026-10-15"`, and `room` and/or `parent`.
@@ -566,6 +570,12 @@ impl SiteBuilder<'_> {
                     "must be a positive number".into(),
                 ));
             }
+            if m.max_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                self.issues.push((
+                    format!("{key}.max_rate"),
+                    "must be a positive number: the meter's rated kW (or m³/h for water), e.g. 13.8 for a 10(60) A single-phase meter".into(),
+                ));
+            }
             self.meter_keys.insert(m.name.clone(), key.clone());
             let node = Meter {
                 name: m.name.clone(),
@@ -575,6 +585,7 @@ impl SiteBuilder<'_> {
                 room: m.room.clone(),
                 pool: m.pool.clone(),
                 rollover: m.rollover,
+                max_rate: m.max_rate,
             };
             if self.site.meters.insert(m.name.clone(), node).is_some() {
                 self.issues.push((
@@ -908,13 +919,32 @@ pub struct Consumption {
     pub estimated: bool,
 }
 
-/// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`) and a
-/// replaced meter. Returns `None` when the counter went backwards unexplained (a reset nobody
-/// recorded): that figure must not be billed.
+/// The consumption, in thousandths, of a counter that went down from `start` to `end` if that was a
+/// wrap: only with a `rollover`, when it implies no more than half the register (the counter was in
+/// its top half and is now in its bottom half) and no more than `max_advance` (the meter's rated
+/// rate over the interval). Anything else (a reset, an exchange not recorded, a glitch) is not a
+/// wrap: `None`.
+pub(crate) fn wrap_milli(
+    start_milli: i64,
+    end_milli: i64,
+    rollover: Option<f64>,
+    max_advance: Option<f64>,
+) -> Option<i64> {
+    let max = crate::money::to_milli(rollover?);
+    let implied = end_milli + max - start_milli;
+    let fits = max_advance.is_none_or(|a| implied <= crate::money::to_milli(a));
+    (end_milli < start_milli && implied <= max / 2 && fits).then_some(implied)
+}
+
+/// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`, when
+/// plausible: [`wrap_milli`]) and a replaced meter. Returns `None` when the counter went down
+/// unexplained (a reset nobody recorded, a glitch): that figure must not be billed. `max_advance` is
+/// the most the meter can count over the interval (its `max_rate` × the interval's hours).
 pub(crate) fn counter_consumption(
     start: Boundary,
     end: Boundary,
     rollover: Option<f64>,
+    max_advance: Option<f64>,
     replacement: Option<Replacement>,
 ) -> Option<Consumption> {
     let estimated = start.estimated || end.estimated;
@@ -925,10 +955,7 @@ pub(crate) fn counter_consumption(
     let milli = match replacement {
         Some(r) => (m(r.final_reading) - m(start.value)) + (m(end.value) - m(r.initial_reading)),
         None if m(end.value) >= m(start.value) => m(end.value) - m(start.value),
-        None => match rollover {
-            Some(max) => m(end.value) + m(max) - m(start.value),
-            None => return None,
-        },
+        None => wrap_milli(m(start.value), m(end.value), rollover, max_advance)?,
     };
     (milli >= 0).then_some(Consumption {
         value: milli as f64 / 1000.0,
@@ -956,6 +983,14 @@ pub(crate) fn value_at(
         (Some((tb, vb)), Some((ta, va))) => {
             let mut va = va;
             if va < vb {
+                // Between two samples only a plausible wrap is bridged; after a reset the value
+                // at `t` is unknown.
+                wrap_milli(
+                    crate::money::to_milli(vb),
+                    crate::money::to_milli(va),
+                    rollover,
+                    None,
+                )?;
                 va += rollover?;
             }
             let f = (t - tb) as f64 / (ta - tb) as f64;
@@ -1139,14 +1174,14 @@ mod tests {
     #[test]
     fn counter_rollover_replacement_and_unexplained_reset() {
         assert_eq!(
-            counter_consumption(b(10.0), b(25.5), None, None)
+            counter_consumption(b(10.0), b(25.5), None, None, None)
                 .unwrap()
                 .value,
             15.5
         );
         // A 5-digit kWh register wraps at 100000: 99990 → 15 is 25 kWh.
         assert_eq!(
-            counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None)
+            counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None, None)
                 .unwrap()
                 .value,
             25.0
@@ -1157,16 +1192,61 @@ mod tests {
             initial_reading: 0.0,
         };
         assert_eq!(
-            counter_consumption(b(1200.0), b(30.0), None, Some(r))
+            counter_consumption(b(1200.0), b(30.0), None, None, Some(r))
                 .unwrap()
                 .value,
             80.0
         );
         assert_eq!(
-            counter_consumption(b(100.0), b(50.0), None, None),
+            counter_consumption(b(100.0), b(50.0), None, None, None),
             None,
             "unexplained reset is not billed"
         );
+    }
+
+    /// Before the fix any decrease of a counter with `rollover` was a wrap: a meter reset from
+    /// 5,150 to 0 kWh on a 999,999.99 register billed 994,849.99 kWh (847,900.55 CNY at 0.8523).
+    #[test]
+    fn a_counter_reset_is_not_taken_for_a_wrap_of_the_register() {
+        let max = Some(999_999.99);
+        // Reset from 5,150.00 to 0, then 12.34 kWh: not a wrap (it would be 994,862 kWh).
+        assert_eq!(
+            counter_consumption(b(5_150.0), b(12.34), max, None, None),
+            None
+        );
+        // A real wrap: 999,990.00 → 15.00 is 24.99 kWh.
+        assert_eq!(
+            counter_consumption(b(999_990.0), b(15.0), max, None, None)
+                .unwrap()
+                .value,
+            24.99
+        );
+        // Near the top, but more than the meter can count in the interval: a 10(60) A meter
+        // (13.8 kW) over a 720-hour month counts at most 9,936 kWh; 600,000 → 1,000 would be
+        // 400,999.99.
+        let month = Some(13.8 * 720.0);
+        assert_eq!(
+            counter_consumption(b(600_000.0), b(1_000.0), max, month, None),
+            None
+        );
+        assert_eq!(
+            counter_consumption(b(999_000.0), b(500.0), max, month, None)
+                .unwrap()
+                .value,
+            1_499.99
+        );
+        // A 5-digit display (wraps after 99,999.99): 99,950 → 30 is 80 kWh; 40,000 → 30 is not.
+        let five = Some(99_999.99);
+        assert!(counter_consumption(b(99_950.0), b(30.0), five, None, None).is_some());
+        assert_eq!(
+            counter_consumption(b(40_000.0), b(30.0), five, None, None),
+            None
+        );
+        // Between two samples, likewise: a reset is not bridged.
+        let s = [(0, 5_150.0), (900, 0.12)];
+        assert_eq!(value_at(&s, 450, 1800, max), None);
+        let s = [(0, 999_999.5), (900, 0.4)];
+        assert!(value_at(&s, 450, 1800, max).is_some());
     }
 
     #[test]

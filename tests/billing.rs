@@ -975,16 +975,36 @@ fn october_of_one_room(
     shown: impl Fn(f64) -> f64,
     phase: chrono::Duration,
 ) -> (RoomBill, i64, i64) {
+    let (st, peak, valley) = october_of_one_room_with("", None, start_kwh, shown, phase);
+    (bill(&st.bills, "101").clone(), peak, valley)
+}
+
+/// [`october_of_one_room`] with more keys on room 101's `[[meter]]` and, at `reset_at`, the
+/// meter's counter set back to 0 (a reset from the meter's menu, or an exchange nobody recorded).
+fn october_of_one_room_with(
+    meter_keys: &str,
+    reset_at: Option<DateTime<Utc>>,
+    start_kwh: f64,
+    shown: impl Fn(f64) -> f64,
+    phase: chrono::Duration,
+) -> (meterd::bill::Statement, i64, i64) {
     use chrono::Timelike as _;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outbox.db");
-    let cfg = config(&db, &(devices(&["m101"]) + ONE_ROOM));
+    let site = ONE_ROOM.replace(
+        "room = \"101\"\n[[tariff]]",
+        &format!("room = \"101\"\n{meter_keys}\n[[tariff]]"),
+    );
+    let cfg = config(&db, &(devices(&["m101"]) + &site));
     let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
     let step = chrono::Duration::minutes(15);
     let (mut t, mut kwh) = (from - step + phase, start_kwh);
     let (mut peak_wh, mut valley_wh) = (0.0, 0.0);
     let mut samples = Vec::new();
     while t <= to + step {
+        if reset_at.is_some_and(|r| t >= r && t - step < r) {
+            kwh = 0.0;
+        }
         samples.push(Sample {
             device: "m101".into(),
             quantity: "energy_kwh".into(),
@@ -1012,8 +1032,7 @@ fn october_of_one_room(
     drop(store);
     let conn = meterd::store::open_read_only(&db).unwrap();
     let st = meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap();
-    let b = bill(&st.bills, "101").clone();
-    (b, peak_wh as i64, valley_wh as i64)
+    (st, peak_wh as i64, valley_wh as i64)
 }
 
 /// Before the fix: a float32 register (SDM120, DDSU666) above 8,192 kWh steps by 0.001 kWh or
@@ -1078,4 +1097,78 @@ fn a_float32_counter_at_8192_16384_and_100000_kwh_is_still_priced_band_by_band()
             b.notes
         );
     }
+}
+
+/// Before the fix, with `rollover` set every decrease was a wrap: a DDSU666 reset from 5,150 to 0
+/// mid-month billed (999,999.99 − 5,150 + what it counted after) ≈ 995,094.99 kWh, 613,973.61 CNY,
+/// and the bill was not even provisional. A decrease is a wrap only when it is plausible; this one
+/// is a counter event: not billed, the bill provisional and naming it, and an event for it.
+#[test]
+fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_register() {
+    let reset = local(2026, 10, 16, 14, 30);
+    for keys in [
+        "rollover = 999999.99",
+        "rollover = 999999.99\nmax_rate = 13.8",
+        "",
+    ] {
+        let (st, _, _) = october_of_one_room_with(
+            keys,
+            Some(reset),
+            5_150.0,
+            |kwh| (kwh * 100.0).round() / 100.0,
+            chrono::Duration::zero(),
+        );
+        let b = bill(&st.bills, "101");
+        assert_eq!(
+            b.meters[0].status, "counter_decrease",
+            "with {keys:?}: {b:#?}"
+        );
+        assert_eq!(b.meters[0].consumption_milli, None);
+        assert!(
+            b.own.is_empty() && b.own_milli == 0,
+            "nothing billed: {b:#?}"
+        );
+        assert!(b.provisional);
+        let note = b
+            .notes
+            .iter()
+            .find(|n| n.contains("went down"))
+            .expect("named");
+        // 5,150 kWh 15 minutes before the month, 0.45 kW since: 5,150.11 at its start.
+        assert!(
+            note.contains(
+                "meter m101: the counter went down from 5150.110 at 2026-10-01 00:00 to "
+            ),
+            "{note}"
+        );
+        assert_eq!(
+            st.counter_decreases.len(),
+            1,
+            "one event: {:?}",
+            st.counter_decreases
+        );
+        let d = &st.counter_decreases[0];
+        assert_eq!((d.meter.as_str(), d.from.value), ("m101", 5_150.11));
+        assert!(d.to.value < 1_000.0, "{d:?}");
+    }
+    // The wrap it would have been taken for is still a wrap where it is one: 999,990.00 on the 1st,
+    // through the top of the register mid-month.
+    let (st, peak, valley) = october_of_one_room_with(
+        "rollover = 999999.99\nmax_rate = 13.8",
+        None,
+        999_990.0,
+        |kwh| {
+            let wrapped = if kwh >= 999_999.99 {
+                kwh - 999_999.99
+            } else {
+                kwh
+            };
+            (wrapped * 100.0).round() / 100.0
+        },
+        chrono::Duration::zero(),
+    );
+    let b = bill(&st.bills, "101");
+    assert_eq!(b.meters[0].status, "ok", "{b:#?}");
+    assert_eq!(b.own_milli, peak + valley, "660.300 kWh through the wrap");
+    assert!(st.counter_decreases.is_empty());
 }

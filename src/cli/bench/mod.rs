@@ -715,6 +715,7 @@ fn apportion_bench() -> Result<bool> {
         room,
         pool,
         rollover: None,
+        max_rate: None,
     };
     let mut meters = Vec::new();
     let mut pools = Vec::new();
@@ -844,7 +845,8 @@ fn apportion_bench() -> Result<bool> {
         );
     }
     let t0 = clock().instant();
-    let devices_c = crate::apportion::device_consumption(&site, &boundaries, &BTreeMap::new());
+    let devices_c =
+        crate::apportion::device_consumption(&site, &boundaries, &BTreeMap::new(), 720.0);
     let cons = topology::meter_consumption(&site, &devices_c);
     let balances = topology::balances(&site, &cons);
     let results = crate::apportion::apportion(&site, &cons, "2026-10");
