@@ -932,11 +932,21 @@ pub(crate) fn run_records(
         v["reason"] = json!(meta.reason);
         rec("results/adjustment", v)
     }));
-    // A counter that went down unexplained: the operator must say what happened (a reset, an
-    // exchange to record as [[replacement]]) before the month can be billed exactly.
-    out.extend(st.counter_decreases.iter().map(|d| {
-        let mut v = serde_json::to_value(d).unwrap_or_default();
-        v["event"] = json!("counter_decrease");
+    // A counter that went down unexplained, or a room's consumption below zero: the operator must
+    // say what happened (a reset, an exchange to record as [[replacement]], a meter wired to the
+    // wrong place) before the month can be billed exactly.
+    let events = st
+        .counter_decreases
+        .iter()
+        .map(|d| ("counter_decrease", serde_json::to_value(d)))
+        .chain(
+            st.negative
+                .iter()
+                .map(|n| ("negative_consumption", serde_json::to_value(n))),
+        );
+    out.extend(events.map(|(event, v)| {
+        let mut v = v.unwrap_or_default();
+        v["event"] = json!(event);
         NewRecord {
             kind: Kind::Event,
             topic: "events".into(),
@@ -1233,9 +1243,10 @@ mod counter_events {
     use super::*;
 
     /// A counter that went down unexplained is published as a `counter_decrease` event of the run,
-    /// with the readings either side and the run it made provisional, valid against its schema.
+    /// with the readings either side and the run it made provisional, and a room's negative
+    /// consumption as a `negative_consumption` event with its inputs; both valid against the schema.
     #[test]
-    fn a_counter_decrease_goes_out_as_an_event_of_its_run() {
+    fn a_counter_decrease_and_a_negative_consumption_go_out_as_events_of_their_run() {
         let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
         let read = |t: &str, value: f64| bill::Read {
             at: at(t),
@@ -1252,6 +1263,17 @@ mod counter_events {
                 to: read("2026-10-31T16:00:00Z", 329.4),
                 rollover: Some(999_999.99),
             }],
+            negative: vec![bill::NegativeConsumption {
+                room: "101".into(),
+                meter: "v101".into(),
+                from: at("2026-09-30T16:00:00Z"),
+                to: at("2026-10-31T16:00:00Z"),
+                consumption_milli: -297_600,
+                inputs: vec![
+                    (1, "feeder".into(), Some(446_400)),
+                    (-1, "m102".into(), Some(744_000)),
+                ],
+            }],
         };
         let meta = RunMeta {
             period: "2026-10".into(),
@@ -1261,19 +1283,23 @@ mod counter_events {
             reason: "scheduled".into(),
         };
         let records = run_records(&st, &[], &meta, 3);
-        assert_eq!(records.len(), 1);
+        assert_eq!(records.len(), 2);
+        let events: Vec<Value> = records
+            .iter()
+            .inspect(|r| assert_eq!((r.kind, r.topic.as_ref()), (Kind::Event, "events")))
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect();
+        assert_eq!(events[0]["event"], "counter_decrease");
         assert_eq!(
-            (records[0].kind, records[0].topic.as_ref()),
-            (Kind::Event, "events")
-        );
-        let v: Value = serde_json::from_slice(&records[0].payload).unwrap();
-        assert_eq!(v["event"], "counter_decrease");
-        assert_eq!(
-            (v["version"].clone(), v["period"].clone()),
+            (events[0]["version"].clone(), events[0]["period"].clone()),
             (json!(3), json!("2026-10"))
         );
-        assert_eq!(v["from"]["value"], 5_150.11);
-        crate::enforce::test_support::validate_record("events.schema.json", v);
+        assert_eq!(events[0]["from"]["value"], 5_150.11);
+        assert_eq!(events[1]["event"], "negative_consumption");
+        assert_eq!(events[1]["inputs"][1], json!([-1, "m102", 744_000]));
+        for e in events {
+            crate::enforce::test_support::validate_record("events.schema.json", e);
+        }
     }
 }
 

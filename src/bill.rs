@@ -247,6 +247,23 @@ pub struct Statement {
     /// published as a `counter_decrease` event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub counter_decreases: Vec<CounterDecrease>,
+    /// Rooms' meters whose consumption came out negative (a `virtual` meter whose inputs do not
+    /// balance): never billed as a credit; each is published as a `negative_consumption` event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negative: Vec<NegativeConsumption>,
+}
+
+/// A room's meter with negative consumption over a segment, and the meters it is computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NegativeConsumption {
+    pub room: String,
+    pub meter: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Thousandths of a unit (below zero).
+    pub consumption_milli: i64,
+    /// `(sign, meter, its consumption in thousandths)`, for a virtual meter.
+    pub inputs: Vec<(i8, String, Option<i64>)>,
 }
 
 /// A counter lower at the end of a segment than at its start, not explained by a plausible wrap or
@@ -399,10 +416,12 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
             pools,
             bills: Vec::new(),
             counter_decreases: Vec::new(),
+            negative: Vec::new(),
         };
     };
     let (p_from, p_to) = (first.from, last.to);
     let mut counter_decreases = Vec::new();
+    let mut negative = Vec::new();
     for seg in segments {
         let site = seg.site;
         let consumption = segment_consumption(seg);
@@ -461,7 +480,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 let bill = bill_for(&mut acc, site, room, u, period, (p_from, p_to));
                 let tariff = site.room_tariff(room, u);
                 for m in meters {
-                    own_meter(bill, seg, &consumption, m, tariff, (room, u), tz);
+                    negative.extend(own_meter(bill, seg, &consumption, m, tariff, (room, u), tz));
                 }
             }
         }
@@ -525,6 +544,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
         pools,
         bills,
         counter_decreases,
+        negative,
     }
 }
 
@@ -538,7 +558,7 @@ fn own_meter(
     tariff: Option<&topology::Tariff>,
     (room, u): (&str, Utility),
     tz: chrono_tz::Tz,
-) {
+) -> Option<NegativeConsumption> {
     let device = match &m.source {
         Source::Device(d) => Some(d.clone()),
         Source::Virtual(_) => None,
@@ -553,9 +573,45 @@ fn own_meter(
     let status = match c {
         None if went_down => "counter_decrease",
         None => "missing",
+        Some(_) if milli.is_some_and(|v| v < 0) => "negative",
         Some(c) if c.estimated => "estimated",
         Some(_) => "ok",
     };
+    let negative = (status == "negative").then(|| NegativeConsumption {
+        room: room.to_string(),
+        meter: m.name.clone(),
+        from: seg.from,
+        to: seg.to,
+        consumption_milli: milli.unwrap_or_default(),
+        inputs: match &m.source {
+            Source::Virtual(terms) => terms
+                .iter()
+                .map(|(sign, t)| {
+                    let c = consumption.get(t).map(|c| crate::money::to_milli(c.value));
+                    (*sign, t.clone(), c)
+                })
+                .collect(),
+            Source::Device(_) => Vec::new(),
+        },
+    });
+    if let Some(n) = &negative {
+        bill.provisional = true;
+        let inputs: Vec<String> = n
+            .inputs
+            .iter()
+            .map(|(sign, t, c)| {
+                let v = c.map_or_else(|| "unknown".into(), units);
+                format!("{} {t} {v}", if *sign < 0 { "−" } else { "+" })
+            })
+            .collect();
+        bill.notes.push(format!(
+            "meter {}: consumption came out at {} {} ({}): negative consumption is never billed; its inputs do not balance (a meter wired to the wrong place, a missing reading or an exchange); not billed until it is explained",
+            m.name,
+            units(n.consumption_milli),
+            u.unit(),
+            inputs.join(" ")
+        ));
+    }
     if let ("counter_decrease", Some(a), Some(b)) = (status, start, end) {
         bill.provisional = true;
         bill.notes.push(format!(
@@ -601,7 +657,9 @@ fn own_meter(
         consumption_milli: milli,
         status: status.to_string(),
     });
-    let Some(milli) = milli else { return };
+    let Some(milli) = milli.filter(|_| negative.is_none()) else {
+        return negative;
+    };
     bill.own_milli += milli;
     let Some(t) = tariff else {
         if milli != 0 {
@@ -611,7 +669,7 @@ fn own_meter(
                 u.unit()
             ));
         }
-        return;
+        return None;
     };
     let split = if t.bands.is_empty() {
         None
@@ -645,6 +703,7 @@ fn own_meter(
             }),
         }
     }
+    None
 }
 
 fn local(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {

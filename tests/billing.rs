@@ -1172,3 +1172,92 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
     assert_eq!(b.own_milli, peak + valley, "660.300 kWh through the wrap");
     assert!(st.counter_decreases.is_empty());
 }
+
+/// Before the fix a room billed through a `virtual` meter whose inputs do not balance was credited:
+/// feeder 0.6 kW − room 102's 1.0 kW (wired outside the feeder) gave room 101 −297.600 kWh over
+/// October, a bill of −253.64 CNY. Negative consumption is never billed: the bill is provisional,
+/// names the inputs with their figures, and the run publishes a `negative_consumption` event.
+#[test]
+fn a_room_on_a_virtual_meter_that_comes_out_negative_is_not_credited() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    let body = devices(&["feeder", "m102"])
+        + r#"
+[topology]
+history_every = "15m"
+[[room]]
+id = "101"
+[[room]]
+id = "102"
+[[meter]]
+name = "feeder"
+utility = "electricity"
+[[meter]]
+name = "m102"
+utility = "electricity"
+room = "102"
+[[meter]]
+name = "v101"
+utility = "electricity"
+virtual = "feeder - m102"
+room = "101"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+"#;
+    let cfg = config(&db, &body);
+    let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
+    let step = chrono::Duration::minutes(15);
+    let mut samples = Vec::new();
+    let mut t = from - step;
+    let (mut feeder, mut m102) = (1_234.56_f64, 88.13_f64);
+    while t <= to + step {
+        for (d, v) in [("feeder", feeder), ("m102", m102)] {
+            samples.push(Sample {
+                device: d.into(),
+                quantity: "energy_kwh".into(),
+                ts_ms: t.timestamp_millis(),
+                value: (v * 100.0).round() / 100.0,
+            });
+        }
+        feeder += 0.6 / 4.0;
+        m102 += 1.0 / 4.0;
+        t += step;
+    }
+    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
+    store.record_history(&samples).unwrap();
+    drop(store);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let st = meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap();
+    let b = bill(&st.bills, "101");
+    // 744 h × (0.6 − 1.0) kW.
+    assert_eq!(b.meters[0].consumption_milli, Some(-297_600));
+    assert_eq!(b.meters[0].status, "negative");
+    assert!(
+        b.own.is_empty() && b.own_milli == 0,
+        "nothing billed: {b:#?}"
+    );
+    assert!(
+        b.total.is_none_or(|t| t >= 0),
+        "never a credit: {:?}",
+        b.total
+    );
+    assert!(b.provisional);
+    let note = b
+        .notes
+        .iter()
+        .find(|n| n.contains("negative"))
+        .expect("named");
+    assert!(
+        note.contains(
+            "v101: consumption came out at -297.600 kWh (+ feeder 446.400 − m102 744.000)"
+        ),
+        "{note}"
+    );
+    assert_eq!(st.negative.len(), 1, "one event: {:?}", st.negative);
+    assert_eq!(st.negative[0].inputs.len(), 2);
+    // Room 102, on its own meter, is billed as usual: 744.000 kWh × 0.8523 = 634.11 CNY.
+    assert_eq!(bill(&st.bills, "102").total, Some(63_411));
+}
