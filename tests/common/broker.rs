@@ -30,12 +30,25 @@ pub struct Broker {
     dir: tempfile::TempDir,
 }
 
+/// A loopback port free now and never handed to another test of this process. A test that stops
+/// its broker restarts it on the same port; before, the kernel could give that port to a parallel
+/// test in between, and the two then shared one broker (another gateway's retained site model, a
+/// daemon publishing to the wrong test: seen as `config_hash` differing and a stalled backlog).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed = HANDED.lock().unwrap();
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
+    panic!("no loopback port left that this test process has not used");
 }
 
 fn use_mosquitto() -> bool {
