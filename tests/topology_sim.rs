@@ -179,7 +179,7 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
     .unwrap();
     // The daemon's own balance check raises an event naming the suspect.
     let alarms = common::wait_until(
-        "a balance alarm for floor1 and 9 s of history",
+        "a balance alarm for floor1 and 12 s of history",
         Duration::from_secs(20),
         async || {
             let records = daemon.store.fetch(0, i64::MAX, 100_000).await.unwrap();
@@ -189,7 +189,8 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
                 .map(|r| serde_json::from_slice(&r.payload).unwrap())
                 .filter(|v: &serde_json::Value| v["event"] == "balance_alarm")
                 .collect();
-            // And 9 s of history behind the whole-run balance below, enough to say where the
+            // And 12 s of history behind the whole-run balance below (a 9 s window: a shorter one
+            // measured the main loss at 1.69 % instead of 3.2 % once in CI), enough to say where the
             // miswired meter belongs.
             let newest: Option<i64> = meterd::store::open_read_only(&cfg.store.path)
                 .ok()
@@ -203,7 +204,7 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
                         .ok()
                 });
             let enough = newest
-                .is_some_and(|t| t >= (started + chrono::Duration::seconds(9)).timestamp_millis());
+                .is_some_and(|t| t >= (started + chrono::Duration::seconds(12)).timestamp_millis());
             if enough && alarms.iter().any(|a| a["node"] == "floor1") {
                 Ok(alarms)
             } else {
