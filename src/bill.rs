@@ -286,29 +286,30 @@ fn decreases(seg: &Segment, consumption: &BTreeMap<String, Consumption>) -> Vec<
             continue;
         };
         let Some(s) = seg.series.get(d) else { continue };
-        let (Some((ta, Some(a))), Some((tb, Some(b)))) = (s.first(), s.last()) else {
+        let (Some(from), Some(to)) = (bound(s.first()), bound(s.last())) else {
             continue;
         };
-        let went_down = crate::money::to_milli(b.value) < crate::money::to_milli(a.value);
-        if went_down && !consumption.contains_key(&m.name) {
+        if went_down(&from, &to) && !consumption.contains_key(&m.name) {
             out.push(CounterDecrease {
                 meter: m.name.clone(),
                 device: d.clone(),
-                from: Read {
-                    at: *ta,
-                    value: a.value,
-                    estimated: a.estimated,
-                },
-                to: Read {
-                    at: *tb,
-                    value: b.value,
-                    estimated: b.estimated,
-                },
+                from,
+                to,
                 rollover: m.rollover,
             });
         }
     }
     out
+}
+
+/// A series point as a bill shows it (none where the reading is unknown).
+fn bound(point: Option<&(DateTime<Utc>, Option<Boundary>)>) -> Option<Read> {
+    point.and_then(|(t, b)| read(*t, *b))
+}
+
+/// Whether a counter reads lower at `to` than at `from`, as the bill prints them (thousandths).
+fn went_down(from: &Read, to: &Read) -> bool {
+    crate::money::to_milli(to.value) < crate::money::to_milli(from.value)
 }
 
 fn read(at: DateTime<Utc>, b: Option<Boundary>) -> Option<Read> {
@@ -564,14 +565,14 @@ fn own_meter(
         Source::Virtual(_) => None,
     };
     let s = device.as_ref().and_then(|d| seg.series.get(d));
-    let start = s.and_then(|s| s.first()).and_then(|(t, b)| read(*t, *b));
-    let end = s.and_then(|s| s.last()).and_then(|(t, b)| read(*t, *b));
+    let start = s.and_then(|s| bound(s.first()));
+    let end = s.and_then(|s| bound(s.last()));
     let c = consumption.get(&m.name);
     let milli = c.map(|c| crate::money::to_milli(c.value));
-    let went_down = matches!((&start, &end), (Some(a), Some(b))
-        if crate::money::to_milli(b.value) < crate::money::to_milli(a.value));
     let status = match c {
-        None if went_down => "counter_decrease",
+        None if matches!((&start, &end), (Some(a), Some(b)) if went_down(a, b)) => {
+            "counter_decrease"
+        }
         None => "missing",
         Some(_) if milli.is_some_and(|v| v < 0) => "negative",
         Some(c) if c.estimated => "estimated",
