@@ -3,9 +3,9 @@
 //! Rounding rules, used everywhere an amount is derived:
 //! - a product (consumption × price) is rounded **half to even** to the minor unit, which is unbiased
 //!   over many bills;
-//! - a total split by coefficients uses the **largest remainder** method: every share is first
-//!   rounded down, then the units left over go one each to the largest fractional remainders (ties:
-//!   lowest room id first). The shares therefore always sum exactly to the total, are never negative,
+//! - a total split by coefficients uses the **largest remainder** method in exact rational
+//!   arithmetic: every share is first rounded down, then the units left over go one each to the
+//!   largest fractional remainders (equal remainders: lowest room id first). The shares therefore always sum exactly to the total, are never negative,
 //!   and do not depend on the order the rooms are listed in.
 
 use std::cmp::Ordering;
@@ -85,58 +85,67 @@ pub fn to_milli(value: f64) -> i64 {
     }
 }
 
+/// An exact weight of a split (a room's coefficient, or coefficient × consumption): a rational, so
+/// remainders are compared without floating-point noise and ties are real ties.
+pub(crate) type Weight = num_rational::BigRational;
+
+/// A configured decimal (m², persons, a fixed coefficient, a method's weight) as an exact weight,
+/// counted to 6 decimals (what the bill prints and a person types).
+#[must_use]
+pub(crate) fn weight_of(value: f64) -> Weight {
+    let micros = (value * 1_000_000.0).round();
+    // Configured values are validated finite and far below 9.2e12; saturate rather than wrap.
+    let micros = if micros.is_finite() {
+        micros.clamp(-9.0e18, 9.0e18) as i64
+    } else {
+        0
+    };
+    Weight::new(micros.into(), 1_000_000.into())
+}
+
 /// Splits `total` (≥ 0) into shares proportional to `weights` (≥ 0, not all zero), summing exactly to
-/// `total`. `keys` order the tie-break (lowest key first) and make the result order-independent.
-pub(crate) fn largest_remainder<K: Ord>(total: i64, weights: &[f64], keys: &[K]) -> Vec<i64> {
+/// `total`, by the largest remainder method in exact arithmetic: every share is first
+/// `⌊total × w / Σw⌋`, then the units left over (fewer than there are shares) go one each to the
+/// largest remainders; equal remainders go to the lowest key first, so the result does not depend on
+/// the order the rooms are listed in. Negative weights count as 0.
+pub(crate) fn largest_remainder<K: Ord>(total: i64, weights: &[Weight], keys: &[K]) -> Vec<i64> {
+    use num_traits::{Signed as _, ToPrimitive as _, Zero as _};
     assert_eq!(weights.len(), keys.len());
     let n = weights.len();
-    if n == 0 {
-        return Vec::new();
-    }
-    let sum: f64 = weights.iter().map(|w| w.max(0.0)).sum();
-    if sum <= 0.0 || total <= 0 {
+    let weights: Vec<Weight> = weights
+        .iter()
+        .map(|w| {
+            if w.is_negative() {
+                Weight::zero()
+            } else {
+                w.clone()
+            }
+        })
+        .collect();
+    let sum: Weight = weights.iter().sum();
+    if n == 0 || sum.is_zero() || total <= 0 {
         return vec![0; n];
     }
+    let total_r = Weight::from_integer(total.into());
     let mut shares = vec![0i64; n];
-    let mut rema: Vec<(f64, usize)> = Vec::with_capacity(n);
+    let mut rema: Vec<(Weight, usize)> = Vec::with_capacity(n);
     let mut given = 0i64;
-    for i in 0..n {
-        let quota = total as f64 * weights[i].max(0.0) / sum;
-        let floor = quota.floor().max(0.0) as i64;
-        shares[i] = floor;
-        given += floor;
-        rema.push((quota - floor as f64, i));
+    for (i, w) in weights.iter().enumerate() {
+        let quota = &total_r * w / &sum;
+        let floor = quota.floor();
+        // 0 ≤ floor ≤ total, so it fits.
+        let f = floor.to_integer().to_i64().unwrap_or(0);
+        shares[i] = f;
+        given += f;
+        rema.push((quota - floor, i));
     }
-    let mut left = total - given;
-    // Floating error can make the floors overshoot by a unit on huge totals: take back from the smallest remainders.
-    if left < 0 {
-        rema.sort_by(|a, b| {
-            a.0.partial_cmp(&b.0)
-                .unwrap_or(Ordering::Equal)
-                .then_with(|| keys[b.1].cmp(&keys[a.1]))
-        });
-        for &(_, i) in &rema {
-            if left == 0 {
-                break;
-            }
-            if shares[i] > 0 {
-                shares[i] -= 1;
-                left += 1;
-            }
-        }
-        return shares;
-    }
-    rema.sort_by(|a, b| {
-        b.0.partial_cmp(&a.0)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| keys[a.1].cmp(&keys[b.1]))
-    });
-    let mut k = 0;
-    while left > 0 {
-        let i = rema[k % n].1;
+    rema.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| keys[a.1].cmp(&keys[b.1])));
+    // Σ floors > total − n exactly, so every leftover unit goes to a different share.
+    for &(_, i) in rema
+        .iter()
+        .take(usize::try_from(total - given).unwrap_or(0))
+    {
         shares[i] += 1;
-        left -= 1;
-        k += 1;
     }
     shares
 }
@@ -173,20 +182,52 @@ mod tests {
         assert_eq!(half.amount(3000), 2);
     }
 
+    fn w(v: &[f64]) -> Vec<Weight> {
+        v.iter().map(|x| weight_of(*x)).collect()
+    }
+
     #[test]
     fn largest_remainder_hand_computed() {
         // 100 split 1:1:1 → 33.33 each; the extra unit goes to the lowest key.
         assert_eq!(
-            largest_remainder(100, &[1.0, 1.0, 1.0], &["a", "b", "c"]),
+            largest_remainder(100, &w(&[1.0, 1.0, 1.0]), &["a", "b", "c"]),
             vec![34, 33, 33]
         );
         // Same rooms listed in another order get the same shares.
         assert_eq!(
-            largest_remainder(100, &[1.0, 1.0, 1.0], &["c", "a", "b"]),
+            largest_remainder(100, &w(&[1.0, 1.0, 1.0]), &["c", "a", "b"]),
             vec![33, 34, 33]
         );
-        assert_eq!(largest_remainder(10, &[0.15, 0.85], &[1, 2]), vec![2, 8]);
-        assert_eq!(largest_remainder(0, &[1.0], &[1]), vec![0]);
+        assert_eq!(
+            largest_remainder(10, &w(&[0.15, 0.85]), &[1, 2]),
+            vec![2, 8]
+        );
+        assert_eq!(largest_remainder(0, &w(&[1.0]), &[1]), vec![0]);
+    }
+
+    #[test]
+    fn equal_shares_that_floating_point_makes_unequal_are_a_tie_decided_by_room_id() {
+        // 150 rooms whose coefficients are equal, each 1/300 + 1/300 but reached by two routes
+        // (2/600 and 1/600 + 3/600, say): in f64 the quotas differ in the last bits and the
+        // leftover fen went to whichever room the noise favoured. 10,003 fen over 150 rooms:
+        // 66.686… each, 103 leftover fen to the 103 lowest room ids.
+        let third = Weight::new(1.into(), 300.into());
+        let weights: Vec<Weight> = (0..150)
+            .map(|i| {
+                if i % 2 == 0 {
+                    &third + &third
+                } else {
+                    Weight::new(1.into(), 600.into()) + Weight::new(3.into(), 600.into())
+                }
+            })
+            .collect();
+        let keys: Vec<String> = (0..150).map(|i| format!("{:03}", 149 - i)).collect();
+        let shares = largest_remainder(10_003, &weights, &keys);
+        for (k, s) in keys.iter().zip(&shares) {
+            let id: usize = k.parse().unwrap();
+            assert_eq!(*s, if id < 103 { 67 } else { 66 }, "room {k}");
+        }
+        assert_eq!(shares.iter().sum::<i64>(), 10_003);
     }
 
     proptest! {
@@ -196,11 +237,28 @@ mod tests {
             weights in proptest::collection::vec(0.0f64..1000.0, 1..60),
             rotate in 0usize..60,
         ) {
-            prop_assume!(weights.iter().sum::<f64>() > 0.0);
+            prop_assume!(weights.iter().sum::<f64>() > 0.001);
             let keys: Vec<usize> = (0..weights.len()).collect();
+            let weights = w(&weights);
             let shares = largest_remainder(total, &weights, &keys);
             prop_assert_eq!(shares.iter().sum::<i64>(), total);
             prop_assert!(shares.iter().all(|s| *s >= 0));
+            // Each share is its exact quota rounded down or up, and a unit left over never goes
+            // to a smaller remainder, nor to a higher key among equal remainders.
+            let sum: Weight = weights.iter().sum();
+            let quota: Vec<Weight> = weights.iter().map(|x| Weight::from_integer(total.into()) * x / &sum).collect();
+            let rem: Vec<Weight> = quota.iter().map(|q| q - q.floor()).collect();
+            for i in 0..shares.len() {
+                let floor = quota[i].floor().to_integer();
+                let up = num_bigint::BigInt::from(shares[i]) != floor;
+                prop_assert!(!up || num_bigint::BigInt::from(shares[i]) == &floor + 1);
+                for j in 0..shares.len() {
+                    let j_up = num_bigint::BigInt::from(shares[j]) != quota[j].floor().to_integer();
+                    if up && !j_up {
+                        prop_assert!(rem[i] > rem[j] || (rem[i] == rem[j] && keys[i] < keys[j]));
+                    }
+                }
+            }
             let r = rotate % weights.len();
             let mut w2 = weights.clone();
             let mut k2 = keys.clone();
