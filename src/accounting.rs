@@ -276,17 +276,20 @@ fn replacements_in(
         .collect()
 }
 
-/// Every pool for a month (one result per pool and segment), computed as the bills are.
+/// Every pool for a month (one result per pool), and the rooms' bills it is part of: computed once,
+/// so the pools' shares and the rooms' own lines are the bills' own figures.
 pub(crate) fn apportion_period(
     conn: &Connection,
     config: &Config,
     period: &str,
-) -> Result<Vec<PoolResult>, AccountingError> {
-    compute(conn, config, period)?
+) -> Result<(Vec<PoolResult>, Vec<bill::RoomBill>), AccountingError> {
+    let st = compute(conn, config, period)?;
+    let pools = st
         .pools
         .into_iter()
         .map(|p| serde_json::from_value(p).map_err(|e| AccountingError::History(e.to_string())))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((pools, st.bills))
 }
 
 /// A reading this close after a billing boundary is taken as the boundary reading itself, at its own

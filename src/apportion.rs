@@ -41,7 +41,6 @@ pub struct RoomShare {
     pub share_milli: i64,
     /// Minor currency units, if the pool has a tariff.
     pub share_amount: Option<i64>,
-    pub own_amount: Option<i64>,
 }
 
 /// A pool's result for a period.
@@ -67,6 +66,33 @@ pub struct PoolResult {
     /// Some input was interpolated across missing readings.
     pub estimated: bool,
     pub warnings: Vec<String>,
+    /// When a dated assignment cut the month: each stretch's inputs and coefficients. The month's
+    /// figures above are then their sums, and the shares are the month's amount split once by
+    /// Σ (stretch's common consumption × room's coefficient), so rounding happens once per pool and
+    /// month.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<PoolSegment>,
+}
+
+/// One stretch of a month with one topology: what its split rests on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSegment {
+    pub from: chrono::DateTime<chrono::Utc>,
+    pub to: chrono::DateTime<chrono::Utc>,
+    pub common_meters: Vec<(String, f64)>,
+    pub losses: Vec<(String, f64)>,
+    /// Thousandths of a unit.
+    pub common_milli: i64,
+    pub rooms: Vec<SegmentRoom>,
+}
+
+/// A room's inputs in one stretch of a month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentRoom {
+    pub room: String,
+    pub own: f64,
+    pub bases: Vec<BasisShare>,
+    pub coefficient: f64,
 }
 
 fn basis_value(site: &Site, pool: &Pool, basis: Basis, room: &str, own: f64) -> f64 {
@@ -232,7 +258,6 @@ pub(crate) fn apportion_pool(
             exact: exact[i].clone(),
             share_milli: shares[i],
             share_amount: share_amounts.as_ref().map(|s| s[i]),
-            own_amount: tariff.map(|t| t.price.amount(money::to_milli(own[i]))),
         })
         .collect();
     PoolResult {
@@ -251,7 +276,104 @@ pub(crate) fn apportion_pool(
         rooms: out_rooms,
         estimated,
         warnings,
+        segments: Vec::new(),
     }
+}
+
+/// A pool's month from its stretches (consecutive, one per topology): one stretch is the month
+/// itself; several are summed, and the month's consumption and amount are split once, each room
+/// weighted by Σ (stretch's common consumption × its exact coefficient there). A room untouched by
+/// a correction therefore keeps its share to the fen however the month is cut.
+pub(crate) fn month(
+    mut parts: Vec<(
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        PoolResult,
+    )>,
+) -> Option<PoolResult> {
+    if parts.len() <= 1 {
+        return parts.pop().map(|(_, _, r)| r);
+    }
+    let last = parts.last()?.2.clone();
+    let mut rooms: BTreeMap<String, (f64, Weight)> = BTreeMap::new();
+    let mut common_meters: BTreeMap<String, f64> = BTreeMap::new();
+    let mut losses: BTreeMap<String, f64> = BTreeMap::new();
+    let mut common_milli = 0i64;
+    let (mut estimated, mut warnings) = (false, Vec::new());
+    let mut segments = Vec::new();
+    for (from, to, r) in parts {
+        common_milli += r.common_milli;
+        estimated |= r.estimated;
+        warnings.extend(
+            r.warnings
+                .iter()
+                .map(|w| format!("{}: {w}", from.to_rfc3339())),
+        );
+        for (m, v) in &r.common_meters {
+            *common_meters.entry(m.clone()).or_default() += v;
+        }
+        for (m, v) in &r.losses {
+            *losses.entry(m.clone()).or_default() += v;
+        }
+        for x in &r.rooms {
+            let e = rooms.entry(x.room.clone()).or_default();
+            e.0 += x.own;
+            e.1 += &x.exact * Weight::from_integer(r.common_milli.into());
+        }
+        segments.push(PoolSegment {
+            from,
+            to,
+            common_meters: r.common_meters,
+            losses: r.losses,
+            common_milli: r.common_milli,
+            rooms: r
+                .rooms
+                .into_iter()
+                .map(|x| SegmentRoom {
+                    room: x.room,
+                    own: x.own,
+                    bases: x.bases,
+                    coefficient: x.coefficient,
+                })
+                .collect(),
+        });
+    }
+    let keys: Vec<&String> = rooms.keys().collect();
+    let weights: Vec<Weight> = rooms.values().map(|(_, w)| w.clone()).collect();
+    let shares = money::largest_remainder(common_milli, &weights, &keys);
+    let amount = last.price.map(|p| p.amount(common_milli));
+    let amounts = amount.map(|a| money::largest_remainder(a, &weights, &keys));
+    let out_rooms = rooms
+        .iter()
+        .enumerate()
+        .map(|(i, (room, (own, w)))| {
+            let exact = if common_milli > 0 {
+                w / Weight::from_integer(common_milli.into())
+            } else {
+                Weight::default()
+            };
+            RoomShare {
+                room: room.clone(),
+                own: *own,
+                bases: Vec::new(),
+                coefficient: num_traits::ToPrimitive::to_f64(&exact).unwrap_or(0.0),
+                exact,
+                share_milli: shares[i],
+                share_amount: amounts.as_ref().map(|a| a[i]),
+            }
+        })
+        .collect();
+    Some(PoolResult {
+        common_meters: common_meters.into_iter().collect(),
+        losses: losses.into_iter().collect(),
+        common_milli,
+        amount,
+        rooms: out_rooms,
+        estimated,
+        warnings,
+        segments,
+        ..last
+    })
 }
 
 /// Every pool of the site.
@@ -281,6 +403,31 @@ fn minor(amount: i64, decimals: u32) -> String {
     )
 }
 
+/// One line per basis of a room's coefficient; `all` holds every room's bases (for the sums).
+fn basis_lines(s: &mut String, bases: &[BasisShare], all: &[&[BasisShare]]) {
+    for b in bases {
+        let sum: f64 = all
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .find(|y| y.basis == b.basis)
+                    .map_or(0.0, |y| y.value)
+            })
+            .sum();
+        let _ = writeln!(
+            s,
+            "     {:?}: {:.3} of {:.3} for all {} rooms = {:.6}, weight {:.2} → {:.6}",
+            b.basis,
+            b.value,
+            sum,
+            all.len(),
+            b.share,
+            b.weight,
+            b.weight * b.share
+        );
+    }
+}
+
 /// The calculation for one room, step by step, for a tenant.
 #[must_use]
 pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
@@ -307,35 +454,42 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
         "     total = {} {u} (rounded to 0.001 {u}, half to even)",
         units(result.common_milli)
     );
-    let _ = writeln!(s, "2. Coefficient of room {room}:");
-    for b in &r.bases {
-        let sum: f64 = result
-            .rooms
-            .iter()
-            .map(|x| {
-                x.bases
-                    .iter()
-                    .find(|y| y.basis == b.basis)
-                    .map_or(0.0, |y| y.value)
-            })
-            .sum();
+    if result.segments.is_empty() {
+        let _ = writeln!(s, "2. Coefficient of room {room}:");
+        let all: Vec<&[BasisShare]> = result.rooms.iter().map(|x| x.bases.as_slice()).collect();
+        basis_lines(&mut s, &r.bases, &all);
         let _ = writeln!(
             s,
-            "     {:?}: {:.3} of {:.3} for all {} rooms = {:.6}, weight {:.2} → {:.6}",
-            b.basis,
-            b.value,
-            sum,
-            result.rooms.len(),
-            b.share,
-            b.weight,
-            b.weight * b.share
+            "     coefficient = {:.6} (the pool's coefficients sum to 1)",
+            r.coefficient
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "2. Coefficient of room {room}: the month is cut where a dated assignment changed the topology"
+        );
+        for g in &result.segments {
+            let Some(x) = g.rooms.iter().find(|x| x.room == room) else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "   {} to {}: common {} {u}",
+                g.from.to_rfc3339(),
+                g.to.to_rfc3339(),
+                units(g.common_milli)
+            );
+            let all: Vec<&[BasisShare]> = g.rooms.iter().map(|x| x.bases.as_slice()).collect();
+            basis_lines(&mut s, &x.bases, &all);
+            let _ = writeln!(s, "     coefficient = {:.6}", x.coefficient);
+        }
+        let _ = writeln!(
+            s,
+            "     for the month: Σ (common × coefficient) ÷ {} {u} = {:.6}",
+            units(result.common_milli),
+            r.coefficient
         );
     }
-    let _ = writeln!(
-        s,
-        "     coefficient = {:.6} (the pool's coefficients sum to 1)",
-        r.coefficient
-    );
     let quota = result.common_milli as f64 * r.coefficient / 1000.0;
     let _ = writeln!(
         s,
@@ -359,15 +513,6 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
             minor(amount, p.decimals),
             minor(share, p.decimals)
         );
-        if let Some(own) = r.own_amount {
-            let _ = writeln!(
-                s,
-                "5. Own consumption {:.3} {u} × price = {} {cur}; total for the room {} {cur}",
-                r.own,
-                minor(own, p.decimals),
-                minor(own + share, p.decimals)
-            );
-        }
     }
     if result.estimated {
         let _ = writeln!(
@@ -573,8 +718,6 @@ mod tests {
             ]
         );
         assert_eq!(r.amount, Some(15_895));
-        // Own consumption billed at the same price: A 400 kWh = 340.00 CNY.
-        assert_eq!(r.rooms[0].own_amount, Some(34_000));
         let text = explain(&r, "A").unwrap();
         assert!(
             text.contains("coefficient = 0.500000")

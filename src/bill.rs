@@ -184,7 +184,7 @@ pub struct EnergyLine {
     pub amount: i64,
 }
 
-/// The room's share of one pool over one segment.
+/// The room's share of one pool over the period (split once per pool and period).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShareLine {
     pub pool: String,
@@ -198,6 +198,21 @@ pub struct ShareLine {
     pub share_milli: i64,
     pub amount: Option<i64>,
     pub price: Option<Price>,
+    /// When a dated assignment cut the period: the room's coefficient in each stretch. The share is
+    /// then Σ (stretch's common × coefficient), rounded once; `coefficient` is that sum ÷ the
+    /// period's common consumption, and `bases` is empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<ShareSegment>,
+}
+
+/// A room's coefficient in one pool over one stretch of the period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareSegment {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub common_milli: i64,
+    pub bases: Vec<BasisShare>,
+    pub coefficient: f64,
 }
 
 /// A room's statement for one utility and period.
@@ -423,13 +438,15 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
     let (p_from, p_to) = (first.from, last.to);
     let mut counter_decreases = Vec::new();
     let mut negative = Vec::new();
+    // Per pool: its result in each segment, and the meters missing in any.
+    let mut pool_parts: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    let mut pool_missing: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     for seg in segments {
         let site = seg.site;
         let consumption = segment_consumption(seg);
         counter_decreases.extend(decreases(seg, &consumption));
         // Pools first: their missing inputs make every member's bill provisional.
         let results: Vec<PoolResult> = apportion::apportion(site, &consumption, period);
-        let mut pool_missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
         // The meters each pool's figures rest on: its common meters, the nodes whose loss it
         // carries and their children, and its rooms' meters when it splits by consumption.
         let mut common: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -465,11 +482,16 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 .collect();
             missing.sort();
             missing.dedup();
-            pool_missing.insert(r.pool.clone(), missing);
-            let mut v = serde_json::to_value(r).unwrap_or_default();
-            v["from"] = serde_json::json!(seg.from.to_rfc3339());
-            v["to"] = serde_json::json!(seg.to.to_rfc3339());
-            pools.push(v);
+            pool_missing
+                .entry(r.pool.clone())
+                .or_default()
+                .extend(missing);
+        }
+        for r in results {
+            pool_parts
+                .entry(r.pool.clone())
+                .or_default()
+                .push((seg.from, seg.to, r));
         }
         // Own consumption of every metered room.
         for room in site.rooms.keys() {
@@ -485,49 +507,75 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 }
             }
         }
-        // Pool shares.
-        for r in &results {
-            for share in &r.rooms {
-                let bill = bill_for(
-                    &mut acc,
-                    site,
-                    &share.room,
-                    r.utility,
-                    period,
-                    (p_from, p_to),
-                );
-                if bill.currency.is_none() {
-                    bill.currency.clone_from(&r.currency);
-                }
-                let missing = &pool_missing[&r.pool];
-                if !missing.is_empty() {
-                    bill.provisional = true;
-                    bill.notes.push(format!(
-                        "pool {}: meter(s) {} missing or estimated; the share may change",
-                        r.pool,
-                        missing.join(", ")
-                    ));
-                }
-                if share.share_amount.is_none() && share.share_milli != 0 {
-                    bill.total = None;
-                    bill.notes.push(format!(
-                        "pool {} has no tariff: its share is not priced",
-                        r.pool
-                    ));
-                }
-                bill.shares.push(ShareLine {
-                    pool: r.pool.clone(),
-                    from: seg.from,
-                    to: seg.to,
-                    common_milli: r.common_milli,
-                    common_amount: r.amount,
-                    bases: share.bases.clone(),
-                    coefficient: share.coefficient,
-                    share_milli: share.share_milli,
-                    amount: share.share_amount,
-                    price: r.price,
-                });
+    }
+    // Pool shares: each pool's month split once (see [`apportion::month`]).
+    let site = last.site;
+    for (name, parts) in pool_parts {
+        let Some(r) = apportion::month(parts) else {
+            continue;
+        };
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        v["from"] = serde_json::json!(p_from.to_rfc3339());
+        v["to"] = serde_json::json!(p_to.to_rfc3339());
+        pools.push(v);
+        let missing: Vec<String> = pool_missing
+            .remove(&name)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for share in &r.rooms {
+            let bill = bill_for(
+                &mut acc,
+                site,
+                &share.room,
+                r.utility,
+                period,
+                (p_from, p_to),
+            );
+            if bill.currency.is_none() {
+                bill.currency.clone_from(&r.currency);
             }
+            if !missing.is_empty() {
+                bill.provisional = true;
+                bill.notes.push(format!(
+                    "pool {}: meter(s) {} missing or estimated; the share may change",
+                    r.pool,
+                    missing.join(", ")
+                ));
+            }
+            if share.share_amount.is_none() && share.share_milli != 0 {
+                bill.total = None;
+                bill.notes.push(format!(
+                    "pool {} has no tariff: its share is not priced",
+                    r.pool
+                ));
+            }
+            bill.shares.push(ShareLine {
+                pool: r.pool.clone(),
+                from: p_from,
+                to: p_to,
+                common_milli: r.common_milli,
+                common_amount: r.amount,
+                bases: share.bases.clone(),
+                coefficient: share.coefficient,
+                share_milli: share.share_milli,
+                amount: share.share_amount,
+                price: r.price,
+                segments: r
+                    .segments
+                    .iter()
+                    .filter_map(|g| {
+                        let x = g.rooms.iter().find(|x| x.room == share.room)?;
+                        Some(ShareSegment {
+                            from: g.from,
+                            to: g.to,
+                            common_milli: g.common_milli,
+                            bases: x.bases.clone(),
+                            coefficient: x.coefficient,
+                        })
+                    })
+                    .collect(),
+            });
         }
     }
     let mut bills: Vec<RoomBill> = acc.into_values().collect();
@@ -799,12 +847,27 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             local(x.from, tz),
             local(x.to, tz)
         );
-        for bs in &x.bases {
+        let basis = |s: &mut String, bases: &[BasisShare], indent: &str| {
+            for bs in bases {
+                let _ = writeln!(
+                    s,
+                    "{indent}{:?}: {:.3} → share {:.6} × weight {}",
+                    bs.basis, bs.value, bs.share, bs.weight
+                );
+            }
+        };
+        basis(&mut s, &x.bases, "  ");
+        for g in &x.segments {
             let _ = writeln!(
                 s,
-                "  {:?}: {:.3} → share {:.6} × weight {}",
-                bs.basis, bs.value, bs.share, bs.weight
+                "  {} to {}: common {} {}, coefficient {:.6}",
+                local(g.from, tz),
+                local(g.to, tz),
+                units(g.common_milli),
+                b.unit,
+                g.coefficient
             );
+            basis(&mut s, &g.bases, "    ");
         }
         let _ = writeln!(
             s,

@@ -1261,3 +1261,212 @@ rooms = ["*"]
     // Room 102, on its own meter, is billed as usual: 744.000 kWh × 0.8523 = 634.11 CNY.
     assert_eq!(bill(&st.bills, "102").total, Some(63_411));
 }
+
+// ---- corrections touch only what they correct ------------------------------------------------------
+
+/// Three flats under one incomer and a stair-lighting meter shared by area (45.5 / 38.2 / 61.7 m²).
+const STAIRS: &str = r#"
+[[room]]
+id = "201"
+area_m2 = 45.5
+[[room]]
+id = "202"
+area_m2 = 38.2
+[[room]]
+id = "203"
+area_m2 = 61.7
+[[meter]]
+name = "main"
+utility = "electricity"
+[[meter]]
+name = "mA"
+utility = "electricity"
+parent = "main"
+room = "201"
+[[meter]]
+name = "mB"
+utility = "electricity"
+parent = "main"
+room = "202"
+[[meter]]
+name = "m203"
+utility = "electricity"
+parent = "main"
+room = "203"
+[[meter]]
+name = "stairs"
+utility = "electricity"
+parent = "main"
+pool = "stairs"
+[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.8523"
+rooms = ["*"]
+[[pool]]
+name = "stairs"
+utility = "electricity"
+rooms = ["*"]
+method = { area = 1.0 }
+tariff = "home"
+"#;
+
+/// October 2026 of [`STAIRS`]: every meter read at 00:00 on the 1st, the 16th and 1 November.
+fn stairs_october(db: &Path) {
+    let at = [
+        local(2026, 10, 1, 0, 0),
+        local(2026, 10, 16, 0, 0),
+        local(2026, 11, 1, 0, 0),
+    ];
+    let mut samples = Vec::new();
+    for (d, vals) in [
+        ("main", [0.0, 250.0, 500.0]),
+        ("mA", [1000.0, 1050.0, 1100.0]),
+        ("mB", [2000.0, 2100.0, 2200.0]),
+        ("m203", [300.0, 350.0, 400.0]),
+        ("stairs", [8192.0, 8242.0, 8294.328]),
+    ] {
+        for (t, v) in at.iter().zip(vals) {
+            samples.push(Sample {
+                device: d.into(),
+                quantity: "energy_kwh".into(),
+                ts_ms: t.timestamp_millis(),
+                value: v,
+            });
+        }
+    }
+    let mut store = Store::open(db, Caps::default(), meterd::clock::Clock::system()).unwrap();
+    store.record_history(&samples).unwrap();
+}
+
+#[test]
+fn a_correction_from_mid_month_leaves_an_untouched_rooms_pool_share_to_the_fen() {
+    // October: the stair lights drew 50.000 kWh to 16 Oct and 52.328 after (102.328 kWh = 87.21
+    // CNY, 87.214… rounded once). Split per stretch the pool came to 42.615 → 42.62 plus 44.599 →
+    // 44.60 = 87.22, and room 203, which no correction touched, went from 37.01 to 37.00.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    stairs_october(&db);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let body = |extra: &str| {
+        format!(
+            "{}{STAIRS}{extra}",
+            devices(&["main", "mA", "mB", "m203", "stairs"])
+        )
+    };
+    let before = meterd::accounting::compute(&conn, &config(&db, &body("")), "2026-10").unwrap();
+    // The correction: mA and mB swapped in the renovation of 16 Oct.
+    let after = meterd::accounting::compute(
+        &conn,
+        &config(
+            &db,
+            &body("[[assignment]]\nmeter = \"mA\"\nroom = \"202\"\nfrom = \"2026-10-16\"\n[[assignment]]\nmeter = \"mB\"\nroom = \"201\"\nfrom = \"2026-10-16\"\n"),
+        ),
+        "2026-10",
+    )
+    .unwrap();
+    let pool = |st: &meterd::bill::Statement| -> Vec<(String, i64, i64)> {
+        st.bills
+            .iter()
+            .map(|b| {
+                let s: Vec<_> = b.shares.iter().collect();
+                assert_eq!(s.len(), 1, "one share line per pool and month");
+                (
+                    b.room.clone(),
+                    s[0].common_amount.unwrap(),
+                    s[0].amount.unwrap(),
+                )
+            })
+            .collect()
+    };
+    // By hand: 8,721 fen by area 45.5 : 38.2 : 61.7 of 145.4 = 2729.1 / 2291.2 / 3700.6 → floors
+    // 2729, 2291, 3700 and the leftover fen to the largest remainder (203's .6).
+    let by_hand = vec![
+        ("201".to_string(), 8_721, 2_729),
+        ("202".to_string(), 8_721, 2_291),
+        ("203".to_string(), 8_721, 3_701),
+    ];
+    assert_eq!(pool(&before), by_hand);
+    assert_eq!(pool(&after), by_hand, "the same pool, the same shares");
+    let adj = meterd::bill::adjustments(&before.bills, &after.bills);
+    let diff: Vec<(&str, Option<i64>)> = adj
+        .iter()
+        .map(|a| (a.room.as_str(), a.difference))
+        .collect();
+    // 201: mA 50 + mB 100 = 150 kWh instead of 100: 127.845 → 127.84 (half to even) − 85.23 =
+    // +42.61; 202: 150 kWh instead of 200: 127.84 − 170.46 = −42.62. They differ by the rounding
+    // of each room's own line (half a fen each way), never by a pool share.
+    assert_eq!(diff, vec![("201", Some(4_261)), ("202", Some(-4_262))]);
+    assert!(
+        adj.iter().all(|a| a.room != "203"),
+        "203 is untouched: {adj:?}"
+    );
+    // The month's pool record carries both stretches and the shares once.
+    let p = &after.pools[0];
+    assert_eq!(p["segments"].as_array().map(Vec::len), Some(2), "{p}");
+    assert_eq!(p["amount"], 8_721);
+    let text = meterd::bill::explain(bill(&after.bills, "203"), TZ);
+    assert!(
+        text.contains("2026-10-16 00:00 to 2026-11-01 00:00: common 52.328 kWh")
+            && text.contains("37.01 CNY of 87.21 CNY"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_apportion_command_prices_a_rooms_own_consumption_as_its_bill_does() {
+    // The flats pay 0.5583 for their own consumption; the stair lights are billed at 0.8523.
+    // `meterd apportion` priced 201's own 100 kWh at the pool's 0.8523 (85.23) where its bill says
+    // 55.83.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    stairs_october(&db);
+    let tariffs = STAIRS.replace(
+        "rooms = [\"*\"]\n[[pool]]",
+        "rooms = []\n[[tariff]]\nname = \"flats\"\nutility = \"electricity\"\nprice = \"0.5583\"\nrooms = [\"*\"]\n[[pool]]",
+    );
+    assert_ne!(tariffs, STAIRS);
+    let text = format!(
+        "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\ncontrol_socket = \"{}\"\n[store]\npath = \"{}\"\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n{}{tariffs}",
+        dir.path().join("control.sock").display(),
+        db.display(),
+        devices(&["main", "mA", "mB", "m203", "stairs"])
+    );
+    let cfg = dir.path().join("meterd.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let table = run(&["apportion", "--period", "2026-10"]);
+    let bills: serde_json::Value =
+        serde_json::from_str(&run(&["bill", "--period", "2026-10", "--json"])).unwrap();
+    // By hand: 201 own 100 kWh × 0.5583 = 55.83, its stair share 27.29: bill 83.12.
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("201"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[cells.len() - 3..],
+        ["27.29", "55.83", "83.12"],
+        "{table}"
+    );
+    let b201 = bills["bills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["room"] == "201")
+        .unwrap();
+    assert_eq!(b201["total"], 8_312, "{b201}");
+}

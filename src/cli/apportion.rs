@@ -25,7 +25,7 @@ impl ApportionCmd {
         let mut c = self.config.load()?;
         let conn = crate::store::open_read_only(&c.store.path)?;
         crate::accounting::apply_tariff_overrides(&conn, &mut c.site)?;
-        let results = crate::accounting::apportion_period(&conn, &c, &self.period)?;
+        let (results, bills) = crate::accounting::apportion_period(&conn, &c, &self.period)?;
         if results.is_empty() {
             bail!("{}: no [[pool]] configured: nothing to apportion", c.source);
         }
@@ -87,14 +87,21 @@ impl ApportionCmd {
                 .rooms
                 .iter()
                 .map(|x| {
+                    // The room's own lines and total are its bill's: one pricing path.
+                    let bill = bills
+                        .iter()
+                        .find(|b| b.room == x.room && b.utility == r.utility);
+                    let own_amount = bill
+                        .filter(|b| b.total.is_some() || !b.own.is_empty())
+                        .map(|b| b.own.iter().map(|l| l.amount).sum::<i64>());
                     vec![
                         x.room.clone(),
                         format!("{:.3}", x.own),
                         format!("{:.6}", x.coefficient),
                         format!("{}.{:03}", x.share_milli / 1000, x.share_milli % 1000),
                         money(x.share_amount),
-                        money(x.own_amount),
-                        money(x.share_amount.zip(x.own_amount).map(|(a, b)| a + b)),
+                        money(own_amount),
+                        money(bill.and_then(|b| b.total)),
                     ]
                 })
                 .collect();
@@ -106,7 +113,7 @@ impl ApportionCmd {
                     "share",
                     "share cost",
                     "own cost",
-                    "total",
+                    "bill total",
                 ],
                 &rows,
             ));
