@@ -681,29 +681,14 @@ fn a_swapped_pair_of_sibling_meters_corrected_from_a_date_adjusts_by_the_hand_co
     let db = dir.path().join("outbox.db");
     // mA read 50 kWh before 16 Oct and 50 after; mB 150 and 150. Since the renovation on 16 Oct mA
     // measures room 202 and mB room 201, but the config still says the opposite.
-    let at = [
-        local(2026, 10, 1, 0, 0),
-        local(2026, 10, 16, 0, 0),
-        local(2026, 11, 1, 0, 0),
-    ];
-    let mut samples = Vec::new();
-    for (d, vals) in [
-        ("main", [0.0, 200.0, 400.0]),
-        ("mA", [1000.0, 1050.0, 1100.0]),
-        ("mB", [2000.0, 2150.0, 2300.0]),
-    ] {
-        for (t, v) in at.iter().zip(vals) {
-            samples.push(Sample {
-                device: d.into(),
-                quantity: "energy_kwh".into(),
-                ts_ms: t.timestamp_millis(),
-                value: v,
-            });
-        }
-    }
-    let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
-    store.record_history(&samples).unwrap();
-    drop(store);
+    record_oct_1_16_and_nov_1(
+        &db,
+        &[
+            ("main", [0.0, 200.0, 400.0]),
+            ("mA", [1000.0, 1050.0, 1100.0]),
+            ("mB", [2000.0, 2150.0, 2300.0]),
+        ],
+    );
     let write = |extra: &str| {
         let text = format!(
             "[gateway]\nid = \"gw\"\nsite = \"t\"\ntimezone = \"Asia/Shanghai\"\ncontrol_socket = \"{}\"\n[store]\npath = \"{}\"\n[[bus]]\nname = \"lan\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n{}{SWAP}{extra}",
@@ -1311,32 +1296,40 @@ method = { area = 1.0 }
 tariff = "home"
 "#;
 
-/// October 2026 of [`STAIRS`]: every meter read at 00:00 on the 1st, the 16th and 1 November.
-fn stairs_october(db: &Path) {
+/// Energy counters read at 00:00 site time on 1 Oct, 16 Oct and 1 Nov 2026, into the store's history.
+fn record_oct_1_16_and_nov_1(db: &Path, counters: &[(&str, [f64; 3])]) {
     let at = [
         local(2026, 10, 1, 0, 0),
         local(2026, 10, 16, 0, 0),
         local(2026, 11, 1, 0, 0),
     ];
-    let mut samples = Vec::new();
-    for (d, vals) in [
-        ("main", [0.0, 250.0, 500.0]),
-        ("mA", [1000.0, 1050.0, 1100.0]),
-        ("mB", [2000.0, 2100.0, 2200.0]),
-        ("m203", [300.0, 350.0, 400.0]),
-        ("stairs", [8192.0, 8242.0, 8294.328]),
-    ] {
-        for (t, v) in at.iter().zip(vals) {
-            samples.push(Sample {
-                device: d.into(),
+    let samples: Vec<Sample> = counters
+        .iter()
+        .flat_map(|(d, vals)| {
+            at.iter().zip(vals).map(|(t, v)| Sample {
+                device: (*d).into(),
                 quantity: "energy_kwh".into(),
                 ts_ms: t.timestamp_millis(),
-                value: v,
-            });
-        }
-    }
+                value: *v,
+            })
+        })
+        .collect();
     let mut store = Store::open(db, Caps::default(), meterd::clock::Clock::system()).unwrap();
     store.record_history(&samples).unwrap();
+}
+
+/// October 2026 of [`STAIRS`].
+fn stairs_october(db: &Path) {
+    record_oct_1_16_and_nov_1(
+        db,
+        &[
+            ("main", [0.0, 250.0, 500.0]),
+            ("mA", [1000.0, 1050.0, 1100.0]),
+            ("mB", [2000.0, 2100.0, 2200.0]),
+            ("m203", [300.0, 350.0, 400.0]),
+            ("stairs", [8192.0, 8242.0, 8294.328]),
+        ],
+    );
 }
 
 #[test]
