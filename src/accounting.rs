@@ -130,7 +130,6 @@ fn max_gap_ms(config: &Config) -> i64 {
     .unwrap_or(i64::MAX)
 }
 
-/// Every meter's consumption over `[from, to]`, from the history, with replacements applied.
 /// One meter node as an operator sees it: `meterd topology` and the web view.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct NodeView {
@@ -225,6 +224,7 @@ impl LossLevel {
     }
 }
 
+/// Every meter's consumption over `[from, to]`, from the history, with exchanges applied.
 pub fn consumption(
     conn: &Connection,
     config: &Config,
@@ -241,38 +241,77 @@ pub fn consumption(
         let q = m.utility.quantity().as_str();
         let samples = store::history_window(conn, dev, q, f, t)
             .map_err(|e| AccountingError::History(e.to_string()))?;
-        if let (Some(a), Some(b)) = (
-            topology::value_at(&samples, f, max_gap, m.rollover),
-            topology::value_at(&samples, t, max_gap, m.rollover),
-        ) {
+        let exchanged = exchanges_of(config, &m.name);
+        let at = |t: DateTime<Utc>, after: bool| {
+            let s = within_life(&samples, life(&exchanged, t, after));
+            topology::value_at(&s, t.timestamp_millis(), max_gap, m.rollover)
+        };
+        if let (Some(a), Some(b)) = (at(from, true), at(to, false)) {
             boundaries.insert(dev.clone(), (a, b));
         }
     }
-    let replacements = replacements_in(config, from, to);
+    let exchanges = exchanges_in(config, from, to);
     let hours = (to - from).num_seconds() as f64 / 3600.0;
-    let devices = apportion::device_consumption(&config.site, &boundaries, &replacements, hours);
+    let devices = apportion::device_consumption(&config.site, &boundaries, &exchanges, hours);
     Ok(topology::meter_consumption(&config.site, &devices))
 }
 
-/// The meter exchanges recorded in `(from, to]`, by meter.
-fn replacements_in(
+/// Every exchange recorded for `meter`, in time order.
+fn exchanges_of(config: &Config, meter: &str) -> Vec<Replacement> {
+    let mut out: Vec<Replacement> = config
+        .replacements
+        .iter()
+        .filter(|r| r.meter == meter)
+        .map(crate::config::ReplacementRecord::exchange)
+        .collect();
+    out.sort_by_key(|r| r.at);
+    out
+}
+
+/// The meter exchanges recorded strictly inside `(from, to)`, by meter, in time order. One at a
+/// bound needs no part of its own: the reading there is the old meter's final (at `to`) or the new
+/// one's initial (at `from`), see [`life`].
+fn exchanges_in(
     config: &Config,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> BTreeMap<String, Replacement> {
-    config
-        .replacements
-        .iter()
-        .filter(|r| r.at > from && r.at <= to)
-        .map(|r| {
-            (
-                r.meter.clone(),
-                Replacement {
-                    final_reading: r.final_reading,
-                    initial_reading: r.initial_reading,
-                },
-            )
-        })
+) -> BTreeMap<String, Vec<Replacement>> {
+    let mut out: BTreeMap<String, Vec<Replacement>> = BTreeMap::new();
+    for r in &config.replacements {
+        if r.at > from && r.at < to {
+            out.entry(r.meter.clone()).or_default().push(r.exchange());
+        }
+    }
+    for v in out.values_mut() {
+        v.sort_by_key(|r| r.at);
+    }
+    out
+}
+
+/// The stretch of time one physical meter was in place around `t`, from the exchanges of its
+/// meter: `(installed at, initial reading)` and `(removed at, final reading)`, each absent when no
+/// exchange bounds it. At an exchange's own instant, `after` picks the new meter.
+type Life = (Option<(i64, f64)>, Option<(i64, f64)>);
+
+fn life(exchanges: &[Replacement], t: DateTime<Utc>, after: bool) -> Life {
+    let i = exchanges.partition_point(|x| if after { x.at <= t } else { x.at < t });
+    let ms = |x: &Replacement| x.at.timestamp_millis();
+    (
+        i.checked_sub(1)
+            .map(|k| (ms(&exchanges[k]), exchanges[k].initial_reading)),
+        exchanges.get(i).map(|x| (ms(x), x.final_reading)),
+    )
+}
+
+/// `samples` of one physical meter's life: those of the meters before or after it are replaced by
+/// the recorded readings at the exchanges (the meter's own first and last values).
+fn within_life(samples: &[(i64, f64)], (start, end): Life) -> Vec<(i64, f64)> {
+    start
+        .into_iter()
+        .chain(samples.iter().copied().filter(|(ts, _)| {
+            start.is_none_or(|(a, _)| *ts > a) && end.is_none_or(|(b, _)| *ts < b)
+        }))
+        .chain(end)
         .collect()
 }
 
@@ -299,19 +338,20 @@ pub(crate) fn apportion_period(
 /// more than two history intervals apart.
 pub(crate) const BOUNDARY_TOLERANCE: chrono::Duration = chrono::Duration::minutes(5);
 
-/// The counter at boundary `t` from the history: `(time of the reading used, value)`.
+/// The counter at boundary `t` from the history of one physical meter (`life`, see [`life`]):
+/// `(time of the reading used, value)`.
 fn boundary_reading(
     conn: &Connection,
-    device: &str,
-    quantity: &str,
+    (device, quantity): (&str, &str),
     t: DateTime<Utc>,
-    max_gap: i64,
-    rollover: Option<f64>,
+    (max_gap, rollover): (i64, Option<f64>),
+    life: Life,
 ) -> Result<Option<(DateTime<Utc>, Boundary)>, AccountingError> {
     let ms = t.timestamp_millis();
     // Samples at or before t-1 ms and after it: an exact-time sample comes back as "after".
     let around = store::history_around(conn, device, quantity, ms - 1)
         .map_err(|e| AccountingError::History(e.to_string()))?;
+    let around = within_life(&around, life);
     if let Some(&(ta, va)) = around.iter().find(|(ts, _)| *ts >= ms) {
         if ta - ms <= BOUNDARY_TOLERANCE.num_milliseconds() {
             let at = DateTime::from_timestamp_millis(ta).unwrap_or(t);
@@ -410,14 +450,31 @@ fn series(
             continue;
         }
         let q = m.utility.quantity().as_str();
-        let mut instants = vec![from];
+        // Each instant with the side of an exchange there: the start is the new meter's, the end
+        // the old one's, and an exchange inside gives both meters' readings (final, then initial).
+        let exchanged = exchanges_of(config, &m.name);
+        let inside: Vec<DateTime<Utc>> = exchanged
+            .iter()
+            .map(|x| x.at)
+            .filter(|t| *t > from && *t < to)
+            .collect();
+        let mut instants = vec![(from, true)];
         if banded.contains(dev) {
-            instants.extend(inner.iter().copied());
+            instants.extend(
+                inner
+                    .iter()
+                    .filter(|t| !inside.contains(t))
+                    .map(|t| (*t, true)),
+            );
         }
-        instants.push(to);
+        instants.extend(inside.iter().flat_map(|t| [(*t, false), (*t, true)]));
+        instants.push((to, false));
+        // Stable: an exchange's final stays before its initial.
+        instants.sort_by_key(|(t, _)| *t);
         let mut s: Series = Vec::with_capacity(instants.len());
-        for t in instants {
-            let r = boundary_reading(conn, dev, q, t, max_gap, m.rollover)?;
+        for (t, after) in instants {
+            let life = life(&exchanged, t, after);
+            let r = boundary_reading(conn, (dev, q), t, (max_gap, m.rollover), life)?;
             s.push(match r {
                 Some((at, b)) => (at, Some(b)),
                 None => (t, None),
@@ -440,18 +497,18 @@ pub fn compute(
     for (a, b, site) in &parts {
         data.push((
             series(conn, config, site, *a, *b)?,
-            replacements_in(config, *a, *b),
+            exchanges_in(config, *a, *b),
         ));
     }
     let segs: Vec<Segment> = parts
         .iter()
         .zip(&data)
-        .map(|((a, b, site), (series, replacements))| Segment {
+        .map(|((a, b, site), (series, exchanges))| Segment {
             from: *a,
             to: *b,
             site,
             series,
-            replacements,
+            exchanges,
         })
         .collect();
     Ok(bill::bills(period, config.gateway.timezone, &segs))

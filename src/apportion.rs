@@ -527,11 +527,12 @@ pub fn explain(result: &PoolResult, room: &str) -> Option<String> {
 }
 
 /// Device counters at interval boundaries → every meter's consumption (the step between the history
-/// and [`apportion`]). `boundaries` maps a device to its (start, end) values.
+/// and [`apportion`]). `boundaries` maps a device to its (start, end) values, `exchanges` a meter
+/// to the exchanges inside the interval, in time order.
 pub(crate) fn device_consumption(
     site: &Site,
     boundaries: &BTreeMap<String, (crate::topology::Boundary, crate::topology::Boundary)>,
-    replacements: &BTreeMap<String, crate::topology::Replacement>,
+    exchanges: &BTreeMap<String, Vec<crate::topology::Replacement>>,
     hours: f64,
 ) -> BTreeMap<String, Consumption> {
     let mut out = BTreeMap::new();
@@ -543,7 +544,7 @@ pub(crate) fn device_consumption(
                     *b,
                     m.rollover,
                     m.max_rate.map(|r| r * hours),
-                    replacements.get(&m.name).copied(),
+                    exchanges.get(&m.name).map_or(&[][..], Vec::as_slice),
                 ) {
                     out.insert(d.clone(), c);
                 }

@@ -171,8 +171,12 @@ pub struct MeterLine {
     pub end: Option<Read>,
     /// Thousandths of a unit; `None` when a reading is missing.
     pub consumption_milli: Option<i64>,
-    /// `ok`, `estimated` or `missing`.
+    /// `ok`, `estimated`, `missing`, `counter_decrease` or `negative`.
     pub status: String,
+    /// Exchanges of the meter inside the segment (`[[replacement]]`), in time order: the
+    /// consumption is (first final − start) + (next final − initial) + … + (end − last initial).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exchanges: Vec<Replacement>,
 }
 
 /// Own consumption in one band, priced.
@@ -249,7 +253,9 @@ pub struct Segment<'a> {
     pub site: &'a Site,
     /// By device name.
     pub series: &'a BTreeMap<String, Series>,
-    pub replacements: &'a BTreeMap<String, Replacement>,
+    /// By meter name: the exchanges strictly inside the segment, in time order. The device's
+    /// series then holds, at each, the old meter's final reading followed by the new one's initial.
+    pub exchanges: &'a BTreeMap<String, Vec<Replacement>>,
 }
 
 /// What a period's computation produced: the pools (per segment) and the rooms' bills.
@@ -300,11 +306,10 @@ fn decreases(seg: &Segment, consumption: &BTreeMap<String, Consumption>) -> Vec<
         let Source::Device(d) = &m.source else {
             continue;
         };
-        let Some(s) = seg.series.get(d) else { continue };
-        let (Some(from), Some(to)) = (bound(s.first()), bound(s.last())) else {
+        if consumption.contains_key(&m.name) {
             continue;
-        };
-        if went_down(&from, &to) && !consumption.contains_key(&m.name) {
+        }
+        if let Some((from, to)) = went_down_in(seg, &m.name, d) {
             out.push(CounterDecrease {
                 meter: m.name.clone(),
                 device: d.clone(),
@@ -314,6 +319,45 @@ fn decreases(seg: &Segment, consumption: &BTreeMap<String, Consumption>) -> Vec<
             });
         }
     }
+    out
+}
+
+/// The first physical meter of `meter` (between its exchanges) whose counter reads lower at the
+/// end of its part of the segment than at its start: those two readings.
+fn went_down_in(seg: &Segment, meter: &str, device: &str) -> Option<(Read, Read)> {
+    lives(seg.series.get(device)?, exchanges(seg, meter))
+        .into_iter()
+        .find_map(|l| match (bound(l.first()), bound(l.last())) {
+            (Some(a), Some(b)) if went_down(&a, &b) => Some((a, b)),
+            _ => None,
+        })
+}
+
+fn exchanges<'s>(seg: &'s Segment, meter: &str) -> &'s [Replacement] {
+    seg.exchanges.get(meter).map_or(&[], Vec::as_slice)
+}
+
+/// A device's series cut into the parts each physical meter counted: at every exchange, after the
+/// old meter's final reading (the new one's initial starts the next part).
+fn lives<'s>(
+    series: &'s [(DateTime<Utc>, Option<Boundary>)],
+    exchanges: &[Replacement],
+) -> Vec<&'s [(DateTime<Utc>, Option<Boundary>)]> {
+    let mut out = Vec::new();
+    let mut rest = series;
+    for x in exchanges {
+        let value = |p: &(DateTime<Utc>, Option<Boundary>)| p.1.map(|b| b.value);
+        let cut = rest.windows(2).position(|w| {
+            w[0].0 == x.at
+                && w[1].0 == x.at
+                && value(&w[0]) == Some(x.final_reading)
+                && value(&w[1]) == Some(x.initial_reading)
+        });
+        let Some(j) = cut else { break };
+        out.push(&rest[..=j]);
+        rest = &rest[j + 1..];
+    }
+    out.push(rest);
     out
 }
 
@@ -344,12 +388,13 @@ pub(crate) fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption
         }
     }
     let hours = (seg.to - seg.from).num_seconds() as f64 / 3600.0;
-    let devices = apportion::device_consumption(seg.site, &bounds, seg.replacements, hours);
+    let devices = apportion::device_consumption(seg.site, &bounds, seg.exchanges, hours);
     topology::meter_consumption(seg.site, &devices)
 }
 
 /// Thousandths per band of a meter's consumption in a segment, when it can be split: every point
-/// known, no exchange and no wrap inside.
+/// known and no wrap inside. Across an exchange each physical meter's part is split from its own
+/// readings (the old meter's up to its final, the new one's from its initial).
 fn band_split(
     seg: &Segment,
     consumption: &BTreeMap<String, Consumption>,
@@ -361,24 +406,28 @@ fn band_split(
     let m = seg.site.meters.get(meter)?;
     match &m.source {
         Source::Device(d) => {
-            if seg.replacements.contains_key(meter) {
-                return None;
-            }
-            let pts: Option<Vec<(DateTime<Utc>, i64)>> = seg
-                .series
-                .get(d)?
-                .iter()
-                .map(|(t, b)| b.map(|b| (*t, crate::money::to_milli(b.value))))
-                .collect();
-            let pts = pts?;
-            if pts.windows(2).any(|w| w[1].1 < w[0].1) || pts.last()?.1 - pts.first()?.1 != total {
+            let ex = exchanges(seg, meter);
+            let parts = lives(seg.series.get(d)?, ex);
+            if parts.len() != ex.len() + 1 {
                 return None;
             }
             let mut out: BTreeMap<(String, i64), i64> = BTreeMap::new();
-            for p in tou::split(price, tz, &pts) {
-                *out.entry((p.band.clone(), p.price.micros)).or_default() += p.milli();
+            let mut sum = 0;
+            for part in parts {
+                let pts: Option<Vec<(DateTime<Utc>, i64)>> = part
+                    .iter()
+                    .map(|(t, b)| b.map(|b| (*t, crate::money::to_milli(b.value))))
+                    .collect();
+                let pts = pts?;
+                if pts.windows(2).any(|w| w[1].1 < w[0].1) {
+                    return None;
+                }
+                sum += pts.last()?.1 - pts.first()?.1;
+                for p in tou::split(price, tz, &pts) {
+                    *out.entry((p.band.clone(), p.price.micros)).or_default() += p.milli();
+                }
             }
-            Some(out)
+            (sum == total).then_some(out)
         }
         Source::Virtual(terms) => {
             let mut out: BTreeMap<(String, i64), i64> = BTreeMap::new();
@@ -617,10 +666,12 @@ fn own_meter(
     let end = s.and_then(|s| bound(s.last()));
     let c = consumption.get(&m.name);
     let milli = c.map(|c| crate::money::to_milli(c.value));
+    let down = match (&device, c) {
+        (Some(d), None) => went_down_in(seg, &m.name, d),
+        _ => None,
+    };
     let status = match c {
-        None if matches!((&start, &end), (Some(a), Some(b)) if went_down(a, b)) => {
-            "counter_decrease"
-        }
+        None if down.is_some() => "counter_decrease",
         None => "missing",
         Some(_) if milli.is_some_and(|v| v < 0) => "negative",
         Some(c) if c.estimated => "estimated",
@@ -661,7 +712,7 @@ fn own_meter(
             inputs.join(" ")
         ));
     }
-    if let ("counter_decrease", Some(a), Some(b)) = (status, start, end) {
+    if let Some((a, b)) = down {
         bill.provisional = true;
         bill.notes.push(format!(
             "meter {}: the counter went down from {} at {} to {} at {}{}: a reset, an exchange not recorded as [[replacement]], or a glitch; consumption unknown, not billed until it is explained",
@@ -705,6 +756,7 @@ fn own_meter(
         end,
         consumption_milli: milli,
         status: status.to_string(),
+        exchanges: exchanges(seg, &m.name).to_vec(),
     });
     let Some(milli) = milli.filter(|_| negative.is_none()) else {
         return negative;
@@ -726,7 +778,7 @@ fn own_meter(
         let s = band_split(seg, consumption, &m.name, &t.tou(), tz);
         if s.is_none() {
             bill.notes.push(format!(
-                "meter {}: not split by band (a reading inside the period is missing, or the meter was exchanged or wrapped); priced at the base price",
+                "meter {}: not split by band (a reading inside the period is missing, or the counter wrapped); priced at the base price",
                 m.name
             ));
         }
@@ -825,6 +877,16 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             m.consumption_milli.map_or_else(|| "?".into(), units),
             b.unit
         );
+        for x in &m.exchanges {
+            let _ = writeln!(
+                s,
+                "  {:<16} exchanged at {}: old meter's final {:.3}, new meter's initial {:.3}",
+                "",
+                local(x.at, tz),
+                x.final_reading,
+                x.initial_reading
+            );
+        }
     }
     let _ = writeln!(s, "Own consumption: {} {}", units(b.own_milli), b.unit);
     for l in &b.own {

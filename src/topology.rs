@@ -401,7 +401,8 @@ fn two() -> u32 {
     2
 }
 
-/// Parses `"a - b + c"`.
+/// Parses `"a - b + c"`. Meter names may contain hyphens (`main-incomer - room-101`): a `-` is
+/// an operator only standing alone or at a term's start or end, `+` always.
 pub(crate) fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
     let mut out = Vec::new();
     let mut sign = 1i8;
@@ -428,21 +429,26 @@ pub(crate) fn parse_expr(expr: &str) -> Result<Vec<(i8, String)>, String> {
     Ok(out)
 }
 
+/// One whitespace-separated token as operators and names: `+` anywhere, `-` at either end.
 fn split_ops(t: &str) -> Vec<String> {
     let mut v = Vec::new();
-    let mut cur = String::new();
-    for c in t.chars() {
-        if c == '+' || c == '-' {
-            if !cur.is_empty() {
-                v.push(std::mem::take(&mut cur));
-            }
-            v.push(c.to_string());
-        } else {
-            cur.push(c);
+    for part in t.split_inclusive('+') {
+        let (name, plus) = match part.strip_suffix('+') {
+            Some(n) => (n, true),
+            None => (part, false),
+        };
+        let lead = name.len() - name.trim_start_matches('-').len();
+        let rest = name.trim_start_matches('-');
+        let trail = rest.len() - rest.trim_end_matches('-').len();
+        let core = rest.trim_end_matches('-');
+        v.extend(std::iter::repeat_n("-".to_string(), lead));
+        if !core.is_empty() {
+            v.push(core.to_string());
         }
-    }
-    if !cur.is_empty() {
-        v.push(cur);
+        v.extend(std::iter::repeat_n("-".to_string(), trail));
+        if plus {
+            v.push("+".into());
+        }
     }
     v
 }
@@ -621,9 +627,23 @@ impl SiteBuilder<'_> {
             if let Source::Virtual(terms) = &m.source {
                 for (_, t) in terms {
                     match self.site.meters.get(t) {
-                        None => self
-                            .issues
-                            .push((format!("{key}.virtual"), format!("unknown meter {t:?}"))),
+                        None => {
+                            let parts: Vec<&str> = t.split('-').collect();
+                            let hint = if parts.len() > 1
+                                && parts.iter().all(|p| self.site.meters.contains_key(*p))
+                            {
+                                format!(
+                                    "; to subtract, put spaces around the minus: {:?}",
+                                    parts.join(" - ")
+                                )
+                            } else {
+                                String::new()
+                            };
+                            self.issues.push((
+                                format!("{key}.virtual"),
+                                format!("unknown meter {t:?}{hint}"),
+                            ));
+                        }
                         Some(tm) if tm.utility != m.utility => self.issues.push((
                             format!("{key}.virtual"),
                             format!("{t:?} meters another utility"),
@@ -811,6 +831,32 @@ impl SiteBuilder<'_> {
                     }
                 }
             }
+            for (r, c) in &p.fixed {
+                if !rooms.contains(r) {
+                    self.issues.push((
+                        format!("{key}.fixed.{r}"),
+                        format!("room {r:?} is not in this pool's rooms; a fixed coefficient is for a room the pool splits to"),
+                    ));
+                }
+                if !c.is_finite() || *c < 0.0 {
+                    self.issues.push((
+                        format!("{key}.fixed.{r}"),
+                        format!("{c}: expected a coefficient ≥ 0 (a negative one would bill the other rooms more than the pool)"),
+                    ));
+                }
+            }
+            if p.method.get(&Basis::Fixed).is_some_and(|w| *w > 0.0)
+                && rooms
+                    .iter()
+                    .filter_map(|r| p.fixed.get(r))
+                    .all(|c| *c <= 0.0)
+            {
+                self.issues.push((
+                    format!("{key}.fixed"),
+                    "the fixed coefficients are all 0: give at least one room a coefficient > 0"
+                        .into(),
+                ));
+            }
             for l in &p.include_loss_of {
                 if !self.site.meters.contains_key(l) {
                     self.issues.push((
@@ -905,9 +951,11 @@ pub struct Boundary {
     pub estimated: bool,
 }
 
-/// A meter exchange inside an interval: the old meter's final reading and the new one's first.
+/// A meter exchange (`[[replacement]]`): when, the old meter's final reading and the new one's
+/// first. A bill shows it so that a tenant can redo the consumption as the sum of both meters'.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Replacement {
+    pub at: chrono::DateTime<chrono::Utc>,
     pub final_reading: f64,
     pub initial_reading: f64,
 }
@@ -936,28 +984,39 @@ pub(crate) fn wrap_milli(
     (end_milli < start_milli && implied <= max / 2 && fits).then_some(implied)
 }
 
-/// Interval consumption from a cumulative counter: handles a counter that wrapped (`rollover`, when
-/// plausible: [`wrap_milli`]) and a replaced meter. Returns `None` when the counter went down
-/// unexplained (a reset nobody recorded, a glitch): that figure must not be billed. `max_advance` is
-/// the most the meter can count over the interval (its `max_rate` × the interval's hours).
+/// Interval consumption from a cumulative counter: the counter's advance over each meter's part of
+/// the interval (from `start` to the first exchange's final reading, from its initial reading to
+/// the next one's final, …, to `end`), each part allowed to wrap (`rollover`, when plausible:
+/// [`wrap_milli`]). Returns `None` when a part went down unexplained (a reset nobody recorded, a
+/// glitch): that figure must not be billed. `max_advance` is the most the meter can count over the
+/// interval (its `max_rate` × the interval's hours); `exchanges` are those inside it, in time order.
 pub(crate) fn counter_consumption(
     start: Boundary,
     end: Boundary,
     rollover: Option<f64>,
     max_advance: Option<f64>,
-    replacement: Option<Replacement>,
+    exchanges: &[Replacement],
 ) -> Option<Consumption> {
     let estimated = start.estimated || end.estimated;
     // Differences of the readings as a bill prints them (thousandths): a tenant subtracting the
     // printed readings gets the same figure, and the band lines (split at readings rounded the
     // same way) add up to it exactly, whatever a float32 register's last digits were.
     let m = crate::money::to_milli;
-    let milli = match replacement {
-        Some(r) => (m(r.final_reading) - m(start.value)) + (m(end.value) - m(r.initial_reading)),
-        None if m(end.value) >= m(start.value) => m(end.value) - m(start.value),
-        None => wrap_milli(m(start.value), m(end.value), rollover, max_advance)?,
-    };
-    (milli >= 0).then_some(Consumption {
+    let mut readings = vec![m(start.value)];
+    for x in exchanges {
+        readings.extend([m(x.final_reading), m(x.initial_reading)]);
+    }
+    readings.push(m(end.value));
+    let mut milli = 0;
+    for part in readings.chunks(2) {
+        let (a, b) = (part[0], part[1]);
+        milli += if b >= a {
+            b - a
+        } else {
+            wrap_milli(a, b, rollover, max_advance)?
+        };
+    }
+    Some(Consumption {
         value: milli as f64 / 1000.0,
         estimated,
     })
@@ -1174,31 +1233,54 @@ mod tests {
     #[test]
     fn counter_rollover_replacement_and_unexplained_reset() {
         assert_eq!(
-            counter_consumption(b(10.0), b(25.5), None, None, None)
+            counter_consumption(b(10.0), b(25.5), None, None, &[])
                 .unwrap()
                 .value,
             15.5
         );
         // A 5-digit kWh register wraps at 100000: 99990 → 15 is 25 kWh.
         assert_eq!(
-            counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None, None)
+            counter_consumption(b(99_990.0), b(15.0), Some(100_000.0), None, &[])
                 .unwrap()
                 .value,
             25.0
         );
         // Replaced mid-month: old meter 1200 → 1250 (final), new meter 0 → 30.
+        let at = chrono::DateTime::UNIX_EPOCH;
         let r = Replacement {
+            at,
             final_reading: 1250.0,
             initial_reading: 0.0,
         };
         assert_eq!(
-            counter_consumption(b(1200.0), b(30.0), None, None, Some(r))
+            counter_consumption(b(1200.0), b(30.0), None, None, &[r])
                 .unwrap()
                 .value,
             80.0
         );
+        // Two exchanges: 1200 → 1250, 0.02 → 7.5 (a faulty new meter), 0.01 → 30.
+        let r2 = Replacement {
+            at,
+            final_reading: 7.5,
+            initial_reading: 0.01,
+        };
+        let first = Replacement {
+            initial_reading: 0.02,
+            ..r
+        };
         assert_eq!(
-            counter_consumption(b(100.0), b(50.0), None, None, None),
+            counter_consumption(b(1200.0), b(30.0), None, None, &[first, r2])
+                .unwrap()
+                .value,
+            87.47 // 50 + 7.48 + 29.99
+        );
+        // A part that goes down (the last meter reset from 0.01 to 0) is not billed.
+        assert_eq!(
+            counter_consumption(b(1200.0), b(0.0), None, None, &[first, r2]),
+            None
+        );
+        assert_eq!(
+            counter_consumption(b(100.0), b(50.0), None, None, &[]),
             None,
             "unexplained reset is not billed"
         );
@@ -1211,12 +1293,12 @@ mod tests {
         let max = Some(999_999.99);
         // Reset from 5,150.00 to 0, then 12.34 kWh: not a wrap (it would be 994,862 kWh).
         assert_eq!(
-            counter_consumption(b(5_150.0), b(12.34), max, None, None),
+            counter_consumption(b(5_150.0), b(12.34), max, None, &[]),
             None
         );
         // A real wrap: 999,990.00 → 15.00 is 24.99 kWh.
         assert_eq!(
-            counter_consumption(b(999_990.0), b(15.0), max, None, None)
+            counter_consumption(b(999_990.0), b(15.0), max, None, &[])
                 .unwrap()
                 .value,
             24.99
@@ -1226,20 +1308,20 @@ mod tests {
         // 400,999.99.
         let month = Some(13.8 * 720.0);
         assert_eq!(
-            counter_consumption(b(600_000.0), b(1_000.0), max, month, None),
+            counter_consumption(b(600_000.0), b(1_000.0), max, month, &[]),
             None
         );
         assert_eq!(
-            counter_consumption(b(999_000.0), b(500.0), max, month, None)
+            counter_consumption(b(999_000.0), b(500.0), max, month, &[])
                 .unwrap()
                 .value,
             1_499.99
         );
         // A 5-digit display (wraps after 99,999.99): 99,950 → 30 is 80 kWh; 40,000 → 30 is not.
         let five = Some(99_999.99);
-        assert!(counter_consumption(b(99_950.0), b(30.0), five, None, None).is_some());
+        assert!(counter_consumption(b(99_950.0), b(30.0), five, None, &[]).is_some());
         assert_eq!(
-            counter_consumption(b(40_000.0), b(30.0), five, None, None),
+            counter_consumption(b(40_000.0), b(30.0), five, None, &[]),
             None
         );
         // Between two samples, likewise: a reset is not bridged.
@@ -1281,5 +1363,28 @@ mod tests {
         assert!(parse_expr("a - - b").is_err());
         assert!(parse_expr("a b").is_err());
         assert!(parse_expr("a -").is_err());
+        assert_eq!(
+            parse_expr("a -b").unwrap(),
+            vec![(1, "a".into()), (-1, "b".into())]
+        );
+    }
+
+    /// Before the fix every `-` split a name: the shipped example `main-incomer - common-hvac`
+    /// read as main − incomer − common − hvac, and `meterd check` refused it (unknown meter
+    /// "main", "incomer", …).
+    #[test]
+    fn a_virtual_meter_over_hyphenated_names_subtracts_the_meters_named() {
+        assert_eq!(
+            parse_expr("main-incomer - common-hvac").unwrap(),
+            vec![(1, "main-incomer".into()), (-1, "common-hvac".into())]
+        );
+        assert_eq!(
+            parse_expr("floor2-board -room-201+ room-202").unwrap(),
+            vec![
+                (1, "floor2-board".into()),
+                (-1, "room-201".into()),
+                (1, "room-202".into())
+            ]
+        );
     }
 }

@@ -960,15 +960,19 @@ fn october_of_one_room(
     shown: impl Fn(f64) -> f64,
     phase: chrono::Duration,
 ) -> (RoomBill, i64, i64) {
-    let (st, peak, valley) = october_of_one_room_with("", None, start_kwh, shown, phase);
+    let (st, peak, valley) = october_of_one_room_with("", None, &[], start_kwh, shown, phase);
     (bill(&st.bills, "101").clone(), peak, valley)
 }
 
-/// [`october_of_one_room`] with more keys on room 101's `[[meter]]` and, at `reset_at`, the
-/// meter's counter set back to 0 (a reset from the meter's menu, or an exchange nobody recorded).
+/// [`october_of_one_room`] with more keys on room 101's `[[meter]]`; at `reset_at`, the meter's
+/// counter set back to 0 (a reset from the meter's menu, or an exchange nobody recorded); and at
+/// each of `exchanges` (whole minutes), the meter exchanged for one starting at the given reading,
+/// recorded as `[[replacement]]` with the old meter's display (to 0.01 kWh) as its final reading,
+/// the meter off the bus for 10 minutes either side.
 fn october_of_one_room_with(
     meter_keys: &str,
     reset_at: Option<DateTime<Utc>>,
+    exchanges: &[(DateTime<Utc>, f64)],
     start_kwh: f64,
     shown: impl Fn(f64) -> f64,
     phase: chrono::Duration,
@@ -976,11 +980,10 @@ fn october_of_one_room_with(
     use chrono::Timelike as _;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outbox.db");
-    let site = ONE_ROOM.replace(
+    let mut site = ONE_ROOM.replace(
         "room = \"101\"\n[[tariff]]",
         &format!("room = \"101\"\n{meter_keys}\n[[tariff]]"),
     );
-    let cfg = config(&db, &(devices(&["m101"]) + &site));
     let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
     let step = chrono::Duration::minutes(15);
     let (mut t, mut kwh) = (from - step + phase, start_kwh);
@@ -990,15 +993,28 @@ fn october_of_one_room_with(
         if reset_at.is_some_and(|r| t >= r && t - step < r) {
             kwh = 0.0;
         }
-        samples.push(Sample {
-            device: "m101".into(),
-            quantity: "energy_kwh".into(),
-            ts_ms: t.timestamp_millis(),
-            value: shown(kwh),
-        });
+        let off_bus = exchanges
+            .iter()
+            .any(|(x, _)| (t - *x).abs() <= chrono::Duration::minutes(10));
+        if !off_bus {
+            samples.push(Sample {
+                device: "m101".into(),
+                quantity: "energy_kwh".into(),
+                ts_ms: t.timestamp_millis(),
+                value: shown(kwh),
+            });
+        }
         // Minute by minute (the loads change only at band edges, which are whole minutes).
         for m in 0..15 {
             let at = t + chrono::Duration::minutes(m);
+            if let Some((_, initial)) = exchanges.iter().find(|(x, _)| *x == at) {
+                let display = (shown(kwh) * 100.0).round() / 100.0;
+                site += &format!(
+                    "[[replacement]]\nmeter = \"m101\"\nat = \"{}\"\nfinal_reading = {display}\ninitial_reading = {initial}\n",
+                    at.to_rfc3339()
+                );
+                kwh = *initial;
+            }
             let peak = (8..22).contains(&at.with_timezone(&TZ).hour());
             let wh = if peak { 1200.0 } else { 450.0 } / 60.0;
             if at >= from && at < to {
@@ -1012,6 +1028,7 @@ fn october_of_one_room_with(
         }
         t += step;
     }
+    let cfg = config(&db, &(devices(&["m101"]) + &site));
     let mut store = Store::open(&db, Caps::default(), meterd::clock::Clock::system()).unwrap();
     store.record_history(&samples).unwrap();
     drop(store);
@@ -1099,6 +1116,7 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
         let (st, _, _) = october_of_one_room_with(
             keys,
             Some(reset),
+            &[],
             5_150.0,
             |kwh| (kwh * 100.0).round() / 100.0,
             chrono::Duration::zero(),
@@ -1141,6 +1159,7 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
     let (st, peak, valley) = october_of_one_room_with(
         "rollover = 999999.99\nmax_rate = 13.8",
         None,
+        &[],
         999_990.0,
         |kwh| {
             let wrapped = if kwh >= 999_999.99 {
@@ -1156,6 +1175,83 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
     assert_eq!(b.meters[0].status, "ok", "{b:#?}");
     assert_eq!(b.own_milli, peak + valley, "660.300 kWh through the wrap");
     assert!(st.counter_decreases.is_empty());
+}
+
+/// Before the fix a month with a `[[replacement]]` was priced at the base price (0.8523 for all
+/// 660.300 kWh, 562.77 CNY where the bands give 340.76) and only one exchange of a meter counted:
+/// a second one in the month replaced the first, and the month came out missing the old meter's
+/// part. Each physical meter's part is now split by band from its own readings.
+#[test]
+fn a_meter_exchanged_twice_in_a_month_is_still_priced_band_by_band_and_counts_both_exchanges() {
+    // The DDSU666 at 12,345.67 kWh is exchanged at 22:05 on 9 October (off the bus across the
+    // 22:00 band edge); its replacement fails and is exchanged at 07:50 on 23 October, each new
+    // meter with a factory reading.
+    let first = local(2026, 10, 9, 22, 5);
+    let second = local(2026, 10, 23, 7, 50);
+    let exchanges = [(first, 0.02), (second, 0.01)];
+    let (st, peak, valley) = october_of_one_room_with(
+        "",
+        None,
+        &exchanges,
+        12_345.67,
+        |kwh| (kwh * 100.0).round() / 100.0,
+        chrono::Duration::zero(),
+    );
+    let b = bill(&st.bills, "101");
+    let m = &b.meters[0];
+    assert_eq!(m.status, "ok", "{b:#?}");
+    assert_eq!(
+        m.exchanges.iter().map(|x| x.at).collect::<Vec<_>>(),
+        [first, second]
+    );
+    // What the tenant redoes by hand: (final − start) + (final − initial) + (end − initial).
+    let milli = meterd::money::to_milli;
+    let (start, end) = (m.start.unwrap().value, m.end.unwrap().value);
+    let (x1, x2) = (m.exchanges[0], m.exchanges[1]);
+    let by_hand = (milli(x1.final_reading) - milli(start))
+        + (milli(x2.final_reading) - milli(x1.initial_reading))
+        + (milli(end) - milli(x2.initial_reading));
+    assert_eq!(m.consumption_milli, Some(by_hand));
+    assert_eq!(b.own_milli, by_hand);
+    // 12,345.67 a quarter hour before the month, 0.45 kW since.
+    assert_eq!((start, x2.initial_reading), (12_345.78, 0.01));
+    // 1.2 kW × 14 h × 31 days and 0.45 kW × 10 h × 31 days; each display rounds to 0.01 kWh.
+    assert_eq!((peak, valley), (520_800, 139_500));
+    assert!((by_hand - (peak + valley)).abs() <= 10, "{by_hand}");
+    // The worked example of docs/apportionment.md (Exchanges), figure for figure.
+    assert_eq!(
+        (x1.final_reading, x2.final_reading, end),
+        (12_536.62, 281.31, 188.18)
+    );
+    let priced: Vec<(i64, i64)> = b.own.iter().map(|l| (l.milli, l.amount)).collect();
+    assert_eq!(priced, [(520_668, 29_069), (139_632, 5_003)]);
+    assert_eq!(b.total, Some(34_072));
+    let lines: Vec<(&str, i64)> = b.own.iter().map(|l| (l.band.as_str(), l.milli)).collect();
+    assert_eq!(
+        lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+        ["peak", "valley"]
+    );
+    assert_eq!(lines[0].1 + lines[1].1, by_hand);
+    // Two band edges fall while the meter is off the bus; their readings are interpolated between
+    // the nearest readings of the meter in place: 22:00 on 9 October between 08:00 and the old
+    // meter's final at 22:05 (about 62 Wh of peak counted as valley), 08:00 on 23 October between
+    // the new meter's initial at 07:50 and the 08:15 sample (about 77 Wh). Every other edge is read.
+    for (got, truth) in [(lines[0].1, peak), (lines[1].1, valley)] {
+        assert!((got - truth).abs() <= 150, "{got} vs {truth}: {b:#?}");
+    }
+    assert!(!b.provisional, "{b:#?}");
+    assert!(
+        !b.notes.iter().any(|n| n.contains("base price")),
+        "{:?}",
+        b.notes
+    );
+    assert_eq!(b.total, Some(b.own.iter().map(|l| l.amount).sum::<i64>()));
+    let text = meterd::bill::explain(b, TZ);
+    assert!(
+        text.contains("exchanged at 2026-10-09 22:05: old meter's final "),
+        "{text}"
+    );
+    assert!(text.contains(", new meter's initial 0.010"), "{text}");
 }
 
 /// Before the fix a room billed through a `virtual` meter whose inputs do not balance was credited:

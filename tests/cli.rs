@@ -134,6 +134,37 @@ fn check_accepts_the_shipped_example_config() {
     );
 }
 
+/// Before the fix the example's own virtual meter (`main-incomer - common-hvac`), once
+/// uncommented, failed `meterd check`: every `-` split a name ("unknown meter \"main\"").
+#[test]
+fn check_accepts_the_shipped_example_with_its_virtual_meter_and_exchange_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(repo("config/meterd.toml")).unwrap();
+    let mut enabled = String::new();
+    let mut block = false;
+    for line in example.lines() {
+        // The commented-out [[meter]] (virtual) and [[replacement]] blocks, uncommented.
+        if line == "# [[meter]]" || line == "# [[replacement]]" {
+            block = true;
+        } else if !line.starts_with("# ") {
+            block = false;
+        }
+        let line = if block {
+            line.trim_start_matches("# ")
+        } else {
+            line
+        };
+        enabled.push_str(line);
+        enabled.push('\n');
+    }
+    assert!(enabled.contains("\nvirtual = \"main-incomer - common-hvac\""));
+    assert!(enabled.contains("\n[[replacement]]\nmeter = "));
+    let cfg = dir.path().join("meterd.toml");
+    std::fs::write(&cfg, enabled).unwrap();
+    let o = meterd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn check_without_the_environment_passes_a_config_whose_tls_files_are_on_the_gateway_only() {
     let dir = tempfile::tempdir().unwrap();

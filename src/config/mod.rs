@@ -202,6 +202,17 @@ pub struct ReplacementRecord {
     pub initial_reading: f64,
 }
 
+impl ReplacementRecord {
+    /// The exchange as consumption and bills use it.
+    pub(crate) fn exchange(&self) -> crate::topology::Replacement {
+        crate::topology::Replacement {
+            at: self.at,
+            final_reading: self.final_reading,
+            initial_reading: self.initial_reading,
+        }
+    }
+}
+
 impl Config {
     /// The part of the configuration the enforcer works from.
     pub(crate) fn enforcer_setup(&self) -> crate::enforce::config::Setup {

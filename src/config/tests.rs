@@ -447,6 +447,88 @@ fn topology_errors_name_the_node_and_are_all_listed() {
     }
 }
 
+/// Before the fix a pool's `fixed` coefficients were taken as given: a negative one (room 102 at
+/// −0.3) went into the split as a weight below zero, and one for a room not in the pool (or not in
+/// the site) was silently ignored. An exchange of a virtual meter, one with a negative reading, and
+/// two of one meter at one instant went through too.
+#[test]
+fn negative_or_stray_fixed_coefficients_and_impossible_exchanges_are_refused() {
+    let text = format!(
+        "{}\n{}",
+        GOOD.split("[[device]]").next().unwrap(),
+        r#"
+        [[device]]
+        name = "m101"
+        bus = "lan"
+        unit = 1
+        profile = "eastron_sdm120"
+        [[device]]
+        name = "m102"
+        bus = "lan"
+        unit = 2
+        profile = "eastron_sdm120"
+        [[room]]
+        id = "101"
+        [[room]]
+        id = "102"
+        [[meter]]
+        name = "m101"
+        utility = "electricity"
+        room = "101"
+        [[meter]]
+        name = "m102"
+        utility = "electricity"
+        room = "102"
+        [[meter]]
+        name = "both"
+        utility = "electricity"
+        virtual = "m101 + m102"
+        [[pool]]
+        name = "stairs"
+        utility = "electricity"
+        rooms = ["101", "102"]
+        method = { fixed = 1.0 }
+        fixed = { "101" = 1.3, "102" = -0.3, "999" = 0.5 }
+        [[replacement]]
+        meter = "both"
+        at = "2026-10-15T02:30:00Z"
+        final_reading = 10.0
+        initial_reading = 0.0
+        [[replacement]]
+        meter = "m101"
+        at = "2026-10-15T02:30:00Z"
+        final_reading = -4.0
+        initial_reading = 0.0
+        [[replacement]]
+        meter = "m101"
+        at = "2026-10-15T02:30:00Z"
+        final_reading = 4.0
+        initial_reading = 0.0
+    "#
+    );
+    let all = issues(&text).join("\n");
+    for expected in [
+        "pool[0] (stairs).fixed.102: -0.3: expected a coefficient ≥ 0",
+        "pool[0] (stairs).fixed.999: room \"999\" is not in this pool's rooms",
+        "replacement[0].meter: \"both\" is virtual",
+        "replacement[1].final_reading: -4: expected the counter",
+        "replacement[2].at: meter \"m101\" already has an exchange at 2026-10-15 02:30:00 UTC",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    let zero = text.replace(
+        r#"fixed = { "101" = 1.3, "102" = -0.3, "999" = 0.5 }"#,
+        r#"fixed = { "101" = 0, "102" = 0 }"#,
+    );
+    assert!(
+        issues(&zero)
+            .join("\n")
+            .contains("pool[0] (stairs).fixed: the fixed coefficients are all 0"),
+        "{:?}",
+        issues(&zero)
+    );
+}
+
 /// The site model is written without a tree of its devices; it must be the very text a JSON tree
 /// writes (keys sorted at every level), and its hash the hash of that text without `model_hash`.
 #[test]

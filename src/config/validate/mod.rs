@@ -129,6 +129,49 @@ impl Validator {
             .collect()
     }
 
+    /// Exchanges: of a polled meter, with readings a display can show, one per meter and instant.
+    fn replacements(&mut self, replacements: &[ReplacementRecord], site: &crate::topology::Site) {
+        for (i, r) in replacements.iter().enumerate() {
+            match site.meters.get(&r.meter).map(|m| &m.source) {
+                None => self.push(
+                    format!("replacement[{i}].meter"),
+                    format!("unknown meter {:?}", r.meter),
+                ),
+                Some(crate::topology::Source::Virtual(_)) => self.push(
+                    format!("replacement[{i}].meter"),
+                    format!(
+                        "{:?} is virtual: exchange the polled meters it is computed from",
+                        r.meter
+                    ),
+                ),
+                Some(crate::topology::Source::Device(_)) => {}
+            }
+            for (k, v) in [
+                ("final_reading", r.final_reading),
+                ("initial_reading", r.initial_reading),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    self.push(
+                        format!("replacement[{i}].{k}"),
+                        format!("{v}: expected the counter as the meter's display shows it (≥ 0)"),
+                    );
+                }
+            }
+            if replacements[..i]
+                .iter()
+                .any(|o| o.meter == r.meter && o.at == r.at)
+            {
+                self.push(
+                format!("replacement[{i}].at"),
+                format!(
+                    "meter {:?} already has an exchange at {}: one meter is exchanged once at a time",
+                    r.meter, r.at
+                ),
+            );
+            }
+        }
+    }
+
     pub(super) fn build(&mut self, text: &str, base: &Path) -> Option<Config> {
         let mut table: toml::Table = match text.parse() {
             Ok(t) => t,
@@ -238,14 +281,7 @@ impl Validator {
         }
         let replacements: Vec<ReplacementRecord> =
             flat(replacements).into_iter().map(|(_, r)| r).collect();
-        for (i, r) in replacements.iter().enumerate() {
-            if !site.meters.contains_key(&r.meter) {
-                self.push(
-                    format!("replacement[{i}].meter"),
-                    format!("unknown meter {:?}", r.meter),
-                );
-            }
-        }
+        self.replacements(&replacements, &site);
         let apportion_day = raw_topology.apportion_day.unwrap_or(1);
         if !(1..=28).contains(&apportion_day) {
             self.push(
