@@ -691,23 +691,18 @@ pub enum Request {
         RunRequest,
         Option<tokio::sync::oneshot::Sender<Result<RunSummary, AccountingError>>>,
     ),
-    /// Set (or change) a tariff; persisted, and used from the next computation on.
-    SetTariff(Tariff),
+    /// Set (or change) a tariff: validated against the site as it stands, persisted and audited,
+    /// then answered (a refusal changes nothing); used from the next computation on.
+    SetTariff {
+        tariff: Tariff,
+        /// The command's id, for the audit record.
+        id: String,
+        reply: tokio::sync::oneshot::Sender<crate::uplink::Reply>,
+    },
 }
 
 /// Meta key of the tariffs the cloud set (JSON list).
 pub(crate) const TARIFF_OVERRIDES: &str = "tariff_overrides";
-
-/// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price change
-/// must not leave rooms unpriced).
-pub(crate) fn apply_tariff(site: &mut topology::Site, mut t: Tariff) {
-    if t.rooms.is_empty() {
-        if let Some(old) = site.tariffs.get(&t.name) {
-            t.rooms.clone_from(&old.rooms);
-        }
-    }
-    site.tariffs.insert(t.name.clone(), t);
-}
 
 /// Applies the tariffs the cloud set (kept in the outbox database) over the configured ones.
 pub(crate) fn apply_tariff_overrides(
@@ -734,7 +729,7 @@ pub(crate) fn apply_tariff_overrides(
         .unwrap_or_default();
     let n = list.len();
     for t in list {
-        apply_tariff(site, t);
+        site.set_tariff(t);
     }
     Ok(n)
 }
@@ -765,6 +760,9 @@ fn period_arg(args: &Value, tz: chrono_tz::Tz, name: &str) -> Result<String, Str
 
 impl CommandHandler for AccountingCommands {
     fn handle(&self, id: &str, name: &str, args: &Value) -> Option<Answer> {
+        if name == "set_tariff" {
+            return Some(self.set_tariff(id, args));
+        }
         self.answer(id, name, args).map(Answer::Now)
     }
 }
@@ -831,42 +829,117 @@ impl AccountingCommands {
             }
             "get_bill" => return Some(self.get_bill(args)),
             "get_history" => return Some(self.get_history(args)),
-            "set_tariff" => {
-                let raw: topology::RawTariff = match serde_json::from_value(args.clone()) {
-                    Ok(r) => r,
-                    Err(e) => return Some(Err(format!("set_tariff: {e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\", \"bands\"?, \"rooms\"?}}"))),
-                };
-                let price = match crate::money::Price::parse(&raw.price, raw.decimals) {
-                    Ok(p) => p,
-                    Err(e) => return Some(Err(format!("set_tariff: price {e}"))),
-                };
-                let mut issues = Vec::new();
-                let bands =
-                    crate::tou::parse_bands("set_tariff", &raw.bands, raw.decimals, &mut issues);
-                if !issues.is_empty() {
-                    let msg: Vec<String> = issues
-                        .into_iter()
-                        .map(|(k, m)| format!("{k}: {m}"))
-                        .collect();
-                    return Some(Err(msg.join("; ")));
-                }
-                let t = Tariff {
-                    name: raw.name,
-                    utility: raw.utility,
-                    price,
-                    currency: raw.currency,
-                    bands,
-                    rooms: raw.rooms,
-                };
-                let reply = json!({"tariff": t.name, "price_micros": t.price.micros});
-                (Request::SetTariff(t), reply)
-            }
             _ => return None,
         };
         Some(match self.requests.try_send(request) {
             Ok(()) => Ok(reply),
             Err(_) => Err("the accounting task is busy; retry shortly".into()),
         })
+    }
+}
+
+/// The highest price a tariff may set, in micro-units per kWh or m³ (10,000 per unit): above it a
+/// price is a typing error, and amounts stay far from overflowing.
+const MAX_PRICE_MICROS: i64 = 10_000 * 1_000_000;
+
+impl AccountingCommands {
+    /// `set_tariff`: it changes money, so it is signed like relay commands; the tariff is parsed
+    /// completely here, checked against the site by the accounting task, and answered `ok` only
+    /// once it and its audit record are on disk.
+    fn set_tariff(&self, id: &str, args: &Value) -> Answer {
+        let Some(key) = &self.key else {
+            return Answer::Now(Err("set_tariff is disabled: set [enforcement] public_key on the gateway (it changes bills, so it must be signed)".into()));
+        };
+        let seen = |i: &str| self.seen.lock().map_or(true, |s| s.contains(i));
+        if let Err(e) =
+            crate::enforce::auth::verify(key, "set_tariff", id, args, self.clock.now(), seen)
+        {
+            return Answer::Now(Err(format!("set_tariff: {e}")));
+        }
+        let tariff = match parse_tariff(args) {
+            Ok(t) => t,
+            Err(e) => return Answer::Now(Err(format!("set_tariff: {e}"))),
+        };
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert(id.to_string());
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let request = Request::SetTariff {
+            tariff,
+            id: id.to_string(),
+            reply,
+        };
+        match self.requests.try_send(request) {
+            Ok(()) => Answer::Later(rx),
+            Err(_) => Answer::Now(Err(
+                "the accounting task is busy; resend with a new id".into()
+            )),
+        }
+    }
+}
+
+/// A `set_tariff` command's tariff, every field checked: the shape, an exact decimal price
+/// between 0 and [`MAX_PRICE_MICROS`], the bands.
+fn parse_tariff(args: &Value) -> Result<Tariff, String> {
+    let mut body = args.clone();
+    if let Value::Object(m) = &mut body {
+        m.remove("sig");
+        m.remove("expires_at");
+        m.remove("id");
+    }
+    let raw: topology::RawTariff = serde_json::from_value(body).map_err(|e| format!("{e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\", \"bands\"?, \"rooms\"?}} (signed: \"sig\", \"expires_at\")"))?;
+    if raw.name.trim().is_empty() {
+        return Err("\"name\" is empty: name the tariff".into());
+    }
+    let price =
+        crate::money::Price::parse(&raw.price, raw.decimals).map_err(|e| format!("price {e}"))?;
+    let mut issues = Vec::new();
+    let bands = crate::tou::parse_bands("bands", &raw.bands, raw.decimals, &mut issues);
+    for p in std::iter::once(price).chain(bands.iter().map(|b| b.price)) {
+        if p.micros > MAX_PRICE_MICROS {
+            issues.push((
+                "price".into(),
+                format!(
+                    "{}: above 10000 per unit; expected a price like \"0.8523\"",
+                    crate::bill::money(p.micros, 6)
+                ),
+            ));
+        }
+    }
+    if !issues.is_empty() {
+        let msg: Vec<String> = issues
+            .into_iter()
+            .map(|(k, m)| format!("{k}: {m}"))
+            .collect();
+        return Err(msg.join("; "));
+    }
+    Ok(Tariff {
+        name: raw.name,
+        utility: raw.utility,
+        price,
+        currency: raw.currency,
+        bands,
+        rooms: raw.rooms,
+    })
+}
+
+/// An audit record of a tariff the cloud set: what it was and what it is now.
+fn tariff_audit(id: &str, old: Option<&Tariff>, new: &Tariff, now: DateTime<Utc>) -> NewRecord {
+    NewRecord {
+        kind: Kind::Audit,
+        topic: "audit".into(),
+        ts: now,
+        payload: json!({
+            "event": "tariff_set",
+            "command": "set_tariff",
+            "id": id,
+            "tariff": new.name,
+            "previous": old,
+            "current": new,
+            "ts": now.to_rfc3339(),
+        })
+        .to_string()
+        .into_bytes(),
     }
 }
 
@@ -1245,15 +1318,29 @@ pub async fn run(
                         let _ = reply.send(r);
                     }
                 }
-                Some(Request::SetTariff(t)) => {
-                    tracing::info!(tariff = %t.name, price_micros = t.price.micros, "tariff set by the cloud");
-                    overrides.retain(|o| o.name != t.name);
-                    overrides.push(t.clone());
-                    store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&overrides).unwrap_or_default()).await;
+                Some(Request::SetTariff { tariff, id, reply }) => {
+                    let problems = config.site.tariff_change_problems(&tariff);
+                    if !problems.is_empty() {
+                        tracing::warn!(tariff = %tariff.name, problems = ?problems, "tariff from the cloud refused");
+                        let _ = reply.send(Err(format!("set_tariff: refused, nothing changed: {}", problems.join("; "))));
+                        continue;
+                    }
                     let mut c = (*config).clone();
-                    apply_tariff(&mut c.site, t);
+                    let old = c.site.tariffs.get(&tariff.name).cloned();
+                    c.site.set_tariff(tariff.clone());
+                    let now_set = c.site.tariffs[&tariff.name].clone();
+                    let mut next = overrides.clone();
+                    next.retain(|o| o.name != tariff.name);
+                    next.push(tariff);
+                    store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&next).unwrap_or_default()).await;
+                    // The audit record commits after the tariff (one writer, in order): once it
+                    // is durable, so is the tariff.
+                    store.reply(vec![tariff_audit(&id, old.as_ref(), &now_set, clock.now())], Vec::new()).await;
+                    tracing::info!(tariff = %now_set.name, price_micros = now_set.price.micros, "tariff set by the cloud");
+                    overrides = next;
                     config = Arc::new(c);
                     model.send_replace(Arc::new(config.site_model_bytes()));
+                    let _ = reply.send(Ok(json!({"tariff": now_set.name, "price_micros": now_set.price.micros, "rooms": now_set.rooms})));
                 }
             },
             _ = shutdown.changed() => return,
@@ -1581,6 +1668,91 @@ room = "101"
             .contains("public_key"));
     }
 
+    /// Before the fix `set_tariff` changed prices unsigned and answered `ok` before anything was
+    /// checked against the site or written: anyone on the broker could reprice every room.
+    #[test]
+    fn set_tariff_from_the_cloud_must_be_signed_and_a_real_price_before_it_is_queued() {
+        use base64::Engine as _;
+        use ed25519_dalek::Signer as _;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let (tx, mut rx) = mpsc::channel(4);
+        let handler = AccountingCommands {
+            requests: tx,
+            timezone: chrono_tz::Asia::Shanghai,
+            key: Some(key.verifying_key()),
+            seen: Arc::default(),
+            path: "/nonexistent/outbox.db".into(),
+            clock: crate::clock::Clock::system(),
+        };
+        let sign = |id: &str, mut args: Value| {
+            args["expires_at"] = json!((crate::clock::Clock::system().now()
+                + chrono::Duration::minutes(5))
+            .to_rfc3339());
+            let sig = key.sign(&crate::enforce::auth::signed_content(
+                "set_tariff",
+                id,
+                &args,
+            ));
+            args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+            args
+        };
+        let now_err = |a: Answer| match a {
+            Answer::Now(Err(e)) => e,
+            other => panic!("expected a refusal now, got {other:?}"),
+        };
+        let body = |price: &str| json!({"name": "elec", "utility": "electricity", "price": price});
+        let unsigned = handler
+            .handle("t-0", "set_tariff", &body("0.8523"))
+            .unwrap();
+        assert!(now_err(unsigned).contains("unsigned"));
+        for (i, (price, says)) in [
+            ("-0.5", "non-negative decimal"),
+            ("0.85.23", "non-negative decimal"),
+            ("8.523e-1", "non-negative decimal"),
+            ("0.85230001", "at most 6 decimals"),
+            ("85230", "above 10000 per unit"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("t-bad-{i}");
+            let e = now_err(
+                handler
+                    .handle(&id, "set_tariff", &sign(&id, body(price)))
+                    .unwrap(),
+            );
+            assert!(e.contains(says), "{price}: {e}");
+        }
+        let band = json!({"name": "peak", "from": "08:00", "to": "22:00", "price": "-1"});
+        let mut banded = body("0.8523");
+        banded["bands"] = json!([band]);
+        let e = now_err(
+            handler
+                .handle("t-band", "set_tariff", &sign("t-band", banded))
+                .unwrap(),
+        );
+        assert!(e.contains("bands"), "{e}");
+        assert!(rx.try_recv().is_err(), "nothing refused reaches the task");
+        let good = sign("t-1", body("0.8523"));
+        assert!(matches!(
+            handler.handle("t-1", "set_tariff", &good).unwrap(),
+            Answer::Later(_)
+        ));
+        match rx.try_recv().unwrap() {
+            Request::SetTariff { tariff, id, .. } => {
+                assert_eq!((tariff.price.micros, id.as_str()), (852_300, "t-1"));
+            }
+            other @ Request::Run(..) => panic!("{other:?}"),
+        }
+        let replay = now_err(handler.handle("t-1", "set_tariff", &good).unwrap());
+        assert!(rx.try_recv().is_err(), "a replay is refused: {replay}");
+        let keyless = AccountingCommands {
+            key: None,
+            ..handler
+        };
+        assert!(now_err(keyless.handle("t-2", "set_tariff", &good).unwrap()).contains("public_key"));
+    }
+
     #[test]
     fn a_cloud_price_change_without_rooms_keeps_the_rooms_the_tariff_billed() {
         let mut site = topology::Site::default();
@@ -1594,7 +1766,7 @@ room = "101"
         };
         site.tariffs
             .insert("elec".into(), tariff("0.8523", vec!["*".into()]));
-        apply_tariff(&mut site, tariff("0.9100", Vec::new()));
+        site.set_tariff(tariff("0.9100", Vec::new()));
         assert_eq!(site.tariffs["elec"].rooms, vec!["*".to_string()]);
         assert_eq!(site.tariffs["elec"].price.micros, 910_000);
         assert!(site

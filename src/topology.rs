@@ -239,6 +239,76 @@ impl Site {
             .find(|t| t.utility == utility && t.bills_room(room))
     }
 
+    /// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price
+    /// change must not leave rooms unpriced).
+    pub(crate) fn set_tariff(&mut self, mut t: Tariff) {
+        if t.rooms.is_empty() {
+            if let Some(old) = self.tariffs.get(&t.name) {
+                t.rooms.clone_from(&old.rooms);
+            }
+        }
+        self.tariffs.insert(t.name.clone(), t);
+    }
+
+    /// Rooms whose own consumption of a utility more than one tariff claims: (room, utility,
+    /// the tariffs' names). Which one would bill it is not for the name's sort order to decide.
+    pub(crate) fn rooms_billed_twice(&self) -> Vec<(String, Utility, Vec<String>)> {
+        let mut out = Vec::new();
+        for r in self.rooms.keys() {
+            for u in [Utility::Electricity, Utility::Water] {
+                let names: Vec<String> = self
+                    .tariffs
+                    .values()
+                    .filter(|t| t.utility == u && t.bills_room(r))
+                    .map(|t| t.name.clone())
+                    .collect();
+                if names.len() > 1 {
+                    out.push((r.clone(), u, names));
+                }
+            }
+        }
+        out
+    }
+
+    /// What would be wrong with the site if tariff `t` were set (added, or replacing the one of its
+    /// name): the checks `meterd check` makes of tariffs, for a change from the cloud.
+    pub(crate) fn tariff_change_problems(&self, t: &Tariff) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut after = self.clone();
+        after.set_tariff(t.clone());
+        let t = &after.tariffs[&t.name];
+        for r in t.rooms.iter().filter(|r| *r != "*") {
+            if !self.rooms.contains_key(r) {
+                out.push(format!("rooms: unknown room {r:?}"));
+            }
+        }
+        if let Some(old) = self.tariffs.get(&t.name) {
+            if old.utility != t.utility {
+                out.push(format!(
+                    "tariff {:?} prices {}; a tariff keeps its utility (set another name)",
+                    t.name,
+                    lower(old.utility)
+                ));
+            }
+        }
+        for p in self.pools.values() {
+            if p.tariff.as_deref() == Some(t.name.as_str()) && !t.bands.is_empty() {
+                out.push(format!("pool {:?} is priced by tariff {:?}: a pool's common consumption is priced flat, so this tariff cannot have bands", p.name, t.name));
+            }
+        }
+        for (r, u, names) in after.rooms_billed_twice() {
+            if names.contains(&t.name) {
+                out.push(format!(
+                    "room {r:?} would be billed for {} by {} tariffs ({}); give it one (rooms = [...])",
+                    lower(u).trim_start_matches("an ").trim_start_matches("a "),
+                    names.len(),
+                    names.join(", ")
+                ));
+            }
+        }
+        out
+    }
+
     /// Meters of a given room.
     pub(crate) fn room_meters(&self, room: &str, utility: Utility) -> Vec<&Meter> {
         self.room_idx
@@ -734,23 +804,15 @@ impl SiteBuilder<'_> {
 
     /// One tariff per room and utility for own consumption.
     fn one_tariff_per_room(&mut self) {
-        // One tariff per room and utility for own consumption.
-        for r in self.site.rooms.keys() {
-            for u in [Utility::Electricity, Utility::Water] {
-                let names: Vec<&str> = self
-                    .site
-                    .tariffs
-                    .values()
-                    .filter(|t| t.utility == u && t.bills_room(r))
-                    .map(|t| t.name.as_str())
-                    .collect();
-                if names.len() > 1 {
-                    self.issues.push((
-                        format!("tariff ({})", names.join(", ")),
-                        format!("room {r:?} is billed for {} by {} tariffs; give each room one (rooms = [...])", lower(u).trim_start_matches("an ").trim_start_matches("a "), names.len()),
-                    ));
-                }
-            }
+        for (r, u, names) in self.site.rooms_billed_twice() {
+            self.issues.push((
+                format!("tariff ({})", names.join(", ")),
+                format!(
+                    "room {r:?} is billed for {} by {} tariffs; give each room one (rooms = [...])",
+                    lower(u).trim_start_matches("an ").trim_start_matches("a "),
+                    names.len()
+                ),
+            ));
         }
     }
 
@@ -1228,6 +1290,81 @@ mod tests {
             value: v,
             estimated: false,
         }
+    }
+
+    /// Before the fix a tariff from the cloud was applied as sent: a second tariff claiming a room
+    /// billed it by whichever name sorted first, and bands on a pool's tariff were taken.
+    #[test]
+    fn a_tariff_change_that_would_bill_a_room_twice_or_band_a_pool_is_named() {
+        let price = |p: &str| crate::money::Price::parse(p, 2).unwrap();
+        let flat = |name: &str, rooms: &[&str]| Tariff {
+            name: name.into(),
+            utility: Utility::Electricity,
+            price: price("0.8523"),
+            currency: "CNY".into(),
+            bands: Vec::new(),
+            rooms: rooms.iter().map(|r| (*r).to_string()).collect(),
+        };
+        let mut site = Site::default();
+        for r in ["101", "102"] {
+            site.rooms.insert(
+                r.into(),
+                Room {
+                    id: r.into(),
+                    name: String::new(),
+                    area_m2: Some(40.0),
+                    headcount: None,
+                    floor: None,
+                    life_critical: false,
+                },
+            );
+        }
+        site.set_tariff(flat("home", &["*"]));
+        site.set_tariff(flat("stairs", &[]));
+        site.pools.insert(
+            "stairs".into(),
+            Pool {
+                name: "stairs".into(),
+                utility: Utility::Electricity,
+                rooms: vec!["101".into(), "102".into()],
+                method: vec![(Basis::Area, 1.0)],
+                floor_weights: BTreeMap::new(),
+                fixed: BTreeMap::new(),
+                include_loss_of: Vec::new(),
+                tariff: Some("stairs".into()),
+            },
+        );
+        assert!(site.tariff_change_problems(&flat("home", &[])).is_empty());
+        let shop = site.tariff_change_problems(&flat("shop", &["102", "109"]));
+        assert_eq!(
+            shop,
+            [
+                "rooms: unknown room \"109\"",
+                "room \"102\" would be billed for electricity by 2 tariffs (home, shop); give it one (rooms = [...])"
+            ],
+            "{shop:?}"
+        );
+        let mut banded = flat("stairs", &[]);
+        banded.bands = crate::tou::parse_bands(
+            "t",
+            &[crate::tou::RawBand {
+                name: Some("peak".into()),
+                from: "08:00".into(),
+                to: "22:00".into(),
+                price: "1.0".into(),
+            }],
+            2,
+            &mut Vec::new(),
+        );
+        let p = site.tariff_change_problems(&banded);
+        assert!(
+            p[0].contains("pool \"stairs\" is priced by tariff \"stairs\""),
+            "{p:?}"
+        );
+        let mut water = flat("home", &[]);
+        water.utility = Utility::Water;
+        let p = site.tariff_change_problems(&water);
+        assert!(p[0].contains("a tariff keeps its utility"), "{p:?}");
     }
 
     #[test]

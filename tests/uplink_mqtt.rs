@@ -818,6 +818,139 @@ async fn the_cloud_reads_a_meters_counter_history_from_the_gateway() {
     daemon.stop().await;
 }
 
+/// The key the cloud signs `set_tariff` with in these tests, and its public half as configured.
+fn tariff_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[5u8; 32])
+}
+
+fn tariff_key_hex() -> String {
+    use std::fmt::Write as _;
+    tariff_key()
+        .verifying_key()
+        .to_bytes()
+        .iter()
+        .fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A `set_tariff` command signed with [`tariff_key`].
+fn signed(id: &str, mut args: Value) -> Value {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    args["expires_at"] =
+        json!((meterd::clock::Clock::system().now() + chrono::Duration::minutes(5)).to_rfc3339());
+    let sig = tariff_key().sign(&meterd::enforce::auth::signed_content(
+        "set_tariff",
+        id,
+        &args,
+    ));
+    args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
+    args["id"] = json!(id);
+    args
+}
+
+/// Before the fix `set_tariff` was unsigned and answered `ok` before it was checked against the
+/// site or on disk. Sends a malformed, an unsigned, a refused (bands on the pool's tariff) and a
+/// good one (elec 0.85 → 1.20): only the good one changes anything, and it is audited.
+async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
+    let publish = |name: &str, body: Value| {
+        let c = sub.client.clone();
+        let topic = format!("test/gw/cmd/{name}");
+        async move {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                .await
+                .unwrap();
+        }
+    };
+    publish(
+        "set_tariff",
+        signed(
+            "t-bad",
+            json!({"name": "elec", "utility": "electricity", "price": "abc"}),
+        ),
+    )
+    .await;
+    publish(
+        "set_tariff",
+        json!({"id": "t-unsigned", "name": "elec", "utility": "electricity", "price": "9.99"}),
+    )
+    .await;
+    // Bands on the tariff that prices the pool: refused whole, nothing changed.
+    publish(
+        "set_tariff",
+        signed(
+            "t-banded",
+            json!({"name": "elec", "utility": "electricity", "price": "1.05",
+                   "bands": [{"name": "peak", "from": "08:00", "to": "22:00", "price": "1.30"}]}),
+        ),
+    )
+    .await;
+    publish(
+        "set_tariff",
+        signed(
+            "t-1",
+            json!({"name": "elec", "utility": "electricity", "price": "1.20"}),
+        ),
+    )
+    .await;
+    let msgs = sub
+        .wait_for(
+            "the tariff replies and the audit",
+            Duration::from_secs(20),
+            |m| {
+                m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 4
+                    && m.iter().any(|m| m.topic == "test/gw/audit")
+            },
+        )
+        .await;
+    // One audit record, of the change that was made: what the tariff was and what it is now.
+    let audits: Vec<Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/audit")
+        .map(json_of)
+        .inspect(|v| validate("audit.schema.json", v))
+        .flat_map(|v| v["records"].as_array().cloned().unwrap_or_else(|| vec![v]))
+        .filter(|r| r["event"] == "tariff_set")
+        .collect();
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert_eq!(
+        (
+            audits[0]["id"].as_str(),
+            audits[0]["previous"]["price"]["micros"].as_i64(),
+            audits[0]["current"]["price"]["micros"].as_i64()
+        ),
+        (Some("t-1"), Some(850_000), Some(1_200_000))
+    );
+    let replies: BTreeMap<String, Value> = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
+        .collect();
+    assert_eq!(replies["t-bad"]["ok"], false);
+    assert!(replies["t-bad"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("price"));
+    assert_eq!(replies["t-1"]["ok"], true);
+    assert_eq!(replies["t-unsigned"]["ok"], false);
+    assert!(replies["t-unsigned"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unsigned"));
+    assert_eq!(replies["t-banded"]["ok"], false);
+    assert!(
+        replies["t-banded"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("pool \"common\" is priced by tariff \"elec\""),
+        "{}",
+        replies["t-banded"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tariff_and_apportion_commands_publish_versioned_results() {
     let broker = Broker::start();
@@ -857,7 +990,11 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     let cfg = config(
         &sim,
         &format!("{}\n{topo}", devices(3, "chint_ddsu666", "500ms")),
-        &uplink_sections(dir.path(), broker.port, "", ""),
+        &format!(
+            "{}\n[enforcement]\npublic_key = \"{}\"\n",
+            uplink_sections(dir.path(), broker.port, "", ""),
+            tariff_key_hex()
+        ),
     );
     let daemon = Daemon::start(
         &cfg,
@@ -881,26 +1018,12 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
                 .unwrap();
         }
     };
-    publish(
-        "set_tariff",
-        json!({"id": "t-bad", "name": "elec", "utility": "electricity", "price": "abc"}),
-    )
-    .await;
-    publish(
-        "set_tariff",
-        json!({"id": "t-1", "name": "elec", "utility": "electricity", "price": "1.20"}),
-    )
-    .await;
+    set_tariffs_checked_and_audited(&sub).await;
     publish("apportion", json!({"id": "a-bad", "period": "2026-13"})).await;
-    // The tariff is set (answered) before the month is apportioned with it.
-    sub.wait_for("the first three replies", Duration::from_secs(20), |m| {
-        m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 3
-    })
-    .await;
     publish("apportion", json!({"id": "a-1", "period": month})).await;
     let msgs = sub
         .wait_for("replies and the result", Duration::from_secs(20), |m| {
-            m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 4
+            m.iter().filter(|m| m.topic == "test/gw/reply").count() >= 6
                 && m.iter().any(|m| m.topic == "test/gw/results/apportionment")
                 && m.iter().any(|m| m.topic == "test/gw/results/bill")
         })
@@ -911,12 +1034,6 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .map(json_of)
         .map(|v| (v["id"].as_str().unwrap().to_string(), v))
         .collect();
-    assert_eq!(replies["t-bad"]["ok"], false);
-    assert!(replies["t-bad"]["error"]
-        .as_str()
-        .unwrap()
-        .contains("price"));
-    assert_eq!(replies["t-1"]["ok"], true);
     assert_eq!(replies["a-bad"]["ok"], false);
     assert!(replies["a-bad"]["error"]
         .as_str()
