@@ -1599,12 +1599,19 @@ room = "101"
         );
     }
 
-    #[test]
-    fn recompute_from_the_cloud_must_be_signed_and_give_a_reason() {
+    /// An accounting command handler with a verifying key, the channel to its task, and a signer
+    /// of `command`'s arguments (valid for 5 minutes) with the matching key.
+    fn signed_handler(
+        command: &'static str,
+    ) -> (
+        AccountingCommands,
+        mpsc::Receiver<Request>,
+        impl Fn(&str, Value) -> Value,
+    ) {
         use base64::Engine as _;
         use ed25519_dalek::Signer as _;
         let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
         let handler = AccountingCommands {
             requests: tx,
             timezone: chrono_tz::Asia::Shanghai,
@@ -1613,18 +1620,20 @@ room = "101"
             path: "/nonexistent/outbox.db".into(),
             clock: crate::clock::Clock::system(),
         };
-        let sign = |id: &str, mut args: Value| {
+        let sign = move |id: &str, mut args: Value| {
             args["expires_at"] = json!((crate::clock::Clock::system().now()
                 + chrono::Duration::minutes(5))
             .to_rfc3339());
-            let sig = key.sign(&crate::enforce::auth::signed_content(
-                "recompute",
-                id,
-                &args,
-            ));
+            let sig = key.sign(&crate::enforce::auth::signed_content(command, id, &args));
             args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
             args
         };
+        (handler, rx, sign)
+    }
+
+    #[test]
+    fn recompute_from_the_cloud_must_be_signed_and_give_a_reason() {
+        let (handler, mut rx, sign) = signed_handler("recompute");
         let unsigned = json!({"period": "2026-10", "reason": "swap"});
         assert!(handler
             .answer("r-0", "recompute", &unsigned)
@@ -1672,30 +1681,7 @@ room = "101"
     /// checked against the site or written: anyone on the broker could reprice every room.
     #[test]
     fn set_tariff_from_the_cloud_must_be_signed_and_a_real_price_before_it_is_queued() {
-        use base64::Engine as _;
-        use ed25519_dalek::Signer as _;
-        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
-        let (tx, mut rx) = mpsc::channel(4);
-        let handler = AccountingCommands {
-            requests: tx,
-            timezone: chrono_tz::Asia::Shanghai,
-            key: Some(key.verifying_key()),
-            seen: Arc::default(),
-            path: "/nonexistent/outbox.db".into(),
-            clock: crate::clock::Clock::system(),
-        };
-        let sign = |id: &str, mut args: Value| {
-            args["expires_at"] = json!((crate::clock::Clock::system().now()
-                + chrono::Duration::minutes(5))
-            .to_rfc3339());
-            let sig = key.sign(&crate::enforce::auth::signed_content(
-                "set_tariff",
-                id,
-                &args,
-            ));
-            args["sig"] = json!(base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()));
-            args
-        };
+        let (handler, mut rx, sign) = signed_handler("set_tariff");
         let now_err = |a: Answer| match a {
             Answer::Now(Err(e)) => e,
             other => panic!("expected a refusal now, got {other:?}"),

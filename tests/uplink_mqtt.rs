@@ -47,6 +47,17 @@ fn uplink_sections(dir: &Path, port: u16, extra_mqtt: &str, extra_store: &str) -
         .to_string()
 }
 
+/// Publishes the cloud command `name` with `body` to the test gateway (the future owns what it needs).
+fn command(sub: &Subscriber, name: &str, body: Value) -> impl std::future::Future<Output = ()> {
+    let c = sub.client.clone();
+    let topic = format!("test/gw/cmd/{name}");
+    async move {
+        c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+            .await
+            .unwrap();
+    }
+}
+
 /// Every value of `register` of `device` that reached the cloud, with its record.
 fn values_of(msgs: &[Msg], device: &str, register: &str) -> Vec<Value> {
     msgs.iter()
@@ -760,15 +771,7 @@ async fn the_cloud_reads_a_meters_counter_history_from_the_gateway() {
         None,
     )
     .unwrap();
-    let publish = |name: &str, body: Value| {
-        let c = sub.client.clone();
-        let topic = format!("test/gw/cmd/{name}");
-        async move {
-            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
-                .await
-                .unwrap();
-        }
-    };
+    let publish = |name: &str, body: Value| command(&sub, name, body);
     // A meter's counter history, from the gateway's own samples (the first poll is always kept).
     sub.wait_for("m1 polled", Duration::from_secs(10), |m| {
         m.iter().any(|m| m.topic == "test/gw/telemetry")
@@ -855,15 +858,7 @@ fn signed(id: &str, mut args: Value) -> Value {
 /// site or on disk. Sends a malformed, an unsigned, a refused (bands on the pool's tariff) and a
 /// good one (elec 0.85 → 1.20): only the good one changes anything, and it is audited.
 async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
-    let publish = |name: &str, body: Value| {
-        let c = sub.client.clone();
-        let topic = format!("test/gw/cmd/{name}");
-        async move {
-            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
-                .await
-                .unwrap();
-        }
-    };
+    let publish = |name: &str, body: Value| command(sub, name, body);
     publish(
         "set_tariff",
         signed(
@@ -1009,15 +1004,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     .await;
     // Last month of the test's clock (the gateway's timezone here is UTC).
     let month = common::month_before(meterd::clock::Clock::system().now()).2;
-    let publish = |name: &str, body: Value| {
-        let c = sub.client.clone();
-        let topic = format!("test/gw/cmd/{name}");
-        async move {
-            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
-                .await
-                .unwrap();
-        }
-    };
+    let publish = |name: &str, body: Value| command(&sub, name, body);
     set_tariffs_checked_and_audited(&sub).await;
     publish("apportion", json!({"id": "a-bad", "period": "2026-13"})).await;
     publish("apportion", json!({"id": "a-1", "period": month})).await;
