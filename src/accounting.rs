@@ -367,21 +367,15 @@ fn boundary_reading(
     Ok(topology::value_at(&around, ms, max_gap, rollover).map(|b| (t, b)))
 }
 
-/// `[from, to)` cut at every dated assignment inside it, each piece with the site as it was then.
+/// `[from, to)` cut wherever a dated assignment or a tariff version takes effect inside it, each
+/// piece with the site as it was then.
 #[must_use]
 pub fn segments(
     site: &Site,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Vec<(DateTime<Utc>, DateTime<Utc>, Site)> {
-    let mut cuts: Vec<DateTime<Utc>> = site
-        .assignments
-        .iter()
-        .map(|a| a.from)
-        .filter(|t| *t > from && *t < to)
-        .collect();
-    cuts.sort();
-    cuts.dedup();
+    let cuts = site.changes_in(from, to);
     let mut out = Vec::new();
     let mut a = from;
     for c in cuts.into_iter().chain(std::iter::once(to)) {
@@ -708,7 +702,8 @@ pub(crate) const TARIFF_OVERRIDES: &str = "tariff_overrides";
 pub(crate) fn apply_tariff_overrides(
     conn: &Connection,
     site: &mut topology::Site,
-) -> Result<usize, AccountingError> {
+    tz: chrono_tz::Tz,
+) -> Result<Vec<Tariff>, AccountingError> {
     let raw: Option<String> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = ?1",
@@ -727,11 +722,10 @@ pub(crate) fn apply_tariff_overrides(
     let list: Vec<Tariff> = raw
         .and_then(|r| serde_json::from_str(&r).ok())
         .unwrap_or_default();
-    let n = list.len();
-    for t in list {
-        site.set_tariff(t);
+    for t in &list {
+        apply_override(site, t.clone(), tz);
     }
-    Ok(n)
+    Ok(list)
 }
 
 /// Cloud commands: `apportion {"period"}` (results on `results/apportionment` and `results/bill`),
@@ -879,7 +873,7 @@ impl AccountingCommands {
 }
 
 /// A `set_tariff` command's tariff, every field checked: the shape, an exact decimal price
-/// between 0 and [`MAX_PRICE_MICROS`], the bands.
+/// between 0 and [`MAX_PRICE_MICROS`], the bands, the date it takes effect.
 fn parse_tariff(args: &Value) -> Result<Tariff, String> {
     let mut body = args.clone();
     if let Value::Object(m) = &mut body {
@@ -887,40 +881,66 @@ fn parse_tariff(args: &Value) -> Result<Tariff, String> {
         m.remove("expires_at");
         m.remove("id");
     }
-    let raw: topology::RawTariff = serde_json::from_value(body).map_err(|e| format!("{e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"currency\", \"decimals\", \"bands\"?, \"rooms\"?}} (signed: \"sig\", \"expires_at\")"))?;
+    let raw: topology::RawTariff = serde_json::from_value(body).map_err(|e| format!("{e}; expected {{\"name\", \"utility\", \"price\": \"0.8523\", \"effective_from\": \"YYYY-MM-DD\", \"currency\", \"decimals\", \"bands\"?, \"rooms\"?}} (signed: \"sig\", \"expires_at\")"))?;
     if raw.name.trim().is_empty() {
         return Err("\"name\" is empty: name the tariff".into());
     }
-    let price =
-        crate::money::Price::parse(&raw.price, raw.decimals).map_err(|e| format!("price {e}"))?;
+    if raw.effective_from.is_none() {
+        return Err("\"effective_from\" is missing: give the site date the price takes effect (\"YYYY-MM-DD\"); a price never changes a month already billed".into());
+    }
     let mut issues = Vec::new();
-    let bands = crate::tou::parse_bands("bands", &raw.bands, raw.decimals, &mut issues);
-    for p in std::iter::once(price).chain(bands.iter().map(|b| b.price)) {
-        if p.micros > MAX_PRICE_MICROS {
-            issues.push((
-                "price".into(),
-                format!(
-                    "{}: above 10000 per unit; expected a price like \"0.8523\"",
-                    crate::bill::money(p.micros, 6)
-                ),
-            ));
+    let t = raw.parse("set_tariff", &mut issues);
+    if let Some(t) = &t {
+        for p in std::iter::once(t.price).chain(t.bands.iter().map(|b| b.price)) {
+            if p.micros > MAX_PRICE_MICROS {
+                issues.push((
+                    "price".into(),
+                    format!(
+                        "{}: above 10000 per unit; expected a price like \"0.8523\"",
+                        crate::bill::money(p.micros, 6)
+                    ),
+                ));
+            }
         }
     }
-    if !issues.is_empty() {
-        let msg: Vec<String> = issues
+    match t {
+        Some(t) if issues.is_empty() => Ok(t),
+        _ => Err(issues
             .into_iter()
             .map(|(k, m)| format!("{k}: {m}"))
-            .collect();
-        return Err(msg.join("; "));
+            .collect::<Vec<_>>()
+            .join("; ")),
     }
-    Ok(Tariff {
-        name: raw.name,
-        utility: raw.utility,
-        price,
-        currency: raw.currency,
-        bands,
-        rooms: raw.rooms,
-    })
+}
+
+/// A tariff the cloud set: a dated version of a tariff the site has is a later version of it, in
+/// force from its date; a new name (or a tariff kept from before versions) is a first version.
+pub(crate) fn apply_override(site: &mut topology::Site, t: Tariff, tz: chrono_tz::Tz) {
+    match t.effective_from {
+        Some(d) if site.tariffs.contains_key(&t.name) => {
+            let at = topology::site_midnight(d, tz);
+            site.tariff_changes
+                .retain(|c| !(c.tariff.name == t.name && c.tariff.effective_from == Some(d)));
+            // With the rooms it bills (kept from the version before when it names none).
+            let mut then = site.as_of(at);
+            let name = t.name.clone();
+            then.set_tariff(t);
+            let tariff = then.tariffs[&name].clone();
+            site.tariff_changes
+                .push(topology::TariffChange { at, tariff });
+            site.tariff_changes.sort_by_key(|c| c.at);
+        }
+        _ => site.set_tariff(t),
+    }
+}
+
+/// Why a tariff version from `at` would change a month already billed: the latest such month.
+fn billed_after(conn: &Connection, at: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<String> {
+    store::run_periods(conn)
+        .ok()?
+        .into_iter()
+        .filter(|p| period_bounds(p, tz).is_ok_and(|(_, to)| to > at))
+        .max()
 }
 
 /// An audit record of a tariff the cloud set: what it was and what it is now.
@@ -1227,16 +1247,10 @@ pub async fn run(
             )
             .ok();
         let mut c = (*config).clone();
-        if let Ok(n) = apply_tariff_overrides(&conn, &mut c.site) {
-            if n > 0 {
-                tracing::info!(tariffs = n, "using tariffs set by the cloud");
-                overrides = c
-                    .site
-                    .tariffs
-                    .values()
-                    .filter(|t| config.site.tariffs.get(&t.name) != Some(*t))
-                    .cloned()
-                    .collect();
+        if let Ok(list) = apply_tariff_overrides(&conn, &mut c.site, config.gateway.timezone) {
+            if !list.is_empty() {
+                tracing::info!(tariffs = list.len(), "using tariffs set by the cloud");
+                overrides = list;
                 config = Arc::new(c);
             }
         }
@@ -1319,28 +1333,35 @@ pub async fn run(
                     }
                 }
                 Some(Request::SetTariff { tariff, id, reply }) => {
-                    let problems = config.site.tariff_change_problems(&tariff);
+                    let tz = config.gateway.timezone;
+                    let date = tariff.effective_from.unwrap_or_default();
+                    let at = topology::site_midnight(date, tz);
+                    let billed = store::open_read_only(&config.store.path).ok().and_then(|conn| billed_after(&conn, at, tz));
+                    let mut problems = config.site.as_of(at).tariff_change_problems(&tariff);
+                    if let Some(p) = billed {
+                        problems.insert(0, format!("effective_from {date} would change {p}, already billed: a price takes effect from a day no bill has covered (correct a billed month with a dated version after it)"));
+                    }
                     if !problems.is_empty() {
                         tracing::warn!(tariff = %tariff.name, problems = ?problems, "tariff from the cloud refused");
                         let _ = reply.send(Err(format!("set_tariff: refused, nothing changed: {}", problems.join("; "))));
                         continue;
                     }
                     let mut c = (*config).clone();
-                    let old = c.site.tariffs.get(&tariff.name).cloned();
-                    c.site.set_tariff(tariff.clone());
-                    let now_set = c.site.tariffs[&tariff.name].clone();
+                    let old = c.site.as_of(at).tariffs.get(&tariff.name).cloned();
+                    apply_override(&mut c.site, tariff.clone(), tz);
+                    let now_set = c.site.as_of(at).tariffs[&tariff.name].clone();
                     let mut next = overrides.clone();
-                    next.retain(|o| o.name != tariff.name);
+                    next.retain(|o| !(o.name == tariff.name && o.effective_from == tariff.effective_from));
                     next.push(tariff);
                     store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&next).unwrap_or_default()).await;
                     // The audit record commits after the tariff (one writer, in order): once it
                     // is durable, so is the tariff.
                     store.reply(vec![tariff_audit(&id, old.as_ref(), &now_set, clock.now())], Vec::new()).await;
-                    tracing::info!(tariff = %now_set.name, price_micros = now_set.price.micros, "tariff set by the cloud");
+                    tracing::info!(tariff = %now_set.name, price_micros = now_set.price.micros, from = %date, "tariff version set by the cloud");
                     overrides = next;
                     config = Arc::new(c);
                     model.send_replace(Arc::new(config.site_model_bytes()));
-                    let _ = reply.send(Ok(json!({"tariff": now_set.name, "price_micros": now_set.price.micros, "rooms": now_set.rooms})));
+                    let _ = reply.send(Ok(json!({"tariff": now_set.name, "effective_from": date, "price_micros": now_set.price.micros, "rooms": now_set.rooms})));
                 }
             },
             _ = shutdown.changed() => return,
@@ -1686,7 +1707,39 @@ room = "101"
             Answer::Now(Err(e)) => e,
             other => panic!("expected a refusal now, got {other:?}"),
         };
-        let body = |price: &str| json!({"name": "elec", "utility": "electricity", "price": price});
+        // The first day of next month, site time, from the test's clock.
+        let (_, next) = period_bounds(
+            &period_of(
+                crate::clock::Clock::system().now(),
+                chrono_tz::Asia::Shanghai,
+            ),
+            chrono_tz::Asia::Shanghai,
+        )
+        .unwrap();
+        let day = next
+            .with_timezone(&chrono_tz::Asia::Shanghai)
+            .date_naive()
+            .to_string();
+        let body = |price: &str| json!({"name": "elec", "utility": "electricity", "price": price, "effective_from": day});
+        let mut undated = body("0.8523");
+        undated.as_object_mut().unwrap().remove("effective_from");
+        let e = now_err(
+            handler
+                .handle("t-nd", "set_tariff", &sign("t-nd", undated))
+                .unwrap(),
+        );
+        assert!(e.contains("\"effective_from\" is missing"), "{e}");
+        let mut bad_day = body("0.8523");
+        bad_day["effective_from"] = json!("2026-13-01");
+        let e = now_err(
+            handler
+                .handle("t-bd", "set_tariff", &sign("t-bd", bad_day))
+                .unwrap(),
+        );
+        assert!(
+            e.contains("expected the first day this version bills"),
+            "{e}"
+        );
         let unsigned = handler
             .handle("t-0", "set_tariff", &body("0.8523"))
             .unwrap();
@@ -1749,6 +1802,7 @@ room = "101"
             currency: "CNY".into(),
             bands: Vec::new(),
             rooms,
+            effective_from: None,
         };
         site.tariffs
             .insert("elec".into(), tariff("0.8523", vec!["*".into()]));

@@ -84,6 +84,9 @@ pub struct PoolSegment {
     /// Thousandths of a unit.
     pub common_milli: i64,
     pub rooms: Vec<SegmentRoom>,
+    /// The pool's price in this stretch (a tariff version may change it mid-month).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
 }
 
 /// A room's inputs in one stretch of a month.
@@ -283,7 +286,9 @@ pub(crate) fn apportion_pool(
 /// A pool's month from its stretches (consecutive, one per topology): one stretch is the month
 /// itself; several are summed, and the month's consumption and amount are split once, each room
 /// weighted by Σ (stretch's common consumption × its exact coefficient there). A room untouched by
-/// a correction therefore keeps its share to the fen however the month is cut.
+/// a correction therefore keeps its share to the fen however the month is cut. When a tariff
+/// version changes the price mid-month, the amount is Σ (stretch's common × its price), rounded
+/// once, and each room's cost is weighted by Σ (common × price × coefficient).
 pub(crate) fn month(
     mut parts: Vec<(
         chrono::DateTime<chrono::Utc>,
@@ -295,6 +300,15 @@ pub(crate) fn month(
         return parts.pop().map(|(_, _, r)| r);
     }
     let last = parts.last()?.2.clone();
+    // Σ thousandths × micro-units over the stretches: the month's exact cost.
+    let cost: Option<i128> = parts
+        .iter()
+        .map(|(_, _, r)| {
+            r.price
+                .map(|p| i128::from(r.common_milli) * i128::from(p.micros))
+        })
+        .sum();
+    let mut cost_weights: BTreeMap<String, Weight> = BTreeMap::new();
     let mut rooms: BTreeMap<String, (f64, Weight)> = BTreeMap::new();
     let mut common_meters: BTreeMap<String, f64> = BTreeMap::new();
     let mut losses: BTreeMap<String, f64> = BTreeMap::new();
@@ -319,6 +333,9 @@ pub(crate) fn month(
             let e = rooms.entry(x.room.clone()).or_default();
             e.0 += x.own;
             e.1 += &x.exact * Weight::from_integer(r.common_milli.into());
+            let micros = r.price.map_or(0, |p| p.micros);
+            *cost_weights.entry(x.room.clone()).or_default() += &x.exact
+                * Weight::from_integer((i128::from(r.common_milli) * i128::from(micros)).into());
         }
         segments.push(PoolSegment {
             from,
@@ -326,6 +343,7 @@ pub(crate) fn month(
             common_meters: r.common_meters,
             losses: r.losses,
             common_milli: r.common_milli,
+            price: r.price,
             rooms: r
                 .rooms
                 .into_iter()
@@ -341,8 +359,14 @@ pub(crate) fn month(
     let keys: Vec<&String> = rooms.keys().collect();
     let weights: Vec<Weight> = rooms.values().map(|(_, w)| w.clone()).collect();
     let shares = money::largest_remainder(common_milli, &weights, &keys);
-    let amount = last.price.map(|p| p.amount(common_milli));
-    let amounts = amount.map(|a| money::largest_remainder(a, &weights, &keys));
+    let amount = cost
+        .zip(last.price)
+        .map(|(c, p)| money::div_round_half_even(c, 10i128.pow(9 - p.decimals)) as i64);
+    let cost_weights: Vec<Weight> = rooms
+        .keys()
+        .map(|r| cost_weights.remove(r).unwrap_or_default())
+        .collect();
+    let amounts = amount.map(|a| money::largest_remainder(a, &cost_weights, &keys));
     let out_rooms = rooms
         .iter()
         .enumerate()

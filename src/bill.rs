@@ -217,6 +217,19 @@ pub struct ShareSegment {
     pub common_milli: i64,
     pub bases: Vec<BasisShare>,
     pub coefficient: f64,
+    /// The pool's price in this stretch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
+}
+
+/// The version of the room's tariff that priced one stretch of the period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TariffUse {
+    pub tariff: String,
+    /// The version's first day (site date); `None` for the tariff's first version.
+    pub effective_from: Option<chrono::NaiveDate>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
 }
 
 /// A room's statement for one utility and period.
@@ -230,6 +243,10 @@ pub struct RoomBill {
     pub unit: String,
     pub currency: Option<String>,
     pub tariff: Option<String>,
+    /// Each version of the room's tariff in force during the period, with the stretch it priced
+    /// (one when no version changed it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tariff_versions: Vec<TariffUse>,
     pub meters: Vec<MeterLine>,
     /// Own consumption, thousandths of a unit.
     pub own_milli: i64,
@@ -461,6 +478,7 @@ fn bill_for<'b>(
             unit: u.unit().to_string(),
             currency: t.map(|t| t.currency.clone()),
             tariff: t.map(|t| t.name.clone()),
+            tariff_versions: Vec::new(),
             meters: Vec::new(),
             own_milli: 0,
             own: Vec::new(),
@@ -551,6 +569,19 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                 }
                 let bill = bill_for(&mut acc, site, room, u, period, (p_from, p_to));
                 let tariff = site.room_tariff(room, u);
+                if let Some(t) = tariff {
+                    match bill.tariff_versions.last_mut() {
+                        Some(v) if v.tariff == t.name && v.effective_from == t.effective_from => {
+                            v.to = seg.to;
+                        }
+                        _ => bill.tariff_versions.push(TariffUse {
+                            tariff: t.name.clone(),
+                            effective_from: t.effective_from,
+                            from: seg.from,
+                            to: seg.to,
+                        }),
+                    }
+                }
                 for m in meters {
                     negative.extend(own_meter(bill, seg, &consumption, m, tariff, (room, u), tz));
                 }
@@ -621,6 +652,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
                             common_milli: g.common_milli,
                             bases: x.bases.clone(),
                             coefficient: x.coefficient,
+                            price: g.price,
                         })
                     })
                     .collect(),
@@ -853,6 +885,17 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             ""
         }
     );
+    for v in &b.tariff_versions {
+        let _ = writeln!(
+            s,
+            "Tariff {}{}: {} to {}",
+            v.tariff,
+            v.effective_from
+                .map_or_else(String::new, |d| format!(" (version from {d})")),
+            local(v.from, tz),
+            local(v.to, tz)
+        );
+    }
     let _ = writeln!(s, "Meters:");
     for m in &b.meters {
         let r = |x: &Option<Read>| {
@@ -922,12 +965,17 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
         for g in &x.segments {
             let _ = writeln!(
                 s,
-                "  {} to {}: common {} {}, coefficient {:.6}",
+                "  {} to {}: common {} {}, coefficient {:.6}{}",
                 local(g.from, tz),
                 local(g.to, tz),
                 units(g.common_milli),
                 b.unit,
-                g.coefficient
+                g.coefficient,
+                g.price.map_or_else(String::new, |p| format!(
+                    ", at {} {cur}/{}",
+                    money(p.micros, 6),
+                    b.unit
+                ))
             );
             basis(&mut s, &g.bases, "    ");
         }

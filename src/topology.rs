@@ -124,6 +124,18 @@ pub struct Tariff {
     /// Rooms whose own consumption this tariff bills (ids, or `["*"]` for every room).
     #[serde(default)]
     pub rooms: Vec<String>,
+    /// The site date this version takes effect (00:00 site time); `None` for a tariff's first
+    /// version, in force from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_from: Option<chrono::NaiveDate>,
+}
+
+/// A later version of a tariff, in force from `at` (its `effective_from` at 00:00 site time) until
+/// the next version of the same name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TariffChange {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub tariff: Tariff,
 }
 
 impl Tariff {
@@ -163,7 +175,11 @@ pub struct Site {
     pub rooms: BTreeMap<String, Room>,
     pub meters: BTreeMap<String, Meter>,
     pub pools: BTreeMap<String, Pool>,
+    /// Each tariff's first version (see `tariff_changes` for the later ones).
     pub tariffs: BTreeMap<String, Tariff>,
+    /// Later tariff versions, oldest first: [`Site::as_of`] applies those in force.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tariff_changes: Vec<TariffChange>,
     /// Loss above this share of a node's consumption raises an event.
     pub loss_threshold_pct: f64,
     /// Dated meter→room / meter→parent changes, oldest first.
@@ -229,7 +245,29 @@ impl Site {
         if changed {
             s.index();
         }
+        for c in self.tariff_changes.iter().filter(|c| c.at <= t) {
+            s.set_tariff(c.tariff.clone());
+        }
         s
+    }
+
+    /// Instants in `(from, to)` where the site changes: a dated assignment or a tariff version
+    /// takes effect. A bill is computed stretch by stretch between them.
+    pub(crate) fn changes_in(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<chrono::DateTime<chrono::Utc>> {
+        let mut cuts: Vec<_> = self
+            .assignments
+            .iter()
+            .map(|a| a.from)
+            .chain(self.tariff_changes.iter().map(|c| c.at))
+            .filter(|t| *t > from && *t < to)
+            .collect();
+        cuts.sort();
+        cuts.dedup();
+        cuts
     }
 
     /// The tariff that bills `room`'s own consumption of `utility`, if any.
@@ -287,7 +325,7 @@ impl Site {
                 out.push(format!(
                     "tariff {:?} prices {}; a tariff keeps its utility (set another name)",
                     t.name,
-                    lower(old.utility)
+                    utility_word(old.utility)
                 ));
             }
         }
@@ -300,7 +338,7 @@ impl Site {
             if names.contains(&t.name) {
                 out.push(format!(
                     "room {r:?} would be billed for {} by {} tariffs ({}); give it one (rooms = [...])",
-                    lower(u).trim_start_matches("an ").trim_start_matches("a "),
+                    utility_word(u),
                     names.len(),
                     names.join(", ")
                 ));
@@ -358,7 +396,6 @@ pub(crate) fn assignments(
     tz: chrono_tz::Tz,
     issues: &mut Vec<(String, String)>,
 ) -> Vec<Assignment> {
-    use chrono::TimeZone;
     let mut out = Vec::new();
     for (key, a) in raw {
         let Some(m) = site.meters.get(&a.meter) else {
@@ -407,11 +444,7 @@ pub(crate) fn assignments(
                 Some(_) => {}
             }
         }
-        let from = tz
-            .from_local_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
-            .earliest()
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_default();
+        let from = site_midnight(date, tz);
         out.push(Assignment {
             meter: a.meter,
             from,
@@ -462,6 +495,169 @@ pub struct RawTariff {
     /// Rooms whose own consumption this tariff bills (`["*"]` for all).
     #[serde(default)]
     pub rooms: Vec<String>,
+    /// `"YYYY-MM-DD"` (site date): a new version of the tariff of this name from that day on.
+    #[serde(default)]
+    pub effective_from: Option<String>,
+}
+
+impl RawTariff {
+    /// The version date, parsed: `Err` says what was expected.
+    fn date(&self) -> Result<Option<chrono::NaiveDate>, String> {
+        self.effective_from
+            .as_deref()
+            .map(|d| {
+                chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
+                    format!(
+                        "{d:?}: expected the first day this version bills, YYYY-MM-DD (site time)"
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// The tariff with its price and bands checked; problems go to `issues` under `key`.
+    pub(crate) fn parse(&self, key: &str, issues: &mut Vec<(String, String)>) -> Option<Tariff> {
+        let effective_from = match self.date() {
+            Ok(d) => d,
+            Err(e) => {
+                issues.push((format!("{key}.effective_from"), e));
+                None
+            }
+        };
+        match crate::money::Price::parse(&self.price, self.decimals) {
+            Ok(price) => Some(Tariff {
+                name: self.name.clone(),
+                utility: self.utility,
+                price,
+                currency: self.currency.clone(),
+                bands: crate::tou::parse_bands(key, &self.bands, self.decimals, issues),
+                rooms: self.rooms.clone(),
+                effective_from,
+            }),
+            Err(e) => {
+                issues.push((format!("{key}.price"), e));
+                None
+            }
+        }
+    }
+}
+
+/// The instant a site date begins (00:00 site time, the earliest one where a clock change repeats
+/// it).
+pub(crate) fn site_midnight(
+    date: chrono::NaiveDate,
+    tz: chrono_tz::Tz,
+) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone;
+    tz.from_local_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
+        .earliest()
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_default()
+}
+
+/// `[[tariff]]` entries with their config keys.
+pub(crate) type KeyedTariffs = Vec<(String, RawTariff)>;
+
+/// `[[tariff]]` entries as each tariff's first version (undated, or its earliest date), which
+/// [`build`] takes, and its later versions, for [`tariff_changes`]. Two undated entries of one
+/// name are a problem: which one bills is not for the file's order to decide.
+pub(crate) fn split_tariff_versions(
+    raw: Vec<(String, RawTariff)>,
+    issues: &mut Vec<(String, String)>,
+) -> (KeyedTariffs, KeyedTariffs) {
+    let mut by_name: BTreeMap<String, Vec<(String, RawTariff)>> = BTreeMap::new();
+    for (k, t) in raw {
+        by_name.entry(t.name.clone()).or_default().push((k, t));
+    }
+    let (mut first, mut later) = (Vec::new(), Vec::new());
+    for (name, mut versions) in by_name {
+        // Undated first, then by date; unparsable dates last (their error is reported later).
+        versions.sort_by_key(|(_, t)| match t.date() {
+            Ok(None) => (0, None),
+            Ok(Some(d)) => (1, Some(d)),
+            Err(_) => (2, None),
+        });
+        let undated = versions
+            .iter()
+            .filter(|(_, t)| t.effective_from.is_none())
+            .count();
+        if undated > 1 {
+            issues.push((
+                format!("tariff ({name})"),
+                format!("{undated} [[tariff]] named {name:?} without effective_from: give the newer ones the date they take effect (effective_from = \"YYYY-MM-DD\")"),
+            ));
+        }
+        let mut it = versions.into_iter();
+        first.extend(it.next());
+        later.extend(it);
+    }
+    (first, later)
+}
+
+/// The later versions of the site's tariffs, oldest first, each checked: a date, the utility of
+/// the tariff's first version, no two versions of one name on one date, and at that date still no
+/// room billed by two tariffs and no bands on a pool's tariff.
+pub(crate) fn tariff_changes(
+    site: &Site,
+    later: Vec<(String, RawTariff)>,
+    tz: chrono_tz::Tz,
+    issues: &mut Vec<(String, String)>,
+) -> Vec<TariffChange> {
+    let mut out: Vec<(String, TariffChange)> = Vec::new();
+    for (key, raw) in later {
+        let Some(t) = raw.parse(&key, issues) else {
+            continue;
+        };
+        let Some(date) = t.effective_from else {
+            continue;
+        };
+        let Some(first) = site.tariffs.get(&t.name) else {
+            continue;
+        };
+        if first.utility != t.utility {
+            issues.push((
+                format!("{key}.utility"),
+                format!(
+                    "tariff {:?} prices {}; a version keeps its tariff's utility",
+                    t.name,
+                    utility_word(first.utility)
+                ),
+            ));
+            continue;
+        }
+        if first.effective_from == Some(date)
+            || out
+                .iter()
+                .any(|(_, c)| c.tariff.name == t.name && c.tariff.effective_from == Some(date))
+        {
+            issues.push((
+                format!("{key}.effective_from"),
+                format!(
+                    "tariff {:?} already has a version from {date}: one version a day",
+                    t.name
+                ),
+            ));
+            continue;
+        }
+        let at = site_midnight(date, tz);
+        out.push((key, TariffChange { at, tariff: t }));
+    }
+    out.sort_by_key(|(_, c)| c.at);
+    let mut site = site.clone();
+    let mut changes = Vec::new();
+    for (key, c) in out {
+        for p in site.tariff_change_problems(&c.tariff) {
+            issues.push((
+                key.clone(),
+                format!("from {}: {p}", c.tariff.effective_from.unwrap_or_default()),
+            ));
+        }
+        site.set_tariff(c.tariff.clone());
+        // Stored with the rooms it bills (kept from the version before when it names none).
+        let tariff = site.tariffs[&c.tariff.name].clone();
+        changes.push(TariffChange { tariff, ..c });
+    }
+    changes
 }
 
 fn cny() -> String {
@@ -774,31 +970,17 @@ impl SiteBuilder<'_> {
 
     /// Tariffs: prices and time-of-use bands parse, rooms exist.
     fn tariffs(&mut self, tariffs: Vec<(String, RawTariff)>) {
-        for (key, t) in tariffs {
-            match crate::money::Price::parse(&t.price, t.decimals) {
-                Ok(price) => {
-                    let bands =
-                        crate::tou::parse_bands(&key, &t.bands, t.decimals, &mut self.issues);
-                    for r in t.rooms.iter().filter(|r| *r != "*") {
-                        if !self.site.rooms.contains_key(r) {
-                            self.issues
-                                .push((format!("{key}.rooms"), format!("unknown room {r:?}")));
-                        }
-                    }
-                    self.site.tariffs.insert(
-                        t.name.clone(),
-                        Tariff {
-                            name: t.name.clone(),
-                            utility: t.utility,
-                            price,
-                            currency: t.currency.clone(),
-                            bands,
-                            rooms: t.rooms.clone(),
-                        },
-                    );
+        for (key, raw) in tariffs {
+            let Some(t) = raw.parse(&key, &mut self.issues) else {
+                continue;
+            };
+            for r in t.rooms.iter().filter(|r| *r != "*") {
+                if !self.site.rooms.contains_key(r) {
+                    self.issues
+                        .push((format!("{key}.rooms"), format!("unknown room {r:?}")));
                 }
-                Err(e) => self.issues.push((format!("{key}.price"), e)),
             }
+            self.site.tariffs.insert(t.name.clone(), t);
         }
     }
 
@@ -994,6 +1176,11 @@ impl SiteBuilder<'_> {
             }
         }
     }
+}
+
+/// "electricity" or "water", without the article [`lower`] gives.
+fn utility_word(u: Utility) -> &'static str {
+    lower(u).trim_start_matches("an ").trim_start_matches("a ")
 }
 
 fn lower(u: Utility) -> &'static str {
@@ -1304,6 +1491,7 @@ mod tests {
             currency: "CNY".into(),
             bands: Vec::new(),
             rooms: rooms.iter().map(|r| (*r).to_string()).collect(),
+            effective_from: None,
         };
         let mut site = Site::default();
         for r in ["101", "102"] {

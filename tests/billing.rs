@@ -964,7 +964,8 @@ fn october_of_one_room(
     (bill(&st.bills, "101").clone(), peak, valley)
 }
 
-/// [`october_of_one_room`] with more keys on room 101's `[[meter]]`; at `reset_at`, the meter's
+/// [`october_of_one_room`] with more keys on room 101's `[[meter]]` (or tables after it, such as
+/// a tariff's later version); at `reset_at`, the meter's
 /// counter set back to 0 (a reset from the meter's menu, or an exchange nobody recorded); and at
 /// each of `exchanges` (whole minutes), the meter exchanged for one starting at the given reading,
 /// recorded as `[[replacement]]` with the old meter's display (to 0.01 kWh) as its final reading,
@@ -1175,6 +1176,91 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
     assert_eq!(b.meters[0].status, "ok", "{b:#?}");
     assert_eq!(b.own_milli, peak + valley, "660.300 kWh through the wrap");
     assert!(st.counter_decreases.is_empty());
+}
+
+/// Before the fix a tariff had one price for all time: a new price (`set_tariff`, or the
+/// `[[tariff]]` edited) re-ran past months at it (September 185.19 → 273.00 CNY with the same
+/// config hash). Prices are now versions with the site date they take effect: a month is priced
+/// by the versions in force during it, split at a change, each version named on the bill, and a
+/// version from after a month leaves that month as it was, to the fen.
+#[test]
+fn a_tariff_version_from_16_october_prices_the_month_in_two_stretches_and_leaves_earlier_ones_alone(
+) {
+    let version = |from: &str| {
+        format!(
+            r#"[[tariff]]
+name = "home"
+utility = "electricity"
+price = "0.9000"
+effective_from = "{from}"
+bands = [
+  {{ name = "peak", from = "08:00", to = "22:00", price = "0.6170" }},
+  {{ name = "valley", from = "22:00", to = "08:00", price = "0.3070" }},
+]
+"#
+        )
+    };
+    let float = |kwh: f64| (kwh * 100.0).round() / 100.0;
+    let zero = chrono::Duration::zero();
+    let (before, _, _) = october_of_one_room_with("", None, &[], 5_000.0, float, zero);
+    let (later, _, _) =
+        october_of_one_room_with(&version("2026-11-01"), None, &[], 5_000.0, float, zero);
+    let (split, _, _) =
+        october_of_one_room_with(&version("2026-10-16"), None, &[], 5_000.0, float, zero);
+    let (before, later, split) = (
+        bill(&before.bills, "101"),
+        bill(&later.bills, "101"),
+        bill(&split.bills, "101"),
+    );
+    // A version from 1 November: October as it was, figure for figure.
+    assert_eq!(
+        (later.own.clone(), later.total),
+        (before.own.clone(), before.total)
+    );
+    // 520.800 kWh × 0.5583 = 290.76 and 139.500 kWh × 0.3583 = 49.98.
+    assert_eq!(before.total, Some(29_076 + 4_998), "{before:#?}");
+    // From 16 October: 1.2 kW × 14 h and 0.45 kW × 10 h a day, 15 days at the first version's
+    // 0.5583 / 0.3583 and 16 at 0.6170 / 0.3070 (the night of the 15th split at midnight).
+    let lines: Vec<(&str, i64, i64, i64)> = split
+        .own
+        .iter()
+        .map(|l| (l.band.as_str(), l.price.micros, l.milli, l.amount))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            ("peak", 558_300, 252_000, 14_069),
+            ("valley", 358_300, 67_500, 2_419),
+            ("peak", 617_000, 268_800, 16_585),
+            ("valley", 307_000, 72_000, 2_210),
+        ],
+        "{split:#?}"
+    );
+    assert_eq!(split.total, Some(14_069 + 2_419 + 16_585 + 2_210));
+    let versions: Vec<(Option<chrono::NaiveDate>, DateTime<Utc>, DateTime<Utc>)> = split
+        .tariff_versions
+        .iter()
+        .map(|v| (v.effective_from, v.from, v.to))
+        .collect();
+    let cut = local(2026, 10, 16, 0, 0);
+    assert_eq!(
+        versions,
+        [
+            (None, local(2026, 10, 1, 0, 0), cut),
+            (
+                chrono::NaiveDate::from_ymd_opt(2026, 10, 16),
+                cut,
+                local(2026, 11, 1, 0, 0)
+            ),
+        ]
+    );
+    let text = meterd::bill::explain(split, TZ);
+    assert!(
+        text.contains(
+            "Tariff home (version from 2026-10-16): 2026-10-16 00:00 to 2026-11-01 00:00"
+        ),
+        "{text}"
+    );
 }
 
 /// Before the fix a month with a `[[replacement]]` was priced at the base price (0.8523 for all
@@ -1426,6 +1512,55 @@ fn stairs_october(db: &Path) {
             ("stairs", [8192.0, 8242.0, 8294.328]),
         ],
     );
+}
+
+/// A pool's price changed mid-month by a tariff version: its common consumption is priced stretch
+/// by stretch and rounded once for the month (the whole month at the last price was 92.10).
+#[test]
+fn a_pool_whose_tariff_changes_on_16_october_is_priced_stretch_by_stretch_and_rounded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    stairs_october(&db);
+    let conn = meterd::store::open_read_only(&db).unwrap();
+    let body = format!(
+        "{}{STAIRS}[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.9000\"\neffective_from = \"2026-10-16\"\n",
+        devices(&["main", "mA", "mB", "m203", "stairs"])
+    );
+    let st = meterd::accounting::compute(&conn, &config(&db, &body), "2026-10").unwrap();
+    // 50.000 kWh × 0.8523 + 52.328 kWh × 0.9000 = 42.615 + 47.0952 = 89.7102 → 89.71; by area
+    // 45.5 : 38.2 : 61.7 of 145.4 that is 2807.29 / 2356.89 / 3806.81 → 2807, 2357, 3807.
+    let shares: Vec<(&str, Option<i64>, Option<i64>)> = st
+        .bills
+        .iter()
+        .map(|b| {
+            (
+                b.room.as_str(),
+                b.shares[0].common_amount,
+                b.shares[0].amount,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shares,
+        [
+            ("201", Some(8_971), Some(2_807)),
+            ("202", Some(8_971), Some(2_357)),
+            ("203", Some(8_971), Some(3_807)),
+        ]
+    );
+    let prices: Vec<Option<i64>> = bill(&st.bills, "201").shares[0]
+        .segments
+        .iter()
+        .map(|g| g.price.map(|p| p.micros))
+        .collect();
+    assert_eq!(prices, [Some(852_300), Some(900_000)]);
+    // Each room's own consumption likewise: 201 used 50 + 50 kWh, at 0.8523 then 0.9000.
+    let own: Vec<(i64, i64)> = bill(&st.bills, "201")
+        .own
+        .iter()
+        .map(|l| (l.price.micros, l.milli))
+        .collect();
+    assert_eq!(own, [(852_300, 50_000), (900_000, 50_000)]);
 }
 
 #[test]

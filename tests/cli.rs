@@ -137,14 +137,15 @@ fn check_accepts_the_shipped_example_config() {
 /// Before the fix the example's own virtual meter (`main-incomer - common-hvac`), once
 /// uncommented, failed `meterd check`: every `-` split a name ("unknown meter \"main\"").
 #[test]
-fn check_accepts_the_shipped_example_with_its_virtual_meter_and_exchange_enabled() {
+fn check_accepts_the_shipped_example_with_its_virtual_meter_tariff_version_and_exchange_enabled() {
     let dir = tempfile::tempdir().unwrap();
     let example = std::fs::read_to_string(repo("config/meterd.toml")).unwrap();
     let mut enabled = String::new();
     let mut block = false;
     for line in example.lines() {
-        // The commented-out [[meter]] (virtual) and [[replacement]] blocks, uncommented.
-        if line == "# [[meter]]" || line == "# [[replacement]]" {
+        // The commented-out [[meter]] (virtual), [[tariff]] (a later version) and
+        // [[replacement]] blocks, uncommented.
+        if line == "# [[meter]]" || line == "# [[replacement]]" || line == "# [[tariff]]" {
             block = true;
         } else if !line.starts_with("# ") {
             block = false;
@@ -159,6 +160,7 @@ fn check_accepts_the_shipped_example_with_its_virtual_meter_and_exchange_enabled
     }
     assert!(enabled.contains("\nvirtual = \"main-incomer - common-hvac\""));
     assert!(enabled.contains("\n[[replacement]]\nmeter = "));
+    assert!(enabled.contains("\neffective_from = \"2027-01-01\""));
     let cfg = dir.path().join("meterd.toml");
     std::fs::write(&cfg, enabled).unwrap();
     let o = meterd(&["check", "--config", cfg.to_str().unwrap()]);

@@ -857,19 +857,20 @@ fn signed(id: &str, mut args: Value) -> Value {
 /// Before the fix `set_tariff` was unsigned and answered `ok` before it was checked against the
 /// site or on disk. Sends a malformed, an unsigned, a refused (bands on the pool's tariff) and a
 /// good one (elec 0.85 → 1.20): only the good one changes anything, and it is audited.
-async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
+async fn set_tariffs_checked_and_audited(sub: &Subscriber, from: &str) {
     let publish = |name: &str, body: Value| command(sub, name, body);
     publish(
         "set_tariff",
         signed(
             "t-bad",
-            json!({"name": "elec", "utility": "electricity", "price": "abc"}),
+            json!({"name": "elec", "utility": "electricity", "price": "abc", "effective_from": from}),
         ),
     )
     .await;
     publish(
         "set_tariff",
-        json!({"id": "t-unsigned", "name": "elec", "utility": "electricity", "price": "9.99"}),
+        json!({"id": "t-unsigned", "name": "elec", "utility": "electricity", "price": "9.99",
+               "effective_from": from}),
     )
     .await;
     // Bands on the tariff that prices the pool: refused whole, nothing changed.
@@ -877,7 +878,7 @@ async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
         "set_tariff",
         signed(
             "t-banded",
-            json!({"name": "elec", "utility": "electricity", "price": "1.05",
+            json!({"name": "elec", "utility": "electricity", "price": "1.05", "effective_from": from,
                    "bands": [{"name": "peak", "from": "08:00", "to": "22:00", "price": "1.30"}]}),
         ),
     )
@@ -886,7 +887,7 @@ async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
         "set_tariff",
         signed(
             "t-1",
-            json!({"name": "elec", "utility": "electricity", "price": "1.20"}),
+            json!({"name": "elec", "utility": "electricity", "price": "1.20", "effective_from": from}),
         ),
     )
     .await;
@@ -943,6 +944,41 @@ async fn set_tariffs_checked_and_audited(sub: &Subscriber) {
             .contains("pool \"common\" is priced by tariff \"elec\""),
         "{}",
         replies["t-banded"]
+    );
+}
+
+/// Before the fix a new price re-ran a billed month at it. A version from a day a bill already
+/// covers is refused whole: the month stays as billed.
+async fn a_price_for_a_billed_month_is_refused(sub: &Subscriber, month: &str) {
+    command(
+        sub,
+        "set_tariff",
+        signed(
+            "t-past",
+            json!({"name": "elec", "utility": "electricity", "price": "2.00",
+                   "effective_from": format!("{month}-01")}),
+        ),
+    )
+    .await;
+    let msgs = sub
+        .wait_for("the refusal", Duration::from_secs(10), |m| {
+            m.iter()
+                .any(|m| m.topic == "test/gw/reply" && json_of(m)["id"] == "t-past")
+        })
+        .await;
+    let r = msgs
+        .iter()
+        .filter(|m| m.topic == "test/gw/reply")
+        .map(json_of)
+        .find(|v| v["id"] == "t-past")
+        .unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("would change {month}, already billed")),
+        "{r}"
     );
 }
 
@@ -1005,7 +1041,8 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
     // Last month of the test's clock (the gateway's timezone here is UTC).
     let month = common::month_before(meterd::clock::Clock::system().now()).2;
     let publish = |name: &str, body: Value| command(&sub, name, body);
-    set_tariffs_checked_and_audited(&sub).await;
+    // A price from the first day of that month, which no bill has covered yet.
+    set_tariffs_checked_and_audited(&sub, &format!("{month}-01")).await;
     publish("apportion", json!({"id": "a-bad", "period": "2026-13"})).await;
     publish("apportion", json!({"id": "a-1", "period": month})).await;
     let msgs = sub
@@ -1027,7 +1064,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .unwrap()
         .contains("expected YYYY-MM"));
     assert_eq!(replies["a-1"]["ok"], true);
-    // The retained site model is published again with the tariff the cloud set.
+    // The retained site model is published again with the tariff version the cloud set.
     let msgs = sub
         .wait_for(
             "the site model with the new price",
@@ -1035,7 +1072,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
             |m| {
                 m.iter().any(|m| {
                     m.topic == "test/gw/config"
-                        && json_of(m)["tariffs"]["elec"]["price"]["micros"] == 1_200_000
+                        && json_of(m)["tariff_changes"][0]["tariff"]["price"]["micros"] == 1_200_000
                 })
             },
         )
@@ -1047,7 +1084,10 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         .inspect(|v| validate("config.schema.json", v))
         .collect();
     let (first, last) = (&models[0], models.last().unwrap());
-    assert_ne!(first["tariffs"]["elec"]["price"]["micros"], 1_200_000);
+    assert!(
+        first.get("tariff_changes").is_none(),
+        "the configured tariffs only at first"
+    );
     assert_ne!(
         first["model_hash"], last["model_hash"],
         "a new tariff is a new model"
@@ -1124,6 +1164,7 @@ async fn tariff_and_apportion_commands_publish_versioned_results() {
         ),
         (Some(1), Some("B"))
     );
+    a_price_for_a_billed_month_is_refused(&sub, &month).await;
     daemon.stop().await;
 }
 

@@ -24,7 +24,7 @@ impl ApportionCmd {
     pub fn execute(self) -> Result<()> {
         let mut c = self.config.load()?;
         let conn = crate::store::open_read_only(&c.store.path)?;
-        crate::accounting::apply_tariff_overrides(&conn, &mut c.site)?;
+        crate::accounting::apply_tariff_overrides(&conn, &mut c.site, c.gateway.timezone)?;
         let (results, bills) = crate::accounting::apportion_period(&conn, &c, &self.period)?;
         if results.is_empty() {
             bail!("{}: no [[pool]] configured: nothing to apportion", c.source);

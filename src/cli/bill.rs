@@ -57,7 +57,7 @@ impl BillCmd {
                 }
             ),
             (None, None) => {
-                crate::accounting::apply_tariff_overrides(&conn, &mut c.site)?;
+                crate::accounting::apply_tariff_overrides(&conn, &mut c.site, c.gateway.timezone)?;
                 let st = crate::accounting::compute(&conn, &c, &self.period)?;
                 let head = serde_json::json!({
                     "period": self.period, "version": null, "config_hash": c.hash,
@@ -195,7 +195,11 @@ impl RecomputeCmd {
             };
             let mut cfg = c.clone();
             if let Ok(conn) = crate::store::open_read_only(&c.store.path) {
-                crate::accounting::apply_tariff_overrides(&conn, &mut cfg.site)?;
+                crate::accounting::apply_tariff_overrides(
+                    &conn,
+                    &mut cfg.site,
+                    cfg.gateway.timezone,
+                )?;
             }
             let s = crate::accounting::run_period(&std::sync::Arc::new(cfg), &store, req, clock)
                 .await

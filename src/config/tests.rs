@@ -448,8 +448,8 @@ fn topology_errors_name_the_node_and_are_all_listed() {
 }
 
 /// Before the fix a pool's `fixed` coefficients were taken as given: a negative one (room 102 at
-/// −0.3) went into the split as a weight below zero, and one for a room not in the pool (or not in
-/// the site) was silently ignored. An exchange of a virtual meter, one with a negative reading, and
+/// −0.3) was taken as 0 without a word (the room paid nothing, the others its part), and one for a
+/// room not in the pool (or not in the site) was silently ignored. An exchange of a virtual meter, one with a negative reading, and
 /// two of one meter at one instant went through too.
 #[test]
 fn negative_or_stray_fixed_coefficients_and_impossible_exchanges_are_refused() {
@@ -527,6 +527,91 @@ fn negative_or_stray_fixed_coefficients_and_impossible_exchanges_are_refused() {
         "{:?}",
         issues(&zero)
     );
+}
+
+/// Before the fix a second `[[tariff]]` of one name silently replaced the first (the file's order
+/// decided the price). Versions are dated; what cannot be a version is refused, each with its key.
+#[test]
+fn tariff_versions_are_dated_once_a_day_keep_their_utility_and_bill_each_room_once() {
+    let site = r#"
+        [[device]]
+        name = "m101"
+        bus = "lan"
+        unit = 1
+        profile = "eastron_sdm120"
+        [[room]]
+        id = "101"
+        [[meter]]
+        name = "m101"
+        utility = "electricity"
+        room = "101"
+        [[tariff]]
+        name = "home"
+        utility = "electricity"
+        price = "0.5583"
+        rooms = ["*"]
+        [[tariff]]
+        name = "shop"
+        utility = "electricity"
+        price = "1.0"
+    "#;
+    let text = |versions: &str| {
+        format!(
+            "{}\n{site}\n{versions}",
+            GOOD.split("[[device]]").next().unwrap()
+        )
+    };
+    let good = load(&text(
+        "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.6170\"\neffective_from = \"2026-07-01\"\n",
+    ))
+    .unwrap();
+    let c = &good.site.tariff_changes;
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].at.to_rfc3339(), "2026-06-30T16:00:00+00:00");
+    assert_eq!(
+        c[0].tariff.rooms,
+        ["*"],
+        "a version naming no rooms keeps the first one's"
+    );
+    let all = issues(&text(
+        r#"
+        [[tariff]]
+        name = "home"
+        utility = "electricity"
+        price = "0.9"
+        [[tariff]]
+        name = "shop"
+        utility = "water"
+        price = "3.1"
+        effective_from = "2026-07-01"
+        [[tariff]]
+        name = "shop"
+        utility = "electricity"
+        price = "1.1"
+        effective_from = "2026-08-01"
+        rooms = ["101"]
+        [[tariff]]
+        name = "shop"
+        utility = "electricity"
+        price = "1.2"
+        effective_from = "2026-08-01"
+        [[tariff]]
+        name = "shop"
+        utility = "electricity"
+        price = "1.3"
+        effective_from = "1 Sept"
+    "#,
+    ))
+    .join("\n");
+    for expected in [
+        "tariff (home): 2 [[tariff]] named \"home\" without effective_from",
+        "tariff[3] (shop).utility: tariff \"shop\" prices electricity; a version keeps its tariff's utility",
+        "tariff[4] (shop): from 2026-08-01: room \"101\" would be billed for electricity by 2 tariffs (home, shop)",
+        "tariff[5] (shop).effective_from: tariff \"shop\" already has a version from 2026-08-01",
+        "tariff[6] (shop).effective_from: \"1 Sept\": expected the first day this version bills, YYYY-MM-DD",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
 }
 
 /// The site model is written without a tree of its devices; it must be the very text a JSON tree

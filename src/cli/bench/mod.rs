@@ -776,6 +776,7 @@ fn apportion_bench() -> Result<bool> {
             decimals: 2,
             bands: Vec::new(),
             rooms: vec!["*".into()],
+            effective_from: None,
         },
     )];
     let devices: BTreeMap<String, BTreeSet<Quantity>> = meters

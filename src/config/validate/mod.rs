@@ -268,11 +268,14 @@ impl Validator {
         if !(threshold.is_finite() && threshold >= 0.0) {
             self.push("topology.loss_threshold_pct", "must be a percentage ≥ 0");
         }
+        let mut version_issues = Vec::new();
+        let (first_tariffs, later_tariffs) =
+            crate::topology::split_tariff_versions(flat(tariffs), &mut version_issues);
         let (mut site, topo_issues) = crate::topology::build(
             flat(rooms),
             flat(meters),
             flat(pools),
-            flat(tariffs),
+            first_tariffs,
             threshold,
             &quantities,
         );
@@ -319,6 +322,9 @@ impl Validator {
         let mut assign_issues = Vec::new();
         site.assignments =
             crate::topology::assignments(&site, flat(assignments), tz, &mut assign_issues);
+        site.tariff_changes =
+            crate::topology::tariff_changes(&site, later_tariffs, tz, &mut version_issues);
+        assign_issues.extend(version_issues);
         for (k, m) in assign_issues {
             self.push(k, m);
         }
