@@ -339,14 +339,25 @@ fn decreases(seg: &Segment, consumption: &BTreeMap<String, Consumption>) -> Vec<
     out
 }
 
-/// The first physical meter of `meter` (between its exchanges) whose counter reads lower at the
-/// end of its part of the segment than at its start: those two readings.
+/// Where `meter`'s counter went down unexplained in the segment: the two readings around the fall,
+/// between any two consecutive readings (the bounds and, for a banded room, every band edge) of one
+/// physical meter, a plausible wrap of its register (within its `max_rate`) apart. A reset the
+/// counter has climbed back above by the month's end is caught by the readings at the band edges.
 fn went_down_in(seg: &Segment, meter: &str, device: &str) -> Option<(Read, Read)> {
+    let m = seg.site.meters.get(meter)?;
     lives(seg.series.get(device)?, exchanges(seg, meter))
         .into_iter()
-        .find_map(|l| match (bound(l.first()), bound(l.last())) {
-            (Some(a), Some(b)) if went_down(&a, &b) => Some((a, b)),
-            _ => None,
+        .find_map(|l| {
+            let reads: Vec<Read> = l.iter().filter_map(|p| bound(Some(p))).collect();
+            reads.windows(2).find_map(|w| {
+                let hours = (w[1].at - w[0].at).num_seconds() as f64 / 3600.0;
+                let (a, b) = (
+                    crate::money::to_milli(w[0].value),
+                    crate::money::to_milli(w[1].value),
+                );
+                let wrap = topology::wrap_milli(a, b, m.rollover, m.max_rate.map(|r| r * hours));
+                (b < a && wrap.is_none()).then_some((w[0], w[1]))
+            })
         })
 }
 
@@ -383,11 +394,6 @@ fn bound(point: Option<&(DateTime<Utc>, Option<Boundary>)>) -> Option<Read> {
     point.and_then(|(t, b)| read(*t, *b))
 }
 
-/// Whether a counter reads lower at `to` than at `from`, as the bill prints them (thousandths).
-fn went_down(from: &Read, to: &Read) -> bool {
-    crate::money::to_milli(to.value) < crate::money::to_milli(from.value)
-}
-
 fn read(at: DateTime<Utc>, b: Option<Boundary>) -> Option<Read> {
     b.map(|b| Read {
         at,
@@ -405,12 +411,21 @@ pub(crate) fn segment_consumption(seg: &Segment) -> BTreeMap<String, Consumption
         }
     }
     let hours = (seg.to - seg.from).num_seconds() as f64 / 3600.0;
-    let devices = apportion::device_consumption(seg.site, &bounds, seg.exchanges, hours);
+    let mut devices = apportion::device_consumption(seg.site, &bounds, seg.exchanges, hours);
+    // A counter that fell inside the segment (a reset it has since climbed back above) has no
+    // consumption the bounds could tell.
+    for m in seg.site.meters.values() {
+        if let Source::Device(d) = &m.source {
+            if went_down_in(seg, &m.name, d).is_some() {
+                devices.remove(d);
+            }
+        }
+    }
     topology::meter_consumption(seg.site, &devices)
 }
 
 /// Thousandths per band of a meter's consumption in a segment, when it can be split: every point
-/// known and no wrap inside. Across an exchange each physical meter's part is split from its own
+/// known (a wrap of the register counts on from its top). Across an exchange each physical meter's part is split from its own
 /// readings (the old meter's up to its final, the new one's from its initial).
 fn band_split(
     seg: &Segment,
@@ -435,9 +450,17 @@ fn band_split(
                     .iter()
                     .map(|(t, b)| b.map(|b| (*t, crate::money::to_milli(b.value))))
                     .collect();
-                let pts = pts?;
-                if pts.windows(2).any(|w| w[1].1 < w[0].1) {
-                    return None;
+                let mut pts = pts?;
+                // Through a wrap of the register the readings after it count on from its top
+                // (a fall that is no plausible wrap has no consumption, see `went_down_in`).
+                let top = m.rollover.map(crate::money::to_milli);
+                for i in 1..pts.len() {
+                    if pts[i].1 < pts[i - 1].1 {
+                        let top = top?;
+                        for p in &mut pts[i..] {
+                            p.1 += top;
+                        }
+                    }
                 }
                 sum += pts.last()?.1 - pts.first()?.1;
                 for p in tou::split(price, tz, &pts) {
@@ -810,7 +833,7 @@ fn own_meter(
         let s = band_split(seg, consumption, &m.name, &t.tou(), tz);
         if s.is_none() {
             bill.notes.push(format!(
-                "meter {}: not split by band (a reading inside the period is missing, or the counter wrapped); priced at the base price",
+                "meter {}: not split by band (a reading at a band edge inside the period is missing); priced at the base price",
                 m.name
             ));
         }

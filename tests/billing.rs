@@ -1138,10 +1138,10 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
             .iter()
             .find(|n| n.contains("went down"))
             .expect("named");
-        // 5,150 kWh 15 minutes before the month, 0.45 kW since: 5,150.11 at its start.
+        // The readings at the band edges around the reset at 14:30 on 16 October.
         assert!(
             note.contains(
-                "meter m101: the counter went down from 5150.110 at 2026-10-01 00:00 to "
+                "meter m101: the counter went down from 5473.210 at 2026-10-16 08:00 to 9.000 at 2026-10-16 22:00"
             ),
             "{note}"
         );
@@ -1152,7 +1152,7 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
             st.counter_decreases
         );
         let d = &st.counter_decreases[0];
-        assert_eq!((d.meter.as_str(), d.from.value), ("m101", 5_150.11));
+        assert_eq!((d.meter.as_str(), d.from.value), ("m101", 5_473.21));
         assert!(d.to.value < 1_000.0, "{d:?}");
     }
     // The wrap it would have been taken for is still a wrap where it is one: 999,990.00 on the 1st,
@@ -1176,6 +1176,40 @@ fn a_meter_reset_from_5150_to_0_mid_month_is_a_counter_event_not_a_wrap_of_the_r
     assert_eq!(b.meters[0].status, "ok", "{b:#?}");
     assert_eq!(b.own_milli, peak + valley, "660.300 kWh through the wrap");
     assert!(st.counter_decreases.is_empty());
+    // Before the fix a wrap inside the month priced all of it at the base price (562.77 CNY);
+    // the band edges after the wrap count on from the register's top.
+    let lines: Vec<(&str, i64)> = b.own.iter().map(|l| (l.band.as_str(), l.milli)).collect();
+    assert_eq!(lines, [("peak", 520_800), ("valley", 139_500)], "{b:#?}");
+}
+
+/// Before the fix only the month's bounds were compared: a DDSU666 at 100 kWh reset on 3 October
+/// counted back above its start by 1 November and the month billed 506.190 kWh as "ok". The
+/// readings at the band edges show the fall: a counter event, not billed.
+#[test]
+fn a_meter_reset_on_3_october_that_counts_back_above_its_start_is_still_a_counter_event() {
+    let (st, _, _) = october_of_one_room_with(
+        "",
+        Some(local(2026, 10, 3, 14, 30)),
+        &[],
+        100.0,
+        |kwh| (kwh * 100.0).round() / 100.0,
+        chrono::Duration::zero(),
+    );
+    let b = bill(&st.bills, "101");
+    let m = &b.meters[0];
+    assert!(m.end.unwrap().value > m.start.unwrap().value, "{b:#?}");
+    assert_eq!(
+        (m.status.as_str(), m.consumption_milli),
+        ("counter_decrease", None),
+        "{b:#?}"
+    );
+    assert!(b.provisional && b.own.is_empty(), "{b:#?}");
+    assert_eq!(st.counter_decreases.len(), 1);
+    let d = &st.counter_decreases[0];
+    assert!(
+        d.from.at < local(2026, 10, 3, 14, 30) && d.to.at > local(2026, 10, 3, 14, 30),
+        "{d:?}"
+    );
 }
 
 /// Before the fix a tariff had one price for all time: a new price (`set_tariff`, or the
@@ -1693,4 +1727,273 @@ fn the_apportion_command_prices_a_rooms_own_consumption_as_its_bill_does() {
         .find(|b| b["room"] == "201")
         .unwrap();
     assert_eq!(b201["total"], 8_312, "{b201}");
+}
+
+// ---- property: random histories ------------------------------------------------------------------
+
+/// What happens to one room's counter in the simulated October.
+#[derive(Debug, Clone, Copy)]
+enum CounterEvent {
+    Nothing,
+    /// Exchanged at this minute of the month (recorded as `[[replacement]]`), the new meter showing
+    /// this reading; off the bus 10 minutes either side.
+    Exchange(i64, f64),
+    /// Reset to 0 at this minute from the meter's menu; nobody recorded it.
+    Reset(i64),
+    /// Starts this many kWh below the top of its 99,999.99 register, and wraps.
+    Wrap(f64),
+}
+
+const OCTOBER_MINUTES: i64 = 31 * 24 * 60;
+
+fn counter_event() -> impl proptest::strategy::Strategy<Value = CounterEvent> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(CounterEvent::Nothing),
+        (60..OCTOBER_MINUTES - 60, 0u32..5)
+            .prop_map(|(m, i)| CounterEvent::Exchange(m, f64::from(i) / 100.0)),
+        (60..OCTOBER_MINUTES - 60).prop_map(CounterEvent::Reset),
+        (1u32..200).prop_map(|k| CounterEvent::Wrap(f64::from(k) / 10.0)),
+    ]
+}
+
+/// One random October of the stairs building: each meter's load (W), starting counter (0.01 kWh)
+/// and event, and optional tariff versions (day of October, prices in 1/10,000 CNY).
+#[derive(Debug, Clone)]
+struct RandomOctober {
+    meters: Vec<(u32, u32, CounterEvent)>,
+    home_version: Option<(u32, u32, u32)>,
+    common_version: Option<(u32, u32)>,
+    swap_from: u32,
+}
+
+/// A price in 1/10,000 CNY as the config writes it.
+fn price(p: u32) -> String {
+    format!("{}.{:04}", p / 10_000, p % 10_000)
+}
+
+/// The month's config: rooms 201–203 on mA, mB, m203 billed by `home` (peak 08:00–22:00,
+/// valley across midnight), the stair lights' pool by area at the flat `common`, and `extra`.
+fn random_october_config(db: &Path, o: &RandomOctober, extra: &str) -> Config {
+    let mut text = devices(&["mA", "mB", "m203", "stairs"]);
+    text += "[topology]\nhistory_every = \"15m\"\n";
+    for (id, area) in [("201", 45.5), ("202", 38.2), ("203", 61.7)] {
+        let _ = writeln!(text, "[[room]]\nid = \"{id}\"\narea_m2 = {area}");
+    }
+    for ((name, room), (_, _, ev)) in [
+        ("mA", "201"),
+        ("mB", "202"),
+        ("m203", "203"),
+        ("stairs", ""),
+    ]
+    .iter()
+    .zip(&o.meters)
+    {
+        let _ = writeln!(
+            text,
+            "[[meter]]\nname = \"{name}\"\nutility = \"electricity\""
+        );
+        if room.is_empty() {
+            text += "pool = \"stairs\"\n";
+        } else {
+            let _ = writeln!(text, "room = \"{room}\"");
+        }
+        if matches!(ev, CounterEvent::Wrap(_)) {
+            text += "rollover = 99999.99\nmax_rate = 13.8\n";
+        }
+    }
+    let bands = |peak: u32, valley: u32| {
+        format!(
+            "bands = [\n  {{ name = \"peak\", from = \"08:00\", to = \"22:00\", price = \"{}\" }},\n  {{ name = \"valley\", from = \"22:00\", to = \"08:00\", price = \"{}\" }},\n]\n",
+            price(peak),
+            price(valley)
+        )
+    };
+    text += "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.8523\"\nrooms = [\"*\"]\n";
+    text += &bands(5_583, 3_583);
+    text += "[[tariff]]\nname = \"common\"\nutility = \"electricity\"\nprice = \"0.8523\"\n";
+    if let Some((day, peak, valley)) = o.home_version {
+        let _ = writeln!(
+            text,
+            "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"0.9000\"\neffective_from = \"2026-10-{day:02}\"\n{}",
+            bands(peak, valley)
+        );
+    }
+    if let Some((day, p)) = o.common_version {
+        let _ = writeln!(
+            text,
+            "[[tariff]]\nname = \"common\"\nutility = \"electricity\"\nprice = \"{}\"\neffective_from = \"2026-10-{day:02}\"",
+            price(p)
+        );
+    }
+    text += "[[pool]]\nname = \"stairs\"\nutility = \"electricity\"\nrooms = [\"*\"]\nmethod = { area = 1.0 }\ntariff = \"common\"\n";
+    text += extra;
+    config(db, &text)
+}
+
+/// Records the month's counters (every 15 minutes, as shown to 0.01 kWh) and returns the
+/// `[[replacement]]` records of its exchanges and each meter's true consumption (Wh).
+fn record_random_october(db: &Path, o: &RandomOctober) -> (String, Vec<i64>) {
+    let (from, to) = meterd::accounting::period_bounds("2026-10", TZ).unwrap();
+    let step = chrono::Duration::minutes(15);
+    let mut samples = Vec::new();
+    let mut replacements = String::new();
+    let mut truth = Vec::new();
+    for ((name, (watts, start, ev)), top) in ["mA", "mB", "m203", "stairs"]
+        .iter()
+        .zip(&o.meters)
+        .zip(std::iter::repeat(99_999.99))
+    {
+        let mut kwh = match ev {
+            CounterEvent::Wrap(below) => top - below,
+            _ => f64::from(*start) / 100.0,
+        };
+        let shown = |kwh: f64| {
+            let v = if kwh >= top { kwh - top } else { kwh };
+            (v * 100.0).round() / 100.0
+        };
+        let mut used_wh = 0.0;
+        let mut t = from - step;
+        while t <= to + step {
+            let minute = (t - from).num_minutes();
+            let off_bus = matches!(ev, CounterEvent::Exchange(m, _) if (minute - m).abs() <= 10);
+            if !off_bus {
+                samples.push(Sample {
+                    device: (*name).into(),
+                    quantity: "energy_kwh".into(),
+                    ts_ms: t.timestamp_millis(),
+                    value: shown(kwh),
+                });
+            }
+            for m in minute..minute + 15 {
+                match ev {
+                    CounterEvent::Exchange(at, initial) if *at == m => {
+                        let _ = writeln!(
+                            replacements,
+                            "[[replacement]]\nmeter = \"{name}\"\nat = \"{}\"\nfinal_reading = {}\ninitial_reading = {initial}",
+                            (from + chrono::Duration::minutes(m)).to_rfc3339(),
+                            shown(kwh)
+                        );
+                        kwh = *initial;
+                    }
+                    CounterEvent::Reset(at) if *at == m => kwh = 0.0,
+                    _ => {}
+                }
+                if (0..OCTOBER_MINUTES).contains(&m) {
+                    used_wh += f64::from(*watts) / 60.0;
+                }
+                kwh += f64::from(*watts) / 60_000.0;
+            }
+            t += step;
+        }
+        truth.push(used_wh.round() as i64);
+    }
+    let mut store = Store::open(db, Caps::default(), meterd::clock::Clock::system()).unwrap();
+    store.record_history(&samples).unwrap();
+    (replacements, truth)
+}
+
+/// Minor units of `milli` thousandths at `micros` per unit, half to even (docs/apportionment.md).
+fn half_even_fen(milli: i64, micros: i64) -> i64 {
+    let n = i128::from(milli) * i128::from(micros);
+    let (q, r) = (n / 10_000_000, n % 10_000_000);
+    let up = 2 * r > 10_000_000 || (2 * r == 10_000_000 && q % 2 == 1);
+    i64::try_from(q).unwrap() + i64::from(up)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    /// Over random Octobers (0.3–3 kW loads, counters at 0.01 kWh, exchanges, unrecorded resets,
+    /// wraps, tariff versions mid-month): every bill's lines sum to its total, every line is its
+    /// consumption × its price to the fen, a pool's shares sum to the pool, a counter event is
+    /// never billed, a re-run and a version from after the month change nothing, and a swap of
+    /// mA/mB leaves room 203's bill as it was.
+    #[test]
+    fn random_octobers_bill_exactly_and_rerun_identically(
+        meters in proptest::collection::vec((300u32..3_000, 10_000u32..9_000_000, counter_event()), 4),
+        home_version in proptest::option::of((2u32..31, 4_000u32..8_000, 2_000u32..4_000)),
+        common_version in proptest::option::of((2u32..31, 6_000u32..12_000)),
+        swap_from in 2u32..31,
+    ) {
+        let o = RandomOctober { meters, home_version, common_version, swap_from };
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("outbox.db");
+        let (replacements, truth) = record_random_october(&db, &o);
+        let conn = meterd::store::open_read_only(&db).unwrap();
+        let run = |extra: &str| {
+            let cfg = random_october_config(&db, &o, &format!("{replacements}{extra}"));
+            meterd::accounting::compute(&conn, &cfg, "2026-10").unwrap()
+        };
+        let st = run("");
+        for b in &st.bills {
+            for l in &b.own {
+                assert_eq!(l.amount, half_even_fen(l.milli, l.price.micros), "{l:?}");
+            }
+            let own: i64 = b.own.iter().map(|l| l.milli).sum();
+            assert_eq!(own, b.own_milli, "{b:#?}");
+            if let Some(total) = b.total {
+                let lines: i64 = b.own.iter().map(|l| l.amount).sum::<i64>()
+                    + b.shares.iter().map(|s| s.amount.unwrap()).sum::<i64>();
+                assert_eq!(total, lines, "{b:#?}");
+            }
+            assert!(b.total.is_none_or(|t| t >= 0));
+        }
+        for (i, (room, (_, _, ev))) in ["201", "202", "203"].iter().zip(&o.meters).enumerate() {
+            let b = bill(&st.bills, room);
+            // One meter line per stretch (a tariff version cuts the month).
+            let status: Vec<&str> = b.meters.iter().map(|m| m.status.as_str()).collect();
+            if matches!(ev, CounterEvent::Reset(_)) {
+                // The stretch with the reset is not billed; one before it is.
+                assert!(status.contains(&"counter_decrease") && b.provisional, "{b:#?}");
+                assert!(b.own_milli < truth[i], "{b:#?}");
+            } else {
+                assert!(status.iter().all(|s| *s == "ok"), "{b:#?}");
+                // Each reading shown to 0.01 kWh: 5 Wh at each end and at an exchange.
+                assert!((b.own_milli - truth[i]).abs() <= 15, "{} vs {}: {b:#?}", b.own_milli, truth[i]);
+                assert!(!b.notes.iter().any(|n| n.contains("base price")), "{:?}", b.notes);
+            }
+        }
+        // The stair lights' pool counts their meter's consumption (a reset of an unbanded meter
+        // that climbs back above its start shows only in the history, not at the bounds: not
+        // asserted here).
+        if !matches!(o.meters[3].2, CounterEvent::Reset(_)) {
+            let common = st.pools[0]["common_milli"].as_i64().unwrap();
+            assert!((common - truth[3]).abs() <= 15, "{common} vs {}", truth[3]);
+        }
+        for p in &st.pools {
+            let shares: Vec<&meterd::bill::ShareLine> = st
+                .bills
+                .iter()
+                .flat_map(|b| &b.shares)
+                .filter(|s| s.pool == p["pool"])
+                .collect();
+            let milli: i64 = shares.iter().map(|s| s.share_milli).sum();
+            assert_eq!(Some(milli), p["common_milli"].as_i64());
+            if let Some(amount) = p["amount"].as_i64() {
+                assert_eq!(shares.iter().map(|s| s.amount.unwrap()).sum::<i64>(), amount);
+            }
+        }
+        // Re-run: identical. A version from 1 November: October identical.
+        assert_eq!(run(""), st);
+        let later = "[[tariff]]\nname = \"home\"\nutility = \"electricity\"\nprice = \"2.0000\"\neffective_from = \"2026-11-01\"\n";
+        assert_eq!(run(later).bills, st.bills);
+        // mA and mB swapped from a day of the month: room 203 is untouched, to the fen.
+        let swap = format!(
+            "[[assignment]]\nmeter = \"mA\"\nroom = \"202\"\nfrom = \"2026-10-{0:02}\"\n[[assignment]]\nmeter = \"mB\"\nroom = \"201\"\nfrom = \"2026-10-{0:02}\"\n",
+            o.swap_from
+        );
+        let swapped = run(&swap);
+        let (a, b) = (bill(&st.bills, "203"), bill(&swapped.bills, "203"));
+        // Unless the month is provisional (a counter event: the cut at the swap tells more of the
+        // consumption around it than the month's bounds did).
+        if a.provisional {
+            return Ok(());
+        }
+        assert_eq!((&a.own, a.total), (&b.own, b.total));
+        assert_eq!(
+            a.shares.iter().map(|s| s.amount).collect::<Vec<_>>(),
+            b.shares.iter().map(|s| s.amount).collect::<Vec<_>>()
+        );
+    }
 }
