@@ -164,6 +164,19 @@ fn config(sim: &meterd::sim::RunningSim, dir: &Path) -> (Config, String) {
     (c.build(), c.text().to_string())
 }
 
+/// The oldest of the counters' newest history samples: the latest instant every counter has a
+/// sample at or after.
+fn newest_of_every_counter(store: &Path) -> Option<i64> {
+    meterd::store::open_read_only(store).ok().and_then(|c| {
+        c.query_row(
+            "SELECT min(newest) FROM (SELECT max(ts_ms) AS newest FROM history GROUP BY device)",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
     let sim = common::start(BUILDING).await;
@@ -192,18 +205,7 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
             // And 12 s of history behind the whole-run balance below (a 9 s window: a shorter one
             // measured the main loss at 1.69 % instead of 3.2 % once in CI), enough to say where the
             // miswired meter belongs.
-            let newest: Option<i64> = meterd::store::open_read_only(&cfg.store.path)
-                .ok()
-                .and_then(|c| {
-                    // Every counter's newest sample (the balance needs one after its window).
-                    c.query_row(
-                        "SELECT min(newest) FROM (SELECT max(ts_ms) AS newest FROM history GROUP BY device)",
-                        [],
-                        |r| r.get(0),
-                    )
-                        .ok()
-                });
-            let enough = newest
+            let enough = newest_of_every_counter(&cfg.store.path)
                 .is_some_and(|t| t >= (started + chrono::Duration::seconds(12)).timestamp_millis());
             if enough && alarms.iter().any(|a| a["node"] == "floor1") {
                 Ok(alarms)
@@ -235,7 +237,13 @@ async fn a_miswired_meter_in_the_simulator_is_detected_and_named() {
     // The same from the history, over the whole run: main balances within 1 %, floor1/floor2 do not.
     let conn = meterd::store::open_read_only(&cfg.store.path).unwrap();
     let from = started + chrono::Duration::seconds(2);
-    let to = meterd::clock::Clock::system().now() - chrono::Duration::seconds(1);
+    // Up to the newest instant every counter has a sample at or after (a balance needs one on each
+    // side of its bounds). `now - 1 s` was not: a loaded CI machine once left main's newest sample
+    // older than that, and the balance had no node "main".
+    let to = chrono::DateTime::from_timestamp_millis(
+        newest_of_every_counter(&cfg.store.path).expect("history was waited for"),
+    )
+    .unwrap();
     let b = meterd::accounting::balances(&conn, &cfg, from, to).unwrap();
     let main = b.iter().find(|x| x.node == "main").unwrap();
     assert!(
