@@ -1353,10 +1353,22 @@ pub async fn run(
                     let mut next = overrides.clone();
                     next.retain(|o| !(o.name == tariff.name && o.effective_from == tariff.effective_from));
                     next.push(tariff);
-                    store.set_meta(TARIFF_OVERRIDES, serde_json::to_string(&next).unwrap_or_default()).await;
-                    // The audit record commits after the tariff (one writer, in order): once it
-                    // is durable, so is the tariff.
-                    store.reply(vec![tariff_audit(&id, old.as_ref(), &now_set, clock.now())], Vec::new()).await;
+                    // The tariff and its audit record in one durable transaction: `ok` only once
+                    // both are on disk, nothing changed when the disk refuses them.
+                    let json = serde_json::to_string(&next).unwrap_or_default();
+                    let write: store::Write = Box::new(move |tx| {
+                        tx.execute(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            [TARIFF_OVERRIDES, json.as_str()],
+                        )
+                        .map(drop)
+                    });
+                    let audit = tariff_audit(&id, old.as_ref(), &now_set, clock.now());
+                    if let Err(e) = store.transact(vec![audit], vec![write], true).await {
+                        tracing::error!(tariff = %now_set.name, error = %e, "tariff from the cloud not stored");
+                        let _ = reply.send(Err(format!("set_tariff: not stored ({e}), nothing changed: send it again once the gateway's disk accepts writes")));
+                        continue;
+                    }
                     tracing::info!(tariff = %now_set.name, price_micros = now_set.price.micros, from = %date, "tariff version set by the cloud");
                     overrides = next;
                     config = Arc::new(c);
@@ -2011,6 +2023,85 @@ rooms = ["*"]
             (bill("B").own_milli, bill("B").total),
             (334_790, Some(28_534))
         );
+    }
+
+    /// Regression: the tariff was written with a fire-and-forget meta write whose failure the store
+    /// thread only logged, so a full disk still answered `ok: true` for a tariff that was not there
+    /// after a restart.
+    #[tokio::test]
+    async fn a_tariff_the_disk_refuses_is_answered_not_stored_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let clock = crate::clock::Clock::system();
+        let s = store::Store::open(&cfg.store.path, cfg.store.caps, clock.clone()).unwrap();
+        let store = store::spawn(s).unwrap();
+        let (requests, rx) = mpsc::channel(4);
+        let (_stop, shutdown) = watch::channel(false);
+        let (model, _) = watch::channel(Arc::new(Vec::new()));
+        let task = tokio::spawn(run(
+            cfg.clone(),
+            store.clone(),
+            rx,
+            shutdown,
+            model,
+            clock.clone(),
+        ));
+        // The first day of next month (site time, from the test's clock): no bill covers it.
+        let (_, next) = period_bounds(&period_of(clock.now(), TZ), TZ).unwrap();
+        let day = next.with_timezone(&TZ).date_naive().to_string();
+        let tariff = parse_tariff(&json!({"name": "elec", "utility": "electricity", "price": "0.9012", "effective_from": day})).unwrap();
+        let set = async |id: &str| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            requests
+                .send(Request::SetTariff {
+                    tariff: tariff.clone(),
+                    id: id.into(),
+                    reply,
+                })
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let stored = || {
+            let conn = store::open_read_only(&cfg.store.path).unwrap();
+            let overrides: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    [TARIFF_OVERRIDES],
+                    |r| r.get(0),
+                )
+                .ok();
+            let audits: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM outbox WHERE topic = 'audit'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            (overrides, audits)
+        };
+        // The disk is full: refused, and neither the tariff nor its audit record is there.
+        store.fill_up(&cfg.store.path).await;
+        let e = set("t-full").await.unwrap_err();
+        assert!(
+            e.contains("not stored") && e.contains("nothing changed"),
+            "{e}"
+        );
+        assert_eq!(stored(), (None, 0));
+        // Space again: the same tariff is stored with its audit record, then answered.
+        store.set_max_page_count(1 << 30).await;
+        let ok = set("t-again").await.unwrap();
+        assert_eq!(ok["price_micros"], 901_200, "{ok}");
+        let (overrides, audits) = stored();
+        assert!(overrides.is_some_and(|o| o.contains("\"effective_from\":\"") && o.contains(&day)));
+        assert_eq!(
+            audits, 1,
+            "the refused one's audit record never reaches the outbox"
+        );
+        task.abort();
     }
 
     fn today() -> NaiveDate {

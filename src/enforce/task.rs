@@ -353,8 +353,15 @@ impl Enforcer {
                     writes,
                     durable,
                 } => {
+                    // Without an undo the change has happened (a relay switched): its records
+                    // are kept even when its state cannot be written.
+                    let happened = undo.is_none().then(|| records.clone());
                     if let Err(e) = self.store.transact(records, writes, durable).await {
-                        if let Some(s) = undo.take().filter(|_| durable) {
+                        if let Some(s) = undo.take() {
+                            // Nothing of the step was written: undo it in memory too, so a
+                            // deduction is billed again from the stored counter by the next
+                            // reading and the ledger has no gap.
+                            tracing::error!(error = %e, "enforcement: state not written; the step is undone");
                             self.state.restore(s);
                             failed = Some(format!("not applied: state cannot be written: {e}"));
                             // Decide again from the restored state.
@@ -368,7 +375,10 @@ impl Enforcer {
                                 )
                                 .into();
                         } else {
-                            tracing::error!(error = %e, "enforcement: state not written (kept in memory, written with the next change)");
+                            tracing::error!(error = %e, "enforcement: state not written (its records are held in memory)");
+                            if let Some(records) = happened.filter(|r| !r.is_empty()) {
+                                let _ = self.store.append(records).await;
+                            }
                         }
                     }
                 }
@@ -496,8 +506,9 @@ impl Enforcer {
     /// A batch of readings: prepaid deduction, the fire alarm, and what they change.
     async fn readings(&mut self, batch: Batch, now: DateTime<Utc>) {
         let history = self.history_for(&batch);
+        let undo = self.state.snapshot();
         let actions = self.state.step(now, Event::Readings { batch, history });
-        self.execute(actions, None).await;
+        self.execute(actions, Some(undo)).await;
     }
 
     /// Reads every relay's state (a read-back round).
@@ -668,6 +679,95 @@ mod tests {
             st.billed_milli,
             crate::money::to_milli((wh / 10.0).floor() / 100.0)
         );
+    }
+}
+
+#[cfg(test)]
+mod disk_full {
+    use super::super::test_support::*;
+    use super::*;
+    use crate::topology::Utility;
+
+    /// Limits the store to the pages it has and fills the ledger's last page with rows of another
+    /// room from a second connection: the next deduction needs a page the disk does not have.
+    async fn fill_the_ledger(store: &StoreHandle, path: &std::path::Path) {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store.set_max_page_count(pages as u64).await;
+        store.flush().await;
+        conn.pragma_update(None, "max_page_count", pages).unwrap();
+        for _ in 0..100_000 {
+            let r = conn.execute(
+                "INSERT INTO prepaid_ledger (room, utility, kind, interval_ms, start_ms, end_ms, amount, balance_after) VALUES ('filler', 'electricity', 'usage', 0, 0, 0, 0, 0)",
+                [],
+            );
+            if r.is_err() {
+                return;
+            }
+        }
+        panic!("the disk never filled up");
+    }
+
+    /// Regression: a reading whose deduction could not be written (a full disk) had deducted the
+    /// balance and moved the billed counter in memory, its ledger rows lost: the balance and the
+    /// ledger disagreed by what was deducted meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readings_billed_while_the_disk_is_full_are_billed_again_when_it_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = crate::clock::Clock::system().now();
+        let (cfg, store, mut enf) = with_balance(dir.path(), 100_000, t0).await;
+        // 2.4 kW polled every 10 s on a 0.01 kWh counter, 300 readings (50 min); the disk is full
+        // for readings 100 to 199.
+        let kwh =
+            |k: i64| ((1_234_560.0 + 2400.0 * 10.0 / 3600.0 * k as f64) / 10.0).floor() / 100.0;
+        let rows = || -> i64 {
+            crate::store::open_read_only(&cfg.store.path)
+                .unwrap()
+                .query_row(
+                    "SELECT count(*) FROM prepaid_ledger WHERE room = '104'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        let mut full_at = 0;
+        for k in 0..300 {
+            if k == 100 {
+                full_at = rows();
+                fill_the_ledger(&store, &cfg.store.path).await;
+            }
+            if k == 200 {
+                assert_eq!(
+                    rows(),
+                    full_at,
+                    "no deduction was written while the disk was full"
+                );
+                store.set_max_page_count(1 << 30).await;
+            }
+            let t = t0 + chrono::Duration::seconds(10 * (k + 1));
+            enf.readings(vec![reading(t, kwh(k))], t).await;
+        }
+        let balance = enf.state.rooms["104"].prepaid[&Utility::Electricity].balance;
+        let conn = crate::store::open_read_only(&cfg.store.path).unwrap();
+        let (usage, milli): (i64, i64) = conn
+            .query_row(
+                "SELECT coalesce(sum(amount), 0), coalesce(sum(consumption), 0) FROM prepaid_ledger WHERE kind = 'usage' AND room = '104'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            100_000 + usage,
+            balance,
+            "the balance is what the ledger says"
+        );
+        // Everything from the first reading to the last is billed: 299 intervals of 10 s.
+        let consumed = crate::money::to_milli(kwh(299)) - crate::money::to_milli(kwh(0));
+        assert_eq!(milli, consumed);
+        // 1.99 kWh × 0.8523 = 1.696 CNY: 169 fen deducted, the rest carried.
+        assert_eq!(-usage, consumed * 8523 / 100_000, "{consumed}");
     }
 }
 

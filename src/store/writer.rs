@@ -170,6 +170,32 @@ impl StoreHandle {
         let _ = self.tx.send(StoreRequest::MaxPages(pages)).await;
     }
 
+    #[cfg(test)]
+    /// Fills the outbox file (`path`) up to a page limit, tiny telemetry record by record, until
+    /// the disk refuses one: every later write that needs room fails like on a full disk, until
+    /// [`StoreHandle::set_max_page_count`] lifts the limit.
+    pub(crate) async fn fill_up(&self, path: &std::path::Path) {
+        let pages: i64 = super::open_read_only(path)
+            .unwrap()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        self.set_max_page_count(pages as u64).await;
+        for n in 0..5000 {
+            let tiny = NewRecord {
+                kind: Kind::Telemetry,
+                topic: "telemetry".into(),
+                ts: chrono::DateTime::from_timestamp_millis(1_800_000_000_000).unwrap(),
+                payload: format!("{n}").into_bytes(),
+            };
+            let _ = self.append(vec![tiny]).await;
+            self.flush().await;
+            if self.health.lock().unwrap().is_some() {
+                return;
+            }
+        }
+        panic!("the outbox never filled up");
+    }
+
     /// Adds counter samples to the history (billing boundaries).
     pub async fn record_history(&self, samples: Vec<Sample>) {
         let _ = self.tx.send(StoreRequest::History(samples)).await;
@@ -209,7 +235,8 @@ impl StoreHandle {
 
     /// Runs `writes` and appends `records` in one transaction on the store thread (after what was
     /// queued before), with `synchronous=FULL` when `durable` (a state change that is acknowledged to
-    /// someone). Nothing is written if any write fails; the error says why.
+    /// someone). Nothing is written, the records neither, if any write fails; the error says why
+    /// and the caller undoes the change.
     pub(crate) async fn transact(
         &self,
         records: Vec<NewRecord>,
@@ -411,8 +438,9 @@ impl Writer {
                         let _ = done.send(Ok(()));
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "state change not written; its records are held in memory");
-                        self.spill.extend(records);
+                        // Nothing happened, its records included: the caller undoes the change
+                        // (an audit record of a change that is not there must never be published).
+                        tracing::error!(error = %e, "state change not written; nothing of it kept");
                         let _ = done.send(Err(e));
                     }
                 }
