@@ -225,12 +225,24 @@ pub(crate) fn parse(
                 if amount <= 0 {
                     return Err("a top-up must be positive".into());
                 }
+                if amount > super::prepaid::MAX_TOP_UP {
+                    return Err(format!(
+                        "a top-up of {amount} fen is above the most one top-up adds ({} fen): split it, or send set_balance",
+                        super::prepaid::MAX_TOP_UP
+                    ));
+                }
                 CloudCommand::TopUp {
                     room,
                     utility: u,
                     amount,
                 }
             } else {
+                if amount.abs() > super::prepaid::MAX_BALANCE {
+                    return Err(format!(
+                        "a balance of {amount} fen is beyond what an account holds (±{} fen)",
+                        super::prepaid::MAX_BALANCE
+                    ));
+                }
                 CloudCommand::SetBalance {
                     room,
                     utility: u,
@@ -279,6 +291,21 @@ mod tests {
                 "top_up",
                 json!({"room": "104", "utility": "electricity", "amount": -5}),
                 "positive",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": 100_000_001}),
+                "above the most one top-up adds (100000000 fen)",
+            ),
+            (
+                "top_up",
+                json!({"room": "104", "utility": "electricity", "amount": i64::MAX}),
+                "above the most one top-up adds",
+            ),
+            (
+                "set_balance",
+                json!({"room": "104", "utility": "electricity", "balance": -10_000_000_001i64}),
+                "beyond what an account holds",
             ),
             (
                 "top_up",

@@ -29,6 +29,14 @@ pub(crate) enum PrepaidEvent {
     },
 }
 
+/// The most one top-up adds: 1,000,000.00 in minor units. A payment above it is a typing error or
+/// a forged command more likely than a tenant's payment; split it, or set the balance.
+pub(crate) const MAX_TOP_UP: i64 = 100_000_000;
+
+/// The most an account holds either way (±100,000,000.00): far inside `i64`, so deductions and
+/// top-ups never overflow and every sum of ledger amounts is exact.
+pub(crate) const MAX_BALANCE: i64 = 10_000_000_000;
+
 /// Deducts `amount` minor units; reports crossing the low threshold and zero.
 pub(crate) fn deduct(
     p: &mut Prepaid,

@@ -618,6 +618,16 @@ impl EnforcerState {
                         return Err(format!("top-up suspended: the lease of room {room} ends {end} without renewal and is in its quiet period since {}", q.since.to_rfc3339()));
                     }
                 }
+                if let CloudCommand::TopUp { amount, .. } = cmd {
+                    let now_held = self
+                        .rooms
+                        .get(&room)
+                        .and_then(|r| r.prepaid.get(&u))
+                        .map_or(0, |p| p.balance);
+                    if now_held + amount > prepaid::MAX_BALANCE {
+                        return Err(format!("top-up refused, nothing changed: {amount} fen on a balance of {now_held} would be above the most an account holds ({} fen)", prepaid::MAX_BALANCE));
+                    }
+                }
                 let r = self.room_mut(&room)?;
                 let p = r.prepaid.entry(u).or_insert(Prepaid {
                     balance: 0,

@@ -772,6 +772,38 @@ mod disk_full {
 }
 
 #[cfg(test)]
+mod balance_bounds {
+    use super::super::prepaid;
+    use super::*;
+    use crate::topology::Utility;
+
+    /// Regression: top-ups were added unchecked, so repeated large ones could overflow the balance
+    /// (i64) and a debug build panicked, a release one wrapped to a negative balance.
+    #[tokio::test]
+    async fn a_top_up_that_would_take_the_balance_past_its_bound_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = crate::clock::Clock::system().now();
+        let (_, _, mut enf) = with_balance(dir.path(), prepaid::MAX_BALANCE - 50_000, t0).await;
+        let top_up =
+            |amount: i64| json!({"room": "104", "utility": "electricity", "amount": amount});
+        let e = enf
+            .cloud("top_up", "t-1", top_up(50_001), t0)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("above the most an account holds") && e.contains("nothing changed"),
+            "{e}"
+        );
+        let held = |enf: &Enforcer| enf.state.rooms["104"].prepaid[&Utility::Electricity].balance;
+        assert_eq!(held(&enf), prepaid::MAX_BALANCE - 50_000);
+        enf.cloud("top_up", "t-2", top_up(50_000), t0)
+            .await
+            .unwrap();
+        assert_eq!(held(&enf), prepaid::MAX_BALANCE);
+    }
+}
+
+#[cfg(test)]
 mod counter_events {
     use super::super::test_support::*;
     use super::*;
