@@ -505,7 +505,20 @@ pub fn compute(
             exchanges,
         })
         .collect();
-    Ok(bill::bills(period, config.gateway.timezone, &segs))
+    let mut st = bill::bills(period, config.gateway.timezone, &segs);
+    for m in st.bills.iter_mut().flat_map(|b| {
+        let q = b.utility.quantity();
+        b.meters.iter_mut().map(move |m| (m, q))
+    }) {
+        let (line, q) = m;
+        let value = line.end.or(line.start).map(|r| r.value);
+        line.resolution = line.device.as_deref().zip(value).and_then(|(d, v)| {
+            let dev = config.devices.iter().find(|x| &*x.name == d)?;
+            let reg = dev.profile.registers.iter().find(|r| r.quantity == q)?;
+            Some(reg.step_at(v))
+        });
+    }
+    Ok(st)
 }
 
 /// Device meters with no reading at or after `t` (the run waits for them).

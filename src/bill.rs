@@ -177,6 +177,11 @@ pub struct MeterLine {
     /// consumption is (first final − start) + (next final − initial) + … + (end − last initial).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exchanges: Vec<Replacement>,
+    /// The smallest step the counter shows at its end reading, in units (0.01 for a 0.01 kWh
+    /// counter; for a float32 register it grows with the value: 0.0078 kWh at 100,000 kWh). A
+    /// reading, and so a band's consumption, is exact only to this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<f64>,
 }
 
 /// Own consumption in one band, priced.
@@ -812,6 +817,7 @@ fn own_meter(
         consumption_milli: milli,
         status: status.to_string(),
         exchanges: exchanges(seg, &m.name).to_vec(),
+        resolution: None,
     });
     let Some(milli) = milli.filter(|_| negative.is_none()) else {
         return negative;
@@ -936,12 +942,14 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:<16} start {:<34} end {:<34} = {} {}",
+            "  {:<16} start {:<34} end {:<34} = {} {}{}",
             m.meter,
             r(&m.start),
             r(&m.end),
             m.consumption_milli.map_or_else(|| "?".into(), units),
-            b.unit
+            b.unit,
+            m.resolution
+                .map_or_else(String::new, |x| format!(" (counter step {x} {})", b.unit))
         );
         for x in &m.exchanges {
             let _ = writeln!(

@@ -1066,6 +1066,15 @@ fn a_float32_counter_at_8192_16384_and_100000_kwh_is_still_priced_band_by_band()
         let printed = meterd::money::to_milli(last.value) - meterd::money::to_milli(first.value);
         assert_eq!(b.own_milli, printed, "at {start} kWh");
         assert_eq!(lines[0].1 + lines[1].1, b.own_milli, "at {start} kWh");
+        // And the bill states how fine the counter reads there: a float32's spacing at the end
+        // reading, 2^(⌊log2 value⌋ − 23) (0.0009765625 kWh from 8,192; 0.0078125 from 65,536).
+        let spacing = 2f64.powi(last.value.log2().floor() as i32 - 23);
+        assert_eq!(b.meters[0].resolution, Some(spacing), "at {start} kWh");
+        assert!(
+            meterd::bill::explain(&b, chrono_tz::Asia::Shanghai)
+                .contains(&format!("(counter step {spacing} kWh)")),
+            "at {start} kWh"
+        );
         // Each band near the truth: an edge is read at the first reading after it (within 5 min,
         // `phase` late here), which moves up to `phase` × 1.2 kW across it, plus a float32 step (at
         // 100,000 kWh 0.0078 kWh) at each of the month's 62 edges.

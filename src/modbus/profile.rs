@@ -65,6 +65,25 @@ pub struct RegisterDef {
 }
 
 impl RegisterDef {
+    /// The smallest change of the engineering value this register can show near `value`: the
+    /// scale for an integer register (0.01 kWh), the float32 spacing × scale for a float one (it
+    /// doubles at every power of two: 0.000977 kWh from 8,192 kWh, 0.0078 kWh from 65,536 kWh).
+    #[must_use]
+    pub fn step_at(&self, value: f64) -> f64 {
+        let step = match self.ty {
+            super::decode::DataType::F32 => {
+                let raw = ((value - self.offset) / self.scale).abs() as f32;
+                f64::from(f32::from_bits(raw.to_bits() + 1) - raw)
+            }
+            super::decode::DataType::F64 => {
+                let raw = ((value - self.offset) / self.scale).abs();
+                f64::from_bits(raw.to_bits() + 1) - raw
+            }
+            _ => 1.0,
+        };
+        step * self.scale.abs()
+    }
+
     /// Width in the object table: bits for coils/inputs, registers otherwise.
     pub(crate) fn width(&self) -> u16 {
         if self.function.is_bit() {
@@ -524,6 +543,22 @@ pub fn builtin() -> Result<BTreeMap<String, Profile>, Vec<(String, ProfileIssue)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_registers_step_is_its_scale_or_the_float32_spacing_at_the_value() {
+        let lib = builtin().unwrap();
+        let energy = |name: &str| lib[name].register_for(Quantity::EnergyKwh).unwrap().clone();
+        let float = energy("chint_ddsu666");
+        for (kwh, step) in [
+            (5_123.31, 0.000_488_281_25),
+            (8_192.37, 0.000_976_562_5),
+            (16_384.5, 0.001_953_125),
+            (100_000.2, 0.007_812_5),
+        ] {
+            assert_eq!(float.step_at(kwh), step, "{kwh}");
+        }
+        let integer = energy("hiking_dds238_zn");
+        assert!((integer.step_at(100_000.2) - 0.01).abs() < 1e-12);
+    }
     use super::*;
 
     #[test]
