@@ -506,17 +506,16 @@ pub fn compute(
         })
         .collect();
     let mut st = bill::bills(period, config.gateway.timezone, &segs);
-    for m in st.bills.iter_mut().flat_map(|b| {
+    // The counter's step at each meter line's end reading, from its device's register.
+    for b in &mut st.bills {
         let q = b.utility.quantity();
-        b.meters.iter_mut().map(move |m| (m, q))
-    }) {
-        let (line, q) = m;
-        let value = line.end.or(line.start).map(|r| r.value);
-        line.resolution = line.device.as_deref().zip(value).and_then(|(d, v)| {
-            let dev = config.devices.iter().find(|x| &*x.name == d)?;
-            let reg = dev.profile.registers.iter().find(|r| r.quantity == q)?;
-            Some(reg.step_at(v))
-        });
+        for line in &mut b.meters {
+            let value = line.end.or(line.start).map(|r| r.value);
+            line.resolution = line.device.as_deref().zip(value).and_then(|(d, v)| {
+                let dev = config.devices.iter().find(|x| &*x.name == d)?;
+                Some(dev.profile.register_for(q)?.step_at(v))
+            });
+        }
     }
     Ok(st)
 }
@@ -1369,13 +1368,8 @@ pub async fn run(
                     // The tariff and its audit record in one durable transaction: `ok` only once
                     // both are on disk, nothing changed when the disk refuses them.
                     let json = serde_json::to_string(&next).unwrap_or_default();
-                    let write: store::Write = Box::new(move |tx| {
-                        tx.execute(
-                            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            [TARIFF_OVERRIDES, json.as_str()],
-                        )
-                        .map(drop)
-                    });
+                    let write: store::Write =
+                        Box::new(move |tx| store::put_meta(tx, TARIFF_OVERRIDES, &json));
                     let audit = tariff_audit(&id, old.as_ref(), &now_set, clock.now());
                     if let Err(e) = store.transact(vec![audit], vec![write], true).await {
                         tracing::error!(tariff = %now_set.name, error = %e, "tariff from the cloud not stored");
@@ -1925,6 +1919,24 @@ rooms = ["*"]
     /// paused clock for `minutes`, in steps of a minute.
     /// `history` is in the store from the start; each of `later` is recorded once the clock has
     /// passed its time, as the recorder would. Returns the runs the task kept.
+    /// The accounting task on `store`, as the daemon spawns it: its request channel, its handle
+    /// and its shutdown switch (it stops when the switch or the channel is dropped).
+    fn accounting_task(
+        cfg: &Arc<Config>,
+        store: &StoreHandle,
+        clock: crate::clock::Clock,
+    ) -> (
+        mpsc::Sender<Request>,
+        tokio::task::JoinHandle<()>,
+        watch::Sender<bool>,
+    ) {
+        let (requests, rx) = mpsc::channel(4);
+        let (stop, shutdown) = watch::channel(false);
+        let (model, _) = watch::channel(Arc::new(Vec::new()));
+        let task = tokio::spawn(run(cfg.clone(), store.clone(), rx, shutdown, model, clock));
+        (requests, task, stop)
+    }
+
     async fn scheduled(
         since: &str,
         start: DateTime<Utc>,
@@ -1940,17 +1952,7 @@ rooms = ["*"]
         // The gateway has been billing since `since` (it ran through that month).
         s.set_meta(BILLING_SINCE, since).unwrap();
         let store = store::spawn(s).unwrap();
-        let (_requests, rx) = mpsc::channel(4);
-        let (_stop, shutdown) = watch::channel(false);
-        let (model, _) = watch::channel(Arc::new(Vec::new()));
-        let task = tokio::spawn(run(
-            cfg.clone(),
-            store.clone(),
-            rx,
-            shutdown,
-            model,
-            sim.clock(),
-        ));
+        let (_requests, task, _stop) = accounting_task(&cfg, &store, sim.clock());
         for _ in 0..minutes {
             tokio::time::sleep(Duration::from_secs(60)).await;
             let now = sim.now().timestamp_millis();
@@ -2048,17 +2050,7 @@ rooms = ["*"]
         let clock = crate::clock::Clock::system();
         let s = store::Store::open(&cfg.store.path, cfg.store.caps, clock.clone()).unwrap();
         let store = store::spawn(s).unwrap();
-        let (requests, rx) = mpsc::channel(4);
-        let (_stop, shutdown) = watch::channel(false);
-        let (model, _) = watch::channel(Arc::new(Vec::new()));
-        let task = tokio::spawn(run(
-            cfg.clone(),
-            store.clone(),
-            rx,
-            shutdown,
-            model,
-            clock.clone(),
-        ));
+        let (requests, task, _stop) = accounting_task(&cfg, &store, clock.clone());
         // The first day of next month (site time, from the test's clock): no bill covers it.
         let (_, next) = period_bounds(&period_of(clock.now(), TZ), TZ).unwrap();
         let day = next.with_timezone(&TZ).date_naive().to_string();

@@ -143,7 +143,6 @@ impl Profile {
     }
 
     /// The register a reading of this quantity comes from, first match.
-    #[cfg(test)]
     pub(crate) fn register_for(&self, quantity: Quantity) -> Option<&RegisterDef> {
         self.registers.iter().find(|r| r.quantity == quantity)
     }

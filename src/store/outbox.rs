@@ -437,11 +437,7 @@ impl Store {
         )
         .map_err(err)?;
         let event_seq = tx.last_insert_rowid();
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('dropped_total', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [dropped_total.to_string()],
-        )
-        .map_err(err)?;
+        put_meta(&tx, "dropped_total", &dropped_total.to_string()).map_err(err)?;
         tx.commit().map_err(err)?;
         self.tail_reset(event_seq);
         tracing::warn!(
@@ -525,13 +521,7 @@ impl Store {
 
     /// Sets a status value (last publish error, …) that `meterd buffer` shows.
     pub(crate) fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [key, value],
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
+        put_meta(&self.conn, key, value).map_err(|e| self.err(e))
     }
 
     /// Depth, age and the last errors.
@@ -607,6 +597,15 @@ static INSERT_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("INSERT INTO outbox (kind, topic, ts_ms, payload) VALUES {rows}")
 });
 
+/// Sets `key` in the meta table (inserted or replaced), inside whatever transaction `conn` is in.
+pub(crate) fn put_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([key, value])
+    .map(drop)
+}
+
 pub(super) fn insert_records(
     tx: &Connection,
     records: &[NewRecord],
@@ -618,10 +617,7 @@ pub(super) fn insert_records(
     )?;
     let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
     if let Some(saved) = rate.add(now_ms, bytes) {
-        tx.prepare_cached(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        )?
-        .execute(params![super::AppendRate::META_KEY, saved])?;
+        put_meta(tx, super::AppendRate::META_KEY, &saved)?;
     }
     let plain = |r: &NewRecord| r.payload.len() <= MAX_RECORD_BYTES;
     let mut i = 0;
