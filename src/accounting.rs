@@ -506,6 +506,47 @@ pub fn compute(
         })
         .collect();
     let mut st = bill::bills(period, config.gateway.timezone, &segs);
+    // A prepaid room's own consumption was paid from its balance: its statement shows what was
+    // deducted (the ledger) and charges only what is still due.
+    for b in &mut st.bills {
+        if !config
+            .enforcement
+            .prepaid
+            .iter()
+            .any(|a| a.room == b.room && a.utility == b.utility)
+        {
+            continue;
+        }
+        let rows = match crate::enforce::ledger::deducted(conn, (&b.room, b.utility), from, to) {
+            Ok(r) => r,
+            // A database from before prepaid ran has no ledger: nothing was deducted.
+            Err(e) if e.to_string().contains("no such table") => Vec::new(),
+            Err(e) => return Err(AccountingError::History(e.to_string())),
+        };
+        if rows.is_empty() {
+            b.notes.push("prepaid: nothing was deducted for this period (no balance set): its own consumption is billed here".into());
+            continue;
+        }
+        let decimals = b
+            .own
+            .first()
+            .map(|l| l.price.decimals)
+            .or_else(|| {
+                let t = config.site.room_tariff(&b.room, b.utility);
+                t.map(|t| t.price.decimals)
+            })
+            .unwrap_or(2);
+        let lines = rows
+            .into_iter()
+            .map(|(band, micros, milli, amount)| bill::EnergyLine {
+                band,
+                price: crate::money::Price { micros, decimals },
+                milli,
+                amount,
+            })
+            .collect();
+        bill::prepaid_statement(b, lines);
+    }
     // The counter's step at each meter line's end reading, from its device's register.
     for b in &mut st.bills {
         let q = b.utility.quantity();
@@ -946,6 +987,32 @@ pub(crate) fn apply_override(site: &mut topology::Site, t: Tariff, tz: chrono_tz
     }
 }
 
+/// Prepaid rooms whose price up to `now` differs between `before` and `after` (a tariff version
+/// taking effect in the past): their deductions were made at the old price and stay so.
+fn prepaid_repriced(
+    before: &topology::Site,
+    after: &topology::Site,
+    accounts: &[crate::enforce::config::PrepaidAccount],
+    now: DateTime<Utc>,
+) -> Vec<String> {
+    let until_now = |site: &topology::Site, a: &crate::enforce::config::PrepaidAccount| {
+        site.price_schedule(&a.room, a.utility).map(|s| {
+            s.versions()
+                .iter()
+                .filter(|v| v.from.is_none_or(|f| f <= now))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut rooms: Vec<String> = accounts
+        .iter()
+        .filter(|a| until_now(before, a) != until_now(after, a))
+        .map(|a| a.room.clone())
+        .collect();
+    rooms.dedup();
+    rooms
+}
+
 /// Why a tariff version from `at` would change a month already billed: the latest such month.
 fn billed_after(conn: &Connection, at: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<String> {
     store::run_periods(conn)
@@ -1233,6 +1300,14 @@ pub(crate) async fn run_period(
 /// Meta key: the first period this gateway bills (the month it first ran).
 pub(crate) const BILLING_SINCE: &str = "billing_since";
 
+/// What the accounting task tells the rest of the daemon when a tariff changes.
+pub struct Outputs {
+    /// The site model the cloud sees (retained on every connect).
+    pub model: watch::Sender<Arc<Vec<u8>>>,
+    /// The site with the tariffs in force, for prepaid deduction.
+    pub prices: watch::Sender<Arc<topology::Site>>,
+}
+
 /// The accounting task: balance checks every `balance_every`, the monthly runs (missed ones caught
 /// up oldest first), and runs on request.
 pub async fn run(
@@ -1240,9 +1315,10 @@ pub async fn run(
     store: StoreHandle,
     mut requests: mpsc::Receiver<Request>,
     mut shutdown: watch::Receiver<bool>,
-    model: watch::Sender<Arc<Vec<u8>>>,
+    out: Outputs,
     clock: crate::clock::Clock,
 ) {
+    let Outputs { model, prices } = out;
     if config.site.is_empty() {
         return;
     }
@@ -1353,14 +1429,20 @@ pub async fn run(
                     if let Some(p) = billed {
                         problems.insert(0, format!("effective_from {date} would change {p}, already billed: a price takes effect from a day no bill has covered (correct a billed month with a dated version after it)"));
                     }
+                    let mut c = (*config).clone();
+                    apply_override(&mut c.site, tariff.clone(), tz);
+                    let now = clock.now();
+                    let repriced = prepaid_repriced(&config.site, &c.site, &config.enforcement.prepaid, now);
+                    if !repriced.is_empty() {
+                        let tomorrow = now.with_timezone(&tz).date_naive() + chrono::Days::new(1);
+                        problems.push(format!("room(s) {} are prepaid and already charged at the price in force: a new price for a prepaid room takes effect from a future date (effective_from {tomorrow} or later), so nothing deducted is repriced", repriced.join(", ")));
+                    }
                     if !problems.is_empty() {
                         tracing::warn!(tariff = %tariff.name, problems = ?problems, "tariff from the cloud refused");
                         let _ = reply.send(Err(format!("set_tariff: refused, nothing changed: {}", problems.join("; "))));
                         continue;
                     }
-                    let mut c = (*config).clone();
-                    let old = c.site.as_of(at).tariffs.get(&tariff.name).cloned();
-                    apply_override(&mut c.site, tariff.clone(), tz);
+                    let old = config.site.as_of(at).tariffs.get(&tariff.name).cloned();
                     let now_set = c.site.as_of(at).tariffs[&tariff.name].clone();
                     let mut next = overrides.clone();
                     next.retain(|o| !(o.name == tariff.name && o.effective_from == tariff.effective_from));
@@ -1380,6 +1462,7 @@ pub async fn run(
                     overrides = next;
                     config = Arc::new(c);
                     model.send_replace(Arc::new(config.site_model_bytes()));
+                    prices.send_replace(Arc::new(config.site.clone()));
                     let _ = reply.send(Ok(json!({"tariff": now_set.name, "effective_from": date, "price_micros": now_set.price.micros, "rooms": now_set.rooms})));
                 }
             },
@@ -1933,7 +2016,9 @@ rooms = ["*"]
         let (requests, rx) = mpsc::channel(4);
         let (stop, shutdown) = watch::channel(false);
         let (model, _) = watch::channel(Arc::new(Vec::new()));
-        let task = tokio::spawn(run(cfg.clone(), store.clone(), rx, shutdown, model, clock));
+        let (prices, _) = watch::channel(Arc::new(cfg.site.clone()));
+        let out = Outputs { model, prices };
+        let task = tokio::spawn(run(cfg.clone(), store.clone(), rx, shutdown, out, clock));
         (requests, task, stop)
     }
 
@@ -2186,5 +2271,234 @@ rooms = ["*"]
         // Linear between 2412.67 (25 min before) and 2413.27 (5 min 10 s after).
         let expected = 2412.67 + 0.60 * 1500.0 / 1810.0;
         assert!((end_read.value - expected).abs() < 0.005, "{end_read:?}");
+    }
+}
+
+#[cfg(test)]
+mod prepaid_and_bill {
+    use super::*;
+    use crate::enforce::state::{EnforcerState, Event};
+    use crate::enforce::test_support::{config_with, reading, setup};
+    use chrono::Datelike;
+
+    const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
+
+    /// The month before the one this test runs in (site time), as `YYYY-MM`, and its 16th.
+    fn last_month() -> (String, chrono::NaiveDate) {
+        let today = Utc::now().with_timezone(&TZ).date_naive();
+        let first = today.with_day(1).unwrap() - chrono::Days::new(1);
+        let p = format!("{:04}-{:02}", first.year(), first.month());
+        (p, first.with_day(16).unwrap())
+    }
+
+    /// A room's month on a prepaid DDS238 polled every 10 s (0.3–3 kW, changing every hour, the
+    /// counter in 0.01 kWh steps), with the room's tariff flat at 0.8523 until the 16th and a
+    /// peak/valley version (valley across midnight) from then: the readings go through the
+    /// enforcer (deductions to the ledger) and the real history sampler (the bill's readings).
+    fn a_prepaid_month(db: &std::path::Path) -> (Arc<Config>, String) {
+        let (period, sixteenth) = last_month();
+        let more = format!(
+            r#"
+[topology]
+history_every = "15m"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+effective_from = "{sixteenth}"
+bands = [
+  {{ name = "peak", from = "08:00", to = "22:00", price = "0.5583" }},
+  {{ name = "valley", from = "22:00", to = "08:00", price = "0.3583" }},
+]
+"#
+        );
+        let cfg = config_with(db, &more);
+        let mut store = crate::store::Store::open(
+            &cfg.store.path,
+            cfg.store.caps,
+            crate::clock::Clock::system(),
+        )
+        .unwrap();
+        let mut st = EnforcerState::new(
+            setup(&cfg),
+            BTreeMap::new(),
+            std::collections::HashMap::new(),
+            Some(false),
+        );
+        let (from, to) = period_bounds(&period, TZ).unwrap();
+        let t0 = from - chrono::Duration::minutes(30);
+        let _ = st.step(
+            t0,
+            Event::Cloud {
+                name: "set_balance".into(),
+                id: "b-1".into(),
+                args: json!({"room": "104", "utility": "electricity", "balance": 1_000_000_00}),
+            },
+        );
+        let mut sampler = crate::daemon::HistorySampler::new(
+            cfg.topology.history_every,
+            crate::daemon::calendar(&cfg),
+        );
+        let (mut t, mut wh, mut rng) = (t0, 12_345_670.0_f64, 0x2545_f491_u64);
+        let mut kw = 1.0;
+        let mut writes = Vec::new();
+        let mut samples = Vec::new();
+        while t <= to + chrono::Duration::minutes(30) {
+            if t.timestamp() % 3600 == 0 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                kw = 0.3 + (rng % 2701) as f64 / 1000.0;
+            }
+            wh += kw * 1000.0 * 10.0 / 3600.0;
+            // The meter shows 0.01 kWh.
+            let kwh = (wh / 10.0).floor() / 100.0;
+            let batch = vec![reading(t, kwh)];
+            samples.extend(sampler.take(&batch));
+            for a in st.step(
+                t,
+                Event::Readings {
+                    batch,
+                    history: crate::enforce::state::History::new(),
+                },
+            ) {
+                if let crate::enforce::state::Action::Persist { writes: w, .. } = a {
+                    writes.extend(w);
+                }
+            }
+            if writes.len() > 5_000 {
+                store
+                    .transact(&[], std::mem::take(&mut writes), false)
+                    .unwrap();
+                store.record_history(&std::mem::take(&mut samples)).unwrap();
+            }
+            t += chrono::Duration::seconds(10);
+        }
+        store.transact(&[], writes, false).unwrap();
+        store.record_history(&samples).unwrap();
+        (cfg, period)
+    }
+
+    #[test]
+    fn a_prepaid_rooms_month_of_deductions_matches_its_bill_per_band_line_across_a_tariff_version()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, period) = a_prepaid_month(&dir.path().join("outbox.db"));
+        let conn = store::open_read_only(&cfg.store.path).unwrap();
+        let st = compute(&conn, &cfg, &period).unwrap();
+        let b = st.bills.iter().find(|b| b.room == "104").unwrap();
+        let p = b.prepaid.as_ref().expect("a prepaid statement");
+        eprintln!("{}", bill::explain(b, TZ));
+        // Both versions priced: the flat first half and the bands of the second.
+        let bands: Vec<&str> = b.own.iter().map(|l| l.band.as_str()).collect();
+        assert!(
+            bands.contains(&"base") && bands.contains(&"peak") && bands.contains(&"valley"),
+            "{bands:?}"
+        );
+        assert_eq!(b.tariff_versions.len(), 2, "{:?}", b.tariff_versions);
+        for l in &b.own {
+            let d = p
+                .deducted
+                .iter()
+                .find(|d| d.band == l.band && d.price == l.price)
+                .unwrap_or_else(|| panic!("no deduction for {l:?}: {:?}", p.deducted));
+            assert!((d.amount - l.amount).abs() <= 1, "{l:?} vs deducted {d:?}");
+            assert!((d.milli - l.milli).abs() <= 10, "{l:?} vs deducted {d:?}");
+        }
+        assert_eq!(p.deducted.len(), b.own.len(), "{:?}", p.deducted);
+        assert_eq!(p.amount, p.deducted.iter().map(|l| l.amount).sum::<i64>());
+        // Not billed twice: no pool here, so nothing is still due.
+        assert_eq!(b.total, Some(0));
+        assert!(
+            p.amount > 100_00,
+            "a month at 0.3–3 kW costs hundreds: {}",
+            p.amount
+        );
+        // The statement goes on the wire as the bill schema says.
+        let meta = RunMeta {
+            period: period.clone(),
+            at: Utc::now(),
+            config_hash: cfg.hash.clone(),
+            supersedes: None,
+            reason: "scheduled".into(),
+        };
+        for r in run_records(&st, &[], &meta, 1)
+            .iter()
+            .filter(|r| r.topic == "results/bill")
+        {
+            crate::enforce::test_support::validate_record(
+                "bill.schema.json",
+                serde_json::from_slice(&r.payload).unwrap(),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_price_for_a_prepaid_room_from_a_day_already_deducted_is_refused_and_a_future_one_reaches_prepaid(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config_with(&dir.path().join("outbox.db"), "");
+        let clock = crate::clock::Clock::system();
+        let s = store::Store::open(&cfg.store.path, cfg.store.caps, clock.clone()).unwrap();
+        let store = store::spawn(s).unwrap();
+        let (requests, rx) = mpsc::channel(4);
+        let (_stop, shutdown) = watch::channel(false);
+        let (model, _) = watch::channel(Arc::new(Vec::new()));
+        let (prices, mut prices_rx) = watch::channel(Arc::new(cfg.site.clone()));
+        prices_rx.mark_unchanged();
+        let out = Outputs { model, prices };
+        let _task = tokio::spawn(run(
+            cfg.clone(),
+            store.clone(),
+            rx,
+            shutdown,
+            out,
+            clock.clone(),
+        ));
+        let set = async |day: chrono::NaiveDate| {
+            let tariff = parse_tariff(&json!({"name": "elec", "utility": "electricity", "price": "0.9012", "effective_from": day.to_string()})).unwrap();
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            requests
+                .send(Request::SetTariff {
+                    tariff,
+                    id: format!("t-{day}"),
+                    reply,
+                })
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        // From today (site time): room 104 was charged at 0.8523 since midnight. Refused.
+        let today = clock.now().with_timezone(&TZ).date_naive();
+        let e = set(today).await.unwrap_err();
+        assert!(
+            e.contains("104") && e.contains("prepaid") && e.contains("nothing changed"),
+            "{e}"
+        );
+        assert!(!prices_rx.has_changed().unwrap());
+        // From the day after tomorrow: taken, and prepaid deducts at it from that midnight.
+        let later = today + chrono::Days::new(2);
+        set(later).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), prices_rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut setup = cfg.enforcer_setup();
+        setup.reprice((**prices_rx.borrow()).clone());
+        let acc = &setup.enforcement.prepaid[0];
+        let at = topology::site_midnight(later, TZ);
+        assert_eq!(
+            acc.prices
+                .at(at - chrono::Duration::seconds(1))
+                .price
+                .base
+                .micros,
+            852_300
+        );
+        assert_eq!(acc.prices.at(at).price.base.micros, 901_200);
+        assert_eq!(acc.prices.at(at).effective_from, Some(later));
     }
 }

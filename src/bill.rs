@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::apportion::{self, BasisShare, PoolResult};
@@ -30,22 +30,8 @@ pub(crate) fn month_bounds(
 ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let (y, m) = period.split_once('-')?;
     let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
-    let first = NaiveDate::from_ymd_opt(y, m, 1)?;
-    let next = if m == 12 {
-        NaiveDate::from_ymd_opt(y + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(y, m + 1, 1)
-    }?;
-    let local = |d: NaiveDate| {
-        tz.from_local_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
-            .earliest()
-            .or_else(|| {
-                tz.from_local_datetime(&d.and_hms_opt(1, 0, 0).unwrap_or_default())
-                    .earliest()
-            })
-            .map(|t| t.with_timezone(&Utc))
-    };
-    Some((local(first)?, local(next)?))
+    let first = tou::first_of(y, m, tz)?;
+    Some((first, tou::next_month_start(first, tz)))
 }
 
 /// Billing boundaries: local midnight on the 1st of every month, and every band change of a
@@ -72,16 +58,7 @@ impl Calendar {
     /// The first billing boundary strictly after `t`.
     #[must_use]
     pub fn next_after(&self, t: DateTime<Utc>) -> DateTime<Utc> {
-        let l = t.with_timezone(&self.tz);
-        let (y, m) = if l.month() == 12 {
-            (l.year() + 1, 1)
-        } else {
-            (l.year(), l.month() + 1)
-        };
-        let month = chrono::NaiveDate::from_ymd_opt(y, m, 1)
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .and_then(|d| self.tz.from_local_datetime(&d).earliest())
-            .map_or(t + chrono::Duration::days(31), |d| d.with_timezone(&Utc));
+        let month = tou::next_month_start(t, self.tz);
         match tou::next_local_time(&self.band_changes, t, self.tz) {
             Some(b) if b < month => b,
             _ => month,
@@ -262,6 +239,55 @@ pub struct RoomBill {
     /// A reading is missing or estimated: the figures may change when it is known.
     pub provisional: bool,
     pub notes: Vec<String>,
+    /// A prepaid room: what its balance was charged for the period. Its own consumption is then
+    /// paid already, and `total` is what is still due (the pool shares); `own` stays as the
+    /// tariff's figure for the same consumption, to compare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepaid: Option<Prepaid>,
+}
+
+/// What a prepaid account deducted over a period (its ledger's usage rows), per band and price.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prepaid {
+    pub deducted: Vec<EnergyLine>,
+    /// Σ deducted amounts, minor units.
+    pub amount: i64,
+    /// Σ own lines − Σ deducted: the per-reading rounding carried between bands (at most a fen
+    /// per band line); anything larger is named in `notes`.
+    pub difference: i64,
+}
+
+/// Turns a prepaid room's bill into its statement: the own consumption is shown as deducted
+/// (`deducted`, from the ledger) and not charged again; `total` keeps only what is still due.
+pub fn prepaid_statement(b: &mut RoomBill, deducted: Vec<EnergyLine>) {
+    let own: i64 = b.own.iter().map(|l| l.amount).sum();
+    let amount: i64 = deducted.iter().map(|l| l.amount).sum();
+    let milli: i64 = deducted.iter().map(|l| l.milli).sum();
+    let dec = b
+        .own
+        .first()
+        .or(deducted.first())
+        .map_or(2, |l| l.price.decimals);
+    b.total = b.total.map(|t| t - own);
+    b.notes.push(format!(
+        "prepaid: {} {} of own consumption were deducted from the balance as read ({} in total, see the deducted lines); the own lines price the same consumption at the tariff and are not charged again",
+        units(milli),
+        b.unit,
+        money(amount, dec)
+    ));
+    let allowed = b.own.len().max(deducted.len()) as i64;
+    if (own - amount).abs() > allowed {
+        b.notes.push(format!(
+            "prepaid: the deductions ({}) and the tariff's figure for the period ({}) differ by more than the rounding of {allowed} line(s): readings missing at the bounds, or a counter event (see the meters); the ledger (get_ledger) lists every deduction",
+            money(amount, dec),
+            money(own, dec)
+        ));
+    }
+    b.prepaid = Some(Prepaid {
+        deducted,
+        amount,
+        difference: own - amount,
+    });
 }
 
 /// The readings of one device over one segment: `(instant, reading)` at the segment's start, at
@@ -514,6 +540,7 @@ fn bill_for<'b>(
             total: Some(0),
             provisional: false,
             notes: Vec::new(),
+            prepaid: None,
         }
     })
 }
@@ -962,7 +989,17 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             );
         }
     }
-    let _ = writeln!(s, "Own consumption: {} {}", units(b.own_milli), b.unit);
+    let _ = writeln!(
+        s,
+        "Own consumption{}: {} {}",
+        if b.prepaid.is_some() {
+            " (at the tariff, to compare with the deductions)"
+        } else {
+            ""
+        },
+        units(b.own_milli),
+        b.unit
+    );
     for l in &b.own {
         let _ = writeln!(
             s,
@@ -973,6 +1010,31 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             money(l.price.micros, 6),
             b.unit,
             money(l.amount, l.price.decimals)
+        );
+    }
+    if let Some(p) = &b.prepaid {
+        let _ = writeln!(
+            s,
+            "Prepaid: deducted from the balance (paid, not charged again):"
+        );
+        for l in &p.deducted {
+            let _ = writeln!(
+                s,
+                "  {:<10} {} {} × {} {cur}/{} = {} {cur}",
+                l.band,
+                units(l.milli),
+                b.unit,
+                money(l.price.micros, 6),
+                b.unit,
+                money(l.amount, l.price.decimals)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  deducted {} {cur}; at the tariff {} {cur} (rounding per reading: {})",
+            money(p.amount, dec),
+            money(p.amount + p.difference, dec),
+            money(p.difference, dec)
         );
     }
     for x in &b.shares {
@@ -1030,7 +1092,8 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
     }
     let _ = writeln!(
         s,
-        "Total: {}",
+        "{}: {}",
+        if b.prepaid.is_some() { "Due" } else { "Total" },
         b.total.map_or_else(
             || "not priced (see notes)".into(),
             |t| format!("{} {cur}", money(t, dec))
@@ -1092,6 +1155,7 @@ pub fn adjustments(old: &[RoomBill], new: &[RoomBill]) -> Vec<Adjustment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
     use serde_json::json;
 
     #[test]

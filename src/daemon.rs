@@ -238,17 +238,16 @@ impl HistorySampler {
 /// A counter reading's time (ms) and value.
 type Seen = (i64, f64);
 
-/// The site's billing calendar: month starts and the band changes of every tariff and prepaid
-/// account.
+/// The site's billing calendar: month starts and the band changes of every tariff version (prepaid
+/// deducts at the rooms' tariffs).
 pub fn calendar(config: &Config) -> crate::bill::Calendar {
+    let site = &config.site;
     crate::bill::Calendar::new(
         config.gateway.timezone,
-        config
-            .site
-            .tariffs
+        site.tariffs
             .values()
-            .map(crate::topology::Tariff::tou)
-            .chain(config.enforcement.prepaid.iter().map(|p| p.tariff.clone())),
+            .chain(site.tariff_changes.iter().map(|c| &c.tariff))
+            .map(crate::topology::Tariff::tou),
     )
 }
 
@@ -310,7 +309,21 @@ impl Daemon {
             None
         } else {
             let (enf_tx, enf_rx) = mpsc::channel(256);
-            let setup = Arc::new(config.enforcer_setup());
+            let mut setup = config.enforcer_setup();
+            // Tariffs the cloud set at an earlier run price prepaid from the first reading on.
+            if let Ok(conn) = store::open_read_only(&config.store.path) {
+                let mut site = setup.site.clone();
+                if crate::accounting::apply_tariff_overrides(
+                    &conn,
+                    &mut site,
+                    config.gateway.timezone,
+                )
+                .is_ok_and(|l| !l.is_empty())
+                {
+                    setup.reprice(site);
+                }
+            }
+            let setup = Arc::new(setup);
             let enforcer = crate::enforce::task::Enforcer::open(
                 setup.clone(),
                 engine.actuators.clone(),
@@ -391,12 +404,32 @@ impl Daemon {
         });
         let (acct_tx, acct_rx) = mpsc::channel(4);
         let (model_tx, model_rx) = watch::channel(model);
+        let (prices_tx, mut prices_rx) = watch::channel(Arc::new(config.site.clone()));
+        prices_rx.mark_unchanged();
+        if let Some(enf) = enforcement_tx.clone() {
+            // A tariff the cloud set reaches prepaid deduction too (one pricing path).
+            tasks.push(tokio::spawn(async move {
+                while prices_rx.changed().await.is_ok() {
+                    let site = prices_rx.borrow_and_update().clone();
+                    if enf
+                        .send(crate::enforce::task::Input::Prices(site))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }));
+        }
         let accounting = tokio::spawn(crate::accounting::run(
             shared.clone(),
             store.clone(),
             acct_rx,
             shutdown_rx.clone(),
-            model_tx,
+            crate::accounting::Outputs {
+                model: model_tx,
+                prices: prices_tx,
+            },
             clock.clone(),
         ));
         handlers.push(Arc::new(crate::accounting::AccountingCommands {

@@ -277,15 +277,51 @@ impl Site {
             .find(|t| t.utility == utility && t.bills_room(room))
     }
 
-    /// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price
-    /// change must not leave rooms unpriced).
-    pub(crate) fn set_tariff(&mut self, mut t: Tariff) {
-        if t.rooms.is_empty() {
-            if let Some(old) = self.tariffs.get(&t.name) {
-                t.rooms.clone_from(&old.rooms);
+    /// The price of `room`'s own consumption of `utility` over time: the tariff that bills it from
+    /// the start and after each version change, resolved as the bill resolves it (`None` when no
+    /// tariff bills it from the start).
+    pub(crate) fn price_schedule(
+        &self,
+        room: &str,
+        utility: Utility,
+    ) -> Option<crate::tou::Schedule> {
+        let version = |from, t: &Tariff| crate::tou::Version {
+            from,
+            tariff: t.name.clone(),
+            effective_from: t.effective_from,
+            price: t.tou(),
+        };
+        let billing = |tariffs: &BTreeMap<String, Tariff>| {
+            tariffs
+                .values()
+                .find(|t| t.utility == utility && t.bills_room(room))
+                .map(|t| version(None, t))
+        };
+        let first = billing(&self.tariffs)?;
+        // The tariffs as each change leaves them, as `as_of` applies them (without copying the
+        // rest of the site once per change).
+        let mut tariffs = self.tariffs.clone();
+        let (mut later, mut last) = (Vec::new(), first.clone());
+        for c in &self.tariff_changes {
+            put_tariff(&mut tariffs, c.tariff.clone());
+            let Some(v) = billing(&tariffs) else { continue };
+            if (&v.tariff, v.effective_from, &v.price)
+                != (&last.tariff, last.effective_from, &last.price)
+            {
+                last = crate::tou::Version {
+                    from: Some(c.at),
+                    ..v
+                };
+                later.push(last.clone());
             }
         }
-        self.tariffs.insert(t.name.clone(), t);
+        Some(crate::tou::Schedule::new(first, later))
+    }
+
+    /// Sets a tariff; one that names no rooms keeps the rooms of the tariff it replaces (a price
+    /// change must not leave rooms unpriced).
+    pub(crate) fn set_tariff(&mut self, t: Tariff) {
+        put_tariff(&mut self.tariffs, t);
     }
 
     /// Rooms whose own consumption of a utility more than one tariff claims: (room, utility,
@@ -540,6 +576,16 @@ impl RawTariff {
             }
         }
     }
+}
+
+/// [`Site::set_tariff`] on a map of tariffs.
+fn put_tariff(tariffs: &mut BTreeMap<String, Tariff>, mut t: Tariff) {
+    if t.rooms.is_empty() {
+        if let Some(old) = tariffs.get(&t.name) {
+            t.rooms.clone_from(&old.rooms);
+        }
+    }
+    tariffs.insert(t.name.clone(), t);
 }
 
 /// The instant a site date begins (00:00 site time, the earliest one where a clock change repeats

@@ -76,6 +76,136 @@ impl TouPrice {
     }
 }
 
+/// Prices over time, as [`split`] needs them: the band (and its price) in force at an instant, the
+/// next instant it may change, and instants a piece must not span even when the price stays (a
+/// month start, a tariff version's first instant).
+pub(crate) trait Prices {
+    fn band_at_instant(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> (&str, Price);
+    fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>>;
+    fn is_cut(&self, _t: DateTime<Utc>, _tz: chrono_tz::Tz) -> bool {
+        false
+    }
+}
+
+impl Prices for TouPrice {
+    fn band_at_instant(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> (&str, Price) {
+        self.band_at(t.with_timezone(&tz).time())
+    }
+
+    fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        TouPrice::next_change(self, t, tz)
+    }
+}
+
+/// One version of a tariff, as a [`Schedule`] holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Version {
+    /// Its first instant (`None` for the tariff's first version: in force from the start).
+    pub from: Option<DateTime<Utc>>,
+    pub tariff: String,
+    /// The site date it took effect, as the bill names it.
+    pub effective_from: Option<chrono::NaiveDate>,
+    pub price: TouPrice,
+}
+
+/// The price of one room's own consumption over time: each tariff version from its first instant
+/// (what the room's bill prices with), so prepaid deductions and the bill come from one engine.
+/// Consumption is also cut at every month start (site time), so each deducted piece belongs to
+/// exactly one month's statement.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    /// Oldest first, never empty; the first has `from: None`.
+    versions: Vec<Version>,
+}
+
+impl Schedule {
+    /// The schedule of a first version and its later ones (any order).
+    pub(crate) fn new(first: Version, mut later: Vec<Version>) -> Schedule {
+        later.sort_by_key(|v| v.from);
+        let mut versions = vec![Version {
+            from: None,
+            ..first
+        }];
+        versions.extend(later.into_iter().filter(|v| v.from.is_some()));
+        Schedule { versions }
+    }
+
+    /// Every version, oldest first.
+    pub(crate) fn versions(&self) -> &[Version] {
+        &self.versions
+    }
+
+    /// The version in force at `t`.
+    pub(crate) fn at(&self, t: DateTime<Utc>) -> &Version {
+        self.versions
+            .iter()
+            .rev()
+            .find(|v| v.from.is_none_or(|f| f <= t))
+            .unwrap_or(&self.versions[0])
+    }
+
+    /// Whether any version has time-of-use bands (a long interval then needs the readings
+    /// inside it).
+    pub(crate) fn has_bands(&self) -> bool {
+        self.versions.iter().any(|v| !v.price.bands.is_empty())
+    }
+
+    fn next_version(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.versions.iter().filter_map(|v| v.from).find(|f| *f > t)
+    }
+}
+
+impl Prices for Schedule {
+    fn band_at_instant(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> (&str, Price) {
+        self.at(t).price.band_at(t.with_timezone(&tz).time())
+    }
+
+    fn next_change(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+        let band = self.at(t).price.next_change(t, tz);
+        [band, self.next_version(t), Some(next_month_start(t, tz))]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn is_cut(&self, t: DateTime<Utc>, tz: chrono_tz::Tz) -> bool {
+        self.versions.iter().any(|v| v.from == Some(t))
+            || next_month_start(t - Duration::milliseconds(1), tz) == t
+    }
+}
+
+/// The first month start (00:00 on the 1st, site time; the earliest valid instant on a DST
+/// change day) strictly after `t`.
+pub(crate) fn next_month_start(t: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    use chrono::Datelike;
+    let l = t.with_timezone(&tz);
+    let (y, m) = if l.month() == 12 {
+        (l.year() + 1, 1)
+    } else {
+        (l.year(), l.month() + 1)
+    };
+    first_of(y, m, tz).unwrap_or(t + Duration::days(31))
+}
+
+/// The start of the month (site time) that `t` lies in.
+pub(crate) fn month_start(t: DateTime<Utc>, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    use chrono::Datelike;
+    let l = t.with_timezone(&tz);
+    first_of(l.year(), l.month(), tz)
+        .filter(|s| *s <= t)
+        .unwrap_or(t)
+}
+
+/// 00:00 on the 1st of month `m` of `y`, site time (the earliest valid instant; 01:00 where a DST
+/// change skips midnight); `None` for a month that does not exist.
+pub(crate) fn first_of(y: i32, m: u32, tz: chrono_tz::Tz) -> Option<DateTime<Utc>> {
+    let d = chrono::NaiveDate::from_ymd_opt(y, m, 1)?.and_hms_opt(0, 0, 0)?;
+    tz.from_local_datetime(&d)
+        .earliest()
+        .or_else(|| tz.from_local_datetime(&(d + Duration::hours(1))).earliest())
+        .map(|d| d.with_timezone(&Utc))
+}
+
 /// The first instant strictly after `t` whose local time of day (in `tz`) is one of `times`.
 pub(crate) fn next_local_time(
     times: &[NaiveTime],
@@ -103,7 +233,7 @@ pub(crate) fn next_local_time(
         .min()
 }
 
-/// A time-of-use band as written in `[[tariff]]` and `[[prepaid]]`.
+/// A time-of-use band as written in `[[tariff]]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBand {
@@ -206,7 +336,7 @@ impl Piece {
 /// non-decreasing counter) at every band change. The pieces' consumption sums exactly to
 /// `last − first`.
 pub(crate) fn split(
-    price: &TouPrice,
+    price: &impl Prices,
     tz: chrono_tz::Tz,
     points: &[(DateTime<Utc>, i64)],
 ) -> Vec<Piece> {
@@ -230,11 +360,12 @@ pub(crate) fn split(
         };
         for c in cuts.windows(2) {
             let (a, b) = (c[0], c[1]);
-            let (band, p) = price.band_at(a.with_timezone(&tz).time());
+            let (band, p) = price.band_at_instant(a, tz);
             let (ma, mb) = (at(a), at(b));
-            // Merge with the previous piece of the same band (consecutive readings, same band).
+            // Merge with the previous piece of the same band (consecutive readings, same band),
+            // never across a cut (a month start, a new tariff version).
             if let Some(last) = out.last_mut() {
-                if last.band == band && last.to == a && last.price == p {
+                if last.band == band && last.to == a && last.price == p && !price.is_cut(a, tz) {
                     last.to = b;
                     last.end_milli = mb;
                     continue;

@@ -78,6 +78,7 @@ id = "105"
 name = "elec"
 utility = "electricity"
 price = "100.00"
+rooms = ["104"]
 
 [[relay]]
 name = "101-door"
@@ -478,7 +479,10 @@ async fn rules_drive_the_relays_with_readback_audit_and_authentication() {
         .iter()
         .find(|p| p["room"] == "104")
         .unwrap();
-    let micros = account["tariff"]["base"]["micros"].as_i64().unwrap();
+    assert_eq!(account["tariff"], "elec");
+    let micros = account["prices"][0]["price"]["base"]["micros"]
+        .as_i64()
+        .unwrap();
     let usage: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "usage").collect();
     for w in usage.windows(2) {
         assert_eq!(w[0]["end_counter"], w[1]["start_counter"], "{usage:#?}");

@@ -90,7 +90,9 @@ impl Config {
             .prepaid
             .iter()
             .map(|p| {
-                json!({"room": p.room, "utility": p.utility, "device": p.device, "tariff": p.tariff})
+                // The price as deducted: the room's tariff versions, with any the cloud set.
+                let prices = self.site.price_schedule(&p.room, p.utility).unwrap_or_else(|| p.prices.clone());
+                json!({"room": p.room, "utility": p.utility, "device": p.device, "tariff": prices.versions()[0].tariff, "prices": prices.versions()})
             })
             .collect();
         let deadbands: Map<String, Value> = self

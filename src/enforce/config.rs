@@ -8,7 +8,6 @@ use chrono::{NaiveDate, NaiveTime};
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
-use super::prepaid::PrepaidTariff;
 use super::rules::{Calendar, Policy, RelayKind, RelaySpec};
 use crate::modbus::spec::Device;
 use crate::topology::{Site, Utility};
@@ -25,6 +24,19 @@ pub(crate) struct Setup {
     /// One counter sample per device per this period (prepaid sampling aligns with it).
     pub history_every: Duration,
     pub store_path: PathBuf,
+}
+
+impl Setup {
+    /// The site with the tariffs now in force (a `set_tariff` from the cloud, the ones stored at
+    /// an earlier run): every prepaid account deducts at its room's tariff as the bill resolves it.
+    pub(crate) fn reprice(&mut self, site: Site) {
+        for acc in &mut self.enforcement.prepaid {
+            if let Some(prices) = site.price_schedule(&acc.room, acc.utility) {
+                acc.prices = prices;
+            }
+        }
+        self.site = site;
+    }
 }
 
 /// `[enforcement]` as written.
@@ -84,8 +96,10 @@ pub(crate) struct RawPrepaid {
     pub utility: Utility,
     /// The device whose counter is deducted.
     pub meter: String,
-    /// A `[[tariff]]` for the base price.
-    pub tariff: String,
+    /// Optional: the `[[tariff]]` that bills the room, named as a check. Prepaid deducts at the
+    /// room's own tariff (its versions and bands, and any the cloud sets), the one its bill uses.
+    pub tariff: Option<String>,
+    /// No longer taken (refused with the reason): bands belong on the room's `[[tariff]]`.
     #[serde(default)]
     pub bands: Vec<RawBand>,
     /// The most the counter can advance in an hour (rated power in kW, rated flow in m³/h); a
@@ -109,7 +123,8 @@ pub struct PrepaidAccount {
     pub room: String,
     pub utility: Utility,
     pub device: String,
-    pub tariff: PrepaidTariff,
+    /// The room's tariff over time (what its bill prices its own consumption with).
+    pub prices: crate::tou::Schedule,
     /// Physical limit of the counter, for the plausibility check.
     pub limits: super::prepaid::Limits,
 }
@@ -395,25 +410,49 @@ fn build_prepaid(
             }
             Some(_) => {}
         }
-        let base_price = match site.tariffs.get(&p.tariff) {
-            Some(t) if t.utility == p.utility => Some(t.price),
-            Some(_) => {
-                issues.push((
-                    format!("{key}.tariff"),
-                    "tariff is for another utility".into(),
-                ));
-                None
-            }
-            None => {
-                issues.push((
-                    format!("{key}.tariff"),
-                    format!("unknown tariff {:?}", p.tariff),
-                ));
-                None
-            }
-        };
-        let bands =
-            crate::tou::parse_bands(&key, &p.bands, base_price.map_or(2, |p| p.decimals), issues);
+        if !p.bands.is_empty() {
+            issues.push((
+                format!("{key}.bands"),
+                "prepaid deducts at the room's [[tariff]] (the price its bill uses): move these bands to that tariff and remove them here".into(),
+            ));
+        }
+        let prices = site.price_schedule(&p.room, p.utility);
+        let billing = prices.as_ref().map(|s| s.versions()[0].tariff.clone());
+        match (&billing, &p.tariff) {
+            (None, _) if site.rooms.contains_key(&p.room) => issues.push((
+                key.clone(),
+                format!(
+                    "no [[tariff]] bills room {:?}'s {:?}: add the room to a {:?} tariff's rooms (prepaid deducts at that price)",
+                    p.room, p.utility, p.utility
+                ),
+            )),
+            (Some(b), Some(named)) if b != named => issues.push((
+                format!("{key}.tariff"),
+                format!(
+                    "room {:?} is billed by tariff {b:?}, not {named:?}; prepaid deducts at the room's tariff: name {b:?} or leave tariff out",
+                    p.room
+                ),
+            )),
+            _ => {}
+        }
+        // The bill's own consumption and the deductions come from the same counter.
+        let meters = site.room_meters(&p.room, p.utility);
+        if !meters.is_empty()
+            && !meters
+                .iter()
+                .any(|m| m.source == crate::topology::Source::Device(p.meter.clone()))
+        {
+            issues.push((
+                format!("{key}.meter"),
+                format!(
+                    "room {:?} is billed from meter(s) {}, none of them device {:?}: prepaid must deduct the counter the bill reads (give the room's [[meter]] device {:?}, or deduct that meter's device)",
+                    p.room,
+                    meters.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+                    p.meter,
+                    p.meter
+                ),
+            ));
+        }
         let max_rate = p.max_rate.unwrap_or(match p.utility {
             Utility::Electricity => 60.0,
             Utility::Water => 10.0,
@@ -424,12 +463,12 @@ fn build_prepaid(
                 format!("{max_rate}: expected the meter's rated kW or m³/h, > 0"),
             ));
         }
-        if let Some(base) = base_price {
+        if let Some(prices) = prices {
             out_prepaid.push(PrepaidAccount {
                 room: p.room,
                 utility: p.utility,
                 device: p.meter,
-                tariff: PrepaidTariff { base, bands },
+                prices,
                 limits: super::prepaid::Limits {
                     max_milli_per_hour: (max_rate * 1000.0).round() as i64,
                     // Two steps of a 0.01-resolution counter plus rounding: 50 thousandths.
@@ -510,5 +549,76 @@ id = "102"
             &(relay("101-door", "101", "relay1") + &relay("102-door", "102", "relay2"))
         )
         .is_empty());
+    }
+
+    /// Room 102 on a DDS238 with its own meter node, billed by `elec` (0.8523, peak/valley).
+    const PREPAID_SITE: &str = r#"
+[[device]]
+name = "m102"
+bus = "lan"
+unit = 2
+profile = "hiking_dds238_zn"
+[[device]]
+name = "m101"
+bus = "lan"
+unit = 3
+profile = "hiking_dds238_zn"
+[[meter]]
+name = "m102"
+utility = "electricity"
+room = "102"
+[[meter]]
+name = "m101"
+utility = "electricity"
+room = "101"
+[[tariff]]
+name = "elec"
+utility = "electricity"
+price = "0.8523"
+rooms = ["102"]
+bands = [{ name = "valley", from = "22:00", to = "08:00", price = "0.3583" }]
+[[tariff]]
+name = "other"
+utility = "electricity"
+price = "1.00"
+"#;
+
+    #[test]
+    fn a_prepaid_account_priced_apart_from_its_rooms_bill_is_refused_with_what_to_do() {
+        // Its own bands: before, deducted at them while the bill used the tariff's.
+        let i = issues(&format!("{PREPAID_SITE}[[prepaid]]\nroom = \"102\"\nutility = \"electricity\"\nmeter = \"m102\"\nbands = [{{ from = \"22:00\", to = \"07:00\", price = \"0.35\" }}]\n"));
+        assert!(
+            i.iter()
+                .any(|m| m.contains("prepaid[0].bands") && m.contains("move these bands")),
+            "{i:?}"
+        );
+        // Another tariff than the room's: before, deducted at 1.00 while the bill said 0.8523.
+        let i = issues(&format!("{PREPAID_SITE}[[prepaid]]\nroom = \"102\"\nutility = \"electricity\"\nmeter = \"m102\"\ntariff = \"other\"\n"));
+        assert!(i.iter().any(|m| m.contains("prepaid[0].tariff") && m.contains("billed by tariff \"elec\"")), "{i:?}");
+        // A room no tariff bills, and a counter the bill does not read.
+        let i = issues(&format!("{PREPAID_SITE}[[prepaid]]\nroom = \"101\"\nutility = \"electricity\"\nmeter = \"m101\"\n"));
+        assert!(
+            i.iter()
+                .any(|m| m.contains("no [[tariff]] bills room \"101\"")),
+            "{i:?}"
+        );
+        let i = issues(&format!("{PREPAID_SITE}[[prepaid]]\nroom = \"102\"\nutility = \"electricity\"\nmeter = \"m101\"\n"));
+        assert!(
+            i.iter()
+                .any(|m| m.contains("prepaid[0].meter") && m.contains("billed from meter(s) m102")),
+            "{i:?}"
+        );
+        // The room's tariff, named or not: accepted, deducting at the tariff's bands.
+        for named in ["", "tariff = \"elec\"\n"] {
+            let text = format!("{BASE}{PREPAID_SITE}[[prepaid]]\nroom = \"102\"\nutility = \"electricity\"\nmeter = \"m102\"\n{named}");
+            let c = Config::from_str_at(&text, "t.toml", std::path::Path::new("/")).unwrap();
+            let acc = &c.enforcement.prepaid[0];
+            assert_eq!(acc.prices.versions().len(), 1);
+            assert_eq!(acc.prices.versions()[0].tariff, "elec");
+            assert_eq!(
+                acc.prices.versions()[0].price.bands[0].price.micros,
+                358_300
+            );
+        }
     }
 }

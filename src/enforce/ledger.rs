@@ -87,6 +87,41 @@ fn utility_str(u: Utility) -> &'static str {
     }
 }
 
+/// What an account's usage rows deducted for consumption in `[from, to)` (by the start of the
+/// interval each row covers; deductions are cut at month starts, so a row lies in one month):
+/// (band, price in micros, thousandths, minor units deducted), by band and price.
+pub(crate) fn deducted(
+    conn: &Connection,
+    (room, utility): (&str, Utility),
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> rusqlite::Result<Vec<(String, i64, i64, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT band, price_micros, SUM(consumption), -SUM(amount) FROM prepaid_ledger
+         WHERE room = ?1 AND utility = ?2 AND kind = 'usage' AND interval_ms >= ?3 AND interval_ms < ?4
+         GROUP BY band, price_micros ORDER BY MIN(start_ms), band",
+    )?;
+    let rows = stmt
+        .query_map(
+            params![
+                room,
+                utility_str(utility),
+                from.timestamp_millis(),
+                to.timestamp_millis()
+            ],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 /// One ledger row as the cloud and the CLI see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Row {

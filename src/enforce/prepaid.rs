@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::rules::Prepaid;
-pub(crate) use crate::tou::TouPrice as PrepaidTariff;
+#[cfg(test)]
+use crate::tou::TouPrice as PrepaidTariff;
 use crate::tou::{self, Piece};
 
 /// What a deduction or top-up changed that the cloud should hear about.
@@ -157,7 +158,7 @@ pub(crate) fn meter(
     state: &mut Option<CounterState>,
     at: DateTime<Utc>,
     milli: i64,
-    tariff: &PrepaidTariff,
+    tariff: &impl tou::Prices,
     tz: chrono_tz::Tz,
     limits: Limits,
     inside: &[(DateTime<Utc>, i64)],

@@ -276,7 +276,7 @@ impl EnforcerState {
     pub(crate) fn history_needed(&self, batch: &Batch) -> Vec<HistoryQuery> {
         let mut out = Vec::new();
         for acc in &self.config.enforcement.prepaid {
-            if acc.tariff.bands.is_empty() {
+            if !acc.prices.has_bands() {
                 continue;
             }
             let quantity = acc.utility.quantity();
@@ -713,7 +713,7 @@ impl EnforcerState {
             // A long interval that crosses a band change is split with the history samples inside it.
             let inside: Vec<(DateTime<Utc>, i64)> = match &state {
                 Some(st)
-                    if !acc.tariff.bands.is_empty()
+                    if acc.prices.has_bands()
                         && r.ts - st.billed_at > chrono::Duration::minutes(1) =>
                 {
                     history.get(&key).cloned().unwrap_or_default()
@@ -724,7 +724,7 @@ impl EnforcerState {
                 &mut state,
                 r.ts,
                 milli,
-                &acc.tariff,
+                &acc.prices,
                 tz,
                 acc.limits,
                 &inside,
@@ -738,8 +738,15 @@ impl EnforcerState {
                         let mut balance = p.balance;
                         for c in charges.iter().cloned() {
                             balance -= c.amount;
-                            let interval = c.piece.from.timestamp_millis().div_euclid(interval_ms)
-                                * interval_ms;
+                            // Never before the piece's month start: a row belongs to one
+                            // month's statement (pieces are cut there).
+                            let interval = (c
+                                .piece
+                                .from
+                                .timestamp_millis()
+                                .div_euclid(interval_ms)
+                                * interval_ms)
+                                .max(crate::tou::month_start(c.piece.from, tz).timestamp_millis());
                             let (room, utility, after) = (acc.room.clone(), acc.utility, balance);
                             writes.push(Box::new(move |tx: &Connection| {
                                 ledger::add_usage(tx, &room, utility, interval, &c, after)
@@ -1008,6 +1015,7 @@ id = "104"
 name = "elec"
 utility = "electricity"
 price = "0.8523"
+rooms = ["104"]
 [[relay]]
 name = "101-door"
 room = "101"

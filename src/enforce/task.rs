@@ -47,6 +47,9 @@ pub(crate) enum Input {
     },
     /// Readings: prepaid deduction and the fire-alarm input.
     Readings(Batch),
+    /// The site with a tariff version the cloud set (durable already): prepaid deducts at it from
+    /// its first instant (never before now: see `accounting`'s check).
+    Prices(Arc<crate::topology::Site>),
 }
 
 /// Requests on the local control socket (one JSON object per line).
@@ -569,6 +572,12 @@ impl Enforcer {
                             let _ = reply.send(v.unwrap_or(json!({"ok": false, "error": "no answer"})));
                         }
                         Input::Readings(batch) => self.readings(batch, now).await,
+                        Input::Prices(site) => {
+                            let mut setup = (*self.state.config).clone();
+                            setup.reprice((*site).clone());
+                            self.state.config = Arc::new(setup);
+                            tracing::info!("prepaid prices follow the tariffs now in force");
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(next_check) => {

@@ -47,6 +47,7 @@ room = "104"
 name = "elec"
 utility = "electricity"
 price = "0.8523"
+rooms = ["104"]
 [[prepaid]]
 room = "104"
 utility = "electricity"
