@@ -1000,7 +1000,8 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
         units(b.own_milli),
         b.unit
     );
-    for l in &b.own {
+    // One band line: consumption × price = amount.
+    let energy = |s: &mut String, l: &EnergyLine| {
         let _ = writeln!(
             s,
             "  {:<10} {} {} × {} {cur}/{} = {} {cur}",
@@ -1011,6 +1012,9 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             b.unit,
             money(l.amount, l.price.decimals)
         );
+    };
+    for l in &b.own {
+        energy(&mut s, l);
     }
     if let Some(p) = &b.prepaid {
         let _ = writeln!(
@@ -1018,16 +1022,7 @@ pub fn explain(b: &RoomBill, tz: chrono_tz::Tz) -> String {
             "Prepaid: deducted from the balance (paid, not charged again):"
         );
         for l in &p.deducted {
-            let _ = writeln!(
-                s,
-                "  {:<10} {} {} × {} {cur}/{} = {} {cur}",
-                l.band,
-                units(l.milli),
-                b.unit,
-                money(l.price.micros, 6),
-                b.unit,
-                money(l.amount, l.price.decimals)
-            );
+            energy(&mut s, l);
         }
         let _ = writeln!(
             s,

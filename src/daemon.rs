@@ -251,6 +251,39 @@ pub fn calendar(config: &Config) -> crate::bill::Calendar {
     )
 }
 
+/// The enforcer's setup with the tariffs the cloud set at an earlier run, so prepaid deducts at
+/// them from the first reading on.
+fn enforcer_setup(config: &Config) -> crate::enforce::config::Setup {
+    let mut setup = config.enforcer_setup();
+    if let Ok(conn) = store::open_read_only(&config.store.path) {
+        let mut site = setup.site.clone();
+        if crate::accounting::apply_tariff_overrides(&conn, &mut site, config.gateway.timezone)
+            .is_ok_and(|l| !l.is_empty())
+        {
+            setup.reprice(site);
+        }
+    }
+    setup
+}
+
+/// A tariff the cloud set reaches prepaid deduction too (one pricing path): every site the
+/// accounting task sends goes to the enforcer, until either side stops.
+async fn forward_prices(
+    mut prices: watch::Receiver<Arc<crate::topology::Site>>,
+    enforcer: mpsc::Sender<crate::enforce::task::Input>,
+) {
+    while prices.changed().await.is_ok() {
+        let site = prices.borrow_and_update().clone();
+        if enforcer
+            .send(crate::enforce::task::Input::Prices(site))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 /// The whole daemon: engine → recorder → store → uplink, and the accounting task.
 pub struct Daemon {
     pub bus_status: Vec<Arc<BusStatus>>,
@@ -309,21 +342,7 @@ impl Daemon {
             None
         } else {
             let (enf_tx, enf_rx) = mpsc::channel(256);
-            let mut setup = config.enforcer_setup();
-            // Tariffs the cloud set at an earlier run price prepaid from the first reading on.
-            if let Ok(conn) = store::open_read_only(&config.store.path) {
-                let mut site = setup.site.clone();
-                if crate::accounting::apply_tariff_overrides(
-                    &conn,
-                    &mut site,
-                    config.gateway.timezone,
-                )
-                .is_ok_and(|l| !l.is_empty())
-                {
-                    setup.reprice(site);
-                }
-            }
-            let setup = Arc::new(setup);
+            let setup = Arc::new(enforcer_setup(config));
             let enforcer = crate::enforce::task::Enforcer::open(
                 setup.clone(),
                 engine.actuators.clone(),
@@ -407,19 +426,7 @@ impl Daemon {
         let (prices_tx, mut prices_rx) = watch::channel(Arc::new(config.site.clone()));
         prices_rx.mark_unchanged();
         if let Some(enf) = enforcement_tx.clone() {
-            // A tariff the cloud set reaches prepaid deduction too (one pricing path).
-            tasks.push(tokio::spawn(async move {
-                while prices_rx.changed().await.is_ok() {
-                    let site = prices_rx.borrow_and_update().clone();
-                    if enf
-                        .send(crate::enforce::task::Input::Prices(site))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(forward_prices(prices_rx, enf)));
         }
         let accounting = tokio::spawn(crate::accounting::run(
             shared.clone(),
