@@ -320,6 +320,11 @@ pub struct Statement {
     /// balance): never billed as a credit; each is published as a `negative_consumption` event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub negative: Vec<NegativeConsumption>,
+    /// Meters with no reading at or after the period's end when it was computed (a meter off the
+    /// bus over the bound, billed as missing): when one of them is read, the accounting task
+    /// computes the period again by itself (a new version with its adjustments).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unread: Vec<String>,
 }
 
 /// A room's meter with negative consumption over a segment, and the meters it is computed from.
@@ -555,6 +560,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
             bills: Vec::new(),
             counter_decreases: Vec::new(),
             negative: Vec::new(),
+            unread: Vec::new(),
         };
     };
     let (p_from, p_to) = (first.from, last.to);
@@ -730,6 +736,7 @@ pub fn bills(period: &str, tz: chrono_tz::Tz, segments: &[Segment]) -> Statement
         bills,
         counter_decreases,
         negative,
+        unread: Vec::new(),
     }
 }
 

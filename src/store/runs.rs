@@ -82,6 +82,23 @@ pub(crate) fn run_periods(
     rows.collect()
 }
 
+/// Each period whose latest run is provisional, with the meters that run could not read at the
+/// period's end (its statement's `unread`, empty for runs from before it was kept), oldest first.
+pub(crate) fn provisional_runs(conn: &Connection) -> rusqlite::Result<Vec<(String, Vec<String>)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT period, json_extract(body, '$.unread') FROM billing_runs b WHERE provisional = 1
+         AND version = (SELECT MAX(version) FROM billing_runs c WHERE c.period = b.period) ORDER BY period",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let unread: Option<String> = r.get(1)?;
+        let unread = unread
+            .and_then(|u| serde_json::from_str(&u).ok())
+            .unwrap_or_default();
+        Ok((r.get(0)?, unread))
+    })?;
+    rows.collect()
+}
+
 /// The run a cloud command made, if it made one.
 pub(crate) fn run_of_command(conn: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
     conn.query_row(
