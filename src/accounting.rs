@@ -570,7 +570,7 @@ pub fn unread_after(
 ) -> Result<Vec<String>, AccountingError> {
     let mut out = Vec::new();
     for m in config.site.meters.values() {
-        if matches!(m.source, Source::Device(_)) && !read_at_or_after(conn, m, t)? {
+        if !read_at_or_after(conn, m, t)? {
             out.push(m.name.clone());
         }
     }
