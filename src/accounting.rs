@@ -506,7 +506,7 @@ pub fn compute(
         })
         .collect();
     let mut st = bill::bills(period, config.gateway.timezone, &segs);
-    st.unread = unread_after(conn, config, to)?;
+    st.unread = completed_by_a_later_reading(conn, config, to)?;
     // A prepaid room's own consumption was paid from its balance: its statement shows what was
     // deducted (the ledger) and charges only what is still due.
     for b in &mut st.bills {
@@ -583,17 +583,42 @@ fn read_at_or_after(
     m: &topology::Meter,
     t: DateTime<Utc>,
 ) -> Result<bool, AccountingError> {
+    Ok(readings_around(conn, m, t)?.1)
+}
+
+/// Whether meter `m` has a reading before `t`, and one at or after it (a virtual meter has both:
+/// it is computed).
+fn readings_around(
+    conn: &Connection,
+    m: &topology::Meter,
+    t: DateTime<Utc>,
+) -> Result<(bool, bool), AccountingError> {
     let Source::Device(dev) = &m.source else {
-        return Ok(true);
+        return Ok((true, true));
     };
-    let around = store::history_around(
-        conn,
-        dev,
-        m.utility.quantity().as_str(),
-        t.timestamp_millis() - 1,
-    )
-    .map_err(|e| AccountingError::History(e.to_string()))?;
-    Ok(around.iter().any(|(ts, _)| *ts >= t.timestamp_millis()))
+    let ms = t.timestamp_millis();
+    let around = store::history_around(conn, dev, m.utility.quantity().as_str(), ms - 1)
+        .map_err(|e| AccountingError::History(e.to_string()))?;
+    Ok((
+        around.iter().any(|(ts, _)| *ts < ms),
+        around.iter().any(|(ts, _)| *ts >= ms),
+    ))
+}
+
+/// Meters a later reading can complete at `t`: read before it, not yet at or after it (a meter
+/// with no reading before `t` stays missing whatever comes later, so a re-run would change nothing).
+fn completed_by_a_later_reading(
+    conn: &Connection,
+    config: &Config,
+    t: DateTime<Utc>,
+) -> Result<Vec<String>, AccountingError> {
+    let mut out = Vec::new();
+    for m in config.site.meters.values() {
+        if readings_around(conn, m, t)? == (true, false) {
+            out.push(m.name.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The oldest provisional period to compute again because meters its latest run could not read at
@@ -2422,6 +2447,44 @@ rooms = ["*"]
         // Linear between 2412.67 (25 min before) and 2413.27 (5 min 10 s after).
         let expected = 2412.67 + 0.60 * 1500.0 / 1810.0;
         assert!((end_read.value - expected).abs() < 0.005, "{end_read:?}");
+    }
+
+    /// Regression (found by CI's pass at 2027-12-31 23:59:30): a month computed on a fresh gateway
+    /// before any meter was ever read listed every meter as unread, so the first polls made the task
+    /// publish the same provisional bills again. Only a meter read before the end is listed: a
+    /// later reading can complete its end; one never read before stays missing whatever comes.
+    #[test]
+    fn a_meter_never_read_before_a_months_end_does_not_bring_the_month_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("outbox.db"));
+        let t = today();
+        let first = NaiveDate::from_ymd_opt(t.year(), t.month(), 1).unwrap();
+        let next_first = first.checked_add_months(chrono::Months::new(1)).unwrap();
+        let (start, end) = (local(first, 0, 0, 0), local(next_first, 0, 0, 0));
+        let s = chrono::Duration::seconds;
+        let clock = crate::clock::Clock::system();
+        let mut store = store::Store::open(&cfg.store.path, cfg.store.caps, clock).unwrap();
+        // m1 read over the month, off the bus from 23:59:44; m2 never read yet.
+        store
+            .record_history(&[
+                sample("m1", start + s(4), 1520.37),
+                sample("m1", end - s(16), 2413.16),
+            ])
+            .unwrap();
+        let period = period_of(start, TZ);
+        let unread = || {
+            let conn = store::open_read_only(&cfg.store.path).unwrap();
+            compute(&conn, &cfg, &period).unwrap().unread
+        };
+        assert_eq!(unread(), vec!["m1".to_string()]);
+        // Both answer after the bound: nothing is left that a later reading could complete.
+        store
+            .record_history(&[
+                sample("m1", end + s(3), 2413.17),
+                sample("m2", end + s(7), 88.13),
+            ])
+            .unwrap();
+        assert!(unread().is_empty());
     }
 
     /// Regression: a month billed while a meter was off the bus over its end stayed provisional with

@@ -320,9 +320,10 @@ pub struct Statement {
     /// balance): never billed as a credit; each is published as a `negative_consumption` event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub negative: Vec<NegativeConsumption>,
-    /// Meters with no reading at or after the period's end when it was computed (a meter off the
-    /// bus over the bound, billed as missing): when one of them is read, the accounting task
-    /// computes the period again by itself (a new version with its adjustments).
+    /// Meters read before the period's end but not at or after it when it was computed (a meter
+    /// off the bus over the bound, billed as missing): when one of them is read, the accounting
+    /// task computes the period again by itself (a new version with its adjustments). A meter with
+    /// no reading before the end is not listed: no later reading can complete it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unread: Vec<String>,
 }
